@@ -1,0 +1,206 @@
+"""YAML -> JobSpec: safe_load, dotted overrides, validation, and errors a person can act on."""
+
+import difflib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from steward.spec.job import JobSpec
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a spec: where it is and what to do about it."""
+
+    path: str
+    message: str
+    line: int | None = None
+    value: Any = None
+
+    def __str__(self) -> str:
+        where = f"line {self.line}" if self.line else "--set" if self.line == 0 else "spec"
+        shown = "" if self.value is None else f" (got {self.value!r})"
+        return f"{self.path or '<root>'} [{where}]: {self.message}{shown}"
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; carries every problem found, not only the first."""
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source, self.problems = source, problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Read a YAML job spec, apply `a.b.c=value` overrides and validate it; raise SpecError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(str(path), [Problem("", f"cannot read the spec file: {err}")]) from None
+    try:
+        raw = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise SpecError(str(path), [Problem("", f"malformed YAML: {getattr(err, 'problem', err)}", line)]) from None
+    if not isinstance(raw, dict):
+        raise SpecError(str(path), [Problem("", "a job spec is a YAML mapping with at least name, data and model")])
+    overridden = set()
+    for item in overrides:
+        key, value = _parse_override(str(path), item)
+        _set_dotted(raw, key, value)
+        overridden.add(key)
+    return validate_job(raw, str(path), path.resolve().parent, lines, overridden)
+
+
+def validate_job(
+    raw: dict, source: str, base_dir: Path, lines: dict | None = None, overridden: set | None = None
+) -> JobSpec:
+    """Validate a spec mapping and resolve its input paths against base_dir."""
+    lines, overridden = lines or {}, overridden or set()
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(source, [_problem(e, lines, overridden) for e in err.errors()]) from None
+    return resolve_paths(spec, base_dir, source)
+
+
+def resolve_paths(spec: JobSpec, base_dir: Path, source: str = "spec") -> JobSpec:
+    """Make file: sources and pretrained paths absolute; inputs that do not exist are errors now, not mid-run."""
+    problems, data, model = [], spec.data, spec.model
+    if data.scheme == "file":
+        found = _input_path(data.location, base_dir)
+        if found is None:
+            problems.append(Problem("data.source", f"file {data.location!r} does not exist (relative to {base_dir})"))
+        else:
+            data = data.model_copy(update={"source": f"file:{found}"})
+    pretrained = getattr(model.params, "pretrained", None)
+    if pretrained:
+        found = _pretrained_path(pretrained, base_dir)
+        if found is None:
+            problems.append(Problem("model.params.pretrained", f"{pretrained!r} is neither an existing folder nor an installed package path"))
+        else:
+            params = model.params.model_copy(update={"pretrained": found})
+            model = model.model_copy(update={"params": params})
+    if problems:
+        raise SpecError(source, problems)
+    return spec.model_copy(update={"data": data, "model": model})
+
+
+def _input_path(value: str, base_dir: Path) -> str | None:
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else base_dir / path
+    # Escaping the spec folder through `..` is fine for reading, but only for something that exists and is readable.
+    if path.exists() and os.access(path, os.R_OK):
+        return str(path.resolve())
+    return None
+
+
+def _pretrained_path(value: str, base_dir: Path) -> str | None:
+    """`pkg:<module>/<sub/path>` names a folder inside an installed package; other values are paths or hub ids."""
+    if value.startswith("pkg:"):
+        module, _, sub = value[4:].partition("/")
+        found = importlib.util.find_spec(module) if module else None
+        if found is None or not found.submodule_search_locations:
+            return None
+        return _input_path(str(Path(list(found.submodule_search_locations)[0]) / sub), base_dir)
+    local = _input_path(value, base_dir)
+    if local or value.startswith((".", "/", "~")):
+        return local
+    return value  # a hub id: loaded (or refused offline) when the model is built
+
+
+def _parse_override(source: str, item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(source, [Problem(item, "an override looks like `train.optimizer.lr=3e-4`", 0)])
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string; a number was meant
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") and value.lower() not in ("inf", "nan") else int(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map every key path of the YAML document to its 1-based line."""
+    out: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, child in node.value:
+            path = (*prefix, key.value)
+            out[path] = key.start_mark.line + 1
+            out.update(_key_lines(child, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, child in enumerate(node.value):
+            out[(*prefix, i)] = child.start_mark.line + 1
+            out.update(_key_lines(child, (*prefix, i)))
+    return out
+
+
+def _problem(error: dict, lines: dict, overridden: set) -> Problem:
+    loc = tuple(part for part in error["loc"] if part not in ("cnn", "lstm", "transformer") or error["loc"][0] != "model")
+    path = ".".join(str(p) for p in loc)
+    message = error["msg"].removeprefix("Value error, ")
+    value = error.get("input") if error["type"] not in ("missing", "extra_forbidden") else None
+    if error["type"] == "extra_forbidden":
+        known = _known_keys(error["loc"][:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(known)}"
+        message = f"unknown key; {hint}"
+    elif error["type"] == "missing":
+        message = "required field is missing"
+    elif error["type"] == "union_tag_invalid":
+        message = "unknown model family; use cnn, lstm or transformer"
+    line = 0 if any(path == o or path.startswith(o + ".") or o.startswith(path + ".") for o in overridden) else _nearest_line(loc, lines)
+    return Problem(path, message, line, value)
+
+
+def _nearest_line(loc: tuple, lines: dict) -> int | None:
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    """Field names of the section at `loc`, following the model union by its family tag."""
+    models: list[type[BaseModel]] = [JobSpec]
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        by_tag = [m for m in models if m.model_fields.get("family") and part in get_args(m.model_fields["family"].annotation)]
+        if by_tag:
+            models = by_tag
+            continue
+        field = next((m.model_fields[part] for m in models if part in m.model_fields), None)
+        if field is None:
+            return []
+        models = _section_types(field.annotation)
+    return sorted({name for m in models for name in m.model_fields})
+
+
+def _section_types(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [t for arg in get_args(annotation) for t in _section_types(arg)]

@@ -1,0 +1,51 @@
+"""The `train` section: optimisation, precision, early stopping, checkpoints."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from steward.spec.base import Section
+
+
+class OptimizerSpec(Section):
+    name: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(1e-3, gt=0.0, le=10.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Decoupled weight decay (AdamW) or L2 (SGD).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
+
+
+class SchedulerSpec(Section):
+    name: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up from 0 to lr over this many optimizer steps.")
+
+
+class EarlyStoppingSpec(Section):
+    metric: str = Field("val_loss", description="Validation metric watched, e.g. val_loss or val_accuracy.")
+    mode: Literal["min", "max"] = Field("min", description="Whether smaller or larger is better.")
+    patience: int = Field(3, ge=1, description="Epochs without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
+
+
+class CheckpointSpec(Section):
+    every_epochs: int = Field(1, ge=1, description="Save a checkpoint every N epochs (and always at the end).")
+    keep: int = Field(2, ge=1, description="How many checkpoints to keep.")
+
+
+class TrainSpec(Section):
+    epochs: int = Field(5, ge=1, le=100_000, description="Passes over the training split.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (caps epochs).")
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and its parameters.")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Learning-rate schedule.")
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Clip the global gradient norm to this value.")
+    grad_accum_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32 or bf16; fp16 needs use_gpu.")
+    early_stopping: EarlyStoppingSpec | None = Field(None, description="Stop when a validation metric stalls.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint frequency and retention.")
+    log_every_steps: int = Field(50, ge=1, description="Report training loss every N optimizer steps.")
+
+    @model_validator(mode="after")
+    def _early_stopping_metric_is_validation(self) -> "TrainSpec":
+        if self.early_stopping and not self.early_stopping.metric.startswith("val_"):
+            raise ValueError(f"early_stopping.metric must be a validation metric such as val_loss, not {self.early_stopping.metric!r}")
+        return self
