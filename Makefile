@@ -1,0 +1,39 @@
+# Every target sets itself up first: a fresh machine needs only python3, make and this repo.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.steward-installed
+export RAY_USAGE_STATS_ENABLED := 0
+export DS_ACCELERATOR := cpu
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast bench lint
+
+setup: $(STAMP)
+
+# torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/steward run jobs/quickstart.yaml
+
+test: setup
+	$(BIN)/pytest -q --timeout 1500
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow"
+
+bench: setup
+	$(BIN)/python benchmarks/train_overhead.py
+
+lint: setup
+	$(BIN)/ruff check platform tests benchmarks
+	$(BIN)/ruff format --check platform tests benchmarks
+	$(BIN)/mypy

@@ -1,0 +1,171 @@
+"""`steward`: the command line. Thin: parse, call the library, print; user errors exit 2, never a traceback."""
+
+import json
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from steward.spec import JobSpec, SpecError, load_job
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train, tune, serve and watch models on Ray.")
+console, errors = Console(), Console(stderr=True)
+
+Spec = Annotated[Path, typer.Argument(help="Job spec YAML file.")]
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set train.optimizer.lr=3e-4")]
+Address = Annotated[str | None, typer.Option(help="Ray address: omit for an embedded local Ray, `auto` or ray://host:port.")]
+
+
+def user_errors(command: Callable) -> Callable:
+    """Turn the errors a user can fix into a message and exit code 2; a failed run into exit code 1."""
+
+    @wraps(command)
+    def wrapper(*args, **kwargs):
+        from steward.train.launch import TrainingError
+
+        try:
+            return command(*args, **kwargs)
+        except TrainingError as err:
+            errors.print(f"[red]training failed:[/] {err}")
+            raise typer.Exit(1) from None
+        except (ValueError, FileNotFoundError) as err:
+            errors.print(f"error: {err}", style="red", markup=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def validate(specs: Annotated[list[Path], typer.Argument(help="Job spec files.")], set_: Sets = None) -> None:
+    """Validate job specs: one line per valid spec, every problem of an invalid one; exit 2 if any is invalid."""
+    failed = False
+    for path in specs:
+        try:
+            spec = load_job(path, set_ or [])
+        except SpecError as err:
+            failed = True
+            errors.print(str(err), markup=False)
+            continue
+        dist = spec.distributed
+        console.print(f"[green]ok[/] {path}: {spec.name} - {spec.model.family} on {spec.data.source}, "
+                      f"{dist.num_workers} worker(s), {dist.strategy} ZeRO-{dist.zero_stage}")  # fmt: skip
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+@user_errors
+def render(spec: Spec, set_: Sets = None) -> None:
+    """Print the fully resolved spec with every default filled in."""
+    console.print(yaml.safe_dump(load_job(spec, set_ or []).model_dump(mode="json"), sort_keys=False), markup=False)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of job specs (point your editor at it for autocompletion)."""
+    print(json.dumps(JobSpec.model_json_schema(), indent=2))
+
+
+@app.command()
+@user_errors
+def train(
+    spec: Spec,
+    set_: Sets = None,
+    address: Address = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue this run folder from its latest checkpoint.")] = None,
+) -> None:
+    """Train the spec's model; writes a run folder and prints the results table."""
+    _train(load_job(spec, set_ or []), address, resume)
+
+
+@app.command()
+@user_errors
+def run(spec: Spec, set_: Sets = None, address: Address = None) -> None:
+    """Run every stage the spec declares (today: train, then evaluate)."""
+    _train(load_job(spec, set_ or []), address, None)
+
+
+def _train(job: JobSpec, address: str | None, resume: Path | None) -> Path:
+    from steward.runs import create_run, set_status, spec_hash
+    from steward.train.launch import train_job
+    from steward.train.progress import HistoryProgress
+
+    run_dir = _resume_dir(job, resume) if resume else create_run(job)
+    set_status(run_dir, "running", spec_hash=spec_hash(job), error=None)
+    console.print(f"run folder [bold]{run_dir}[/]")
+    try:
+        with HistoryProgress(run_dir / "history.jsonl", job.train.epochs, console):
+            result = train_job(job, run_dir, address)
+    except BaseException as err:
+        set_status(run_dir, "failed", error=str(err) or type(err).__name__)
+        raise
+    set_status(run_dir, "succeeded", headline=result["overall"])
+    _print_metrics(result, run_dir)
+    return run_dir
+
+
+def _resume_dir(job: JobSpec, run_dir: Path) -> Path:
+    from steward.runs import read_spec
+
+    if not (run_dir / "spec.yaml").exists():
+        raise ValueError(f"--resume {run_dir}: not a run folder (no spec.yaml); pass runs/<name>/<run-id>")
+    before = read_spec(run_dir)
+    changed = [s for s in ("data", "model", "distributed") if getattr(before, s) != getattr(job, s)]
+    if changed:
+        raise ValueError(f"--resume {run_dir}: the spec's {', '.join(changed)} differ from the run's; "
+                         "only train settings (e.g. train.epochs) may change when resuming")  # fmt: skip
+    return run_dir.resolve()
+
+
+@app.command()
+@user_errors
+def evaluate(
+    target: Annotated[Path, typer.Argument(help="A run folder, or a model folder (holding model.json).")],
+    data: Annotated[Path | None, typer.Option(help="Evaluate on this spec's data instead of the run's.")] = None,
+    split: Annotated[str | None, typer.Option(help="validation or test (default: the spec's evaluate.split).")] = None,
+) -> None:
+    """Evaluate a saved model, without DeepSpeed."""
+    from steward.evaluate import evaluate_model
+    from steward.runs import read_spec
+
+    model_dir = target if (target / "model.json").exists() else target / "model"
+    if not (model_dir / "model.json").exists():
+        raise ValueError(f"{target}: no saved model here; pass a run folder or its model/ folder")
+    job = load_job(data) if data else read_spec(model_dir.parent)
+    _print_metrics(evaluate_model(model_dir, job, split), model_dir.parent)
+
+
+@app.command()
+def runs(output_dir: Annotated[Path, typer.Option(help="Folder holding run folders.")] = Path("runs")) -> None:
+    """List runs with their status and headline metric, newest first."""
+    from steward.runs import list_runs
+
+    table = Table("name", "run", "state", "headline")
+    for r in list_runs(output_dir):
+        color = {"succeeded": "green", "failed": "red"}.get(r.state, "yellow")
+        table.add_row(r.name, r.path.name, f"[{color}]{r.state}[/]", r.headline)
+    console.print(table)
+
+
+def _print_metrics(result: dict, run_dir: Path) -> None:
+    table = Table(title=f"{result['split']} split, {result['num_samples']} samples")
+    names = list(result["overall"])
+    table.add_column("rows")
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_row("all", *(f"{result['overall'][n]:.4f}" for n in names))
+    for column, groups in result.get("groups", {}).items():
+        for value, metrics in groups.items():
+            table.add_row(f"{column}={value} (n={metrics['count']})", *(f"{metrics[n]:.4f}" for n in names))
+    console.print(table)
+    console.print(f"artifacts: [bold]{run_dir}[/] (model/, metrics.json, history.jsonl, curves.png, spec.yaml)")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,18 @@
+"""DataError: data that cannot be used as the spec asks, named by the spec field to change."""
+
+
+class DataError(ValueError):
+    """A problem with the data or the `data` section; the message starts with the spec field path.
+
+    Several problems found together are raised once, one per line, so a person fixes them in one pass.
+    """
+
+    def __init__(self, field: str, message: str, *more: tuple[str, str]):
+        self.problems = [(field, message), *more]
+        super().__init__("\n".join(f"{f}: {m}" for f, m in self.problems))
+
+    @classmethod
+    def raise_all(cls, problems: list[tuple[str, str]]) -> None:
+        """Raise one DataError carrying every (field, message) problem; do nothing when there are none."""
+        if problems:
+            raise cls(*problems[0], *problems[1:])

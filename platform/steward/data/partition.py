@@ -1,0 +1,103 @@
+"""Which columns to read and which rows go to train, validation and test."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from steward.data.errors import DataError
+from steward.data.sources import BUILTIN_INPUTS, Source
+from steward.data.table import Table, num_rows, take
+from steward.spec.job import JobSpec
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The columns a job reads: model input, label (None for causal language modelling) and groups."""
+
+    input: str | None
+    label: str | None
+    groups: tuple[str, ...]
+
+    def fields(self) -> list[tuple[str, str]]:
+        """(spec field, column) for every column to read."""
+        named = [("data.input_column", self.input), ("data.label_column", self.label)]
+        return [(f, c) for f, c in named if c is not None] + [("data.group_columns", g) for g in self.groups]
+
+
+def resolve_columns(spec: JobSpec) -> Columns:
+    """The spec's columns, with the builtin sources' defaults filled in."""
+    data, builtin = spec.data, spec.data.scheme == "builtin"
+    default_input = BUILTIN_INPUTS.get(data.location) if builtin else None
+    label = None if spec.model.task == "causal_lm" else data.label_column or ("label" if builtin else None)
+    return Columns(data.input_column or default_input, label, tuple(data.group_columns))
+
+
+def parts_used(source: Source, splits: dict[str, float | str]) -> dict[str, str]:
+    """Role (train/validation/test) -> the source part it is read from; fractions all come from one part."""
+    available = list(source.parts)
+    if all(isinstance(v, str) for v in splits.values()):
+        wanted = {role: str(name) for role, name in splits.items()}
+        missing = [(role, name) for role, name in wanted.items() if name not in source.parts]
+        DataError.raise_all(
+            [
+                (f"data.splits.{role}", f"{source.name} has no split {name!r}; available splits are {', '.join(available)}")
+                for role, name in missing
+            ]
+        )
+        return wanted
+    if "train" in source.parts or len(available) == 1:
+        base = "train" if "train" in source.parts else available[0]
+        return dict.fromkeys(splits, base)
+    raise DataError(
+        "data.splits",
+        f"fractions are taken from a `train` split, but {source.name} has splits {', '.join(available)}; "
+        f"name the splits instead, e.g. {{train: {available[0]}}}",
+    )
+
+
+def check_columns(source: Source, columns: Columns, parts: dict[str, str]) -> None:
+    """Raise one DataError listing every missing column (input, label, groups) of every part read."""
+    problems = []
+    if columns.input is None:
+        shown = ", ".join(source.columns(next(iter(parts.values()))))
+        problems.append(("data.input_column", f"required for file: and hf: sources; columns are {shown}"))
+    for part in dict.fromkeys(parts.values()):
+        have = source.columns(part)
+        where = source.name if len(source.parts) == 1 else f"the {part!r} split of {source.name}"
+        for field, column in columns.fields():
+            if column not in have:
+                problems.append((field, f"{column!r} is not a column of {where}; columns are {', '.join(have)}"))
+    DataError.raise_all(problems)
+
+
+def split_tables(source: Source, columns: Columns, splits: dict[str, float | str], seed: int) -> dict[str, Table]:
+    """Read the parts and cut fractions (seeded, stratified by label); raise DataError for an empty split."""
+    parts = parts_used(source, splits)
+    check_columns(source, columns, parts)
+    names = [c for _, c in columns.fields()]
+    if all(isinstance(v, str) for v in splits.values()):
+        tables = {role: source.read(part, names) for role, part in parts.items()}
+    else:
+        table = source.read(parts["train"], names)
+        strata = [str(v) for v in table[columns.label]] if columns.label else None
+        rows = fraction_rows(num_rows(table), {r: float(f) for r, f in splits.items()}, seed, strata)
+        tables = {role: take(table, picked) for role, picked in rows.items()}
+    empty = [role for role, table in tables.items() if num_rows(table) == 0]
+    DataError.raise_all(
+        [(f"data.splits.{role}", f"the {role} split of {source.name} has no rows; give it a larger share") for role in empty]
+    )
+    return tables
+
+
+def fraction_rows(n: int, fractions: dict[str, float], seed: int, strata: list[str] | None) -> dict[str, np.ndarray]:
+    """Seeded row indices per role; each stratum (label value) is cut in the same proportions."""
+    rng = np.random.default_rng([seed, 3])
+    keys = np.asarray(strata) if strata is not None else np.zeros(n, dtype=np.int64)
+    cut: dict[str, list[np.ndarray]] = {role: [] for role in fractions}
+    for value in np.unique(keys):
+        rows = rng.permutation(np.flatnonzero(keys == value))
+        bounds = np.round(np.cumsum(list(fractions.values())) * len(rows)).astype(int)[:-1]
+        for role, piece in zip(fractions, np.split(rows, bounds), strict=True):
+            cut[role].append(piece)
+    # Shuffle each split once more so its rows are not ordered by label.
+    return {role: rng.permutation(np.concatenate(pieces)) if pieces else np.zeros(0, np.int64) for role, pieces in cut.items()}

@@ -1,0 +1,80 @@
+"""The two entry points: `prepare_data` once on the driver, `load_splits` on every worker."""
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from steward.data.encode import detect_modality, encode_instances, encode_labels, label_names
+from steward.data.errors import DataError
+from steward.data.info import DataInfo
+from steward.data.partition import Columns, resolve_columns, split_tables
+from steward.data.sources import load_source
+from steward.data.split import Split
+from steward.data.table import Table
+from steward.data.tokenizer import pretrained_tokenizer, save_tokenizer, train_tokenizer
+from steward.spec.job import JobSpec
+
+
+def _tables(spec: JobSpec) -> tuple[Columns, dict[str, Table]]:
+    """Load the source, check its columns and cut the splits; the same rows for the same spec and seed."""
+    columns = resolve_columns(spec)
+    source = load_source(spec.data, spec.seed)
+    return columns, split_tables(source, columns, spec.data.splits, spec.seed)
+
+
+def prepare_data(spec: JobSpec, run_dir: Path | None) -> DataInfo:
+    """Check the data against the spec and describe it; for text, save a tokenizer under run_dir/"tokenizer".
+
+    The tokenizer is the pretrained model's own (transformer with params.pretrained) or a WordPiece / BPE
+    tokenizer trained on the train split only, so validation and test text never shapes the vocabulary.
+    With run_dir None the tokenizer goes to a fresh temporary folder. Raises DataError naming the spec field.
+    """
+    columns, tables = _tables(spec)
+    train = tables["train"]
+    modality, shape = detect_modality(train[columns.input][0], spec.model.family, columns.input, spec.data.source)
+    names = label_names(train[columns.label], columns.label) if columns.label else []
+    if columns.label and len(names) < 2:
+        raise DataError("data.label_column", f"{columns.label!r} has a single class {names} in the train split")
+    info = DataInfo(
+        modality=modality,
+        input_shape=shape or (spec.data.max_length,),
+        num_classes=len(names) if columns.label else None,
+        label_names=names,
+        group_columns=list(columns.groups),
+    )
+    if modality != "text":
+        return info
+    pretrained = getattr(spec.model.params, "pretrained", None)
+    tokenizer = pretrained_tokenizer(pretrained) if pretrained else train_tokenizer(train[columns.input], spec.data.tokenizer)
+    folder = Path(run_dir) / "tokenizer" if run_dir is not None else Path(tempfile.mkdtemp(prefix="steward-tokenizer-"))
+    return DataInfo(
+        **{**info.to_dict(), "input_shape": info.input_shape},
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        tokenizer_dir=save_tokenizer(tokenizer, folder),
+    )
+
+
+def load_splits(spec: JobSpec, info: DataInfo) -> dict[str, Split]:
+    """Every declared split (train, and validation / test when the spec has them) as tensors.
+
+    Deterministic in (spec, spec.seed), so every Ray worker builds the same rows; text is tokenized with the
+    tokenizer at info.tokenizer_dir, padded and truncated to data.max_length.
+    """
+    columns, tables = _tables(spec)
+    return {role: _split(table, role, columns, info, spec) for role, table in tables.items()}
+
+
+def _split(table: Table, role: str, columns: Columns, info: DataInfo, spec: JobSpec) -> Split:
+    field = f"data.input_column[{role}]"
+    inputs, mask = encode_instances(table[columns.input], info, spec.data.max_length, field=field)
+    if columns.label is not None:
+        labels = encode_labels(table[columns.label], info.label_names, role)
+    else:  # causal LM: predict the input ids; -100 is the index cross-entropy ignores, so padding costs nothing
+        labels = inputs.masked_fill(mask == 0, -100) if mask is not None else inputs.clone()
+    groups = {g: [str(v) for v in table[g]] for g in columns.groups}
+    return Split(inputs=inputs, labels=labels, attention_mask=mask, groups=groups)
+
+
+__all__ = ["prepare_data", "load_splits", "torch"]

@@ -1,0 +1,90 @@
+"""Seeded synthetic data sets that ship with Steward, so every model family has something real to learn.
+
+`synthetic-text` (columns text, label, group) is a two-class sentiment task with a built-in label bias:
+
+- Each row belongs to group "a" or "b" (equally likely) and has a latent sentiment, positive or negative
+  (equally likely). Its sentence mixes 2-4 words of that sentiment, sometimes one word of the other, 1-2
+  dialect words of its group and neutral filler, in random order, 7-16 words in all.
+- The label is the sentiment, flipped with probability `noise` (default 0.05) in both groups.
+- Label bias: a positive group "b" label is then set to 0 (negative) with probability 2 * `bias`, so that
+  group "b" has `bias` (default 0.2) more negative labels than group "a": positive rates are about 0.5 in
+  group "a" and 0.5 - bias in group "b". `bias` must lie in [0, 0.5].
+- The sentence alone predicts the sentiment perfectly, so the best accuracy on the labels is about
+  1 - noise - bias / 2 (about 0.85 with the defaults); a model that learns the group's dialect can also
+  learn the bias, which is what the monitor is meant to catch.
+
+`synthetic-sequence` (columns sequence [length, 2], label) is a four-class task over noisy rotating
+sinusoids: class k turns (1, 2, 3, 5)[k] times over the sequence, with a random phase and amplitude
+(0.5-1.5); the two features are its sine and cosine plus Gaussian noise of standard deviation `noise`
+(default 0.3). Options: num_samples (2000), length (32), noise.
+
+Both are functions of (seed, options) only, so every Ray worker regenerates exactly the same rows.
+"""
+
+import numpy as np
+
+from steward.data.errors import DataError
+from steward.data.table import Table
+
+POSITIVE = "good great excellent wonderful happy love enjoyed brilliant pleasant fantastic superb delightful".split()
+NEGATIVE = "bad terrible awful poor sad hate boring disappointing horrible dull annoying worst".split()
+NEUTRAL = "the a movie food service was it and this day place staff book story felt overall we they then very".split()
+DIALECT = {"a": "indeed rather whilst truly simply".split(), "b": "yall lowkey fr tbh ngl".split()}
+FREQUENCIES = (1.0, 2.0, 3.0, 5.0)
+
+TEXT_OPTIONS = {"num_samples": 4000, "bias": 0.2, "noise": 0.05}
+SEQUENCE_OPTIONS = {"num_samples": 2000, "length": 32, "noise": 0.3}
+
+
+def synthetic_options(name: str, options: dict) -> dict:
+    """The generator's options with defaults filled in; raise DataError on unknown or out-of-range values."""
+    defaults = TEXT_OPTIONS if name == "synthetic-text" else SEQUENCE_OPTIONS
+    problems = [
+        ("data.options", f"unknown option {key!r} for builtin:{name}; options are {', '.join(defaults)}")
+        for key in options
+        if key not in defaults
+    ]
+    merged = {**defaults, **{k: v for k, v in options.items() if k in defaults}}
+    limits = {"num_samples": (10, 10_000_000), "length": (2, 100_000), "bias": (0.0, 0.5), "noise": (0.0, 1.0)}
+    for key, value in merged.items():
+        low, high = limits[key]
+        if isinstance(value, str) or not low <= value <= high:
+            problems.append((f"data.options.{key}", f"must be a number between {low} and {high}, got {value!r}"))
+    DataError.raise_all(problems)
+    return merged
+
+
+def synthetic_text(seed: int, num_samples: int, bias: float, noise: float) -> Table:
+    """Sentiment sentences with group dialects and label bias against group "b" (see the module docstring)."""
+    rng = np.random.default_rng([seed, 1])
+    n = int(num_samples)
+    sentiment = rng.integers(0, 2, n)
+    groups = np.where(rng.random(n) < 0.5, "a", "b")
+    texts = [_sentence(rng, int(s), str(g)) for s, g in zip(sentiment, groups, strict=True)]
+    labels = np.where(rng.random(n) < noise, 1 - sentiment, sentiment)
+    biased = (groups == "b") & (labels == 1) & (rng.random(n) < 2 * bias)
+    labels = np.where(biased, 0, labels)
+    return {"text": texts, "label": labels.astype(np.int64), "group": groups.tolist()}
+
+
+def _sentence(rng: np.random.Generator, sentiment: int, group: str) -> str:
+    own, other = (POSITIVE, NEGATIVE) if sentiment == 1 else (NEGATIVE, POSITIVE)
+    words = list(rng.choice(own, rng.integers(2, 5)))
+    if rng.random() < 0.3:  # one contrary word keeps the task from being a single-word lookup
+        words.append(rng.choice(other))
+    words += list(rng.choice(DIALECT[group], rng.integers(1, 3)))
+    words += list(rng.choice(NEUTRAL, rng.integers(3, 8)))
+    return " ".join(str(w) for w in rng.permutation(words))
+
+
+def synthetic_sequence(seed: int, num_samples: int, length: int, noise: float) -> Table:
+    """Noisy rotating sinusoids in four frequency classes, float32 [num_samples, length, 2]."""
+    rng = np.random.default_rng([seed, 2])
+    n, steps = int(num_samples), int(length)
+    labels = rng.integers(0, len(FREQUENCIES), n)
+    phase = rng.uniform(0, 2 * np.pi, (n, 1))
+    amplitude = rng.uniform(0.5, 1.5, (n, 1))
+    angle = 2 * np.pi * np.asarray(FREQUENCIES)[labels][:, None] * np.arange(steps)[None, :] / steps + phase
+    waves = np.stack([amplitude * np.sin(angle), amplitude * np.cos(angle)], axis=-1)
+    waves += rng.normal(0.0, noise, waves.shape)
+    return {"sequence": waves.astype(np.float32), "label": labels.astype(np.int64)}

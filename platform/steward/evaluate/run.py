@@ -1,0 +1,58 @@
+"""Evaluate a run's consolidated model on a split of the spec's data, overall and per group."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from steward.data import DataInfo, load_splits
+from steward.evaluate.metrics import compute_metrics
+from steward.models import load_model, task_loss
+from steward.spec import JobSpec
+
+
+def load_servable(model_dir: Path) -> tuple[nn.Module, DataInfo]:
+    """The consolidated model and its data info, with the tokenizer path made absolute."""
+    model, _, info = load_model(model_dir)
+    if info.tokenizer_dir and not Path(info.tokenizer_dir).is_absolute():
+        info = replace(info, tokenizer_dir=str((Path(model_dir) / info.tokenizer_dir).resolve()))
+    return model, info
+
+
+@torch.no_grad()
+def evaluate_model(model_dir: Path, spec: JobSpec, split: str | None = None, batch_size: int = 256) -> dict:
+    """Metrics of the model in `model_dir` on `split` (default: the spec's evaluate.split, else validation)."""
+    model, info = load_servable(model_dir)
+    splits = load_splits(spec, info)
+    split = split or (spec.evaluate.split if spec.evaluate.split in splits else "validation")
+    if split not in splits:
+        raise ValueError(f"evaluate.split: the data has no {split!r} split; it has {', '.join(splits)}")
+    data, task = splits[split], spec.model.task
+    labels, logits, losses = [], [], []
+    for batch in data.batches(batch_size):
+        out = model(batch["inputs"], batch.get("attention_mask")).float()
+        rows = [task_loss(task, out[i : i + 1], batch["labels"][i : i + 1]) for i in range(len(out))]
+        losses.append(torch.stack(rows))
+        labels.append(batch["labels"])
+        logits.append(out if task == "classification" else out[:, :0, 0])  # LM logits are not kept: too big
+    y, z, loss = (torch.cat(t).numpy() for t in (labels, logits, losses))
+    result = {"split": split, "num_samples": len(data), "overall": compute_metrics(spec.evaluate.metrics, y, z, loss)}
+    if spec.evaluate.per_group and data.groups:
+        result["groups"] = {
+            column: {
+                value: {"count": int(mask.sum()), **compute_metrics(spec.evaluate.metrics, y[mask], z[mask], loss[mask])}
+                for value in sorted(set(values))
+                for mask in [np.array(values) == value]
+            }
+            for column, values in data.groups.items()
+        }
+    return result
+
+
+def write_metrics(run_dir: Path, result: dict) -> Path:
+    path = run_dir / "metrics.json"
+    path.write_text(json.dumps(result, indent=2))
+    return path

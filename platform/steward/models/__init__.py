@@ -1,0 +1,9 @@
+"""Models: CNN, LSTM and Hugging Face Transformers as plain nn.Modules (no Ray, no DeepSpeed).
+
+Every model's forward(inputs, attention_mask=None) returns logits; `store` saves and loads the servable form.
+"""
+
+from steward.models.registry import build_model, check_fits, count_parameters, task_loss
+from steward.models.store import load_model, save_model
+
+__all__ = ["build_model", "check_fits", "count_parameters", "load_model", "save_model", "task_loss"]

@@ -1,0 +1,198 @@
+"""Hugging Face Transformers built from a few sizes or loaded pretrained, behind one forward(inputs, mask)."""
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+)
+
+from steward.data.info import DataInfo
+from steward.spec.model import TransformerParams
+
+# Architectures name the same knob differently (GPT-2: n_embd, n_layer, n_inner; DistilBERT: dim,
+# hidden_dim). attribute_map covers some of it, not all: the first name the architecture has wins.
+SIZE_NAMES = {
+    "hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
+    "num_layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "num_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
+    "intermediate_size": ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "d_ff"),
+}
+# Every one of these the architecture has is set to params.dropout (GPT-2 has three, BERT two).
+DROPOUT_NAMES = (
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "dropout",
+    "attention_dropout",
+    "hidden_dropout",
+)
+# RoBERTa-style models number positions from pad_token_id + 1, so that many table rows are never usable.
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "data2vec-text", "longformer"}
+HEADS = {"classification": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, "causal_lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES}
+
+
+class HFTransformer(nn.Module):
+    """A Hugging Face model whose forward returns bare logits; the model itself stays at `.hf`.
+
+    forward(inputs [B, L] token ids, attention_mask [B, L]) -> [B, num_classes] or [B, L, vocab_size].
+    """
+
+    def __init__(self, hf: PreTrainedModel) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, inputs: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits of the wrapped model."""
+        return self.hf(input_ids=inputs, attention_mask=attention_mask).logits
+
+
+def _architecture_defaults(model_type: str) -> PreTrainedConfig:
+    try:
+        return AutoConfig.for_model(model_type)
+    except ValueError:
+        raise ValueError(
+            f"model.params.model_type: unknown Hugging Face architecture {model_type!r}; "
+            "use one such as bert, gpt2, distilbert or llama"
+        ) from None
+
+
+def usable_positions(config: PreTrainedConfig) -> int | None:
+    """How many tokens a sequence may hold under `config`, or None when the architecture sets no limit."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is None:
+        return None
+    if config.model_type in OFFSET_POSITIONS:
+        positions -= int(config.pad_token_id or 0) + 1
+    return int(positions)
+
+
+def scratch_config(params: TransformerParams, task: str, info: DataInfo) -> PreTrainedConfig:
+    """The config of a randomly initialised `params.model_type`, sized by `params` and the data."""
+    defaults = _architecture_defaults(params.model_type)
+    settings: dict = {}
+    for knob, names in SIZE_NAMES.items():
+        name = next((n for n in names if hasattr(defaults, n)), None)
+        if name is None:
+            raise ValueError(
+                f"model.params.{knob}: {params.model_type} has no setting we recognise for it; "
+                "set the architecture's own name in model.params.config_overrides"
+            )
+        settings[name] = getattr(params, knob)
+    settings.update({name: params.dropout for name in DROPOUT_NAMES if hasattr(defaults, name)})
+    settings.update(vocab_size=info.vocab_size, pad_token_id=info.pad_token_id)
+    if hasattr(defaults, "max_position_embeddings"):
+        # The table is as long as the data needs (plus RoBERTa's offset), not the architecture's default.
+        offset = int(info.pad_token_id or 0) + 1 if params.model_type in OFFSET_POSITIONS else 0
+        settings["max_position_embeddings"] = int(info.input_shape[0]) + offset
+    for special in ("bos_token_id", "eos_token_id"):
+        # Defaults such as GPT-2's 50256 name tokens of its own tokenizer, absent from a trained vocabulary.
+        token = getattr(defaults, special, None)
+        if isinstance(token, int) and info.vocab_size is not None and token >= info.vocab_size:
+            settings[special] = None
+    if task == "classification":
+        settings["num_labels"] = info.num_classes
+    settings.update(params.config_overrides)
+    return AutoConfig.for_model(params.model_type, **settings)
+
+
+def pretrained_config(params: TransformerParams, task: str, info: DataInfo) -> PreTrainedConfig:
+    """The config of `params.pretrained` with the task head, dropout and config_overrides applied."""
+    try:
+        config = AutoConfig.from_pretrained(params.pretrained)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"model.params.pretrained: cannot read a Hugging Face config from {params.pretrained!r} ({error}); "
+            "give a folder holding config.json or a hub id already in the local cache"
+        ) from None
+    for name in DROPOUT_NAMES:
+        if hasattr(config, name):
+            setattr(config, name, params.dropout)
+    if task == "classification" and info.num_classes:
+        config.num_labels = info.num_classes
+    if config.pad_token_id is None and info.pad_token_id is not None:
+        # Decoder-only classifiers find each row's last token through the pad id; GPT-2 ships without one.
+        config.pad_token_id = info.pad_token_id
+    for name, value in params.config_overrides.items():
+        setattr(config, name, value)
+    return config
+
+
+def resolve_config(params: TransformerParams, task: str, info: DataInfo) -> PreTrainedConfig:
+    """The config `build_transformer` would use, without building weights."""
+    if params.pretrained:
+        return pretrained_config(params, task, info)
+    return scratch_config(params, task, info)
+
+
+def _auto_class(task: str) -> type:
+    return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+
+
+def build_transformer(
+    params: TransformerParams, task: str, info: DataInfo, config_dir: str | Path | None = None
+) -> HFTransformer:
+    """A classification or causal-LM Transformer for text data, in fp32.
+
+    From scratch (params.pretrained unset): `scratch_config` with random weights. Pretrained: the weights of
+    params.pretrained with a new head when the label count differs; params.dropout and config_overrides
+    apply, the sizes do not. With `config_dir` (a folder holding a saved config.json) the architecture is
+    rebuilt from that config with random weights, for the caller to load saved weights into.
+    """
+    auto = _auto_class(task)
+    if config_dir is not None:
+        return HFTransformer(auto.from_config(AutoConfig.from_pretrained(str(config_dir))))
+    config = resolve_config(params, task, info)
+    if not params.pretrained:
+        return HFTransformer(auto.from_config(config))
+    hf = auto.from_pretrained(
+        params.pretrained,
+        config=config,
+        dtype=torch.float32,
+        # A checkpoint fine-tuned for another label count gets a new head instead of an error.
+        ignore_mismatched_sizes=task == "classification",
+    )
+    return HFTransformer(hf)
+
+
+def transformer_problems(params: TransformerParams, task: str, info: DataInfo) -> list[str]:
+    """Why `params` cannot be built for `info`, as "<field>: ..." strings."""
+    if info.modality != "text":
+        return []  # the family/modality mismatch is reported once, by the registry
+    if not info.vocab_size:
+        return ["data.tokenizer: text data has no vocab_size; a Transformer needs it to size its embedding"]
+    try:
+        config = resolve_config(params, task, info)
+    except (ValueError, TypeError) as error:
+        message = str(error)
+        return [message if message.startswith("model.") else f"model.params.config_overrides: {message}"]
+    # A pretrained model's limits come from its checkpoint; a new one's only from config_overrides.
+    source = "model.params.pretrained" if params.pretrained else "model.params.config_overrides"
+    problems = []
+    if config.model_type not in HEADS[task]:
+        field = source if params.pretrained else "model.params.model_type"
+        problems.append(
+            f"{field}: {config.model_type} has no {task} head in transformers; "
+            "use e.g. bert for classification or gpt2 for causal_lm"
+        )
+    positions, max_length = usable_positions(config), int(info.input_shape[0])
+    if positions is not None and positions < max_length:
+        field = source if params.pretrained else f"{source}.max_position_embeddings"
+        problems.append(
+            f"{field}: the model holds {positions} positions but data.max_length is {max_length}; "
+            f"set data.max_length <= {positions}"
+        )
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and vocab < info.vocab_size:
+        field = source if params.pretrained else f"{source}.vocab_size"
+        problems.append(
+            f"{field}: the tokenizer has {info.vocab_size} tokens but the model's embedding only {vocab}; "
+            "use the tokenizer saved with the pretrained model, or a larger vocab_size"
+        )
+    return problems

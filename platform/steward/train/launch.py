@@ -1,0 +1,116 @@
+"""Driver side of training: spec -> checks -> TorchTrainer on a local or remote Ray -> run folder artifacts."""
+
+import os
+from pathlib import Path
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from steward.data import DataInfo, prepare_data
+from steward.evaluate.run import evaluate_model, write_metrics
+from steward.models import check_fits
+from steward.spec import JobSpec
+from steward.train.curves import plot_history
+from steward.train.loop import train_loop
+from steward.train.strategy import StrategyError, validate_deepspeed
+
+
+class TrainingError(RuntimeError):
+    """Training started but a worker failed; the message carries the root cause, not Ray's wrapping."""
+
+
+def worker_env(spec: JobSpec) -> dict[str, str]:
+    """Environment every worker needs: the DeepSpeed accelerator, and no phoning home."""
+    env = {"DS_ACCELERATOR": "cuda" if spec.distributed.use_gpu else "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def connect(address: str | None, spec: JobSpec) -> None:
+    """Use the current Ray connection, else start an embedded local Ray (None) or join `auto` / `ray://host:port`."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    runtime_env = {"env_vars": worker_env(spec)}
+    try:
+        if address in (None, "", "local"):
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+        else:
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+    except ConnectionError as err:
+        raise StrategyError(f"--address {address}: cannot reach a Ray cluster there ({err})") from None
+
+
+def check_resources(spec: JobSpec) -> None:
+    """Refuse up front what the cluster cannot hold (Ray would otherwise wait forever for the workers)."""
+    dist, have = spec.distributed, ray.cluster_resources()
+    need = {"CPU": dist.num_workers * dist.cpus_per_worker}
+    if dist.use_gpu:
+        need["GPU"] = dist.num_workers * dist.gpus_per_worker
+    for kind, amount in need.items():
+        if have.get(kind, 0) < amount:
+            per = dist.cpus_per_worker if kind == "CPU" else dist.gpus_per_worker
+            raise StrategyError(
+                f"distributed.num_workers: asks for {dist.num_workers} workers x {per:g} {kind}, "
+                f"the cluster has {have.get(kind, 0):g} {kind}s; lower num_workers or the per-worker resources"
+            )
+
+
+def prepare(spec: JobSpec, run_dir: Path) -> DataInfo:
+    """Everything checkable before a worker starts: data, model fit, DeepSpeed config."""
+    info = prepare_data(spec, run_dir)
+    problems = check_fits(spec.model, info)
+    if problems:
+        raise StrategyError("; ".join(problems))
+    validate_deepspeed(spec)
+    return info
+
+
+def build_trainer(spec: JobSpec, run_dir: Path, info: DataInfo) -> TorchTrainer:
+    """The TorchTrainer for this spec; its storage is the run folder, so resuming is re-running into it."""
+    dist = spec.distributed
+    resources = {"CPU": dist.cpus_per_worker} | ({"GPU": dist.gpus_per_worker} if dist.use_gpu else {})
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "data_info": info.to_dict()},
+        scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=dist.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name="train",
+            storage_path=str(run_dir),
+            failure_config=FailureConfig(max_failures=dist.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.checkpoint.keep),
+        ),
+    )
+
+
+def train_job(spec: JobSpec, run_dir: Path, address: str | None = None) -> dict:
+    """Train the spec into run_dir (new or resumed), then evaluate the consolidated model; return metrics.json."""
+    info = prepare(spec, run_dir)
+    connect(address, spec)
+    check_resources(spec)
+    try:
+        build_trainer(spec, run_dir, info).fit()
+    except Exception as err:  # Ray wraps worker errors; surface the worker's own message
+        raise TrainingError(root_cause(err)) from err
+    plot_history(run_dir / "history.jsonl", run_dir / "curves.png")
+    result = evaluate_model(run_dir / "model", spec)
+    write_metrics(run_dir, result)
+    return result
+
+
+def root_cause(err: BaseException) -> str:
+    """The innermost error message of a (Ray-wrapped) exception chain."""
+    seen = err
+    while True:
+        inner = getattr(seen, "cause", None) or seen.__cause__
+        if isinstance(inner, dict):  # Train V2 keeps per-rank errors in a dict
+            inner = next(iter(inner.values()), None)
+        if not isinstance(inner, BaseException) or inner is seen:
+            break
+        seen = inner
+    text = str(seen).strip().splitlines()
+    return f"{type(seen).__name__}: {text[-1] if text else ''}"

@@ -1,0 +1,146 @@
+"""The per-worker training loop: runs inside every Ray Train worker, driven only by the spec dict it is given."""
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import ray.train
+import torch
+import torch.distributed as dist
+
+from steward.data import DataInfo, Split, load_splits
+from steward.models import build_model, save_model, task_loss
+from steward.spec import JobSpec
+from steward.train.checkpoint import checkpoint_dir, restore
+from steward.train.strategy import build_engine
+
+
+def train_loop(config: dict) -> None:
+    """Train one worker's share: re-validate the spec, build data, model and engine, then epochs until done."""
+    spec = JobSpec.model_validate(config["spec"])
+    run_dir, info = Path(config["run_dir"]), DataInfo.from_dict(config["data_info"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(spec.distributed.cpus_per_worker)))
+    torch.manual_seed(spec.seed)
+
+    splits = load_splits(spec, info)
+    train, bs = splits["train"], spec.data.batch_size
+    steps_per_epoch = max(1, train.num_batches(bs, world_size=world, train=True) // spec.train.grad_accum_steps)
+    total = min(spec.train.epochs * steps_per_epoch, spec.train.max_steps or math.inf)
+    engine = build_engine(build_model(spec.model, info), spec, int(total))
+    state = restore(engine) or {"epoch": 0, "best": None, "stale": 0}
+    history = History(run_dir / "history.jsonl") if rank == 0 else None
+
+    for epoch in range(state["epoch"], spec.train.epochs):
+        started = time.perf_counter()
+        train_loss, samples = run_epoch(engine, spec, train, epoch, rank, world, history)
+        seconds = time.perf_counter() - started
+        metrics = {"epoch": epoch + 1, "step": engine.global_step, "train_loss": train_loss, "lr": engine.lr}
+        metrics |= {"samples_per_s": samples * world / seconds, "epoch_seconds": seconds}
+        if "validation" in splits:
+            metrics |= evaluate_split(engine, spec, splits["validation"], rank, world, prefix="val_")
+        state = {"epoch": epoch + 1, **early_stopping(spec, metrics, state)}
+        done = state["stop"] or epoch + 1 == spec.train.epochs or engine.global_step >= total
+        if history:
+            history.write({"kind": "epoch", **metrics})
+        if done or (epoch + 1) % spec.train.checkpoint.every_epochs == 0:
+            with checkpoint_dir(engine, rank, state) as checkpoint:
+                ray.train.report(metrics, checkpoint=checkpoint)
+        else:
+            ray.train.report(metrics)
+        if done:
+            break
+    export_model(engine, spec, info, run_dir, rank)
+
+
+def run_epoch(engine, spec: JobSpec, split: Split, epoch: int, rank: int, world: int, history) -> tuple[float, int]:
+    """One pass over this worker's shard; returns the mean loss and the samples this worker saw."""
+    engine.train()
+    total, count, samples = 0.0, 0, 0
+    batches = split.batches(spec.data.batch_size, shuffle=spec.data.shuffle, seed=spec.seed, epoch=epoch,
+                            rank=rank, world_size=world, train=True)  # fmt: skip
+    for batch in batches:
+        logits = engine(batch["inputs"], batch.get("attention_mask"))
+        loss = task_loss(spec.model.task, logits.float(), batch["labels"])
+        stepped = engine.backward_step(loss)
+        total, count, samples = total + loss.item(), count + 1, samples + len(batch["labels"])
+        if stepped and engine.global_step % spec.train.log_every_steps == 0:
+            metrics = {"epoch": epoch + 1, "step": engine.global_step, "loss": loss.item(), "lr": engine.lr}
+            if history:
+                history.write({"kind": "step", **metrics})
+            ray.train.report(metrics)
+        if spec.train.max_steps and engine.global_step >= spec.train.max_steps:
+            break
+    return _mean_across_ranks(total, count), samples
+
+
+@torch.no_grad()
+def evaluate_split(engine, spec: JobSpec, split: Split, rank: int, world: int, prefix: str) -> dict[str, float]:
+    """Loss and accuracy (or perplexity) over a whole split, each rank doing its shard, summed across ranks."""
+    engine.train(False)
+    sums = torch.zeros(3, dtype=torch.float64)  # weighted loss, correct, weight
+    for batch in split.batches(spec.data.batch_size, rank=rank, world_size=world):
+        logits = engine(batch["inputs"], batch.get("attention_mask")).float()
+        weight = batch["weight"]
+        if spec.model.task == "causal_lm":
+            tokens = (batch["labels"][:, 1:] != -100).sum(dim=1).to(weight.dtype) * weight
+            sums += torch.stack([task_loss("causal_lm", logits, batch["labels"], weight) * tokens.sum(), torch.tensor(0.0), tokens.sum()]).double()
+        else:
+            correct = (logits.argmax(-1) == batch["labels"]).to(weight.dtype)
+            sums += torch.stack([task_loss("classification", logits, batch["labels"], weight) * weight.sum(), (correct * weight).sum(), weight.sum()]).double()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    loss = (sums[0] / sums[2]).item()
+    if spec.model.task == "causal_lm":
+        return {f"{prefix}loss": loss, f"{prefix}perplexity": math.exp(min(loss, 50.0))}
+    return {f"{prefix}loss": loss, f"{prefix}accuracy": (sums[1] / sums[2]).item()}
+
+
+def early_stopping(spec: JobSpec, metrics: dict, state: dict) -> dict:
+    """Track the best value of the watched metric; `stop` once it has not improved for `patience` epochs."""
+    rule = spec.train.early_stopping
+    if rule is None or rule.metric not in metrics:
+        return {"best": state.get("best"), "stale": 0, "stop": False}
+    value, best = metrics[rule.metric], state.get("best")
+    better = best is None or (value < best - rule.min_delta if rule.mode == "min" else value > best + rule.min_delta)
+    stale = 0 if better else state.get("stale", 0) + 1
+    return {"best": value if better else best, "stale": stale, "stop": stale >= rule.patience}
+
+
+def export_model(engine, spec: JobSpec, info: DataInfo, run_dir: Path, rank: int) -> None:
+    """Write the consolidated fp32 model (and tokenizer) that later stages load without DeepSpeed."""
+    state = engine.full_state_dict()  # a collective under ZeRO-3: every rank takes part
+    if rank != 0:
+        return
+    staging, final = run_dir / "model.partial", run_dir / "model"
+    shutil.rmtree(staging, ignore_errors=True)
+    exported = info
+    if info.tokenizer_dir:
+        shutil.copytree(info.tokenizer_dir, staging / "tokenizer")
+        exported = replace(info, tokenizer_dir="tokenizer")  # relative to the model folder, so it can move
+    save_model(staging, engine.module, state, spec.model, exported)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+
+
+def _mean_across_ranks(total: float, count: int) -> float:
+    sums = torch.tensor([total, float(count)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+class History:
+    """Rank 0's append-only metrics log (Train V2 keeps only checkpointed metrics, so we keep the history)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as out:
+            out.write(json.dumps({"time": time.time(), **record}) + "\n")

@@ -1,0 +1,220 @@
+"""Wrap a plain model for distributed training: PyTorch DDP or a DeepSpeed engine (ZeRO 0-3, offload).
+
+Both wrappers expose the same small surface, so the training loop never branches on the strategy.
+"""
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from steward.spec import JobSpec
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class StrategyError(ValueError):
+    """A distributed setting that DeepSpeed or the cluster refuses."""
+
+
+def deepspeed_config(spec: JobSpec) -> dict[str, Any]:
+    """The DeepSpeed config for this spec: batch sizes, precision, ZeRO, offload, clipping, optimizer."""
+    train, dist, opt = spec.train, spec.distributed, spec.train.optimizer
+    zero: dict[str, Any] = {"stage": dist.zero_stage}
+    if dist.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": dist.offload_optimizer}
+    if dist.offload_params != "none":
+        zero["offload_param"] = {"device": dist.offload_params}
+    params: dict[str, Any] = {"lr": opt.lr, "weight_decay": opt.weight_decay}
+    params.update({"betas": list(opt.betas)} if opt.name == "adamw" else {"momentum": opt.momentum})
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": spec.data.batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "train_batch_size": spec.data.batch_size * train.grad_accum_steps * dist.num_workers,
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW" if opt.name == "adamw" else "SGD", "params": params},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if train.grad_clip:
+        config["gradient_clipping"] = train.grad_clip
+    return _merge(config, dist.deepspeed_overrides)
+
+
+def validate_deepspeed(spec: JobSpec) -> None:
+    """Let DeepSpeed itself check the config before any worker starts; re-raise its complaint clearly."""
+    if spec.distributed.strategy != "deepspeed":
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.distributed.use_gpu else "cpu")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    class _World:  # DeepSpeed reads the data-parallel size from an "mpu"; we know it from the spec
+        def get_data_parallel_world_size(self) -> int:
+            return spec.distributed.num_workers
+
+    try:
+        DeepSpeedConfig(deepspeed_config(spec), mpu=_World())
+    except Exception as err:  # DeepSpeed raises AssertionError, pydantic errors and ValueError alike
+        detail = " ".join(str(err).split())
+        raise StrategyError(f"distributed.deepspeed_overrides: DeepSpeed rejects the config: {detail}") from None
+
+
+def lr_lambda(spec: JobSpec, total_steps: int):
+    """Linear warm-up, then constant, linear or cosine decay to zero at total_steps."""
+    warmup, kind = spec.train.scheduler.warmup_steps, spec.train.scheduler.name
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_engine(model: nn.Module, spec: JobSpec, total_steps: int) -> "DDPEngine | DeepSpeedEngine":
+    """Wrap `model` according to spec.distributed.strategy."""
+    if spec.distributed.strategy == "deepspeed":
+        return DeepSpeedEngine(model, spec, total_steps)
+    return DDPEngine(model, spec, total_steps)
+
+
+class DeepSpeedEngine:
+    """A DeepSpeed engine; ZeRO shards optimizer state (1), gradients (2) and parameters (3)."""
+
+    every_rank_saves = True  # each rank writes its own ZeRO shards
+
+    def __init__(self, model: nn.Module, spec: JobSpec, total_steps: int):
+        import deepspeed
+
+        scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))  # noqa: E731
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=deepspeed_config(spec), lr_scheduler=scheduler
+        )
+        self.module: nn.Module = self.engine.module
+        self.input_dtype = PRECISION_DTYPES[spec.train.precision]
+        self.zero_stage = spec.distributed.zero_stage
+
+    def __call__(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if inputs.is_floating_point():
+            inputs = inputs.to(self.input_dtype)
+        return self.engine(inputs, attention_mask)
+
+    def backward_step(self, loss: torch.Tensor) -> bool:
+        """Backward and, at an accumulation boundary, an optimizer step; True when a step happened."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.backward(loss)
+        self.engine.step()
+        return boundary
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    @property
+    def global_step(self) -> int:
+        return self.engine.global_steps
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def save(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder), tag="state")
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder), tag="state")
+        if path is None:
+            raise RuntimeError(f"no DeepSpeed state in checkpoint {folder}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model in fp32 on every rank; under ZeRO-3 the shards are gathered (a collective)."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                return _fp32_copy(self.module.state_dict())
+        return _fp32_copy(self.module.state_dict())
+
+
+class DDPEngine:
+    """PyTorch DistributedDataParallel with a plain optimizer, autocast for bf16/fp16."""
+
+    every_rank_saves = False  # replicas are identical: rank 0's state is the state
+
+    def __init__(self, model: nn.Module, spec: JobSpec, total_steps: int):
+        import ray.train.torch
+
+        self.module = model
+        self.ddp = ray.train.torch.prepare_model(model)
+        opt = spec.train.optimizer
+        if opt.name == "adamw":
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec, total_steps))
+        self.accum, self.clip = spec.train.grad_accum_steps, spec.train.grad_clip
+        self.dtype = PRECISION_DTYPES[spec.train.precision]
+        self.device = next(model.parameters()).device
+        self.micro_step = 0
+        self.global_step = 0
+
+    def __call__(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.ddp(inputs, attention_mask)
+
+    def backward_step(self, loss: torch.Tensor) -> bool:
+        self.micro_step += 1
+        (loss / self.accum).backward()
+        if self.micro_step % self.accum:
+            return False
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        return True
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def train(self, mode: bool = True) -> None:
+        self.ddp.train(mode)
+
+    def save(self, folder: Path) -> None:
+        state = {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "global_step": self.global_step,
+        }
+        torch.save(state, Path(folder) / "ddp_state.pt")
+
+    def load(self, folder: Path) -> None:
+        state = torch.load(Path(folder) / "ddp_state.pt", map_location=self.device, weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.global_step = state["global_step"]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return _fp32_copy(self.module.state_dict())
+
+
+def _fp32_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone() for k, v in state.items()}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
