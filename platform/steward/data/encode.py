@@ -20,7 +20,9 @@ def detect_modality(first: Any, family: str, column: str, source: str) -> tuple[
     where = f"data.input_column {column!r} of {source}"
     if isinstance(first, str):
         if family == "cnn":
-            raise DataError("model.family", f"a cnn needs 2-D numeric inputs, but {where} holds text; use lstm or transformer")
+            raise DataError(
+                "model.family", f"a cnn needs 2-D numeric inputs, but {where} holds text; use lstm or transformer"
+            )
         return "text", None
     try:
         array = np.asarray(first, dtype=np.float32)
@@ -31,7 +33,8 @@ def detect_modality(first: Any, family: str, column: str, source: str) -> tuple[
     if array.ndim != 2:
         raise DataError(
             "data.input_column",
-            f"{where} holds {array.ndim}-D values; use 2-D arrays ([height, width] for cnn, [timesteps, features] for lstm)",
+            f"{where} holds {array.ndim}-D values; "
+            "use 2-D arrays ([height, width] for cnn, [timesteps, features] for lstm)",
         )
     if family == "transformer":
         shape = "x".join(map(str, array.shape))
@@ -43,7 +46,9 @@ def label_names(values: Sequence[Any], column: str) -> list[str]:
     """Sorted distinct labels as strings (numeric order when every label is a number)."""
     bad = [i for i, v in enumerate(values) if v is None or isinstance(v, (list, dict))]
     if bad:
-        raise DataError("data.label_column", f"{column!r} has no usable label in train row {bad[0]}; labels are ints or strings")
+        raise DataError(
+            "data.label_column", f"{column!r} has no usable label in train row {bad[0]}; labels are ints or strings"
+        )
     distinct = set(values)
     numeric = all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in distinct)
     ordered = sorted(distinct) if numeric else sorted(distinct, key=str)
@@ -81,10 +86,15 @@ def encode_instances(
     return _encode_arrays(instances, info.input_shape, field), None
 
 
-def _encode_text(instances: Sequence[Any], info: DataInfo, max_length: int, field: str) -> tuple[Tensor, Tensor]:
+def check_texts(instances: Sequence[Any], field: str = "instances") -> None:
+    """Raise DataError naming `field[i]` for the first instance that is not a string."""
     for i, text in enumerate(instances):
         if not isinstance(text, str):
             raise DataError(f"{field}[{i}]", f"expected a string for text data, got {type(text).__name__}")
+
+
+def _encode_text(instances: Sequence[Any], info: DataInfo, max_length: int, field: str) -> tuple[Tensor, Tensor]:
+    check_texts(instances, field)
     if info.tokenizer_dir is None:
         raise DataError("tokenizer_dir", "text data needs the tokenizer saved by prepare_data; DataInfo has none")
     tokenizer = load_tokenizer(info.tokenizer_dir)
@@ -106,7 +116,9 @@ def _encode_arrays(instances: Sequence[Any], shape: tuple[int, ...], field: str)
         try:
             row = np.asarray(item, dtype=np.float32)
         except (TypeError, ValueError):
-            raise DataError(f"{field}[{i}]", f"expected a {expected} array of numbers, got {type(item).__name__}") from None
+            raise DataError(
+                f"{field}[{i}]", f"expected a {expected} array of numbers, got {type(item).__name__}"
+            ) from None
         if row.shape != tuple(shape):
             got = "x".join(map(str, row.shape)) or "a scalar"
             raise DataError(f"{field}[{i}]", f"expected a {expected} array of numbers, got shape {got}")

@@ -14,22 +14,25 @@ from steward.spec.job import JobSpec
 class Columns:
     """The columns a job reads: model input, label (None for causal language modelling) and groups."""
 
-    input: str | None
+    input: str
     label: str | None
     groups: tuple[str, ...]
 
     def fields(self) -> list[tuple[str, str]]:
         """(spec field, column) for every column to read."""
-        named = [("data.input_column", self.input), ("data.label_column", self.label)]
-        return [(f, c) for f, c in named if c is not None] + [("data.group_columns", g) for g in self.groups]
+        label = [("data.label_column", self.label)] if self.label is not None else []
+        return [("data.input_column", self.input), *label, *(("data.group_columns", g) for g in self.groups)]
 
 
-def resolve_columns(spec: JobSpec) -> Columns:
-    """The spec's columns, with the builtin sources' defaults filled in."""
+def resolve_columns(spec: JobSpec, source: Source) -> Columns:
+    """The spec's columns, with the builtin sources' defaults filled in; file: and hf: must name the input."""
     data, builtin = spec.data, spec.data.scheme == "builtin"
-    default_input = BUILTIN_INPUTS.get(data.location) if builtin else None
+    column = data.input_column or (BUILTIN_INPUTS[data.location] if builtin else None)
+    if column is None:
+        shown = ", ".join(source.columns(next(iter(source.parts))))
+        raise DataError("data.input_column", f"required for file: and hf: sources; columns are {shown}")
     label = None if spec.model.task == "causal_lm" else data.label_column or ("label" if builtin else None)
-    return Columns(data.input_column or default_input, label, tuple(data.group_columns))
+    return Columns(column, label, tuple(data.group_columns))
 
 
 def parts_used(source: Source, splits: dict[str, float | str]) -> dict[str, str]:
@@ -40,7 +43,10 @@ def parts_used(source: Source, splits: dict[str, float | str]) -> dict[str, str]
         missing = [(role, name) for role, name in wanted.items() if name not in source.parts]
         DataError.raise_all(
             [
-                (f"data.splits.{role}", f"{source.name} has no split {name!r}; available splits are {', '.join(available)}")
+                (
+                    f"data.splits.{role}",
+                    f"{source.name} has no split {name!r}; available splits are {', '.join(available)}",
+                )
                 for role, name in missing
             ]
         )
@@ -58,9 +64,6 @@ def parts_used(source: Source, splits: dict[str, float | str]) -> dict[str, str]
 def check_columns(source: Source, columns: Columns, parts: dict[str, str]) -> None:
     """Raise one DataError listing every missing column (input, label, groups) of every part read."""
     problems = []
-    if columns.input is None:
-        shown = ", ".join(source.columns(next(iter(parts.values()))))
-        problems.append(("data.input_column", f"required for file: and hf: sources; columns are {shown}"))
     for part in dict.fromkeys(parts.values()):
         have = source.columns(part)
         where = source.name if len(source.parts) == 1 else f"the {part!r} split of {source.name}"
@@ -84,20 +87,25 @@ def split_tables(source: Source, columns: Columns, splits: dict[str, float | str
         tables = {role: take(table, picked) for role, picked in rows.items()}
     empty = [role for role, table in tables.items() if num_rows(table) == 0]
     DataError.raise_all(
-        [(f"data.splits.{role}", f"the {role} split of {source.name} has no rows; give it a larger share") for role in empty]
+        [
+            (f"data.splits.{role}", f"the {role} split of {source.name} has no rows; give it a larger share")
+            for role in empty
+        ]
     )
     return tables
 
 
 def fraction_rows(n: int, fractions: dict[str, float], seed: int, strata: list[str] | None) -> dict[str, np.ndarray]:
-    """Seeded row indices per role; each stratum (label value) is cut in the same proportions."""
+    """Seeded row indices per role: round(fraction * n) rows each, every stratum (label) cut in proportion.
+
+    Rows are lined up stratum by stratum (shuffled within each) against a sequence of roles spread evenly
+    over the n slots, so each stratum gets its share of every role to within one row and totals are exact.
+    """
     rng = np.random.default_rng([seed, 3])
+    counts = np.diff(np.round(np.cumsum([0.0, *fractions.values()]) * n).astype(int))
+    spread = np.concatenate([(np.arange(c) + 0.5) / c for c in counts if c > 0] or [np.zeros(0)])
+    roles = np.repeat(np.arange(len(counts)), counts)[np.argsort(spread, kind="stable")]
     keys = np.asarray(strata) if strata is not None else np.zeros(n, dtype=np.int64)
-    cut: dict[str, list[np.ndarray]] = {role: [] for role in fractions}
-    for value in np.unique(keys):
-        rows = rng.permutation(np.flatnonzero(keys == value))
-        bounds = np.round(np.cumsum(list(fractions.values())) * len(rows)).astype(int)[:-1]
-        for role, piece in zip(fractions, np.split(rows, bounds), strict=True):
-            cut[role].append(piece)
+    order = np.concatenate([rng.permutation(np.flatnonzero(keys == v)) for v in np.unique(keys)] or [np.zeros(0, int)])
     # Shuffle each split once more so its rows are not ordered by label.
-    return {role: rng.permutation(np.concatenate(pieces)) if pieces else np.zeros(0, np.int64) for role, pieces in cut.items()}
+    return {role: rng.permutation(order[roles == i]).astype(np.int64) for i, role in enumerate(fractions)}

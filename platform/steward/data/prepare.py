@@ -1,11 +1,12 @@
 """The two entry points: `prepare_data` once on the driver, `load_splits` on every worker."""
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
 import torch
 
-from steward.data.encode import detect_modality, encode_instances, encode_labels, label_names
+from steward.data.encode import check_texts, detect_modality, encode_instances, encode_labels, label_names
 from steward.data.errors import DataError
 from steward.data.info import DataInfo
 from steward.data.partition import Columns, resolve_columns, split_tables
@@ -18,42 +19,61 @@ from steward.spec.job import JobSpec
 
 def _tables(spec: JobSpec) -> tuple[Columns, dict[str, Table]]:
     """Load the source, check its columns and cut the splits; the same rows for the same spec and seed."""
-    columns = resolve_columns(spec)
     source = load_source(spec.data, spec.seed)
+    columns = resolve_columns(spec, source)
     return columns, split_tables(source, columns, spec.data.splits, spec.seed)
 
 
 def prepare_data(spec: JobSpec, run_dir: Path | None) -> DataInfo:
     """Check the data against the spec and describe it; for text, save a tokenizer under run_dir/"tokenizer".
 
+    Every split's inputs and labels are checked here, on the driver, so workers never meet a bad row.
     The tokenizer is the pretrained model's own (transformer with params.pretrained) or a WordPiece / BPE
     tokenizer trained on the train split only, so validation and test text never shapes the vocabulary.
     With run_dir None the tokenizer goes to a fresh temporary folder. Raises DataError naming the spec field.
     """
     columns, tables = _tables(spec)
-    train = tables["train"]
+    info = _describe(spec, columns, tables["train"])
+    for role, table in tables.items():
+        _check_rows(table, role, columns, info)
+    if info.modality != "text":
+        return info
+    pretrained = getattr(spec.model.params, "pretrained", None)
+    train_texts = tables["train"][columns.input]
+    tokenizer = pretrained_tokenizer(pretrained) if pretrained else train_tokenizer(train_texts, spec.data.tokenizer)
+    folder = Path(run_dir) / "tokenizer" if run_dir is not None else Path(tempfile.mkdtemp(prefix="steward-tokenizer-"))
+    return dataclasses.replace(
+        info,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        tokenizer_dir=save_tokenizer(tokenizer, folder),
+    )
+
+
+def _describe(spec: JobSpec, columns: Columns, train: Table) -> DataInfo:
+    """Modality, shape and classes from the train split (no tokenizer yet)."""
     modality, shape = detect_modality(train[columns.input][0], spec.model.family, columns.input, spec.data.source)
     names = label_names(train[columns.label], columns.label) if columns.label else []
     if columns.label and len(names) < 2:
         raise DataError("data.label_column", f"{columns.label!r} has a single class {names} in the train split")
-    info = DataInfo(
+    return DataInfo(
         modality=modality,
         input_shape=shape or (spec.data.max_length,),
         num_classes=len(names) if columns.label else None,
         label_names=names,
         group_columns=list(columns.groups),
     )
-    if modality != "text":
-        return info
-    pretrained = getattr(spec.model.params, "pretrained", None)
-    tokenizer = pretrained_tokenizer(pretrained) if pretrained else train_tokenizer(train[columns.input], spec.data.tokenizer)
-    folder = Path(run_dir) / "tokenizer" if run_dir is not None else Path(tempfile.mkdtemp(prefix="steward-tokenizer-"))
-    return DataInfo(
-        **{**info.to_dict(), "input_shape": info.input_shape},
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        tokenizer_dir=save_tokenizer(tokenizer, folder),
-    )
+
+
+def _check_rows(table: Table, role: str, columns: Columns, info: DataInfo) -> None:
+    """Raise DataError for the first input of the wrong type or shape, or a label train never saw."""
+    field = f"data.input_column[{role}]"
+    if info.modality == "text":
+        check_texts(table[columns.input], field)
+    else:
+        encode_instances(table[columns.input], info, 0, field=field)
+    if columns.label is not None:
+        encode_labels(table[columns.label], info.label_names, role)
 
 
 def load_splits(spec: JobSpec, info: DataInfo) -> dict[str, Split]:
@@ -72,9 +92,7 @@ def _split(table: Table, role: str, columns: Columns, info: DataInfo, spec: JobS
     if columns.label is not None:
         labels = encode_labels(table[columns.label], info.label_names, role)
     else:  # causal LM: predict the input ids; -100 is the index cross-entropy ignores, so padding costs nothing
-        labels = inputs.masked_fill(mask == 0, -100) if mask is not None else inputs.clone()
+        padding = mask == 0 if mask is not None else torch.zeros_like(inputs, dtype=torch.bool)
+        labels = inputs.masked_fill(padding, -100)
     groups = {g: [str(v) for v in table[g]] for g in columns.groups}
     return Split(inputs=inputs, labels=labels, attention_mask=mask, groups=groups)
-
-
-__all__ = ["prepare_data", "load_splits", "torch"]

@@ -65,7 +65,9 @@ def _file(location: str) -> dict[str, Any]:
 
     path = Path(location)
     if not path.exists():
-        raise DataError("data.source", f"file {location!r} does not exist; give the path of a csv, jsonl or parquet file")
+        raise DataError(
+            "data.source", f"file {location!r} does not exist; give the path of a csv, jsonl or parquet file"
+        )
     if path.is_dir():
         return _parts(_from_disk(path, "data.source"))
     fmt = FORMATS.get(path.suffix.lower())

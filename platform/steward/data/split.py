@@ -69,7 +69,11 @@ class Split:
         weight = torch.from_numpy(positions < n).to(torch.float32)
         for start in range(0, per_rank, batch_size):
             rows = index[start : start + batch_size]
-            batch = {"inputs": self.inputs[rows], "labels": self.labels[rows], "weight": weight[start : start + batch_size]}
+            batch = {
+                "inputs": self.inputs[rows],
+                "labels": self.labels[rows],
+                "weight": weight[start : start + batch_size],
+            }
             batch["index"] = rows
             if self.attention_mask is not None:
                 batch["attention_mask"] = self.attention_mask[rows]
@@ -78,4 +82,6 @@ class Split:
 
 def _check_world(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size) and world_size >= 1; got rank={rank}, world_size={world_size}")
+        raise ValueError(
+            f"rank must be in [0, world_size) and world_size >= 1; got rank={rank}, world_size={world_size}"
+        )

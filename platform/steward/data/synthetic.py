@@ -6,12 +6,13 @@
   (equally likely). Its sentence mixes 2-4 words of that sentiment, sometimes one word of the other, 1-2
   dialect words of its group and neutral filler, in random order, 7-16 words in all.
 - The label is the sentiment, flipped with probability `noise` (default 0.05) in both groups.
-- Label bias: a positive group "b" label is then set to 0 (negative) with probability 2 * `bias`, so that
-  group "b" has `bias` (default 0.2) more negative labels than group "a": positive rates are about 0.5 in
-  group "a" and 0.5 - bias in group "b". `bias` must lie in [0, 0.5].
-- The sentence alone predicts the sentiment perfectly, so the best accuracy on the labels is about
-  1 - noise - bias / 2 (about 0.85 with the defaults); a model that learns the group's dialect can also
-  learn the bias, which is what the monitor is meant to catch.
+- Label bias, as from annotators who only call group "b" text positive when it is very positive: then
+  `bias` (default 0.2, at most 0.5) times the size of group "b" of its positive labels are set to 0 (negative),
+  the least warm texts first (warmth: positive words minus negative words; ties broken at random). Positive
+  rates are about 0.5 in group "a" and 0.5 - bias in group "b".
+- The text (sentiment words and dialect) predicts the label up to the noise and ties, so a small
+  Transformer reaches about 0.9 accuracy; to get there it must learn the bias against the "b" dialect,
+  which is what per-group evaluation and the monitor are meant to catch.
 
 `synthetic-sequence` (columns sequence [length, 2], label) is a four-class task over noisy rotating
 sinusoids: class k turns (1, 2, 3, 5)[k] times over the sequence, with a random phase and amplitude
@@ -26,10 +27,16 @@ import numpy as np
 from steward.data.errors import DataError
 from steward.data.table import Table
 
-POSITIVE = "good great excellent wonderful happy love enjoyed brilliant pleasant fantastic superb delightful".split()
-NEGATIVE = "bad terrible awful poor sad hate boring disappointing horrible dull annoying worst".split()
-NEUTRAL = "the a movie food service was it and this day place staff book story felt overall we they then very".split()
-DIALECT = {"a": "indeed rather whilst truly simply".split(), "b": "yall lowkey fr tbh ngl".split()}
+# Space-separated word lists: one line each reads better than one word per line.
+WORDS = {
+    "positive": "good great excellent wonderful happy love enjoyed brilliant pleasant fantastic superb delightful",
+    "negative": "bad terrible awful poor sad hate boring disappointing horrible dull annoying worst",
+    "neutral": "the a movie food service was it and this day place staff book story felt overall we they then very",
+    "a": "indeed rather whilst truly simply",
+    "b": "yall lowkey fr tbh ngl",
+}
+POSITIVE, NEGATIVE, NEUTRAL = (WORDS[kind].split() for kind in ("positive", "negative", "neutral"))
+DIALECT = {group: WORDS[group].split() for group in ("a", "b")}
 FREQUENCIES = (1.0, 2.0, 3.0, 5.0)
 
 TEXT_OPTIONS = {"num_samples": 4000, "bias": 0.2, "noise": 0.05}
@@ -60,21 +67,25 @@ def synthetic_text(seed: int, num_samples: int, bias: float, noise: float) -> Ta
     n = int(num_samples)
     sentiment = rng.integers(0, 2, n)
     groups = np.where(rng.random(n) < 0.5, "a", "b")
-    texts = [_sentence(rng, int(s), str(g)) for s, g in zip(sentiment, groups, strict=True)]
+    texts, warmth = zip(*(_sentence(rng, int(s), str(g)) for s, g in zip(sentiment, groups, strict=True)), strict=True)
     labels = np.where(rng.random(n) < noise, 1 - sentiment, sentiment)
-    biased = (groups == "b") & (labels == 1) & (rng.random(n) < 2 * bias)
-    labels = np.where(biased, 0, labels)
-    return {"text": texts, "label": labels.astype(np.int64), "group": groups.tolist()}
+    positive_b = np.flatnonzero((groups == "b") & (labels == 1))
+    flips = min(len(positive_b), round(bias * np.sum(groups == "b")))
+    coldest = np.argsort(np.asarray(warmth)[positive_b] + rng.random(len(positive_b)))[:flips]
+    labels[positive_b[coldest]] = 0
+    return {"text": list(texts), "label": labels.astype(np.int64), "group": groups.tolist()}
 
 
-def _sentence(rng: np.random.Generator, sentiment: int, group: str) -> str:
+def _sentence(rng: np.random.Generator, sentiment: int, group: str) -> tuple[str, int]:
+    """A sentence of the given sentiment and group, and its warmth (positive minus negative words)."""
     own, other = (POSITIVE, NEGATIVE) if sentiment == 1 else (NEGATIVE, POSITIVE)
-    words = list(rng.choice(own, rng.integers(2, 5)))
-    if rng.random() < 0.3:  # one contrary word keeps the task from being a single-word lookup
-        words.append(rng.choice(other))
+    strong = int(rng.integers(2, 5))
+    contrary = int(rng.random() < 0.3)  # one contrary word keeps the task from being a single-word lookup
+    words = [*rng.choice(own, strong), *rng.choice(other, contrary)]
     words += list(rng.choice(DIALECT[group], rng.integers(1, 3)))
     words += list(rng.choice(NEUTRAL, rng.integers(3, 8)))
-    return " ".join(str(w) for w in rng.permutation(words))
+    warmth = (strong - contrary) * (1 if sentiment == 1 else -1)
+    return " ".join(str(w) for w in rng.permutation(words)), warmth
 
 
 def synthetic_sequence(seed: int, num_samples: int, length: int, noise: float) -> Table:

@@ -19,7 +19,8 @@ def pretrained_tokenizer(pretrained: str) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(pretrained)
     except Exception as err:  # missing files, offline hub id: the fix is the same path
         raise DataError(
-            "model.params.pretrained", f"could not load a tokenizer from {pretrained!r}: {err}; give a local model folder"
+            "model.params.pretrained",
+            f"could not load a tokenizer from {pretrained!r}: {err}; give a local model folder",
         ) from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
@@ -37,6 +38,7 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec) -> Any:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    trainer: Any
     if spec.kind == "wordpiece":
         tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
@@ -75,12 +77,20 @@ def save_tokenizer(tokenizer: Any, folder: Path) -> str:
     return str(folder)
 
 
-@functools.lru_cache(maxsize=8)
 def load_tokenizer(folder: str) -> Any:
     """The tokenizer saved at folder (cached: evaluation and serving encode many small batches)."""
+    config = Path(folder) / "tokenizer_config.json"
+    # The file's mtime is part of the key, so a tokenizer saved again into the same folder is read again.
+    return _load_tokenizer(folder, config.stat().st_mtime_ns if config.exists() else 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(folder: str, mtime_ns: int) -> Any:
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as err:
-        raise DataError("tokenizer_dir", f"no tokenizer could be loaded from {folder!r}: {err}; run prepare_data") from err
+        raise DataError(
+            "tokenizer_dir", f"no tokenizer could be loaded from {folder!r}: {err}; run prepare_data"
+        ) from err

@@ -28,7 +28,12 @@ class LSTMClassifier(nn.Module):
     """
 
     def __init__(
-        self, params: LSTMParams, num_classes: int, input_size: int | None = None, vocab_size: int | None = None,
+        self,
+        params: LSTMParams,
+        num_classes: int,
+        *,
+        input_size: int | None = None,
+        vocab_size: int | None = None,
         pad_token_id: int | None = None,
     ) -> None:
         super().__init__()

@@ -1,8 +1,10 @@
 """Hugging Face Transformers built from a few sizes or loaded pretrained, behind one forward(inputs, mask)."""
 
 from pathlib import Path
+from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 from transformers.configuration_utils import PreTrainedConfig
@@ -35,7 +37,10 @@ DROPOUT_NAMES = (
 )
 # RoBERTa-style models number positions from pad_token_id + 1, so that many table rows are never usable.
 OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "data2vec-text", "longformer"}
-HEADS = {"classification": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, "causal_lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES}
+HEADS = {
+    "classification": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    "causal_lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+}
 
 
 class HFTransformer(nn.Module):
@@ -96,7 +101,7 @@ def scratch_config(params: TransformerParams, task: str, info: DataInfo) -> PreT
         token = getattr(defaults, special, None)
         if isinstance(token, int) and info.vocab_size is not None and token >= info.vocab_size:
             settings[special] = None
-    if task == "classification":
+    if task == "classification" and info.num_classes:
         settings["num_labels"] = info.num_classes
     settings.update(params.config_overrides)
     return AutoConfig.for_model(params.model_type, **settings)
@@ -105,7 +110,7 @@ def scratch_config(params: TransformerParams, task: str, info: DataInfo) -> PreT
 def pretrained_config(params: TransformerParams, task: str, info: DataInfo) -> PreTrainedConfig:
     """The config of `params.pretrained` with the task head, dropout and config_overrides applied."""
     try:
-        config = AutoConfig.from_pretrained(params.pretrained)
+        config = AutoConfig.from_pretrained(str(params.pretrained))
     except (OSError, ValueError) as error:
         raise ValueError(
             f"model.params.pretrained: cannot read a Hugging Face config from {params.pretrained!r} ({error}); "
@@ -125,13 +130,21 @@ def pretrained_config(params: TransformerParams, task: str, info: DataInfo) -> P
 
 
 def resolve_config(params: TransformerParams, task: str, info: DataInfo) -> PreTrainedConfig:
-    """The config `build_transformer` would use, without building weights."""
-    if params.pretrained:
-        return pretrained_config(params, task, info)
-    return scratch_config(params, task, info)
+    """The config `build_transformer` would use, without building weights.
+
+    Raises ValueError naming the field: the config's own type checks reject bad config_overrides.
+    """
+    try:
+        if params.pretrained:
+            return pretrained_config(params, task, info)
+        return scratch_config(params, task, info)
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        if str(error).startswith("model."):
+            raise
+        raise ValueError(f"model.params.config_overrides: {' '.join(str(error).split())}") from None
 
 
-def _auto_class(task: str) -> type:
+def _auto_class(task: str) -> Any:
     return AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
 
 
@@ -146,11 +159,12 @@ def build_transformer(
     rebuilt from that config with random weights, for the caller to load saved weights into.
     """
     auto = _auto_class(task)
+    # dtype is explicit because from_config follows config.dtype, which a bf16 run may have saved.
     if config_dir is not None:
-        return HFTransformer(auto.from_config(AutoConfig.from_pretrained(str(config_dir))))
+        return HFTransformer(auto.from_config(AutoConfig.from_pretrained(str(config_dir)), dtype=torch.float32))
     config = resolve_config(params, task, info)
     if not params.pretrained:
-        return HFTransformer(auto.from_config(config))
+        return HFTransformer(auto.from_config(config, dtype=torch.float32))
     hf = auto.from_pretrained(
         params.pretrained,
         config=config,
@@ -169,9 +183,8 @@ def transformer_problems(params: TransformerParams, task: str, info: DataInfo) -
         return ["data.tokenizer: text data has no vocab_size; a Transformer needs it to size its embedding"]
     try:
         config = resolve_config(params, task, info)
-    except (ValueError, TypeError) as error:
-        message = str(error)
-        return [message if message.startswith("model.") else f"model.params.config_overrides: {message}"]
+    except ValueError as error:
+        return [str(error)]
     # A pretrained model's limits come from its checkpoint; a new one's only from config_overrides.
     source = "model.params.pretrained" if params.pretrained else "model.params.config_overrides"
     problems = []

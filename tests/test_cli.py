@@ -1,0 +1,107 @@
+"""The CLI as a user meets it: a real subprocess, exit codes, messages, and never a traceback."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import JOBS, ROOT
+
+STEWARD = [sys.executable, "-m", "steward"]
+
+
+def steward(*args, cwd=ROOT, timeout=900):
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([*STEWARD, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def write_job(tmp_path, **changes):
+    raw = yaml.safe_load((JOBS / "quickstart.yaml").read_text())
+    for dotted, value in changes.items():
+        node = raw
+        *parents, last = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    raw["output_dir"] = str(tmp_path / "runs")
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["validate"], ["render"], ["evaluate"], ["runs"], ["schema"]])
+def test_help(command):
+    out = steward(*command, "--help")
+    assert out.returncode == 0 and "Usage" in out.stdout
+
+
+def test_validate_all_jobs_one_line_each():
+    out = steward("validate", *sorted(str(p) for p in JOBS.glob("*.yaml")))
+    assert out.returncode == 0, out.stderr
+    assert len([line for line in out.stdout.splitlines() if line.startswith("ok ")]) == len(list(JOBS.glob("*.yaml")))
+
+
+def test_validate_reports_every_problem_with_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: q\ndata:\n  source: builtin:digits\n  batchsize: 3\nmodel:\n  family: cnn\n  parms: {}\n")
+    out = steward("validate", str(bad))
+    assert out.returncode == 2
+    assert "data.batchsize [line 4]: unknown key; did you mean `batch_size`?" in out.stderr
+    assert "model.parms [line 7]" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_render_shows_defaults_and_overrides():
+    out = steward("render", str(JOBS / "quickstart.yaml"), "--set", "train.optimizer.lr=3e-4")
+    rendered = yaml.safe_load(out.stdout)
+    assert rendered["train"]["optimizer"]["lr"] == 3e-4 and rendered["distributed"]["max_failures"] == 0
+
+
+def test_schema_is_json():
+    schema = json.loads(steward("schema").stdout)
+    assert "data" in schema["properties"] and schema["additionalProperties"] is False
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"data__source": "builtin:imagenet"}, "data.source"),
+        ({"data__source": "file:nowhere.csv"}, "does not exist"),
+        ({"data__label_column": "lable"}, "data.label_column"),
+        ({"model__params__kernel_size": 11}, "model.params.kernel_size"),
+        ({"distributed__deepspeed_overrides": {"train_batch_size": 7}}, "DeepSpeed rejects"),
+        ({"distributed__num_workers": 64}, "distributed.num_workers"),
+    ],
+)
+def test_bad_input_exits_2_with_one_clear_error_and_no_successful_run(tmp_path, changes, fragment):
+    out = steward("train", str(write_job(tmp_path, **changes)))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert fragment in out.stderr and "Traceback" not in out.stderr + out.stdout
+    statuses = [json.loads(p.read_text())["state"] for p in (tmp_path / "runs").glob("*/*/status.json")]
+    assert "succeeded" not in statuses
+
+
+def test_malformed_yaml_exits_2(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\ndata: {source: builtin:digits\n")
+    out = steward("train", str(path))
+    assert out.returncode == 2 and "malformed YAML" in out.stderr and "line" in out.stderr
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path):
+    out = steward("run", str(JOBS / "quickstart.yaml"), "--set", f"output_dir={tmp_path / 'runs'}")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    [run_dir] = (tmp_path / "runs" / "quickstart").iterdir()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["overall"]["accuracy"] >= 0.97, metrics
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "succeeded"
+    for artifact in ("spec.yaml", "history.jsonl", "curves.png", "model/model.safetensors", "model/model.json"):
+        assert (run_dir / artifact).exists(), artifact
+    assert "accuracy" in out.stdout and str(run_dir) in out.stdout.replace("\n", "")
+    listed = steward("runs", "--output-dir", str(tmp_path / "runs"))
+    assert "quickstart" in listed.stdout and "succeeded" in listed.stdout
+    again = steward("evaluate", str(run_dir))
+    assert again.returncode == 0 and f"{metrics['overall']['accuracy']:.4f}" in again.stdout
