@@ -68,7 +68,7 @@ def test_schema_is_json():
     ("changes", "fragment"),
     [
         ({"data__source": "builtin:imagenet"}, "data.source"),
-        ({"data__source": "file:nowhere.csv"}, "does not exist"),
+        ({"data__source": "file:nowhere.csv", "data__input_column": "x", "data__label_column": "y"}, "does not exist"),
         ({"data__label_column": "lable"}, "data.label_column"),
         ({"model__params__kernel_size": 11}, "model.params.kernel_size"),
         ({"distributed__deepspeed_overrides": {"train_batch_size": 7}}, "DeepSpeed rejects"),

@@ -53,14 +53,14 @@ def validate_deepspeed(spec: JobSpec) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if spec.distributed.use_gpu else "cpu")
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    class _World:  # DeepSpeed reads the data-parallel size from an "mpu"; we know it from the spec
-        def get_data_parallel_world_size(self) -> int:
-            return spec.distributed.num_workers
-
+    # Outside a process group DeepSpeed assumes one rank, so check the per-rank share of the global batch.
+    config, workers = deepspeed_config(spec), spec.distributed.num_workers
     try:
-        DeepSpeedConfig(deepspeed_config(spec), mpu=_World())
+        if config["train_batch_size"] % workers:
+            raise ValueError(f"train_batch_size {config['train_batch_size']} is not divisible by {workers} workers")
+        DeepSpeedConfig({**config, "train_batch_size": config["train_batch_size"] // workers})
     except Exception as err:  # DeepSpeed raises AssertionError, pydantic errors and ValueError alike
-        detail = " ".join(str(err).split())
+        detail = " ".join(str(err).split()).replace("world_size", "world_size (per worker)")
         raise StrategyError(f"distributed.deepspeed_overrides: DeepSpeed rejects the config: {detail}") from None
 
 
