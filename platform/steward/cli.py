@@ -18,7 +18,9 @@ console, errors = Console(), Console(stderr=True)
 
 Spec = Annotated[Path, typer.Argument(help="Job spec YAML file.")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set train.optimizer.lr=3e-4")]
-Address = Annotated[str | None, typer.Option(help="Ray address: omit for an embedded local Ray, `auto` or ray://host:port.")]
+Address = Annotated[
+    str | None, typer.Option(help="Ray address: omit for an embedded local Ray, `auto` or ray://host:port.")
+]
 
 
 def user_errors(command: Callable) -> Callable:

@@ -1,12 +1,15 @@
 """Metric maths over plain arrays: one implementation for training-time evaluation and `steward evaluate`."""
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
 
-def compute_metrics(names: list[str], labels: np.ndarray, logits: np.ndarray, losses: np.ndarray) -> dict[str, float]:
+def compute_metrics(
+    names: Sequence[str], labels: np.ndarray, logits: np.ndarray, losses: np.ndarray
+) -> dict[str, float]:
     """The requested metrics for one set of rows. `losses` holds each row's loss (token-mean for language models)."""
     out: dict[str, float] = {}
     loss = float(np.mean(losses)) if len(losses) else float("nan")

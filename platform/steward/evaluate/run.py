@@ -43,7 +43,10 @@ def evaluate_model(model_dir: Path, spec: JobSpec, split: str | None = None, bat
     if spec.evaluate.per_group and data.groups:
         result["groups"] = {
             column: {
-                value: {"count": int(mask.sum()), **compute_metrics(spec.evaluate.metrics, y[mask], z[mask], loss[mask])}
+                value: {
+                    "count": int(mask.sum()),
+                    **compute_metrics(spec.evaluate.metrics, y[mask], z[mask], loss[mask]),
+                }
                 for value in sorted(set(values))
                 for mask in [np.array(values) == value]
             }

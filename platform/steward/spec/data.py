@@ -29,7 +29,7 @@ class DataSpec(Section):
         description="Attributes carried along for per-group evaluation and monitoring; never model inputs.",
     )
     splits: dict[str, float | str] = Field(
-        default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1},
+        default_factory=lambda: dict[str, float | str](train=0.8, validation=0.1, test=0.1),
         description="Either fractions of one table ({train: 0.8, validation: 0.1, test: 0.1}) "
         "or the source's own split names ({train: train, validation: validation, test: test}).",
     )
@@ -71,7 +71,7 @@ class DataSpec(Section):
 
     @model_validator(mode="after")
     def _groups_are_not_inputs(self) -> "DataSpec":
-        clash = {self.input_column, self.label_column} & set(self.group_columns)
+        clash = {c for c in (self.input_column, self.label_column) if c} & set(self.group_columns)
         if clash:
             raise ValueError(f"group_columns must not include the input or label column: {sorted(clash)}")
         return self

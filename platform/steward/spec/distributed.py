@@ -14,7 +14,9 @@ class DistributedSpec(Section):
     gpus_per_worker: float = Field(1.0, ge=0.0, description="GPUs per worker when use_gpu is set.")
     strategy: Literal["ddp", "deepspeed"] = Field("deepspeed", description="PyTorch DDP or DeepSpeed.")
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage (0 = data parallel only).")
-    offload_optimizer: Literal["none", "cpu"] = Field("none", description="ZeRO-Offload of optimizer states (stage >= 1).")
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        "none", description="ZeRO-Offload of optimizer states (stage >= 1)."
+    )
     offload_params: Literal["none", "cpu"] = Field("none", description="ZeRO-Infinity parameter offload (stage 3).")
     deepspeed_overrides: dict[str, Any] = Field(
         default_factory=dict, description="Merged last into the DeepSpeed config; DeepSpeed validates it at start."

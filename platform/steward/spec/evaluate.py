@@ -12,7 +12,7 @@ Metric = Literal["accuracy", "precision", "recall", "f1_macro", "f1_weighted", "
 class EvaluateSpec(Section):
     split: Literal["validation", "test"] = Field("test", description="Split evaluated after training.")
     metrics: list[Metric] = Field(
-        default_factory=lambda: ["accuracy", "f1_macro", "loss"],
+        default_factory=lambda: list[Metric](["accuracy", "f1_macro", "loss"]),
         description="Metrics written to metrics.json (perplexity for language models).",
     )
     per_group: bool = Field(True, description="Also compute every metric per value of each group column.")

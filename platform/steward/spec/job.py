@@ -8,7 +8,7 @@ from steward.spec.base import Section, raise_problems
 from steward.spec.data import DataSpec
 from steward.spec.distributed import DistributedSpec
 from steward.spec.evaluate import EvaluateSpec
-from steward.spec.model import ModelSpec
+from steward.spec.model import ModelSpec, TransformerParams
 from steward.spec.train import TrainSpec
 
 RESERVED = ("tune", "serve", "monitor", "privacy", "governance")
@@ -52,7 +52,8 @@ class JobSpec(Section):
             problems["evaluate.metrics"] = f"{not_lm} need a classification task; use loss and perplexity"
         if not lm and "perplexity" in self.evaluate.metrics:
             problems["evaluate.metrics"] = "perplexity needs task: causal_lm"
-        if lm and self.model.params.pretrained is None and self.model.params.model_type == "bert":
+        params = self.model.params
+        if lm and isinstance(params, TransformerParams) and not params.pretrained and params.model_type == "bert":
             problems["model.params.model_type"] = "causal_lm needs a decoder architecture such as gpt2"
         raise_problems(self, problems)
         return self

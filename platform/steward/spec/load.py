@@ -3,14 +3,18 @@
 import difflib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from steward.spec.job import JobSpec
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,12 @@ def resolve_paths(spec: JobSpec, base_dir: Path, source: str = "spec") -> JobSpe
     if pretrained:
         found = _pretrained_path(pretrained, base_dir)
         if found is None:
-            problems.append(Problem("model.params.pretrained", f"{pretrained!r} is neither an existing folder nor an installed package path"))
+            problems.append(
+                Problem(
+                    "model.params.pretrained",
+                    f"{pretrained!r} is neither an existing folder nor an installed package path",
+                )
+            )
         else:
             params = model.params.model_copy(update={"pretrained": found})
             model = model.model_copy(update={"params": params})
@@ -125,11 +134,8 @@ def _parse_override(source: str, item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string; a number was meant
-        try:
-            value = float(value) if any(c in value.lower() for c in ".e") and value.lower() not in ("inf", "nan") else int(value)
-        except ValueError:
-            pass
+    if isinstance(value, str) and _EXPONENT_FLOAT.match(value):  # YAML 1.1 reads 3e-4 as a string
+        value = float(value)
     return key.strip(), value
 
 
@@ -158,8 +164,10 @@ def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
     return out
 
 
-def _problem(error: dict, lines: dict, overridden: set) -> Problem:
-    loc = tuple(part for part in error["loc"] if part not in ("cnn", "lstm", "transformer") or error["loc"][0] != "model")
+def _problem(error: ErrorDetails, lines: dict, overridden: set) -> Problem:
+    loc = tuple(
+        part for part in error["loc"] if part not in ("cnn", "lstm", "transformer") or error["loc"][0] != "model"
+    )
     path = ".".join(str(p) for p in loc)
     message = error["msg"].removeprefix("Value error, ")
     value = error.get("input") if error["type"] not in ("missing", "extra_forbidden") else None
@@ -172,7 +180,11 @@ def _problem(error: dict, lines: dict, overridden: set) -> Problem:
         message = "required field is missing"
     elif error["type"] == "union_tag_invalid":
         message = "unknown model family; use cnn, lstm or transformer"
-    line = 0 if any(path == o or path.startswith(o + ".") or o.startswith(path + ".") for o in overridden) else _nearest_line(loc, lines)
+    line = (
+        0
+        if any(path == o or path.startswith(o + ".") or o.startswith(path + ".") for o in overridden)
+        else _nearest_line(loc, lines)
+    )
     return Problem(path, message, line, value)
 
 
@@ -189,7 +201,9 @@ def _known_keys(loc: tuple) -> list[str]:
     for part in loc:
         if isinstance(part, int):
             continue
-        by_tag = [m for m in models if m.model_fields.get("family") and part in get_args(m.model_fields["family"].annotation)]
+        by_tag = [
+            m for m in models if m.model_fields.get("family") and part in get_args(m.model_fields["family"].annotation)
+        ]
         if by_tag:
             models = by_tag
             continue

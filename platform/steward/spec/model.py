@@ -8,7 +8,9 @@ from steward.spec.base import Section
 
 
 class CNNParams(Section):
-    channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1, description="Output channels per conv block.")
+    channels: list[int] = Field(
+        default_factory=lambda: [32, 64], min_length=1, description="Output channels per conv block."
+    )
     kernel_size: int = Field(3, ge=1, le=11, description="Convolution kernel size (odd keeps the spatial size).")
     pool: bool = Field(True, description="2x2 max-pool after each block while the image is larger than 2x2.")
     hidden_size: int = Field(128, ge=1, description="Width of the hidden layer of the classifier head.")

@@ -41,11 +41,14 @@ class TrainSpec(Section):
     grad_accum_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32 or bf16; fp16 needs use_gpu.")
     early_stopping: EarlyStoppingSpec | None = Field(None, description="Stop when a validation metric stalls.")
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint frequency and retention.")
+    checkpoint: CheckpointSpec = Field(
+        default_factory=CheckpointSpec, description="Checkpoint frequency and retention."
+    )
     log_every_steps: int = Field(50, ge=1, description="Report training loss every N optimizer steps.")
 
     @model_validator(mode="after")
     def _early_stopping_metric_is_validation(self) -> "TrainSpec":
         if self.early_stopping and not self.early_stopping.metric.startswith("val_"):
-            raise ValueError(f"early_stopping.metric must be a validation metric such as val_loss, not {self.early_stopping.metric!r}")
+            metric = self.early_stopping.metric
+            raise ValueError(f"early_stopping.metric must be a validation metric such as val_loss, not {metric!r}")
         return self

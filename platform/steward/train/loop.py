@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import resource
 import shutil
 import time
 from dataclasses import replace
@@ -32,6 +33,7 @@ def train_loop(config: dict) -> None:
     train, bs = splits["train"], spec.data.batch_size
     steps_per_epoch = max(1, train.num_batches(bs, world_size=world, train=True) // spec.train.grad_accum_steps)
     total = min(spec.train.epochs * steps_per_epoch, spec.train.max_steps or math.inf)
+    base_memory = peak_memory_mb()
     engine = build_engine(build_model(spec.model, info), spec, int(total))
     state = restore(engine) or {"epoch": 0, "best": None, "stale": 0}
     history = History(run_dir / "history.jsonl") if rank == 0 else None
@@ -42,6 +44,7 @@ def train_loop(config: dict) -> None:
         seconds = time.perf_counter() - started
         metrics = {"epoch": epoch + 1, "step": engine.global_step, "train_loss": train_loss, "lr": engine.lr}
         metrics |= {"samples_per_s": samples * world / seconds, "epoch_seconds": seconds}
+        metrics |= {"memory_added_mb": _max_across_ranks(peak_memory_mb() - base_memory)}
         if "validation" in splits:
             metrics |= evaluate_split(engine, spec, splits["validation"], rank, world, prefix="val_")
         state = {"epoch": epoch + 1, **early_stopping(spec, metrics, state)}
@@ -71,9 +74,8 @@ def run_epoch(engine, spec: JobSpec, split: Split, epoch: int, rank: int, world:
         total, count, samples = total + loss.item(), count + 1, samples + len(batch["labels"])
         if stepped and engine.global_step % spec.train.log_every_steps == 0:
             metrics = {"epoch": epoch + 1, "step": engine.global_step, "loss": loss.item(), "lr": engine.lr}
-            if history:
+            if history:  # not ray.train.report: a Train V2 report is a barrier on the controller's poll
                 history.write({"kind": "step", **metrics})
-            ray.train.report(metrics)
         if spec.train.max_steps and engine.global_step >= spec.train.max_steps:
             break
     return _mean_across_ranks(total, count), samples
@@ -83,22 +85,25 @@ def run_epoch(engine, spec: JobSpec, split: Split, epoch: int, rank: int, world:
 def evaluate_split(engine, spec: JobSpec, split: Split, rank: int, world: int, prefix: str) -> dict[str, float]:
     """Loss and accuracy (or perplexity) over a whole split, each rank doing its shard, summed across ranks."""
     engine.train(False)
-    sums = torch.zeros(3, dtype=torch.float64)  # weighted loss, correct, weight
+    sums = torch.zeros(3, dtype=torch.float64)  # loss x count, correct, count
+    lm = spec.model.task == "causal_lm"
     for batch in split.batches(spec.data.batch_size, rank=rank, world_size=world):
         logits = engine(batch["inputs"], batch.get("attention_mask")).float()
-        weight = batch["weight"]
-        if spec.model.task == "causal_lm":
-            tokens = (batch["labels"][:, 1:] != -100).sum(dim=1).to(weight.dtype) * weight
-            sums += torch.stack([task_loss("causal_lm", logits, batch["labels"], weight) * tokens.sum(), torch.tensor(0.0), tokens.sum()]).double()
+        labels, weight = batch["labels"], batch["weight"]
+        if lm:  # task_loss is a mean over counted tokens: weigh each batch by its token count
+            count = ((labels[:, 1:] != -100).sum(dim=1) * weight).sum()
+            correct = torch.tensor(0.0)
         else:
-            correct = (logits.argmax(-1) == batch["labels"]).to(weight.dtype)
-            sums += torch.stack([task_loss("classification", logits, batch["labels"], weight) * weight.sum(), (correct * weight).sum(), weight.sum()]).double()
+            count = weight.sum()
+            correct = ((logits.argmax(-1) == labels) * weight).sum()
+        loss = task_loss(spec.model.task, logits, labels, weight)
+        sums += torch.stack([loss * count, correct, count]).double()
     if dist.is_initialized():
         dist.all_reduce(sums)
-    loss = (sums[0] / sums[2]).item()
-    if spec.model.task == "causal_lm":
-        return {f"{prefix}loss": loss, f"{prefix}perplexity": math.exp(min(loss, 50.0))}
-    return {f"{prefix}loss": loss, f"{prefix}accuracy": (sums[1] / sums[2]).item()}
+    mean_loss = float(sums[0] / sums[2])
+    if lm:
+        return {f"{prefix}loss": mean_loss, f"{prefix}perplexity": math.exp(min(mean_loss, 50.0))}
+    return {f"{prefix}loss": mean_loss, f"{prefix}accuracy": float(sums[1] / sums[2])}
 
 
 def early_stopping(spec: JobSpec, metrics: dict, state: dict) -> dict:
@@ -126,6 +131,18 @@ def export_model(engine, spec: JobSpec, info: DataInfo, run_dir: Path, rank: int
     save_model(staging, engine.module, state, spec.model, exported)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _max_across_ranks(value: float) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
 
 
 def _mean_across_ranks(total: float, count: int) -> float:

@@ -41,6 +41,8 @@ def deepspeed_config(spec: JobSpec) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if opt.name == "sgd":  # torch's SGD: ZeRO shards its state like Adam's, but DeepSpeed wants an explicit opt-in
+        config["zero_allow_untested_optimizer"] = True
     if train.grad_clip:
         config["gradient_clipping"] = train.grad_clip
     return _merge(config, dist.deepspeed_overrides)
@@ -154,10 +156,15 @@ class DDPEngine:
         self.module = model
         self.ddp = ray.train.torch.prepare_model(model)
         opt = spec.train.optimizer
+        self.optimizer: torch.optim.Optimizer
         if opt.name == "adamw":
-            self.optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+            self.optimizer = torch.optim.AdamW(
+                model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay
+            )
         else:
-            self.optimizer = torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+            self.optimizer = torch.optim.SGD(
+                model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay
+            )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec, total_steps))
         self.accum, self.clip = spec.train.grad_accum_steps, spec.train.grad_clip
         self.dtype = PRECISION_DTYPES[spec.train.precision]
@@ -184,7 +191,7 @@ class DDPEngine:
 
     @property
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return float(self.scheduler.get_last_lr()[0])
 
     def train(self, mode: bool = True) -> None:
         self.ddp.train(mode)
