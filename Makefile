@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/steward run jobs/quickstart.yaml
 
-test: setup
-	$(BIN)/pytest -q --timeout 1500
+test: lint
+	$(BIN)/pytest -q --timeout 1500 --durations=15
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"

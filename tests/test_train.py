@@ -2,10 +2,16 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import threading
+import time
 
 import pytest
 import torch
 
+from steward.data import load_splits, prepare_data
 from steward.evaluate import evaluate_model, load_servable
 from steward.runs import create_run
 from steward.spec import load_job
@@ -59,7 +65,8 @@ def test_zero3_follows_ddp_on_the_same_seed_and_data(ray_local, tmp_path):
 
 
 def test_resume_continues_from_the_checkpoint_with_the_same_losses(ray_local, tmp_path):
-    common = [*SMALL, "distributed.zero_stage=2", "train.early_stopping=null"]
+    # A constant schedule: a cosine one would decay to zero by the end of the 2-epoch run and differ from a 3-epoch one.
+    common = [*SMALL, "distributed.zero_stage=2", "train.early_stopping=null", "train.scheduler.name=constant"]
     _, _, _, straight = train(tmp_path, "quickstart.yaml", *common, "train.epochs=3")
     _, run_dir, _, _ = train(tmp_path / "b", "quickstart.yaml", *common, "train.epochs=2")
     _, _, _, resumed = train(tmp_path / "b", "quickstart.yaml", *common, "train.epochs=3", run_dir=run_dir)
@@ -96,9 +103,12 @@ def test_quality_transformer_on_synthetic_text_with_groups(ray_local, tmp_path):
 
 
 def test_minilm_finetune_with_cpu_offload(ray_local, tmp_path):
-    _, _, result, history = train(tmp_path, "minilm-finetune.yaml", "data.options.num_samples=400", "train.epochs=1")
-    assert result["overall"]["accuracy"] > 0.6, result
-    assert any(r["kind"] == "epoch" for r in history)
+    overrides = ["data.options.num_samples=600", "train.epochs=2", "train.optimizer.lr=1e-4"]
+    _, run_dir, result, history = train(tmp_path, "minilm-finetune.yaml", *overrides)
+    epochs = [r for r in history if r["kind"] == "epoch"]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert result["overall"]["accuracy"] > 0.7, result
+    assert json.loads((run_dir / "model" / "hf_config" / "config.json").read_text())["hidden_size"] == 384
 
 
 def test_tiny_gpt_language_model(ray_local, tmp_path):
@@ -106,3 +116,36 @@ def test_tiny_gpt_language_model(ray_local, tmp_path):
     epochs = [r for r in history if r["kind"] == "epoch"]
     assert epochs[-1]["val_loss"] < epochs[0]["train_loss"]
     assert 1.0 < result["overall"]["perplexity"] < 200, result
+
+
+def test_bf16_with_gradient_accumulation_trains_and_exports_fp32(ray_local, tmp_path):
+    overrides = ["train.precision=bf16", "train.grad_accum_steps=2", "train.epochs=3", "train.early_stopping=null"]
+    spec, run_dir, result, history = train(tmp_path, "quickstart.yaml", *overrides)
+    epochs = [r for r in history if r["kind"] == "epoch"]
+    micro_batches = load_splits(spec, prepare_data(spec, None))["train"].num_batches(32, world_size=2, train=True)
+    assert epochs[-1]["step"] == 3 * micro_batches // 2  # one optimizer step per 2 micro-batches
+    assert epochs[-1]["train_loss"] < 0.5 * epochs[0]["train_loss"]
+    model, _ = load_servable(run_dir / "model")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert result["overall"]["accuracy"] > 0.9
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):
+    spec = load_job(JOBS / "quickstart.yaml", [f"output_dir={tmp_path}", "distributed.max_failures=1",
+                                               "train.epochs=30", "train.early_stopping=null"])  # fmt: skip
+    run_dir = create_run(spec)
+    outcome: list = []
+    worker = threading.Thread(target=lambda: outcome.append(train_job(spec, run_dir)))
+    worker.start()
+    deadline = time.monotonic() + 300
+    while not [r for r in read_history(run_dir / "history.jsonl") if r["kind"] == "epoch" and r["epoch"] >= 3]:
+        assert time.monotonic() < deadline, "training never reached epoch 3"
+        time.sleep(0.2)
+    pids = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    os.kill(int(pids[-1]), signal.SIGKILL)
+    worker.join(timeout=600)
+    assert outcome and outcome[0]["overall"]["accuracy"] > 0.9
+    starts = [r for r in read_history(run_dir / "history.jsonl") if r["kind"] == "start"]
+    assert len(starts) == 2 and starts[0]["epoch"] == 0 and starts[1]["epoch"] >= 2  # from a checkpoint, not 0
+    epochs = {r["epoch"] for r in read_history(run_dir / "history.jsonl") if r["kind"] == "epoch"}
+    assert epochs == set(range(1, 31))

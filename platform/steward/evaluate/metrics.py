@@ -13,7 +13,7 @@ def compute_metrics(
     """The requested metrics for one set of rows. `losses` holds each row's loss (token-mean for language models)."""
     out: dict[str, float] = {}
     loss = float(np.mean(losses)) if len(losses) else float("nan")
-    predicted = logits.argmax(-1) if logits.ndim == 2 else None
+    predicted = logits.argmax(-1) if logits.ndim == 2 and logits.shape[-1] else None
     kwargs = {"zero_division": 0}
     for name in names:
         if name == "loss":

@@ -37,8 +37,12 @@ def train_loop(config: dict) -> None:
     engine = build_engine(build_model(spec.model, info), spec, int(total))
     state = restore(engine) or {"epoch": 0, "best": None, "stale": 0}
     history = History(run_dir / "history.jsonl") if rank == 0 else None
+    if history:  # a fresh start, a --resume, or a restart after a worker failure
+        history.write({"kind": "start", "epoch": state["epoch"], "workers": world})
 
     for epoch in range(state["epoch"], spec.train.epochs):
+        # Dropout's randomness, like the data order, is a function of (seed, epoch, rank): a resumed epoch replays.
+        torch.manual_seed(spec.seed + 7919 * (epoch + 1) + rank)
         started = time.perf_counter()
         train_loss, samples = run_epoch(engine, spec, train, epoch, rank, world, history)
         seconds = time.perf_counter() - started
@@ -85,6 +89,7 @@ def run_epoch(engine, spec: JobSpec, split: Split, epoch: int, rank: int, world:
 def evaluate_split(engine, spec: JobSpec, split: Split, rank: int, world: int, prefix: str) -> dict[str, float]:
     """Loss and accuracy (or perplexity) over a whole split, each rank doing its shard, summed across ranks."""
     engine.train(False)
+    engine.sync_buffers()
     sums = torch.zeros(3, dtype=torch.float64)  # loss x count, correct, count
     lm = spec.model.task == "causal_lm"
     for batch in split.batches(spec.data.batch_size, rank=rank, world_size=world):
@@ -119,6 +124,7 @@ def early_stopping(spec: JobSpec, metrics: dict, state: dict) -> dict:
 
 def export_model(engine, spec: JobSpec, info: DataInfo, run_dir: Path, rank: int) -> None:
     """Write the consolidated fp32 model (and tokenizer) that later stages load without DeepSpeed."""
+    engine.sync_buffers()
     state = engine.full_state_dict()  # a collective under ZeRO-3: every rank takes part
     if rank != 0:
         return

@@ -41,6 +41,9 @@ def deepspeed_config(spec: JobSpec) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if train.precision != "fp32" and spec.model.family == "cnn":
+        # DeepSpeed >= 0.19 keeps buffers fp32, but batch_norm wants its running statistics in the input's dtype.
+        config["data_types"] = {"buffer_dtype": train.precision}
     if opt.name == "sgd":  # torch's SGD: ZeRO shards its state like Adam's, but DeepSpeed wants an explicit opt-in
         config["zero_allow_untested_optimizer"] = True
     if train.grad_clip:
@@ -130,6 +133,18 @@ class DeepSpeedEngine:
     def save(self, folder: Path) -> None:
         self.engine.save_checkpoint(str(folder), tag="state")
 
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics), as DDP does at each forward.
+
+        DeepSpeed leaves buffers alone, so each rank's running statistics follow its own data shard; evaluation and
+        the exported model must see one set.
+        """
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            for buffer in self.module.buffers():
+                dist.broadcast(buffer, src=0)
+
     def load(self, folder: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(folder), tag="state")
         if path is None:
@@ -211,6 +226,9 @@ class DDPEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.global_step = state["global_step"]
+
+    def sync_buffers(self) -> None:
+        """DDP already broadcasts rank 0's buffers at every forward."""
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return _fp32_copy(self.module.state_dict())
