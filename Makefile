@@ -8,7 +8,6 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
-export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S := 0.2
 
 .PHONY: setup demo test test-fast bench lint
 

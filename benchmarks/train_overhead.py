@@ -1,6 +1,6 @@
 """Training overhead, side by side in one run: steward vs plain torchrun, ZeRO stages vs DDP, memory vs the ZeRO paper.
 
-    python benchmarks/train_overhead.py [--repeats 3] [--epochs 8]
+    python benchmarks/train_overhead.py [--repeats 3] [--epochs 12]
 
 1. Throughput: the quickstart CNN on digits, 2 workers x 1 thread, same seed, data and step. Cells run interleaved
    (A B C ... A B C ...) so slow drift of the machine hits every cell alike; each cell's number is the median over
@@ -13,6 +13,8 @@ Writes benchmarks/results/train_overhead.json and prints the tables.
 
 import argparse
 import json
+import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -54,16 +56,18 @@ def steward_run(job: Path, overrides: list[str], out: Path) -> list[dict]:
 
 def torchrun_run(overrides: list[str], out: Path) -> list[dict]:
     result = out / "torchrun.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(ROOT / "benchmarks" / "torchrun_baseline.py"), str(QUICKSTART), str(result), *overrides]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, env={**_env(), "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode:
+        raise RuntimeError(f"torchrun baseline failed:\n{done.stderr[-3000:]}")
     return json.loads(result.read_text())
 
 
-def _env() -> dict:
-    import os
-
-    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "DS_ACCELERATOR": "cpu"}
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def throughput(repeats: int, epochs: int, tmp: Path, console: Console) -> dict[str, list[float]]:
@@ -140,7 +144,7 @@ def report(samples: dict[str, list[float]], mem: list[dict], console: Console) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_overhead.json")
     args = parser.parse_args()
     console = Console()

@@ -128,19 +128,17 @@ def _resume_dir(job: JobSpec, run_dir: Path) -> Path:
 @app.command()
 @user_errors
 def evaluate(
-    target: Annotated[Path, typer.Argument(help="A run folder, or a model folder (holding model.json).")],
+    target: Annotated[
+        Path, typer.Argument(help="A run folder, its model/ folder, or a checkpoint in its train/ folder.")
+    ],
     data: Annotated[Path | None, typer.Option(help="Evaluate on this spec's data instead of the run's.")] = None,
     split: Annotated[str | None, typer.Option(help="validation or test (default: the spec's evaluate.split).")] = None,
 ) -> None:
-    """Evaluate a saved model, without DeepSpeed."""
-    from steward.evaluate import evaluate_model
-    from steward.runs import read_spec
+    """Evaluate a saved model: a run folder, its model/ folder, or one of its checkpoints."""
+    from steward.evaluate import evaluate_target
 
-    model_dir = target if (target / "model.json").exists() else target / "model"
-    if not (model_dir / "model.json").exists():
-        raise ValueError(f"{target}: no saved model here; pass a run folder or its model/ folder")
-    job = load_job(data) if data else read_spec(model_dir.parent)
-    _print_metrics(evaluate_model(model_dir, job, split), model_dir.parent)
+    result, run_dir = evaluate_target(target, load_job(data) if data else None, split)
+    _print_metrics(result, run_dir)
 
 
 @app.command()

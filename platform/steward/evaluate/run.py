@@ -10,8 +10,10 @@ from torch import nn
 
 from steward.data import DataInfo, load_splits
 from steward.evaluate.metrics import compute_metrics
-from steward.models import load_model, task_loss
+from steward.models import build_model, load_model, task_loss
+from steward.runs import read_spec
 from steward.spec import JobSpec
+from steward.train.checkpoint import STATE_FILE, consolidate_checkpoint
 
 
 def load_servable(model_dir: Path) -> tuple[nn.Module, DataInfo]:
@@ -23,9 +25,8 @@ def load_servable(model_dir: Path) -> tuple[nn.Module, DataInfo]:
 
 
 @torch.no_grad()
-def evaluate_model(model_dir: Path, spec: JobSpec, split: str | None = None, batch_size: int = 256) -> dict:
-    """Metrics of the model in `model_dir` on `split` (default: the spec's evaluate.split, else validation)."""
-    model, info = load_servable(model_dir)
+def evaluate(model: nn.Module, info: DataInfo, spec: JobSpec, split: str | None = None, batch_size: int = 256) -> dict:
+    """Metrics of `model` on `split` of the spec's data (default: evaluate.split, else validation), per group too."""
     splits = load_splits(spec, info)
     split = split or (spec.evaluate.split if spec.evaluate.split in splits else "validation")
     if split not in splits:
@@ -53,6 +54,30 @@ def evaluate_model(model_dir: Path, spec: JobSpec, split: str | None = None, bat
             for column, values in data.groups.items()
         }
     return result
+
+
+def evaluate_model(model_dir: Path, spec: JobSpec, split: str | None = None) -> dict:
+    """Evaluate the consolidated model in `model_dir` (no DeepSpeed involved)."""
+    return evaluate(*load_servable(model_dir), spec, split)
+
+
+def evaluate_target(target: Path, spec: JobSpec | None = None, split: str | None = None) -> tuple[dict, Path]:
+    """Evaluate a run folder's model, a model folder, or one of a run's checkpoints; returns (metrics, run folder).
+
+    Without `spec`, the run's own resolved spec says which data to use.
+    """
+    if (target / "model.json").exists():  # a model folder
+        return evaluate_model(target, spec or read_spec(target.parent), split), target.parent
+    if (target / "model" / "model.json").exists():  # a run folder
+        return evaluate_model(target / "model", spec or read_spec(target), split), target
+    if (target / STATE_FILE).exists():  # a checkpoint: runs/<name>/<id>/train/checkpoint_*
+        run_dir = target.parent.parent
+        spec = spec or read_spec(run_dir)
+        info = DataInfo.from_dict(json.loads((run_dir / "data_info.json").read_text()))
+        model = build_model(spec.model, info)
+        model.load_state_dict(consolidate_checkpoint(target, spec.distributed.zero_stage))
+        return evaluate(model.eval(), info, spec, split), run_dir
+    raise ValueError(f"{target}: not a run folder, a model folder (model.json) or a checkpoint ({STATE_FILE})")
 
 
 def write_metrics(run_dir: Path, result: dict) -> Path:

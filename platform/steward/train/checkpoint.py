@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
+import torch
 
 STATE_FILE = "steward_state.json"
 
@@ -32,3 +33,20 @@ def restore(engine: Any) -> dict | None:
     with checkpoint.as_directory() as folder:
         engine.load(Path(folder))
         return json.loads((Path(folder) / STATE_FILE).read_text())
+
+
+def consolidate_checkpoint(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The full fp32 weights (and buffers) in a checkpoint folder, whatever the strategy that wrote it.
+
+    ZeRO >= 1 checkpoints hold fp32 master weights split across ranks' files; DeepSpeed's own zero_to_fp32
+    stitches them together on the CPU, with no process group and no GPU.
+    """
+    if (folder / "ddp_state.pt").exists():
+        return torch.load(folder / "ddp_state.pt", map_location="cpu", weights_only=True)["model"]
+    if zero_stage == 0:
+        # Our own file, written by DeepSpeed with config objects inside: not loadable with weights_only.
+        states = torch.load(folder / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="state")

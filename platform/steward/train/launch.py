@@ -1,5 +1,6 @@
 """Driver side of training: spec -> checks -> TorchTrainer on a local or remote Ray -> run folder artifacts."""
 
+import json
 import os
 from pathlib import Path
 
@@ -23,8 +24,9 @@ class TrainingError(RuntimeError):
 def worker_env(spec: JobSpec) -> dict[str, str]:
     """Environment every worker needs: the DeepSpeed accelerator, and no phoning home."""
     env = {"DS_ACCELERATOR": "cuda" if spec.distributed.use_gpu else "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
-    # Each ray.train.report waits for the controller's next poll of the workers (2 s by default): poll faster.
-    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    # Each ray.train.report waits for the controller's next poll of the workers (2 s by default). Polling costs
+    # CPU the workers would use (~10% of a core at 0.2 s, measured here), so 1 s is the compromise.
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.0")
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS"):
         if key in os.environ:
             env[key] = os.environ[key]
@@ -64,6 +66,7 @@ def check_resources(spec: JobSpec) -> None:
 def prepare(spec: JobSpec, run_dir: Path) -> DataInfo:
     """Everything checkable before a worker starts: data, model fit, DeepSpeed config."""
     info = prepare_data(spec, run_dir)
+    (run_dir / "data_info.json").write_text(json.dumps(info.to_dict(), indent=2))  # checkpoints rebuild from it
     problems = check_fits(spec.model, info)
     if problems:
         raise StrategyError("; ".join(problems))

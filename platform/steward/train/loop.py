@@ -17,6 +17,7 @@ from steward.data import DataInfo, Split, load_splits
 from steward.models import build_model, save_model, task_loss
 from steward.spec import JobSpec
 from steward.train.checkpoint import checkpoint_dir, restore
+from steward.train.curves import read_history
 from steward.train.strategy import build_engine
 
 
@@ -33,11 +34,14 @@ def train_loop(config: dict) -> None:
     train, bs = splits["train"], spec.data.batch_size
     steps_per_epoch = max(1, train.num_batches(bs, world_size=world, train=True) // spec.train.grad_accum_steps)
     total = min(spec.train.epochs * steps_per_epoch, spec.train.max_steps or math.inf)
+    if spec.distributed.strategy == "deepspeed":
+        import deepspeed  # noqa: F401  (its libraries are not model state: load them before the baseline)
     base_memory = peak_memory_mb()
     engine = build_engine(build_model(spec.model, info), spec, int(total))
     state = restore(engine) or {"epoch": 0, "best": None, "stale": 0}
     history = History(run_dir / "history.jsonl") if rank == 0 else None
     if history:  # a fresh start, a --resume, or a restart after a worker failure
+        history.rewind(state["epoch"])
         history.write({"kind": "start", "epoch": state["epoch"], "workers": world})
 
     for epoch in range(state["epoch"], spec.train.epochs):
@@ -163,6 +167,11 @@ class History:
 
     def __init__(self, path: Path):
         self.path = path
+
+    def rewind(self, epoch: int) -> None:
+        """Drop what an interrupted attempt logged after the checkpoint being resumed (epoch `epoch`)."""
+        kept = [r for r in read_history(self.path) if r["kind"] == "start" or r["epoch"] <= epoch]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as out:
