@@ -2,11 +2,12 @@
 
     python benchmarks/train_overhead.py [--repeats 3] [--epochs 12]
 
-1. Throughput: the quickstart CNN on digits, 2 workers x 1 thread, same seed, data and step. Cells run interleaved
-   (A B C ... A B C ...) so slow drift of the machine hits every cell alike; each cell's number is the median over
-   repeats of its steady-state samples/s (median over epochs after the first, which warms up).
+1. Throughput: CNNs on digits (the quickstart's and a wider one), 2 workers x 1 thread, same seed, data and step.
+   Cells run interleaved (A B C ... A B C ...) so slow drift of the machine hits every cell alike; each cell's
+   number is the median over repeats of its steady-state samples/s (median over epochs after the first).
 2. Memory: a 4-layer, 512-wide BERT (~13 M parameters) for a few steps under ZeRO 0-3; the peak resident memory
-   added per rank after the model is built, against the ZeRO paper's model-state formula for fp32 Adam:
+   a rank adds from just before the model is built (libraries already loaded), against the ZeRO paper's
+   model-state formula for fp32 Adam:
    params 4 + grads 4 + optimizer 8 bytes per parameter, divided by N for what each stage partitions.
 Writes benchmarks/results/train_overhead.json and prints the tables.
 """
@@ -40,6 +41,10 @@ CELLS = {
     "steward zero-2": ["distributed.zero_stage=2"],
     "steward zero-3": ["distributed.zero_stage=3"],
 }
+MODELS = {  # per-step compute: the quickstart CNN takes ~5 ms a step here, so fixed per-step costs show most
+    "quickstart cnn": [],
+    "wide cnn": ["model.params.channels=[64,128]", "model.params.hidden_size=512"],
+}
 BIG_BERT = ["model.params.hidden_size=512", "model.params.num_layers=4", "model.params.num_heads=8",
             "model.params.intermediate_size=2048", "train.max_steps=4", "train.epochs=1", "data.batch_size=8",
             "data.options.num_samples=800"]  # fmt: skip
@@ -70,17 +75,22 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def throughput(repeats: int, epochs: int, tmp: Path, console: Console) -> dict[str, list[float]]:
-    common = [f"train.epochs={epochs}", "train.early_stopping=null", f"seed={0}"]
-    samples: dict[str, list[float]] = {name: [] for name in CELLS}
+def throughput(repeats: int, epochs: int, tmp: Path, console: Console) -> dict[str, dict[str, list[float]]]:
+    """samples/s per model and cell; repeats interleave every cell of every model."""
+    common = [f"train.epochs={epochs}", "train.early_stopping=null", "seed=0"]
+    samples: dict[str, dict[str, list[float]]] = {model: {name: [] for name in CELLS} for model in MODELS}
     for repeat in range(repeats):
-        for name, extra in CELLS.items():
-            out = tmp / f"{name.replace(' ', '-')}-{repeat}"
-            out.mkdir(parents=True)
-            records = torchrun_run(common, out) if extra is None else steward_run(QUICKSTART, common + extra, out)
-            steady = statistics.median(r["samples_per_s"] for r in records[1:])
-            samples[name].append(steady)
-            console.print(f"repeat {repeat + 1}/{repeats}  {name:15s} {steady:9.0f} samples/s")
+        for model, sizes in MODELS.items():
+            for name, extra in CELLS.items():
+                out = tmp / f"{model}-{name}-{repeat}".replace(" ", "-")
+                out.mkdir(parents=True)
+                overrides = common + sizes
+                records = (
+                    torchrun_run(overrides, out) if extra is None else steward_run(QUICKSTART, overrides + extra, out)
+                )
+                steady = statistics.median(r["samples_per_s"] for r in records[1:])
+                samples[model][name].append(steady)
+                console.print(f"repeat {repeat + 1}/{repeats}  {model:14s} {name:15s} {steady:9.0f} samples/s")
     return samples
 
 
@@ -116,29 +126,31 @@ def zero_model_state_bytes(params: int, stage: int, workers: int) -> float:
     return p + g + o
 
 
-def report(samples: dict[str, list[float]], mem: list[dict], console: Console) -> dict:
+def throughput_table(model: str, samples: dict[str, list[float]], console: Console) -> dict[str, float]:
+    """Print one model's cells with ratios: steward DDP against torchrun, each ZeRO stage against steward DDP."""
     median = {name: statistics.median(values) for name, values in samples.items()}
-    ddp = median["steward ddp"]
-    table = Table(title="Training throughput, 2 workers x 1 thread, digits CNN (median over repeats)")
+    table = Table(title=f"Training throughput, {model}, 2 workers x 1 thread (median over repeats)")
     for column in ("cell", "samples/s", "min", "max", "ratio", "vs"):
         table.add_column(column, justify="left" if column in ("cell", "vs") else "right")
     ratios = {}
     for name, values in samples.items():
-        base, base_name = (median["torchrun ddp"], "torchrun ddp") if name == "steward ddp" else (ddp, "steward ddp")
-        ratio = median[name] / base if name != "torchrun ddp" else 1.0
-        ratios[name] = ratio
-        row = (f"{median[name]:.0f}", f"{min(values):.0f}", f"{max(values):.0f}", f"{ratio:.3f}", base_name)
+        base = {"torchrun ddp": name, "steward ddp": "torchrun ddp"}.get(name, "steward ddp")
+        ratios[name] = median[name] / median[base]
+        row = (f"{median[name]:.0f}", f"{min(values):.0f}", f"{max(values):.0f}", f"{ratios[name]:.3f}", base)
         table.add_row(name, *row)
     console.print(table)
-    mem_table = Table(title="Peak memory added per rank (MB) vs ZeRO model-state formula, fp32 Adam, N=2")
+    return ratios
+
+
+def memory_table(mem: list[dict], console: Console) -> None:
+    table = Table(title="Peak memory added per rank (MB) vs ZeRO model-state formula, fp32 Adam, N=2")
     for column in ("stage", "parameters", "measured", "formula", "measured/formula"):
-        mem_table.add_column(column, justify="right")
+        table.add_column(column, justify="right")
     for row in mem:
         ratio = row["measured_mb"] / row["formula_mb"]
-        mem_table.add_row(str(row["zero_stage"]), f"{row['parameters']:,}", f"{row['measured_mb']:.0f}",
-                          f"{row['formula_mb']:.0f}", f"{ratio:.2f}")  # fmt: skip
-    console.print(mem_table)
-    return {"samples_per_s": samples, "median": median, "ratios": ratios, "memory": mem}
+        table.add_row(str(row["zero_stage"]), f"{row['parameters']:,}", f"{row['measured_mb']:.0f}",
+                      f"{row['formula_mb']:.0f}", f"{ratio:.2f}")  # fmt: skip
+    console.print(table)
 
 
 def main() -> None:
@@ -152,7 +164,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="steward-bench-") as tmp:
         samples = throughput(args.repeats, args.epochs, Path(tmp), console)
         mem = memory(Path(tmp), console)
-    result = report(samples, mem, console)
+    ratios = {model: throughput_table(model, cells, console) for model, cells in samples.items()}
+    memory_table(mem, console)
+    result = {"samples_per_s": samples, "ratios": ratios, "memory": mem}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     console.print(f"wrote {args.out}")

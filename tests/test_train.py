@@ -88,7 +88,7 @@ def test_consolidated_zero3_model_reloads_without_deepspeed_and_predicts_the_sam
     assert reloaded["overall"]["loss"] == pytest.approx(last["val_loss"], rel=1e-4)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     # The last checkpoint's ZeRO-3 shards, stitched by DeepSpeed's zero_to_fp32, are the same model.
-    [checkpoint] = sorted((run_dir / "train").glob("checkpoint_*"))[-1:]
+    checkpoint = sorted(p for p in (run_dir / "train").glob("checkpoint_*") if p.is_dir())[-1]
     from_checkpoint, _ = evaluate_target(checkpoint, split="validation")
     assert from_checkpoint["overall"] == pytest.approx(reloaded["overall"], rel=1e-5)
 
@@ -153,3 +153,27 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):
     assert len(starts) == 2 and starts[0]["epoch"] == 0 and starts[1]["epoch"] >= 2  # from a checkpoint, not 0
     epochs = [r["epoch"] for r in read_history(run_dir / "history.jsonl") if r["kind"] == "epoch"]
     assert epochs == list(range(1, 31))  # the lost attempt's records past the checkpoint were rewound
+
+
+def test_one_ddp_worker_on_a_jsonl_file_with_string_labels(ray_local, tmp_path):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    pairs = zip(digits.images, digits.target, strict=True)
+    rows = [{"pixels": (image / 16).tolist(), "digit": names[label]} for image, label in pairs]
+    (tmp_path / "digits.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(
+        "name: from-file\n"
+        "data: {source: 'file:digits.jsonl', input_column: pixels, label_column: digit}\n"
+        "model: {family: cnn}\n"
+        "train: {epochs: 4}\n"
+        "distributed: {num_workers: 1, strategy: ddp}\n"
+    )
+    spec = load_job(spec_file, [f"output_dir={tmp_path / 'runs'}"])
+    run_dir = create_run(spec)
+    result = train_job(spec, run_dir)
+    assert result["overall"]["accuracy"] > 0.9, result
+    _, info = load_servable(run_dir / "model")
+    assert info.label_names == sorted(names) and info.modality == "image"
