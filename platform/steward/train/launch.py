@@ -69,7 +69,7 @@ def prepare(spec: JobSpec, run_dir: Path) -> DataInfo:
     (run_dir / "data_info.json").write_text(json.dumps(info.to_dict(), indent=2))  # checkpoints rebuild from it
     problems = check_fits(spec.model, info)
     if problems:
-        raise StrategyError("; ".join(problems))
+        raise ValueError("the model does not fit the data: " + "; ".join(problems))
     validate_deepspeed(spec)
     return info
 
