@@ -5,6 +5,7 @@ import math
 import os
 import resource
 import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +29,9 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(spec.distributed.cpus_per_worker)))
+    # Ray runs this loop in a thread beside the actor's own; CPython's default 5 ms GIL switch interval made the two
+    # trade the GIL so often that steps ran ~20% slower than under torchrun here. 100 ms measured at parity.
+    sys.setswitchinterval(0.1)
     torch.manual_seed(spec.seed)
 
     splits = load_splits(spec, info)
