@@ -33,7 +33,7 @@ def user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except TrainingError as err:
-            errors.print(f"[red]training failed:[/] {err}")
+            errors.print(f"training failed: {err}", style="red", markup=False)  # worker text may hold [brackets]
             raise typer.Exit(1) from None
         except (ValueError, FileNotFoundError) as err:
             errors.print(f"error: {err}", style="red", markup=False)
