@@ -98,10 +98,9 @@ def memory(tmp: Path, console: Console) -> list[dict]:
     rows = []
     for stage in range(4):
         records = steward_run(TEXT, [*BIG_BERT, f"distributed.zero_stage={stage}"], tmp / f"mem-{stage}")
-        spec = load_job(TEXT, BIG_BERT)
         rows.append({"zero_stage": stage, "measured_mb": records[-1]["memory_added_mb"]})
         console.print(f"zero-{stage}: +{rows[-1]['measured_mb']:.0f} MB peak resident per rank")
-    params = _param_count(spec)
+    params = _param_count(load_job(TEXT, BIG_BERT))
     for row in rows:
         row["parameters"] = params
         row["formula_mb"] = zero_model_state_bytes(params, row["zero_stage"], 2) / MB

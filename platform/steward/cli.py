@@ -99,7 +99,8 @@ def _train(job: JobSpec, address: str | None, resume: Path | None) -> Path:
     from steward.train.progress import HistoryProgress
 
     run_dir = _resume_dir(job, resume) if resume else create_run(job)
-    set_status(run_dir, "running", spec_hash=spec_hash(job), error=None)
+    if resume:  # the spec's train settings may have changed: record the hash of what runs now
+        set_status(run_dir, "running", spec_hash=spec_hash(job), error=None)
     console.print(f"run folder [bold]{run_dir}[/]")
     try:
         with HistoryProgress(run_dir / "history.jsonl", job.train.epochs, console):

@@ -68,9 +68,3 @@ def list_runs(output_dir: Path) -> list[RunSummary]:
             headline = f"{key}={overall[key]:.4f}"
         runs.append(RunSummary(run_dir, run_dir.parent.name, status["state"], status.get("started", 0), headline))
     return sorted(runs, key=lambda r: r.started, reverse=True)
-
-
-def latest_run(spec: JobSpec, state: str = "succeeded") -> Path | None:
-    """The newest run of this spec's name in the given state."""
-    runs = [r for r in list_runs(Path(spec.output_dir)) if r.name == spec.name and r.state == state]
-    return runs[0].path if runs else None

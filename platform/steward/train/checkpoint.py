@@ -44,8 +44,7 @@ def consolidate_checkpoint(folder: Path, zero_stage: int) -> dict[str, torch.Ten
     if (folder / "ddp_state.pt").exists():
         return torch.load(folder / "ddp_state.pt", map_location="cpu", weights_only=True)["model"]
     if zero_stage == 0:
-        # Our own file, written by DeepSpeed with config objects inside: not loadable with weights_only.
-        states = torch.load(folder / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = torch.load(folder / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
