@@ -2,7 +2,8 @@
 
     python benchmarks/train_overhead.py [--repeats 3] [--epochs 12]
 
-1. Throughput: CNNs on digits (the quickstart's and a wider one), 2 workers x 1 thread, same seed, data and step.
+1. Throughput: CNNs on digits (the quickstart's and a wider one) and a 4-layer BERT on synthetic text, 2 workers x
+   1 thread, same seed, data and step.
    Cells run interleaved (A B C ... A B C ...) so slow drift of the machine hits every cell alike; each cell's
    number is the median over repeats of its steady-state samples/s (median over epochs after the first).
 2. Memory: a 4-layer, 512-wide BERT (~13 M parameters) for a few steps under ZeRO 0-3; the peak resident memory
@@ -41,9 +42,14 @@ CELLS = {
     "steward zero-2": ["distributed.zero_stage=2"],
     "steward zero-3": ["distributed.zero_stage=3"],
 }
-MODELS = {  # per-step compute: the quickstart CNN takes ~5 ms a step here, so fixed per-step costs show most
-    "quickstart cnn": [],
-    "wide cnn": ["model.params.channels=[64,128]", "model.params.hidden_size=512"],
+# Per-step compute grows down the list: the quickstart CNN takes ~6 ms a step here, so fixed per-step costs show
+# most there (ZeRO-1/2 add two collectives a step to DDP's one: DeepSpeed's gradient-norm all-reduce and the
+# parameter all-gather).
+MODELS = {
+    "quickstart cnn": (QUICKSTART, []),
+    "wide cnn": (QUICKSTART, ["model.params.channels=[64,128]", "model.params.hidden_size=512"]),
+    "bert 4x256": (TEXT, ["model.params.hidden_size=256", "model.params.num_layers=4", "model.params.num_heads=4",
+                          "model.params.intermediate_size=1024", "data.options.num_samples=2000"]),
 }
 BIG_BERT = ["model.params.hidden_size=512", "model.params.num_layers=4", "model.params.num_heads=8",
             "model.params.intermediate_size=2048", "train.max_steps=4", "train.epochs=1", "data.batch_size=8",
@@ -59,10 +65,10 @@ def steward_run(job: Path, overrides: list[str], out: Path) -> list[dict]:
     return [r for r in read_history(run_dir / "history.jsonl") if r["kind"] == "epoch"]
 
 
-def torchrun_run(overrides: list[str], out: Path) -> list[dict]:
+def torchrun_run(job: Path, overrides: list[str], out: Path) -> list[dict]:
     result = out / "torchrun.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(ROOT / "benchmarks" / "torchrun_baseline.py"), str(QUICKSTART), str(result), *overrides]  # fmt: skip
+           str(ROOT / "benchmarks" / "torchrun_baseline.py"), str(job), str(result), *overrides]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode:
         raise RuntimeError(f"torchrun baseline failed:\n{done.stderr[-3000:]}")
@@ -80,14 +86,12 @@ def throughput(repeats: int, epochs: int, tmp: Path, console: Console) -> dict[s
     common = [f"train.epochs={epochs}", "train.early_stopping=null", "seed=0"]
     samples: dict[str, dict[str, list[float]]] = {model: {name: [] for name in CELLS} for model in MODELS}
     for repeat in range(repeats):
-        for model, sizes in MODELS.items():
+        for model, (job, sizes) in MODELS.items():
             for name, extra in CELLS.items():
                 out = tmp / f"{model}-{name}-{repeat}".replace(" ", "-")
                 out.mkdir(parents=True)
                 overrides = common + sizes
-                records = (
-                    torchrun_run(overrides, out) if extra is None else steward_run(QUICKSTART, overrides + extra, out)
-                )
+                records = torchrun_run(job, overrides, out) if extra is None else steward_run(job, overrides + extra, out)
                 steady = statistics.median(r["samples_per_s"] for r in records[1:])
                 samples[model][name].append(steady)
                 console.print(f"repeat {repeat + 1}/{repeats}  {model:14s} {name:15s} {steady:9.0f} samples/s")

@@ -89,8 +89,61 @@ def train(
 @app.command()
 @user_errors
 def run(spec: Spec, set_: Sets = None, address: Address = None) -> None:
-    """Run every stage the spec declares (today: train, then evaluate)."""
-    _train(load_job(spec, set_ or []), address, None)
+    """Run every stage the spec declares: tune (if declared) or train, then evaluate."""
+    job = load_job(spec, set_ or [])
+    _tune(job, address, None) if job.tune else _train(job, address, None)
+
+
+@app.command("tune")
+@user_errors
+def tune_command(
+    spec: Spec,
+    set_: Sets = None,
+    address: Address = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue this interrupted sweep's run folder.")] = None,
+) -> None:
+    """Sweep the spec's `tune` section with Ray Tune; keep or retrain the best trial as its on_finish says."""
+    job = load_job(spec, set_ or [])
+    if job.tune is None:
+        raise ValueError(f"{spec}: no `tune` section; add one (see `steward schema`) or use `steward train`")
+    _tune(job, address, resume)
+
+
+def _tune(job: JobSpec, address: str | None, resume: Path | None) -> Path:
+    from steward.runs import create_run, set_status
+    from steward.tune.finish import best_row, finish, trial_rows, write_results
+    from steward.tune.launch import SweepInterrupted, sweep
+    from steward.tune.report import LiveTable, plot_trials, results_table
+
+    assert job.tune is not None
+    run_dir = _resume_dir(job, resume, sections=("data", "model", "distributed", "tune")) if resume else create_run(job)
+    console.print(f"run folder [bold]{run_dir}[/]")
+    paths = list(job.tune.search_space)
+    live = LiveTable(job.tune.metric, paths)
+    try:
+        grid = sweep(job, run_dir, address, [live], resume=resume is not None)
+        live.stop()
+        rows = trial_rows(grid, job.tune.metric, run_dir)
+        if grid.num_terminated + grid.num_errors < len(grid):
+            set_status(run_dir, "interrupted")
+            console.print(results_table(rows, job.tune.metric, paths, None))
+            raise SweepInterrupted(f"sweep interrupted; continue it with: steward tune SPEC --resume {run_dir}")
+        best = best_row(rows, job.tune.mode)
+        best_spec = write_results(rows, job, best, run_dir)
+        plot_trials(rows, job.tune.metric, run_dir / "trials.png")
+        console.print(results_table(rows, job.tune.metric, paths, best))
+        console.print(f"best trial {best.trial_id}: {job.tune.metric} = {best.metric:.4f}; "
+                      f"spec written to {run_dir / 'best.yaml'}; {job.tune.on_finish} ...")  # fmt: skip
+        result = finish(job, best_spec, best, run_dir, address)
+    except BaseException as err:
+        live.stop()
+        if not isinstance(err, SweepInterrupted):
+            set_status(run_dir, "failed", error=str(err) or type(err).__name__)
+        raise
+    set_status(run_dir, "succeeded", headline=result["overall"], best_trial=best.trial_id)
+    _print_metrics(result, run_dir)
+    console.print("sweep: results.csv, trials.png, best.yaml, trials/<id>/ (one run folder per trial)")
+    return run_dir
 
 
 def _train(job: JobSpec, address: str | None, resume: Path | None) -> Path:
@@ -113,13 +166,13 @@ def _train(job: JobSpec, address: str | None, resume: Path | None) -> Path:
     return run_dir
 
 
-def _resume_dir(job: JobSpec, run_dir: Path) -> Path:
+def _resume_dir(job: JobSpec, run_dir: Path, sections: tuple[str, ...] = ("data", "model", "distributed")) -> Path:
     from steward.runs import read_spec
 
     if not (run_dir / "spec.yaml").exists():
         raise ValueError(f"--resume {run_dir}: not a run folder (no spec.yaml); pass runs/<name>/<run-id>")
     before = read_spec(run_dir)
-    changed = [s for s in ("data", "model", "distributed") if getattr(before, s) != getattr(job, s)]
+    changed = [s for s in sections if getattr(before, s) != getattr(job, s)]
     if changed:
         raise ValueError(f"--resume {run_dir}: the spec's {', '.join(changed)} differ from the run's; "
                          "only train settings (e.g. train.epochs) may change when resuming")  # fmt: skip

@@ -24,6 +24,14 @@ class Split:
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
 
+    def concat(self, other: "Split") -> "Split":
+        """This split's rows followed by other's (the same encoding): a retrain on train + validation."""
+        mask = None
+        if self.attention_mask is not None and other.attention_mask is not None:
+            mask = torch.cat([self.attention_mask, other.attention_mask])
+        groups = {name: values + other.groups[name] for name, values in self.groups.items()}
+        return Split(torch.cat([self.inputs, other.inputs]), torch.cat([self.labels, other.labels]), mask, groups)
+
     def rows_per_rank(self, world_size: int = 1, train: bool = False) -> int:
         """Rows each rank sees: training drops the tail (n // world_size); evaluation pads (ceil)."""
         _check_world(0, world_size)

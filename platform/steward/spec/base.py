@@ -1,5 +1,8 @@
 """The strict base every spec section inherits, and how sections report several problems at once."""
 
+import re
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
@@ -10,17 +13,46 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
-def raise_problems(section: BaseModel, problems: dict[str, str]) -> None:
-    """Raise one ValidationError holding every cross-field problem, each at its own dotted field path."""
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def coerce_exponent(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads `3e-4` as a string; people mean the float."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.match(value):
+        return float(value)
+    return value
+
+
+# Mappings whose keys are dotted paths themselves: `tune.search_space.train.optimizer.lr` is one key of search_space.
+PATH_KEYED = ("tune.search_space.",)
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Set raw["a"]["b"]["c"] = value for key "a.b.c", creating mappings on the way."""
+    node = raw
+    prefix = next((p for p in PATH_KEYED if key.startswith(p)), "")
+    parts = [*prefix.split(".")[:-1], key[len(prefix) :]] if prefix else key.split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def raise_problems(section: BaseModel, problems: dict[str, str] | dict[str | tuple, str]) -> None:
+    """Raise one ValidationError holding every cross-field problem, each at its own field location.
+
+    A key is a dotted path, or a tuple when a part itself holds dots (a search-space path).
+    """
     if not problems:
         return
     errors = [
         InitErrorDetails(
             type=PydanticCustomError("conflict", message),
-            loc=tuple(path.split(".")),
-            input=_lookup(section, path),
+            loc=key if isinstance(key, tuple) else tuple(key.split(".")),
+            input=None if isinstance(key, tuple) else _lookup(section, key),
         )
-        for path, message in problems.items()
+        for key, message in problems.items()
     ]
     raise ValidationError.from_exception_data(type(section).__name__, errors)
 

@@ -1,17 +1,21 @@
 """`JobSpec`: the whole job, one section per stage."""
 
+import copy
+import difflib
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from steward.spec.base import Section, raise_problems
+from steward.spec.base import Section, raise_problems, set_dotted
 from steward.spec.data import DataSpec
 from steward.spec.distributed import DistributedSpec
 from steward.spec.evaluate import EvaluateSpec
 from steward.spec.model import ModelSpec, TransformerParams
 from steward.spec.train import TrainSpec
+from steward.spec.tune import TuneSpec, tune_problems
 
-RESERVED = ("tune", "serve", "monitor", "privacy", "governance")
+RESERVED = ("serve", "monitor", "privacy", "governance")
+UNTUNABLE = ("name", "description", "output_dir", "tune")
 
 
 class JobSpec(Section):
@@ -24,7 +28,7 @@ class JobSpec(Section):
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation and checkpoints.")
     distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="Workers and DeepSpeed.")
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec, description="Evaluation after training.")
-    tune: Any = Field(None, description="Reserved: hyperparameter sweeps (not supported yet).")
+    tune: TuneSpec | None = Field(None, description="A Ray Tune sweep over fields of this spec.")
     serve: Any = Field(None, description="Reserved: serving (not supported yet).")
     monitor: Any = Field(None, description="Reserved: bias and drift monitoring (not supported yet).")
     privacy: Any = Field(None, description="Reserved: PII masking (not supported yet).")
@@ -52,8 +56,58 @@ class JobSpec(Section):
             problems["evaluate.metrics"] = f"{not_lm} need a classification task; use loss and perplexity"
         if not lm and "perplexity" in self.evaluate.metrics:
             problems["evaluate.metrics"] = "perplexity needs task: causal_lm"
+        if self.train.include_validation and "validation" not in self.data.splits:
+            problems["train.include_validation"] = "needs a validation split in data.splits"
         params = self.model.params
         if lm and isinstance(params, TransformerParams) and not params.pretrained and params.model_type == "bert":
             problems["model.params.model_type"] = "causal_lm needs a decoder architecture such as gpt2"
-        raise_problems(self, problems)
+        raise_problems(self, problems | (self._tune_problems() if self.tune else {}))
         return self
+
+    def reported_metrics(self) -> set[str]:
+        """What the training loop reports every epoch (validation metrics need a validation split)."""
+        reported = {"epoch", "step", "train_loss", "lr", "samples_per_s", "epoch_seconds", "memory_added_mb"}
+        if "validation" in self.data.splits and not self.train.include_validation:
+            lm = self.model.task == "causal_lm"
+            reported |= {"val_loss", "val_perplexity"} if lm else {"val_loss", "val_accuracy"}
+        return reported
+
+    def _tune_problems(self) -> dict[str | tuple, str]:
+        assert self.tune is not None
+        base = self.model_dump(mode="json", exclude={"tune"})
+        problems: dict[str | tuple, str] = dict(tune_problems(self.tune, base, self.reported_metrics()))
+        for path, dist in self.tune.search_space.items():
+            problem = _path_problem(base, path) or _candidate_problem(base, path, dist.candidates)
+            if problem:
+                problems[("tune", "search_space", path)] = problem
+        return problems
+
+
+def _path_problem(spec: dict, path: str) -> str | None:
+    """Why `path` names no field of this spec, or None."""
+    if path.split(".")[0] in UNTUNABLE:
+        return f"{path.split('.')[0]} cannot be searched"
+    node: Any = spec
+    for depth, part in enumerate(path.split(".")):
+        if not isinstance(node, dict) or part not in node:
+            known = list(node) if isinstance(node, dict) else []
+            close = difflib.get_close_matches(part, known, n=1)
+            where = ".".join(path.split(".")[:depth]) or "the spec"
+            hint = f"did you mean `{close[0]}`?" if close else f"{where} has {', '.join(known) or 'no fields'}"
+            return f"no field `{part}` in {where}; {hint}"
+        node = node[part]
+    return None
+
+
+def _candidate_problem(spec: dict, path: str, values: list[Any]) -> str | None:
+    """Validate the spec with each bounding value at `path`, so a bad range fails before any trial starts."""
+    for value in values:
+        trial = copy.deepcopy(spec)
+        set_dotted(trial, path, value)
+        try:
+            JobSpec.model_validate(trial)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"] if p not in ("cnn", "lstm", "transformer"))  # union tags
+            return f"value {value!r} makes the spec invalid: {where}: {first['msg'].removeprefix('Value error, ')}"
+    return None

@@ -3,7 +3,6 @@
 import difflib
 import importlib.util
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -12,9 +11,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from steward.spec.base import coerce_exponent, set_dotted
 from steward.spec.job import JobSpec
-
-_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> J
     overridden = set()
     for item in overrides:
         key, value = _parse_override(str(path), item)
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
         overridden.add(key)
     return validate_job(raw, str(path), path.resolve().parent, lines, overridden)
 
@@ -134,19 +132,7 @@ def _parse_override(source: str, item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
-    if isinstance(value, str) and _EXPONENT_FLOAT.match(value):  # YAML 1.1 reads 3e-4 as a string
-        value = float(value)
-    return key.strip(), value
-
-
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
+    return key.strip(), coerce_exponent(value)
 
 
 def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
@@ -165,9 +151,7 @@ def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
 
 
 def _problem(error: ErrorDetails, lines: dict, overridden: set) -> Problem:
-    loc = tuple(
-        part for part in error["loc"] if part not in ("cnn", "lstm", "transformer") or error["loc"][0] != "model"
-    )
+    loc = _without_tags(error["loc"])
     path = ".".join(str(p) for p in loc)
     message = error["msg"].removeprefix("Value error, ")
     value = error.get("input") if error["type"] not in ("missing", "extra_forbidden") else None
@@ -179,7 +163,7 @@ def _problem(error: ErrorDetails, lines: dict, overridden: set) -> Problem:
     elif error["type"] == "missing":
         message = "required field is missing"
     elif error["type"] == "union_tag_invalid":
-        message = "unknown model family; use cnn, lstm or transformer"
+        message = f"unknown {error['ctx']['discriminator'].strip(chr(39))}; use {error['ctx']['expected_tags']}"
     line = (
         0
         if any(path == o or path.startswith(o + ".") or o.startswith(path + ".") for o in overridden)
@@ -195,14 +179,36 @@ def _nearest_line(loc: tuple, lines: dict) -> int | None:
     return None
 
 
+# Discriminated unions put the tag into error locations: model.cnn.params.channels, tune.scheduler.asha.max_t.
+UNION_TAGS = {"model": "family", "scheduler": "name"}
+
+
+def _without_tags(loc: tuple) -> tuple:
+    return tuple(part for i, part in enumerate(loc) if not (i and loc[i - 1] in UNION_TAGS and _is_tag(loc[: i + 1])))
+
+
+def _is_tag(loc: tuple) -> bool:
+    """Whether the last part of loc is the tag a union member is chosen by, rather than a field name."""
+    tag = UNION_TAGS[loc[-2]]
+    models = [m for m in _models_at(loc[:-1]) if tag in m.model_fields]
+    return any(loc[-1] in get_args(m.model_fields[tag].annotation) for m in models)
+
+
 def _known_keys(loc: tuple) -> list[str]:
-    """Field names of the section at `loc`, following the model union by its family tag."""
+    """Field names of the section at `loc`, following unions by their tag."""
+    return sorted({name for m in _models_at(loc) for name in m.model_fields})
+
+
+def _models_at(loc: tuple) -> list[type[BaseModel]]:
     models: list[type[BaseModel]] = [JobSpec]
     for part in loc:
         if isinstance(part, int):
             continue
         by_tag = [
-            m for m in models if m.model_fields.get("family") and part in get_args(m.model_fields["family"].annotation)
+            m
+            for m in models
+            for tag in UNION_TAGS.values()
+            if m.model_fields.get(tag) and part in get_args(m.model_fields[tag].annotation)
         ]
         if by_tag:
             models = by_tag
@@ -211,7 +217,7 @@ def _known_keys(loc: tuple) -> list[str]:
         if field is None:
             return []
         models = _section_types(field.annotation)
-    return sorted({name for m in models for name in m.model_fields})
+    return models
 
 
 def _section_types(annotation: Any) -> list[type[BaseModel]]:

@@ -45,10 +45,15 @@ class TrainSpec(Section):
         default_factory=CheckpointSpec, description="Checkpoint frequency and retention."
     )
     log_every_steps: int = Field(50, ge=1, description="Report training loss every N optimizer steps.")
+    include_validation: bool = Field(
+        False, description="Train on train + validation (a retrain after a sweep); no validation metrics then."
+    )
 
     @model_validator(mode="after")
     def _early_stopping_metric_is_validation(self) -> "TrainSpec":
         if self.early_stopping and not self.early_stopping.metric.startswith("val_"):
             metric = self.early_stopping.metric
             raise ValueError(f"early_stopping.metric must be a validation metric such as val_loss, not {metric!r}")
+        if self.early_stopping and self.include_validation:
+            raise ValueError("early_stopping watches the validation split, which include_validation trains on")
         return self

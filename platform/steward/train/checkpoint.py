@@ -2,7 +2,7 @@
 
 import json
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +25,19 @@ def checkpoint_dir(engine: Any, rank: int, loop_state: dict):
         yield ray.train.Checkpoint.from_directory(folder)
 
 
-def restore(engine: Any) -> dict | None:
-    """Load the latest checkpoint Ray hands this worker (resume or restart after a failure); its loop state."""
+def restore(engine: Any, initial: str | None = None) -> dict | None:
+    """Load the checkpoint to continue from and return its loop state (with `source`: where it came from).
+
+    Ray's own latest checkpoint of this run wins (a restart after a worker failure); otherwise `initial`, a
+    checkpoint folder handed in from outside (a --resume, a Tune trial restored or copied by PBT).
+    """
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    if checkpoint is None and initial is None:
         return None
-    with checkpoint.as_directory() as folder:
+    source: str = checkpoint.path if checkpoint else initial  # type: ignore[assignment]
+    with checkpoint.as_directory() if checkpoint else nullcontext(source) as folder:
         engine.load(Path(folder))
-        return json.loads((Path(folder) / STATE_FILE).read_text())
+        return json.loads((Path(folder) / STATE_FILE).read_text()) | {"source": source}
 
 
 def consolidate_checkpoint(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:

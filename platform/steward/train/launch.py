@@ -74,20 +74,33 @@ def prepare(spec: JobSpec, run_dir: Path) -> DataInfo:
     return info
 
 
-def build_trainer(spec: JobSpec, run_dir: Path, info: DataInfo) -> TorchTrainer:
-    """The TorchTrainer for this spec; its storage is the run folder, so resuming is re-running into it."""
+def build_trainer(
+    spec: JobSpec,
+    run_dir: Path,
+    info: DataInfo,
+    name: str = "train",
+    initial_checkpoint: str | None = None,
+    callbacks: list | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer for this spec; its storage is the run folder, so resuming is re-running into it.
+
+    `initial_checkpoint` is a checkpoint folder to start from when the run has none of its own (a Tune trial
+    restored or copied by PBT); `callbacks` are Ray Train callbacks (Tune's bridge).
+    """
     dist = spec.distributed
     resources = {"CPU": dist.cpus_per_worker} | ({"GPU": dist.gpus_per_worker} if dist.use_gpu else {})
+    config = {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "data_info": info.to_dict()}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "data_info": info.to_dict()},
+        train_loop_config=config | {"initial_checkpoint": initial_checkpoint},
         scaling_config=ScalingConfig(
             num_workers=dist.num_workers, use_gpu=dist.use_gpu, resources_per_worker=resources
         ),
         torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
         run_config=RunConfig(
-            name="train",
+            name=name,
             storage_path=str(run_dir),
+            callbacks=callbacks,
             failure_config=FailureConfig(max_failures=dist.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.checkpoint.keep),
         ),

@@ -35,6 +35,8 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(spec.seed)
 
     splits = load_splits(spec, info)
+    if spec.train.include_validation:
+        splits["train"] = splits["train"].concat(splits.pop("validation"))
     train, bs = splits["train"], spec.data.batch_size
     steps_per_epoch = max(1, train.num_batches(bs, world_size=world, train=True) // spec.train.grad_accum_steps)
     total = min(spec.train.epochs * steps_per_epoch, spec.train.max_steps or math.inf)
@@ -42,11 +44,12 @@ def train_loop(config: dict) -> None:
         import deepspeed  # noqa: F401  (its libraries are not model state: load them before the baseline)
     base_memory = peak_memory_mb()
     engine = build_engine(build_model(spec.model, info), spec, int(total))
-    state = restore(engine) or {"epoch": 0, "best": None, "stale": 0}
+    state = restore(engine, config.get("initial_checkpoint")) or {"epoch": 0, "best": None, "stale": 0}
+    engine.apply_optimizer_settings(spec)  # a resume or a PBT exploit may come with a changed learning rate
     history = History(run_dir / "history.jsonl") if rank == 0 else None
-    if history:  # a fresh start, a --resume, or a restart after a worker failure
+    if history:  # a fresh start, a --resume, a restart after a worker failure, or a copied trial (PBT)
         history.rewind(state["epoch"])
-        history.write({"kind": "start", "epoch": state["epoch"], "workers": world})
+        history.write({"kind": "start", "epoch": state["epoch"], "workers": world, "from": state.get("source")})
 
     for epoch in range(state["epoch"], spec.train.epochs):
         # Dropout's randomness, like the data order, is a function of (seed, epoch, rank): a resumed epoch replays.

@@ -150,6 +150,9 @@ class DeepSpeedEngine:
         if path is None:
             raise RuntimeError(f"no DeepSpeed state in checkpoint {folder}")
 
+    def apply_optimizer_settings(self, spec: JobSpec) -> None:
+        apply_optimizer_settings(self.engine.lr_scheduler, spec)
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model in fp32 on every rank; under ZeRO-3 the shards are gathered (a collective)."""
         if self.zero_stage == 3:
@@ -227,11 +230,28 @@ class DDPEngine:
         self.scheduler.load_state_dict(state["scheduler"])
         self.global_step = state["global_step"]
 
+    def apply_optimizer_settings(self, spec: JobSpec) -> None:
+        apply_optimizer_settings(self.scheduler, spec)
+
     def sync_buffers(self) -> None:
         """DDP already broadcasts rank 0's buffers at every forward."""
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return _fp32_copy(self.module.state_dict())
+
+
+def apply_optimizer_settings(scheduler: torch.optim.lr_scheduler.LambdaLR, spec: JobSpec) -> None:
+    """Make the spec's optimizer settings current, keeping the schedule's position and the optimizer's moments.
+
+    A checkpoint restores the learning rate and weight decay it was saved with; after a PBT exploit or a --resume
+    with an edited spec, the spec's values must win.
+    """
+    opt = spec.train.optimizer
+    scheduler.base_lrs = [opt.lr] * len(scheduler.optimizer.param_groups)
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group in scheduler.optimizer.param_groups:
+        group.update(initial_lr=opt.lr, lr=opt.lr * factor, weight_decay=opt.weight_decay)
+        group.update({"betas": tuple(opt.betas)} if "betas" in group else {"momentum": opt.momentum})
 
 
 def _fp32_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

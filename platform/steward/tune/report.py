@@ -1,0 +1,105 @@
+"""What a person watches and reads of a sweep: a live trial table, the results table, and a plot of every trial."""
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from ray import tune  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.live import Live  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from steward.tune.finish import TrialRow  # noqa: E402
+from steward.tune.space import TIME_ATTR  # noqa: E402
+
+
+class LiveTable(tune.Callback):
+    """A rich table of trials (state, config, iteration, latest metric), redrawn on every trial event.
+
+    Tune pickles its callbacks with the experiment, so the console and live display are made lazily and never
+    pickled: a resumed sweep draws a fresh table.
+    """
+
+    def __init__(self, metric: str, paths: list[str]):
+        self.metric, self.paths = metric, paths
+        self._live: Live | None = None
+
+    def __getstate__(self) -> dict:
+        return {"metric": self.metric, "paths": self.paths, "_live": None}
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self._draw(trials)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._draw(trials)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._draw(trials)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._draw(trials)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._draw(trials)
+        self.stop()
+
+    def stop(self) -> None:
+        if self._live:
+            self._live.stop()
+            self._live = None
+
+    def _draw(self, trials: list) -> None:
+        table = Table(title=f"Trials ({self.metric})")
+        for column in ("trial", "state", *self.paths, "epoch", self.metric):
+            table.add_column(column, justify="left" if column in ("trial", "state") else "right")
+        for trial in trials:
+            last = trial.last_result or {}
+            values = [_short(trial.config.get(p)) for p in self.paths]
+            metric = last.get(self.metric)
+            shown = "" if metric is None else f"{metric:.4f}"
+            table.add_row(trial.trial_id, trial.status.lower(), *values, str(last.get(TIME_ATTR, "")), shown)
+        if self._live is None:
+            self._live = Live(table, console=Console(), refresh_per_second=4)
+            self._live.start()
+        else:
+            self._live.update(table)
+
+
+def results_table(rows: list[TrialRow], metric: str, paths: list[str], best: TrialRow | None) -> Table:
+    table = Table(title=f"Sweep results ({metric}), best marked *")
+    for column in ("trial", "status", *paths, "epochs", metric):
+        table.add_column(column, justify="left" if column in ("trial", "status") else "right")
+    for r in rows:
+        mark = "*" if best and r.trial_id == best.trial_id else ""
+        metric_text = "" if r.metric is None else f"{r.metric:.4f}"
+        values = [_short(r.config.get(p)) for p in paths]
+        table.add_row(r.trial_id + mark, r.status, *values, str(r.iterations), metric_text)
+    return table
+
+
+def plot_trials(rows: list[TrialRow], metric: str, path: Path) -> None:
+    """Metric vs epoch for every trial; a pruned trial's line ends in an x where the scheduler stopped it."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if not r.curve:
+            continue
+        xs, ys = zip(*r.curve, strict=True)
+        style = {"linestyle": "--", "alpha": 0.7} if r.status == "pruned" else {"linewidth": 2}
+        (line,) = ax.plot(xs, ys, label=f"{r.trial_id} ({r.status})", **style)
+        if r.status == "pruned":
+            ax.plot(xs[-1], ys[-1], marker="x", markersize=10, color=line.get_color())
+    ax.set_xlabel("epoch (Tune iteration)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per trial; x = stopped early")
+    ax.legend(fontsize="x-small", ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
