@@ -225,5 +225,7 @@ def mmd_test(
         a[:, b] = weights[rng.permutation(n + m)]
     values = np.einsum("ib,ib->b", a, kernel @ a)
     observed = float(values[0])
-    k = int(np.sum(values[1:] >= observed - 1e-12 * abs(observed)))  # tolerate summation-order rounding
+    # statistics are O(1) (kernel values lie in [0, 1]): an absolute 1e-12 absorbs summation-order rounding, so ties
+    # (e.g. a permutation that reproduces the observed split) count as >= wherever they are computed
+    k = int(np.sum(values[1:] >= observed - 1e-12))
     return observed, (1 + k) / (1 + n_permutations)

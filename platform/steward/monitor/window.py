@@ -124,8 +124,16 @@ class WindowState:
             self._pend(self.pending_predictions, _plain(request_id), (group, prediction))
             self._match(_plain(request_id))
 
-    def add_batch(self, predictions: Any, groups: Any = None, features: Any = None, t: float | None = None) -> None:
-        """Count many records at once (vectorised histograms); for batched serving without request ids."""
+    def add_batch(
+        self,
+        predictions: Any,
+        groups: Any = None,
+        features: Any = None,
+        samples: dict[str, Any] | None = None,
+        t: float | None = None,
+    ) -> None:
+        """Count many records at once (vectorised histograms); for batched serving without request ids.
+        `features` is (n, F) in `bins.names` order; `samples` maps a reservoir name to (n, d) rows."""
         preds = np.asarray(predictions).ravel()
         grps = np.full(preds.shape, None, dtype=object) if groups is None else np.asarray(groups).ravel()
         for g, p in zip(grps.tolist(), preds.tolist(), strict=True):
@@ -134,6 +142,9 @@ class WindowState:
             idx = self.bins.index(np.asarray(features, dtype=float).reshape(len(preds), -1))
             flat = (self.bins._rows * self.histograms.shape[1] + idx).ravel()
             self.histograms += np.bincount(flat, minlength=self.histograms.size).reshape(self.histograms.shape)
+        for name, rows in (samples or {}).items():
+            rows = np.asarray(rows).reshape(len(preds), -1)
+            self._reservoir(name, rows.shape[1]).add_batch(rows)
         t = time.time() if t is None else t
         self.start = t if self.start is None else min(self.start, t)
         self.end = t if self.end is None else max(self.end, t)
