@@ -25,7 +25,6 @@ from typing import Any, Literal
 import numpy as np
 
 from steward.monitor.bias import GroupCounts
-from steward.monitor.drift import category_counts
 from steward.monitor.reservoir import Reservoir
 
 
@@ -39,6 +38,7 @@ class Bins:
     def __init__(self, numeric: dict[str, Any] | None = None, categorical: dict[str, Sequence[Any]] | None = None):
         self.numeric = {name: np.asarray(e, dtype=float).ravel() for name, e in (numeric or {}).items()}
         self.categorical = {name: list(c) for name, c in (categorical or {}).items()}
+        self.category_index = {name: {v: i for i, v in enumerate(c)} for name, c in self.categorical.items()}
         self.names = list(self.numeric)
         width = max((len(e) for e in self.numeric.values()), default=0)
         # all features' edges in one +inf-padded matrix, so one record is binned with one vectorised comparison
@@ -105,8 +105,16 @@ class WindowState:
         request_id: Any = None,
         t: float | None = None,
     ) -> None:
-        """Count one served record. `features` are the numeric values in `bins.names` order; `samples` maps a
-        reservoir name (e.g. "embedding") to one row."""
+        """Count one served record. `features` are the numeric values in `bins.names` order; `categories` maps a
+        categorical signal to its value; `samples` maps a reservoir name (e.g. "embedding") to one row.
+        A malformed record raises ValueError before anything is counted."""
+        x = None if features is None else np.asarray(features, dtype=float)
+        if x is not None and x.shape != (len(self.bins.names),):
+            raise ValueError(f"`features` must hold {len(self.bins.names)} values ({self.bins.names}), got {x.shape}")
+        if categories and not categories.keys() <= self.bins.category_index.keys():
+            raise ValueError(
+                f"unknown categorical signals {sorted(categories.keys() - self.bins.category_index.keys())}"
+            )
         t = time.time() if t is None else t
         self.start = t if self.start is None else min(self.start, t)
         self.end = t if self.end is None else max(self.end, t)
@@ -114,10 +122,11 @@ class WindowState:
         group, prediction = _plain(group), _plain(prediction)
         key = (group, prediction)
         self.predicted[key] = self.predicted.get(key, 0) + 1
-        if features is not None:
-            self.histograms[self.bins._rows, self.bins.index(np.asarray(features, dtype=float))] += 1
+        if x is not None:
+            self.histograms[self.bins._rows, self.bins.index(x)] += 1
         for name, value in (categories or {}).items():
-            self.categorical[name] += category_counts([value], self.bins.categorical[name])
+            index = self.bins.category_index[name]
+            self.categorical[name][index.get(_plain(value), len(index))] += 1
         for name, row in (samples or {}).items():
             self._reservoir(name, np.size(row)).add(row)
         if request_id is not None:
@@ -328,9 +337,10 @@ class Windows:
         return self.pane.add_feedback(request_id, label)
 
     def current(self) -> WindowState:
-        """The window so far: closed panes still in range plus the open pane."""
+        """The window that will close next, so far: the open pane and the closed panes it will share a window with."""
         out = self.pane
-        for pane in self._panes:
+        keep = (self._panes.maxlen or 1) - 1
+        for pane in list(self._panes)[len(self._panes) - keep :] if keep else []:
             out = pane.merge(out)
         return out
 
