@@ -4,13 +4,13 @@ import logging
 import math
 import warnings
 
+import fairlearn.metrics as fl
 import numpy as np
 import pandas as pd
 import pytest
 
 from steward.monitor import bias
 
-fl = pytest.importorskip("fairlearn.metrics")
 logging.getLogger().setLevel(logging.ERROR)  # aif360 logs missing optional extras (tensorflow, ...) at import
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

@@ -6,10 +6,12 @@ PSI on the reference bins (alert if any feature's PSI > 0.2), KS per feature on 
 the reference sample, Bonferroni-corrected over the 4 features (alert if p < 0.01), and MMD on 200 embeddings a
 side, 100 permutations (alert if p < 0.01). An alert here is one window over threshold (consecutive = 1).
 
-Injected shifts, from the window after `ONSET` on: feature 0 + 1.0 sd (PSI), feature 1 + 0.5 sd (KS), every
-embedding dimension + 0.25 (MMD; 1.0 in norm). Measured on these seeds (see test docstrings): each test alerts in
-the first shifted window in 20 of 20 runs (delay 0 windows); false alarms on 300 unshifted windows: PSI 0 (0.0%),
-KS 2 (0.7%), MMD 2 (0.7%), within the nominal 1% for the tests at p < 0.01.
+Injected shifts, from window `ONSET` on: feature 0 + 1.0 sd (PSI), feature 1 + 0.5 sd (KS), every embedding
+dimension + 0.25 (MMD; 1.0 in norm). Measured on these seeds (reservoirs seeded, so the runs are reproducible):
+each test alerts in the first shifted window in 20 of 20 runs (delay 0 windows; asserted: every run within 1 window,
+19 of 20 at delay 0). False alarms on 300 unshifted windows (100 seeds x 3): PSI 0 (0.0%), KS 2 (0.7%),
+MMD 5 (1.7%); nominal for the p < 0.01 tests is <= 1% (MMD: 1/101), and 5 of 300 is within binomial noise of it
+(P(X >= 5) ~ 0.18 at 1%). Asserted: <= 8 of 300 (2.7%) each.
 """
 
 import numpy as np
@@ -155,7 +157,7 @@ def _alerts(ref, window: WindowState, seed: int) -> dict[str, bool]:
 def run_stream(seed: int, n_windows: int, shift: bool) -> list[dict[str, bool]]:
     """Per window, which tests alert; the shift (if any) starts at window ONSET."""
     ref, rng = _reference(seed), np.random.default_rng(seed)
-    windows = Windows(lambda: WindowState(ref.bins(), reservoir_capacity=MMD_SIDE), size=WINDOW)
+    windows = Windows(lambda: WindowState(ref.bins(), reservoir_capacity=MMD_SIDE, seed=seed), size=WINDOW)
     out = []
     for w in range(n_windows):
         x, e = rng.normal(size=(WINDOW, FEATURES)), rng.normal(size=(WINDOW, EMB_DIM))
@@ -187,8 +189,8 @@ def test_detects_injected_shift_in_the_first_shifted_window():
 
 
 def test_false_alarm_rate_without_shift():
-    """Measured on 300 unshifted windows (100 seeds x 3): PSI 0, KS 2 (0.7%), MMD 0 alerts; asserted <= 2% each,
-    against a nominal 1% for the p < 0.01 tests (Bonferroni-corrected for KS)."""
+    """Measured on 300 unshifted windows (100 seeds x 3): PSI 0, KS 2 (0.7%), MMD 5 (1.7%) alerts; asserted
+    <= 8 (2.7%) each, against a nominal 1% for the p < 0.01 tests (Bonferroni-corrected for KS)."""
     counts = {"psi": 0, "ks": 0, "mmd": 0}
     windows = 0
     for seed in range(100):
@@ -197,12 +199,12 @@ def test_false_alarm_rate_without_shift():
             for test in counts:
                 counts[test] += alerts[test]
     assert windows == 300
-    assert all(c <= 6 for c in counts.values()), counts
+    assert all(c <= 8 for c in counts.values()), counts
 
 
 def test_mmd_p_values_are_calibrated_under_no_shift():
     """Under exchangeability p = (1 + k) / (1 + B) is (discretely) uniform: over 1,000 seeded null tests the share
-    with p <= 0.05 (0.0495 nominal, 5/101) stays within 4 binomial sd. Measured: 0.049 on 2,000 tests."""
+    with p <= 0.05 (0.0495 nominal, 5/101) stays within 4 binomial sd. Measured: 0.054 (and 0.006 with p < 0.01)."""
     ps = np.array([drift.mmd_test(*np.random.default_rng(s).normal(size=(2, 40, 3)), 100, s)[1] for s in range(1000)])
     nominal = 5 / 101
     assert abs((ps <= 0.05).mean() - nominal) < 4 * np.sqrt(nominal * (1 - nominal) / ps.size)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal
@@ -81,9 +82,17 @@ def _add_counts(target: dict[Any, int], *sources: dict[Any, int]) -> None:
 class WindowState:
     """Mergeable statistics of one window (or one pane, or one replica's delta)."""
 
-    def __init__(self, bins: Bins | None = None, reservoir_capacity: int = 1000, max_pending: int = 100_000):
+    def __init__(
+        self,
+        bins: Bins | None = None,
+        reservoir_capacity: int = 1000,
+        max_pending: int = 100_000,
+        seed: int | None = None,
+    ) -> None:
+        """`seed` makes the reservoirs' choices reproducible (tests); leave it None in replicas so their choices are
+        independent."""
         self.bins = bins or Bins()
-        self.reservoir_capacity, self.max_pending = reservoir_capacity, max_pending
+        self.reservoir_capacity, self.max_pending, self.seed = reservoir_capacity, max_pending, seed
         self.n, self.evicted = 0, 0
         self.start: float | None = None
         self.end: float | None = None
@@ -166,7 +175,9 @@ class WindowState:
 
     def _reservoir(self, name: str, dim: int) -> Reservoir:
         if name not in self.reservoirs:
-            self.reservoirs[name] = Reservoir(self.reservoir_capacity, dim)
+            # crc32, not hash(): str hashes differ between processes
+            seed = None if self.seed is None else self.seed * 2**32 + zlib.crc32(name.encode())
+            self.reservoirs[name] = Reservoir(self.reservoir_capacity, dim, seed=seed)
         return self.reservoirs[name]
 
     def _pend(self, pending: dict[Hashable, Any], key: Hashable, value: Any) -> None:
@@ -191,7 +202,7 @@ class WindowState:
         predictions and labels from either side are matched."""
         if self.bins != other.bins:
             raise ValueError("cannot merge window states built on different reference bins")
-        out = WindowState(self.bins, self.reservoir_capacity, self.max_pending)
+        out = WindowState(self.bins, self.reservoir_capacity, self.max_pending, self.seed)
         out.n, out.evicted = self.n + other.n, self.evicted + other.evicted
         starts = [s for s in (self.start, other.start) if s is not None]
         ends = [e for e in (self.end, other.end) if e is not None]
@@ -214,7 +225,7 @@ class WindowState:
 
     def take_pending(self) -> WindowState:
         """Move the unmatched predictions and labels into a fresh state (the next pane); this one keeps none."""
-        nxt = WindowState(self.bins, self.reservoir_capacity, self.max_pending)
+        nxt = WindowState(self.bins, self.reservoir_capacity, self.max_pending, self.seed)
         nxt.pending_predictions, self.pending_predictions = self.pending_predictions, {}
         nxt.pending_labels, self.pending_labels = self.pending_labels, {}
         return nxt
