@@ -130,6 +130,9 @@ def test_signed_metrics_pool_groups_and_keep_sign():
 def test_signed_metrics_need_both_sides():
     with pytest.raises(ValueError, match="no unprivileged records"):
         bias.statistical_parity_difference([1, 0], ["p", "p"], privileged="p")
+    only_labels = {"p": bias.GroupCounts(tp=1), "u": bias.GroupCounts(n=2, selected=1)}  # p seen only via a label
+    with pytest.raises(ValueError, match="no privileged records"):
+        bias.statistical_parity_difference_from_counts(only_labels, "p")
     with pytest.raises(ValueError, match="`privileged`.*not found"):
         bias.disparate_impact_ratio([1, 0], ["a", "b"], privileged="z")
 

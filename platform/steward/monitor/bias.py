@@ -143,11 +143,13 @@ def _selection_rates(counts: Mapping[Hashable, GroupCounts]) -> list[float]:
 
 
 def demographic_parity_difference_from_counts(counts: Mapping[Hashable, GroupCounts]) -> float:
+    """`demographic_parity_difference` from per-group counts (e.g. a window's `group_counts`)."""
     rates = _selection_rates(counts)
     return float(max(rates) - min(rates))
 
 
 def demographic_parity_ratio_from_counts(counts: Mapping[Hashable, GroupCounts]) -> float:
+    """`demographic_parity_ratio` from per-group counts."""
     rates = _selection_rates(counts)
     return float(min(rates) / max(rates)) if max(rates) > 0 else float("nan")
 
@@ -155,12 +157,14 @@ def demographic_parity_ratio_from_counts(counts: Mapping[Hashable, GroupCounts])
 def equal_opportunity_difference_from_counts(
     counts: Mapping[Hashable, GroupCounts], undefined: Undefined = "zero"
 ) -> float:
+    """`equal_opportunity_difference` from per-group counts."""
     return _gap([c.tpr for c in counts.values() if c.labelled], undefined)
 
 
 def equalized_odds_difference_from_counts(
     counts: Mapping[Hashable, GroupCounts], undefined: Undefined = "zero"
 ) -> float:
+    """`equalized_odds_difference` from per-group counts."""
     # only groups with labelled records take part, as if Fairlearn were given the labelled subset
     labelled = [c for c in counts.values() if c.labelled]
     gaps = [_gap([c.tpr for c in labelled], undefined), _gap([c.fpr for c in labelled], undefined)]
@@ -180,17 +184,22 @@ def _split_privileged(counts: Mapping[Hashable, GroupCounts], privileged: Any) -
             priv = priv + c
         else:
             unpriv = unpriv + c
-    if unpriv.n == 0:
-        raise ValueError("`groups` has no unprivileged records: the signed metrics need both sides")
+    problems = [
+        f"`groups` has no {side} records" for side, c in (("privileged", priv), ("unprivileged", unpriv)) if not c.n
+    ]
+    if problems:
+        raise ValueError("; ".join(problems) + ": the signed metrics need both sides")
     return priv, unpriv
 
 
 def statistical_parity_difference_from_counts(counts: Mapping[Hashable, GroupCounts], privileged: Any) -> float:
+    """`statistical_parity_difference` from per-group counts."""
     priv, unpriv = _split_privileged(counts, privileged)
     return unpriv.selection_rate - priv.selection_rate
 
 
 def disparate_impact_ratio_from_counts(counts: Mapping[Hashable, GroupCounts], privileged: Any) -> float:
+    """`disparate_impact_ratio` from per-group counts."""
     priv, unpriv = _split_privileged(counts, privileged)
     if priv.selection_rate == 0:
         return float("inf") if unpriv.selection_rate > 0 else float("nan")
