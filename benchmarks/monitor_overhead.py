@@ -1,0 +1,182 @@
+"""Monitoring overhead, side by side in one run. For now the pure parts; serving on vs off joins as another section.
+
+    PYTHONPATH=platform python benchmarks/monitor_overhead.py [--repeats 5] [--sections mmd window]
+
+1. mmd: `steward.monitor.drift.mmd_test` at 1,000 points per side, d = 32, 100 permutations, against a naive numpy
+   implementation (kernel blocks recomputed for every permutation) on the same data and the same permutations.
+   Both must return the same statistic and p-value; runs alternate (fast, naive, fast, ...), median over repeats.
+2. window: the cost of adding one record to a `WindowState`, for growing records (prediction + group; + 64 feature
+   histograms; + a 32-d embedding reservoir; + a request id and its late label), and per record in batches of 64.
+Writes benchmarks/results/monitor_overhead.json and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from scipy.spatial.distance import pdist
+
+from steward.monitor.drift import mmd_test, quantile_edges
+from steward.monitor.window import Bins, WindowState
+
+ROOT = Path(__file__).resolve().parent.parent
+MMD_N, MMD_D, MMD_B = 1000, 32, 100
+
+
+def naive_mmd_test(reference: Any, current: Any, n_permutations: int = 100, seed: int = 0) -> tuple[float, float]:
+    """The textbook permutation test: for each permutation, split the pooled points and recompute the three
+    kernel blocks. Same bandwidth, statistic, permutations and p-value convention as `mmd_test`."""
+    x, y = np.asarray(reference, dtype=float), np.asarray(current, dtype=float)
+    x, y = (x[:, None] if x.ndim == 1 else x), (y[:, None] if y.ndim == 1 else y)
+    pooled, n = np.concatenate([x, y]), len(x)
+    d2 = pdist(pooled, "sqeuclidean")  # independent of steward's distance code
+    s2 = float(np.median(d2)) if np.median(d2) > 0 else float(np.median(d2[d2 > 0])) if (d2 > 0).any() else 1.0
+
+    def kernel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+        return np.exp(-np.maximum(sq, 0) / (2 * s2))
+
+    def stat(a: np.ndarray, b: np.ndarray) -> float:
+        return float(kernel(a, a).mean() + kernel(b, b).mean() - 2 * kernel(a, b).mean())
+
+    observed = stat(x, y)
+    rng = np.random.default_rng(seed)
+    k = 0
+    for _ in range(n_permutations):
+        perm = rng.permutation(len(pooled))
+        k += stat(pooled[perm < n], pooled[perm >= n]) >= observed - 1e-12
+    return observed, (1 + k) / (1 + n_permutations)
+
+
+def bench_mmd(repeats: int, console: Console) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(MMD_N, MMD_D))
+    y = rng.normal(size=(MMD_N, MMD_D)) + 0.01  # a slight shift: p lands mid-range, so p agreement means something
+    for fn in (mmd_test, naive_mmd_test):  # warm up BLAS threads and caches before timing
+        fn(x[:100], y[:100], 5, 0)
+    times: dict[str, list[float]] = {"fast": [], "naive": []}
+    results = {}
+    for r in range(repeats):
+        for name, fn in (("fast", mmd_test), ("naive", naive_mmd_test)):
+            t0 = time.perf_counter()
+            results[name] = fn(x, y, MMD_B, 0)
+            times[name].append(time.perf_counter() - t0)
+        console.print(f"mmd repeat {r + 1}/{repeats}: fast {times['fast'][-1]:.3f} s, naive {times['naive'][-1]:.3f} s")
+    (fs, fp), (ns, nap) = results["fast"], results["naive"]
+    if abs(fs - ns) > 1e-9 * abs(ns) or fp != nap:
+        raise RuntimeError(f"fast and naive MMD disagree: {results}")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "n_per_side": MMD_N, "dim": MMD_D, "permutations": MMD_B, "statistic": fs, "p_value": fp,
+        "fast_s": med["fast"], "naive_s": med["naive"], "fast_min_s": min(times["fast"]),
+        "naive_min_s": min(times["naive"]), "speedup": med["naive"] / med["fast"], "target_s": 0.5,
+        "all_s": times,
+    }  # fmt: skip
+
+
+def _window_cases() -> dict[str, Callable[[WindowState, int], None]]:
+    rng = np.random.default_rng(0)
+    feats, emb = rng.normal(size=(4096, 64)), rng.normal(size=(4096, 32)).astype(np.float32)
+    return {
+        "prediction + group": lambda s, i: s.add(i % 10, group=i % 3, t=1.0),
+        "+ 64 feature histograms": lambda s, i: s.add(i % 10, group=i % 3, features=feats[i % 4096], t=1.0),
+        "+ 32-d embedding reservoir": lambda s, i: s.add(
+            i % 10, group=i % 3, features=feats[i % 4096], samples={"embedding": emb[i % 4096]}, t=1.0
+        ),
+        "+ request id and late label": lambda s, i: (
+            s.add(
+                i % 10, group=i % 3, features=feats[i % 4096], samples={"embedding": emb[i % 4096]}, request_id=i, t=1.0
+            ),
+            s.add_feedback(i, i % 10),
+        ),  # fmt: skip
+    }
+
+
+def bench_window(repeats: int, console: Console, records: int = 20_000) -> dict[str, Any]:
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(5000, 64))
+    bins = Bins({f"x{i}": quantile_edges(ref[:, i]) for i in range(64)})
+    feats, preds = rng.normal(size=(64, 64)), rng.integers(0, 10, 64)
+
+    def batched(state: WindowState, _: int) -> None:  # one call per 64 records; cost divided below
+        state.add_batch(preds, preds % 3, feats, t=1.0)
+
+    cases = {**_window_cases(), "add_batch of 64 (prediction, group, 64 features)": batched}
+    per: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):  # interleaved, so load from other processes hits every case alike
+        for name, add in cases.items():
+            calls = records // 64 if add is batched else records
+            state = WindowState(bins, reservoir_capacity=1000)
+            t0 = time.perf_counter()
+            for i in range(calls):
+                add(state, i)
+            per[name].append((time.perf_counter() - t0) / (calls * (64 if add is batched else 1)) * 1e6)
+    out = {name: {"us_per_record": statistics.median(v), "min_us": min(v), "all_us": v} for name, v in per.items()}
+    for name, row in out.items():
+        console.print(f"window {name}: {row['us_per_record']:.2f} us/record (min {row['min_us']:.2f})")
+    return out
+
+
+def mmd_table(res: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"mmd_test, {res['n_per_side']}/side, d={res['dim']}, {res['permutations']} permutations")
+    for col in ("implementation", "median s", "vs target 0.5 s", "statistic", "p"):
+        table.add_column(col, justify="right")
+    table.add_row("steward (pooled kernel once)", f"{res['fast_s']:.3f}", f"{res['fast_s'] / 0.5:.2f}x",
+                  f"{res['statistic']:.3e}", f"{res['p_value']:.4f}")  # fmt: skip
+    table.add_row("naive (kernels per permutation)", f"{res['naive_s']:.3f}", f"{res['naive_s'] / 0.5:.2f}x",
+                  f"{res['statistic']:.3e}", f"{res['p_value']:.4f}")  # fmt: skip
+    table.caption = (
+        f"speed-up naive/steward (medians): {res['speedup']:.1f}x; "
+        f"min s: steward {res['fast_min_s']:.3f}, naive {res['naive_min_s']:.3f}"
+    )
+    console.print(table)
+
+
+def window_table(res: dict[str, Any], console: Console) -> None:
+    table = Table(title="WindowState update cost (median over repeats)")
+    table.add_column("record holds")
+    table.add_column("median us / record", justify="right")
+    table.add_column("min", justify="right")
+    for name, row in res.items():
+        table.add_row(name, f"{row['us_per_record']:.2f}", f"{row['min_us']:.2f}")
+    console.print(table)
+
+
+SECTIONS: dict[str, tuple[Callable[[int, Console], dict[str, Any]], Callable[[dict[str, Any], Console], None]]] = {
+    "mmd": (bench_mmd, mmd_table),
+    "window": (bench_window, window_table),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "monitor_overhead.json")
+    args = parser.parse_args()
+    console = Console()
+    # the machine is shared: record its load so numbers can be read against it
+    result: dict[str, Any] = {"repeats": args.repeats, "loadavg_before": os.getloadavg(), "cpus": os.cpu_count()}
+    for name in args.sections:
+        run, _ = SECTIONS[name]
+        result[name] = run(args.repeats, console)
+    for name in args.sections:
+        SECTIONS[name][1](result[name], console)
+    result["loadavg_after"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

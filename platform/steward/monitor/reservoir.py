@@ -1,0 +1,88 @@
+"""A mergeable reservoir sample: a uniform sample of fixed size from a stream, and from the union of several streams.
+
+Used for embeddings (MMD needs points, not histograms) and any other signal tested on raw values. Each replica keeps
+its own reservoir; `merge` combines two so the result is again a uniform sample of everything both have seen.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+
+
+class Reservoir:
+    """Uniform sample of at most `capacity` rows of dimension `dim` (Vitter's Algorithm R), stored as float32.
+
+    Invariant: after `seen` rows, `sample` is a uniformly random subset of size min(seen, capacity) of them.
+    """
+
+    def __init__(self, capacity: int, dim: int, seed: int | None = None) -> None:
+        if capacity < 1 or dim < 1:
+            raise ValueError(f"`capacity` and `dim` must be positive, got {capacity} and {dim}")
+        self.capacity, self.dim, self.seen = capacity, dim, 0
+        self._rows = np.empty((capacity, dim), dtype=np.float32)
+        self._rng = random.Random(seed)  # the stdlib generator: ~0.1 us a draw, against ~1 us for numpy scalars
+
+    @property
+    def sample(self) -> np.ndarray:
+        return self._rows[: min(self.seen, self.capacity)]
+
+    def add(self, row: Any) -> None:
+        """Offer one row: kept with probability capacity / seen, replacing a uniformly chosen kept row."""
+        self.seen += 1
+        if self.seen <= self.capacity:
+            self._rows[self.seen - 1] = row
+            return
+        j = self._rng.randrange(self.seen)
+        if j < self.capacity:
+            self._rows[j] = row
+
+    def add_batch(self, rows: Any) -> None:
+        for row in np.asarray(rows, dtype=np.float32).reshape(-1, self.dim):
+            self.add(row)
+
+    def merge(self, other: Reservoir) -> Reservoir:
+        """A uniform sample of the union of both streams.
+
+        The number h of output rows drawn from this side is hypergeometric (capacity draws, without replacement,
+        from seen_a rows of one kind and seen_b of the other); h rows are then a uniform subset of this side's
+        sample (itself uniform over its stream) and capacity - h of the other's. So every capacity-subset of the
+        union is equally likely, and Algorithm R can continue from the merged state.
+        """
+        if (other.capacity, other.dim) != (self.capacity, self.dim):
+            raise ValueError(
+                f"cannot merge reservoirs of (capacity, dim) {(self.capacity, self.dim)} and "
+                f"{(other.capacity, other.dim)}"
+            )
+        out = Reservoir(self.capacity, self.dim, seed=self._rng.getrandbits(64))
+        out.seen = self.seen + other.seen
+        if out.seen <= self.capacity:
+            out._rows[: out.seen] = np.concatenate([self.sample, other.sample])
+            return out
+        rng = np.random.default_rng(self._rng.getrandbits(64))
+        h = int(rng.hypergeometric(self.seen, other.seen, self.capacity))
+        mine = self.sample[rng.choice(len(self.sample), h, replace=False)]
+        theirs = other.sample[rng.choice(len(other.sample), self.capacity - h, replace=False)]
+        out._rows[:] = np.concatenate([mine, theirs])
+        return out
+
+    def copy(self) -> Reservoir:
+        out = Reservoir(self.capacity, self.dim, seed=self._rng.getrandbits(64))
+        out.seen, out._rows[:] = self.seen, self._rows
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data; the random generator is not kept (a restored reservoir is reseeded, still uniform)."""
+        return {"capacity": self.capacity, "dim": self.dim, "seen": self.seen, "rows": self.sample.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], seed: int | None = None) -> Reservoir:
+        out = cls(int(data["capacity"]), int(data["dim"]), seed=seed)
+        out.seen = int(data["seen"])
+        rows = np.asarray(data["rows"], dtype=np.float32).reshape(-1, out.dim)
+        if len(rows) != min(out.seen, out.capacity):
+            raise ValueError(f"reservoir dict holds {len(rows)} rows but seen={out.seen}, capacity={out.capacity}")
+        out._rows[: len(rows)] = rows
+        return out

@@ -1,0 +1,378 @@
+"""Streaming window state: what a replica keeps about live traffic, mergeable exactly across replicas.
+
+A `WindowState` holds only statistics: per-group prediction counts and confusion counts, per-feature histograms on
+the reference's bins (`Bins`), and reservoir samples (e.g. embeddings, for MMD). States add exactly (`merge`), so
+replicas can each keep one and a monitor can sum them; `to_dict`/`from_dict` give plain data for persistence.
+
+Labels may arrive after the prediction (feedback by request id). A prediction with a request id waits in
+`pending_predictions` and a label in `pending_labels`; when both sides of an id meet (in `add_feedback` or in
+`merge`, whichever replica saw which) they become one confusion count. A labelled record is therefore counted in
+the window where its label arrives. Pending maps are bounded (`max_pending`, oldest dropped first, counted in
+`evicted`); merge is exact, and order-independent, as long as nothing is evicted.
+
+`Windows` cuts a stream into windows by record count or by time, sliding by `step`: a window is the merge of its
+last size/step panes, so sliding costs one merge per step rather than re-reading records.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from steward.monitor.bias import GroupCounts
+from steward.monitor.reservoir import Reservoir
+
+
+class Bins:
+    """The reference's bins for the histogrammed signals: interior edges per numeric one, categories per categorical.
+
+    Numeric bin i holds [edges[i-1], edges[i]) as in `drift.quantile_edges`; each numeric histogram has one more
+    cell at the end for missing values (NaN). Each categorical histogram has a last cell for unseen categories.
+    """
+
+    def __init__(self, numeric: dict[str, Any] | None = None, categorical: dict[str, Sequence[Any]] | None = None):
+        self.numeric = {name: np.asarray(e, dtype=float).ravel() for name, e in (numeric or {}).items()}
+        self.categorical = {name: list(c) for name, c in (categorical or {}).items()}
+        self.category_index = {name: {v: i for i, v in enumerate(c)} for name, c in self.categorical.items()}
+        self.names = list(self.numeric)
+        width = max((len(e) for e in self.numeric.values()), default=0)
+        # all features' edges in one +inf-padded matrix, so one record is binned with one vectorised comparison
+        self._edges = np.full((len(self.names), max(width, 1)), np.inf)
+        for i, e in enumerate(self.numeric.values()):
+            self._edges[i, : len(e)] = e
+        self.missing_column = width + 1
+        self._rows = np.arange(len(self.names))
+
+    def index(self, values: np.ndarray) -> np.ndarray:
+        """Bin index of each numeric value, (..., F) -> (..., F); NaN goes to the missing column."""
+        idx = (values[..., None] >= self._edges).sum(-1)
+        return np.where(np.isnan(values), self.missing_column, idx)
+
+    def empty_histograms(self) -> np.ndarray:
+        return np.zeros((len(self.names), self.missing_column + 1), dtype=np.int64)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Bins) and self.to_dict() == other.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"numeric": {k: v.tolist() for k, v in self.numeric.items()}, "categorical": self.categorical}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Bins:
+        return cls(data.get("numeric"), data.get("categorical"))
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars become Python ones, so keys hash alike and the state serialises to JSON."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _add_counts(target: dict[Any, int], *sources: dict[Any, int]) -> None:
+    for source in sources:
+        for key, count in source.items():
+            target[key] = target.get(key, 0) + count
+
+
+class WindowState:
+    """Mergeable statistics of one window (or one pane, or one replica's delta)."""
+
+    def __init__(
+        self,
+        bins: Bins | None = None,
+        reservoir_capacity: int = 1000,
+        max_pending: int = 100_000,
+        seed: int | None = None,
+    ) -> None:
+        """`seed` makes the reservoirs' choices reproducible (tests); leave it None in replicas so their choices are
+        independent."""
+        self.bins = bins or Bins()
+        self.reservoir_capacity, self.max_pending, self.seed = reservoir_capacity, max_pending, seed
+        self.n, self.evicted = 0, 0
+        self.start: float | None = None
+        self.end: float | None = None
+        self.predicted: dict[tuple[Hashable, Hashable], int] = {}  # (group, predicted class) -> records
+        self.confusion: dict[tuple[Hashable, Hashable, Hashable], int] = {}  # (group, label, predicted) -> records
+        self.histograms = self.bins.empty_histograms()
+        self.categorical = {name: np.zeros(len(c) + 1, dtype=np.int64) for name, c in self.bins.categorical.items()}
+        self.reservoirs: dict[str, Reservoir] = {}
+        self.pending_predictions: dict[Hashable, tuple[Hashable, Hashable]] = {}
+        self.pending_labels: dict[Hashable, Hashable] = {}
+
+    def add(
+        self,
+        prediction: Any,
+        group: Any = None,
+        features: Any = None,
+        categories: dict[str, Any] | None = None,
+        samples: dict[str, Any] | None = None,
+        request_id: Any = None,
+        t: float | None = None,
+    ) -> None:
+        """Count one served record. `features` are the numeric values in `bins.names` order; `categories` maps a
+        categorical signal to its value; `samples` maps a reservoir name (e.g. "embedding") to one row.
+        A malformed record raises ValueError before anything is counted."""
+        x = None if features is None else np.asarray(features, dtype=float)
+        if x is not None and x.shape != (len(self.bins.names),):
+            raise ValueError(f"`features` must hold {len(self.bins.names)} values ({self.bins.names}), got {x.shape}")
+        if categories and not categories.keys() <= self.bins.category_index.keys():
+            raise ValueError(
+                f"unknown categorical signals {sorted(categories.keys() - self.bins.category_index.keys())}"
+            )
+        t = time.time() if t is None else t
+        self.start = t if self.start is None else min(self.start, t)
+        self.end = t if self.end is None else max(self.end, t)
+        self.n += 1
+        group, prediction = _plain(group), _plain(prediction)
+        key = (group, prediction)
+        self.predicted[key] = self.predicted.get(key, 0) + 1
+        if x is not None:
+            self.histograms[self.bins._rows, self.bins.index(x)] += 1
+        for name, value in (categories or {}).items():
+            index = self.bins.category_index[name]
+            self.categorical[name][index.get(_plain(value), len(index))] += 1
+        for name, row in (samples or {}).items():
+            self._reservoir(name, np.size(row)).add(row)
+        if request_id is not None:
+            self._pend(self.pending_predictions, _plain(request_id), (group, prediction))
+            self._match(_plain(request_id))
+
+    def add_batch(
+        self,
+        predictions: Any,
+        groups: Any = None,
+        features: Any = None,
+        samples: dict[str, Any] | None = None,
+        t: float | None = None,
+    ) -> None:
+        """Count many records at once (vectorised histograms); for batched serving without request ids.
+        `features` is (n, F) in `bins.names` order; `samples` maps a reservoir name to (n, d) rows."""
+        preds = np.asarray(predictions).ravel()
+        grps = np.full(preds.shape, None, dtype=object) if groups is None else np.asarray(groups).ravel()
+        for g, p in zip(grps.tolist(), preds.tolist(), strict=True):
+            self.predicted[(g, p)] = self.predicted.get((g, p), 0) + 1
+        if features is not None:
+            idx = self.bins.index(np.asarray(features, dtype=float).reshape(len(preds), -1))
+            flat = (self.bins._rows * self.histograms.shape[1] + idx).ravel()
+            self.histograms += np.bincount(flat, minlength=self.histograms.size).reshape(self.histograms.shape)
+        for name, rows in (samples or {}).items():
+            rows = np.asarray(rows).reshape(len(preds), -1)
+            self._reservoir(name, rows.shape[1]).add_batch(rows)
+        t = time.time() if t is None else t
+        self.start = t if self.start is None else min(self.start, t)
+        self.end = t if self.end is None else max(self.end, t)
+        self.n += len(preds)
+
+    def add_feedback(self, request_id: Any, label: Any) -> bool:
+        """Record a late label; True if its prediction is in this state and was counted now."""
+        self._pend(self.pending_labels, _plain(request_id), _plain(label))
+        return self._match(_plain(request_id))
+
+    def _reservoir(self, name: str, dim: int) -> Reservoir:
+        if name not in self.reservoirs:
+            # crc32, not hash(): str hashes differ between processes
+            seed = None if self.seed is None else self.seed * 2**32 + zlib.crc32(name.encode())
+            self.reservoirs[name] = Reservoir(self.reservoir_capacity, dim, seed=seed)
+        return self.reservoirs[name]
+
+    def _pend(self, pending: dict[Hashable, Any], key: Hashable, value: Any) -> None:
+        pending[key] = value
+        self._trim(pending)
+
+    def _trim(self, pending: dict[Hashable, Any]) -> None:
+        while len(pending) > self.max_pending:  # dicts keep insertion order: drop the oldest
+            del pending[next(iter(pending))]
+            self.evicted += 1
+
+    def _match(self, request_id: Hashable) -> bool:
+        if request_id not in self.pending_predictions or request_id not in self.pending_labels:
+            return False
+        group, prediction = self.pending_predictions.pop(request_id)
+        key = (group, self.pending_labels.pop(request_id), prediction)
+        self.confusion[key] = self.confusion.get(key, 0) + 1
+        return True
+
+    def merge(self, other: WindowState) -> WindowState:
+        """The state of both streams together: counts and histograms add, reservoirs merge uniformly, pending
+        predictions and labels from either side are matched."""
+        if self.bins != other.bins:
+            raise ValueError("cannot merge window states built on different reference bins")
+        out = WindowState(self.bins, self.reservoir_capacity, self.max_pending, self.seed)
+        out.n, out.evicted = self.n + other.n, self.evicted + other.evicted
+        starts = [s for s in (self.start, other.start) if s is not None]
+        ends = [e for e in (self.end, other.end) if e is not None]
+        out.start, out.end = (min(starts) if starts else None), (max(ends) if ends else None)
+        _add_counts(out.predicted, self.predicted, other.predicted)
+        _add_counts(out.confusion, self.confusion, other.confusion)
+        out.histograms = self.histograms + other.histograms
+        out.categorical = {k: v + other.categorical[k] for k, v in self.categorical.items()}
+        for name in self.reservoirs.keys() | other.reservoirs.keys():
+            mine, theirs = self.reservoirs.get(name), other.reservoirs.get(name)
+            out.reservoirs[name] = mine.merge(theirs) if mine and theirs else (mine or theirs).copy()  # type: ignore[union-attr]
+        # match across the two sides before bounding, so the cap never drops a pair that could meet
+        out.pending_predictions = {**self.pending_predictions, **other.pending_predictions}
+        out.pending_labels = {**self.pending_labels, **other.pending_labels}
+        for rid in list(out.pending_labels):
+            out._match(rid)
+        out._trim(out.pending_predictions)
+        out._trim(out.pending_labels)
+        return out
+
+    def take_pending(self) -> WindowState:
+        """Move the unmatched predictions and labels into a fresh state (the next pane); this one keeps none."""
+        nxt = WindowState(self.bins, self.reservoir_capacity, self.max_pending, self.seed)
+        nxt.pending_predictions, self.pending_predictions = self.pending_predictions, {}
+        nxt.pending_labels, self.pending_labels = self.pending_labels, {}
+        return nxt
+
+    def group_counts(self, positive: Any = 1) -> dict[Hashable, GroupCounts]:
+        """Per-group counts one-vs-rest for `positive`, ready for `bias.*_from_counts`."""
+        cells: dict[Hashable, list[int]] = {}
+        for (group, pred), count in self.predicted.items():
+            c = cells.setdefault(group, [0] * 6)
+            c[0] += count
+            c[1] += count if pred == positive else 0
+        for (group, label, pred), count in self.confusion.items():
+            c = cells.setdefault(group, [0] * 6)
+            c[2 + 2 * (label != positive) + (pred != positive)] += count  # tp, fn, fp, tn
+        return {g: GroupCounts(*c) for g, c in cells.items()}
+
+    def class_counts(self) -> dict[Hashable, int]:
+        """Records per predicted class, over all groups."""
+        out: dict[Hashable, int] = {}
+        for (_, pred), count in self.predicted.items():
+            out[pred] = out.get(pred, 0) + count
+        return out
+
+    def histogram(self, name: str) -> np.ndarray:
+        """Counts on the reference bins of a numeric signal (without the missing cell) or a categorical one (with
+        the unseen-category cell)."""
+        if name in self.categorical:
+            return self.categorical[name]
+        i = self.bins.names.index(name)
+        return self.histograms[i, : len(self.bins.numeric[name]) + 1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists and numbers (JSON-ready when groups, classes and request ids are JSON scalars)."""
+        return {
+            "version": 1,
+            "n": self.n,
+            "start": self.start,
+            "end": self.end,
+            "evicted": self.evicted,
+            "reservoir_capacity": self.reservoir_capacity,
+            "max_pending": self.max_pending,
+            "bins": self.bins.to_dict(),
+            "predicted": [[g, p, c] for (g, p), c in self.predicted.items()],
+            "confusion": [[g, y, p, c] for (g, y, p), c in self.confusion.items()],
+            "histograms": self.histograms.tolist(),
+            "categorical": {k: v.tolist() for k, v in self.categorical.items()},
+            "reservoirs": {k: r.to_dict() for k, r in self.reservoirs.items()},
+            "pending_predictions": [[rid, g, p] for rid, (g, p) in self.pending_predictions.items()],
+            "pending_labels": [[rid, y] for rid, y in self.pending_labels.items()],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WindowState:
+        if data.get("version") != 1:
+            raise ValueError(f"unknown window state version {data.get('version')!r}; expected 1")
+        out = cls(Bins.from_dict(data["bins"]), int(data["reservoir_capacity"]), int(data["max_pending"]))
+        out.n, out.evicted, out.start, out.end = int(data["n"]), int(data["evicted"]), data["start"], data["end"]
+        # JSON turns tuples into lists; keys must be hashable again
+        key = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
+        out.predicted = {(key(g), key(p)): int(c) for g, p, c in data["predicted"]}
+        out.confusion = {(key(g), key(y), key(p)): int(c) for g, y, p, c in data["confusion"]}
+        out.histograms = np.asarray(data["histograms"], dtype=np.int64).reshape(out.histograms.shape)
+        out.categorical = {k: np.asarray(v, dtype=np.int64) for k, v in data["categorical"].items()}
+        out.reservoirs = {k: Reservoir.from_dict(r) for k, r in data["reservoirs"].items()}
+        out.pending_predictions = {key(rid): (key(g), key(p)) for rid, g, p in data["pending_predictions"]}
+        out.pending_labels = {key(rid): key(y) for rid, y in data["pending_labels"]}
+        return out
+
+
+class Windows:
+    """Windows of `size` records (by="count") or seconds (by="time"), sliding by `step` (default: tumbling).
+
+    Records go into the current pane of `step`; when it closes, the next pane inherits its pending predictions and
+    labels, and once `size / step` panes have closed each close emits the merge of the last ones. Time panes are
+    aligned to multiples of `step` since the epoch, so replicas' panes line up; idle time emits empty windows
+    (at most `size / step` + 1 of them, however long the idle period).
+    """
+
+    def __init__(
+        self,
+        new_state: Callable[[], WindowState],
+        size: float,
+        step: float | None = None,
+        by: Literal["count", "time"] = "count",
+    ) -> None:
+        step = size if step is None else step
+        problems = []
+        if by not in ("count", "time"):
+            problems.append(f"`by` must be 'count' or 'time', got {by!r}")
+        if size <= 0 or step <= 0 or step > size:
+            problems.append(f"need 0 < step <= size, got size={size}, step={step}")
+        elif not math.isclose(size / step, round(size / step)):
+            problems.append(f"`size` ({size}) must be a whole number of steps ({step})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.new_state, self.size, self.step, self.by = new_state, size, step, by
+        self._panes: deque[WindowState] = deque(maxlen=round(size / step))
+        self.pane = new_state()
+        self._pane_id: int | None = None
+
+    def add(self, t: float | None = None, **record: Any) -> list[WindowState]:
+        """Add one record (arguments of `WindowState.add`); returns the windows this closed, oldest first."""
+        t = time.time() if t is None else t
+        closed = self._advance(t)
+        self.pane.add(t=t, **record)
+        if self.by == "count" and self.pane.n >= self.step:
+            closed += self._close()
+        return closed
+
+    def add_state(self, delta: WindowState, t: float | None = None) -> list[WindowState]:
+        """Merge a replica's delta into the current pane (the monitor's path). Count panes close at the first delta
+        that reaches `step`, so a pane may hold up to step + one delta's records."""
+        closed = self._advance(time.time() if t is None else t)
+        self.pane = self.pane.merge(delta)
+        if self.by == "count" and self.pane.n >= self.step:
+            closed += self._close()
+        return closed
+
+    def add_feedback(self, request_id: Any, label: Any) -> bool:
+        return self.pane.add_feedback(request_id, label)
+
+    def current(self) -> WindowState:
+        """The window that will close next, so far: the open pane and the closed panes it will share a window with."""
+        out = self.pane
+        keep = (self._panes.maxlen or 1) - 1
+        for pane in list(self._panes)[len(self._panes) - keep :] if keep else []:
+            out = pane.merge(out)
+        return out
+
+    def _advance(self, t: float) -> list[WindowState]:
+        if self.by != "time":
+            return []
+        pane_id = math.floor(t / self.step)
+        if self._pane_id is None:
+            self._pane_id = pane_id
+        closed: list[WindowState] = []
+        for _ in range(min(pane_id - self._pane_id, (self._panes.maxlen or 1) + 1)):
+            closed += self._close()
+        self._pane_id = max(self._pane_id, pane_id)
+        return closed
+
+    def _close(self) -> list[WindowState]:
+        pane, self.pane = self.pane, self.pane.take_pending()
+        self._panes.append(pane)
+        if len(self._panes) < (self._panes.maxlen or 1):
+            return []
+        out = self._panes[0]
+        for nxt in list(self._panes)[1:]:
+            out = out.merge(nxt)
+        return [out]
