@@ -109,43 +109,6 @@ def tune_command(
     _tune(job, address, resume)
 
 
-def _tune(job: JobSpec, address: str | None, resume: Path | None) -> Path:
-    from steward.runs import create_run, set_status
-    from steward.tune.finish import best_row, finish, trial_rows, write_results
-    from steward.tune.launch import SweepInterrupted, sweep
-    from steward.tune.report import LiveTable, plot_trials, results_table
-
-    assert job.tune is not None
-    run_dir = _resume_dir(job, resume, sections=("data", "model", "distributed", "tune")) if resume else create_run(job)
-    console.print(f"run folder [bold]{run_dir}[/]")
-    paths = list(job.tune.search_space)
-    live = LiveTable(job.tune.metric, paths)
-    try:
-        grid = sweep(job, run_dir, address, [live], resume=resume is not None)
-        live.stop()
-        rows = trial_rows(grid, job.tune.metric, run_dir)
-        if grid.num_terminated + grid.num_errors < len(grid):
-            set_status(run_dir, "interrupted")
-            console.print(results_table(rows, job.tune.metric, paths, None))
-            raise SweepInterrupted(f"sweep interrupted; continue it with: steward tune SPEC --resume {run_dir}")
-        best = best_row(rows, job.tune.mode)
-        best_spec = write_results(rows, job, best, run_dir)
-        plot_trials(rows, job.tune.metric, run_dir / "trials.png")
-        console.print(results_table(rows, job.tune.metric, paths, best))
-        console.print(f"best trial {best.trial_id}: {job.tune.metric} = {best.metric:.4f}; "
-                      f"spec written to {run_dir / 'best.yaml'}; {job.tune.on_finish} ...")  # fmt: skip
-        result = finish(job, best_spec, best, run_dir, address)
-    except BaseException as err:
-        live.stop()
-        if not isinstance(err, SweepInterrupted):
-            set_status(run_dir, "failed", error=str(err) or type(err).__name__)
-        raise
-    set_status(run_dir, "succeeded", headline=result["overall"], best_trial=best.trial_id)
-    _print_metrics(result, run_dir)
-    console.print("sweep: results.csv, trials.png, best.yaml, trials/<id>/ (one run folder per trial)")
-    return run_dir
-
-
 def _train(job: JobSpec, address: str | None, resume: Path | None) -> Path:
     from steward.runs import create_run, set_status, spec_hash
     from steward.train.launch import train_job
@@ -177,6 +140,31 @@ def _resume_dir(job: JobSpec, run_dir: Path, sections: tuple[str, ...] = ("data"
         raise ValueError(f"--resume {run_dir}: the spec's {', '.join(changed)} differ from the run's; "
                          "only train settings (e.g. train.epochs) may change when resuming")  # fmt: skip
     return run_dir.resolve()
+
+
+def _tune(job: JobSpec, address: str | None, resume: Path | None) -> Path:
+    from steward.runs import create_run, set_status
+    from steward.tune.finish import tune_job
+    from steward.tune.launch import SweepInterrupted
+    from steward.tune.report import results_table
+
+    assert job.tune is not None
+    run_dir = _resume_dir(job, resume, sections=("data", "model", "distributed", "tune")) if resume else create_run(job)
+    console.print(f"run folder [bold]{run_dir}[/]")
+    try:
+        result, rows, best = tune_job(job, run_dir, address, resume=resume is not None)
+    except SweepInterrupted:
+        set_status(run_dir, "interrupted")
+        raise
+    except BaseException as err:
+        set_status(run_dir, "failed", error=str(err) or type(err).__name__)
+        raise
+    set_status(run_dir, "succeeded", headline=result["overall"], best_trial=best.trial_id)
+    console.print(results_table(rows, job.tune.metric, list(job.tune.search_space), best))
+    console.print(f"best trial {best.trial_id}: {job.tune.metric} = {best.metric:.4f} -> best.yaml")
+    _print_metrics(result, run_dir)
+    console.print("sweep: results.csv, trials.png, best.yaml, trials/<trial>/ (each trial's own run folder)")
+    return run_dir
 
 
 @app.command()

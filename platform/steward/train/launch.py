@@ -41,7 +41,9 @@ def connect(address: str | None, spec: JobSpec) -> None:
     os.environ.update(runtime_env["env_vars"])  # the local Ray's controller inherits the driver's environment
     try:
         if address in (None, "", "local"):
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+            # The dashboard serves Ray's state API, which Train's placement-group cleaner needs to free a stopped
+            # run's workers (a trial stopped by a Tune scheduler), and `serve status` / `serve deploy` use.
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=True, log_to_driver=False, runtime_env=runtime_env)
         else:
             ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     except ConnectionError as err:

@@ -3,9 +3,7 @@
 import csv
 import math
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import yaml
 from ray import tune
@@ -14,24 +12,12 @@ from steward.evaluate.run import evaluate_model, write_metrics
 from steward.spec import JobSpec
 from steward.train.curves import plot_history
 from steward.train.launch import train_job
-from steward.tune.launch import TRIALS, TuneError
+from steward.tune.launch import TRIALS, SweepInterrupted, TuneError, sweep
+from steward.tune.report import LiveTable, TrialRow, plot_trials
 from steward.tune.space import TIME_ATTR, trial_spec
 
 
-@dataclass
-class TrialRow:
-    """What one trial did: completed (ran to its end), pruned (stopped by the scheduler or budget), or error."""
-
-    trial_id: str
-    status: str
-    config: dict[str, Any]
-    iterations: int = 0
-    metric: float | None = None
-    curve: list[tuple[int, float]] = field(default_factory=list)
-    error: str | None = None
-
-
-def trial_rows(grid: tune.ResultGrid, metric: str, run_dir: Path) -> list[TrialRow]:
+def trial_rows(grid: tune.ResultGrid, metric: str) -> list[TrialRow]:
     """A row per trial, in trial order, with its metric curve (one point per epoch)."""
     rows = []
     for result in (grid[i] for i in range(len(grid))):
@@ -41,8 +27,8 @@ def trial_rows(grid: tune.ResultGrid, metric: str, run_dir: Path) -> list[TrialR
         if frame is not None and metric in frame:
             points = zip(frame[TIME_ATTR], frame[metric], strict=True)
             curve = [(int(i), float(v)) for i, v in points if not math.isnan(v)]
-        finished = (run_dir / TRIALS / trial_id / "model").exists()
-        status = "error" if result.error else "completed" if finished else "pruned"
+        done = bool((result.metrics or {}).get("done"))  # the trial's function returned: not stopped by Tune
+        status = "error" if result.error else "completed" if done else "pruned"
         rows.append(
             TrialRow(
                 trial_id=trial_id,
@@ -58,7 +44,7 @@ def trial_rows(grid: tune.ResultGrid, metric: str, run_dir: Path) -> list[TrialR
 
 
 def best_row(rows: list[TrialRow], mode: str) -> TrialRow:
-    """The completed trial with the best final metric (a pruned trial has no exported model to keep)."""
+    """The completed trial with the best final metric (a pruned trial has no final model to keep)."""
     completed = [r for r in rows if r.status == "completed" and r.metric is not None]
     if not completed:
         errors = sorted({r.error for r in rows if r.error})
@@ -103,3 +89,25 @@ def finish(spec: JobSpec, best_spec: JobSpec, best: TrialRow, run_dir: Path, add
     result = evaluate_model(run_dir / "model", best_spec)
     write_metrics(run_dir, result)
     return result
+
+
+def tune_job(
+    spec: JobSpec, run_dir: Path, address: str | None = None, resume: bool = False
+) -> tuple[dict, list[TrialRow], TrialRow]:
+    """Sweep (or continue one) into run_dir, write its results and make the run's model.
+
+    Returns the model's evaluation (metrics.json), a row per trial, and the best trial.
+    """
+    assert spec.tune is not None
+    live = LiveTable(spec.tune.metric, list(spec.tune.search_space))
+    try:
+        grid = sweep(spec, run_dir, address, [live], resume)
+    finally:
+        live.stop()
+    rows = trial_rows(grid, spec.tune.metric)
+    if grid.num_terminated + grid.num_errors < len(grid):
+        raise SweepInterrupted(f"sweep interrupted; continue it with: steward tune SPEC --resume {run_dir}")
+    best = best_row(rows, spec.tune.mode)
+    best_spec = write_results(rows, spec, best, run_dir)
+    plot_trials(rows, spec.tune.metric, run_dir / "trials.png")
+    return finish(spec, best_spec, best, run_dir, address), rows, best

@@ -6,7 +6,9 @@ callback passes every epoch's metrics and checkpoint back to the trial, which re
 see every epoch, and PBT can copy checkpoints between trials.
 """
 
+import contextlib
 import math
+import os
 import secrets
 import threading
 from pathlib import Path
@@ -15,7 +17,9 @@ from typing import Any
 import ray
 from ray import tune
 from ray.train import Checkpoint
+from ray.train._internal.session import get_session
 from ray.train.v2.api.callback import UserCallback
+from ray.tune.trainable.function_trainable import wrap_function
 from ray.util.queue import Queue
 
 from steward.spec import JobSpec
@@ -25,6 +29,7 @@ from steward.tune.space import param_space, scheduler, search_algorithm, trial_s
 
 EXPERIMENT = "tune"  # the Tune experiment folder inside the run folder
 TRIALS = "trials"  # each trial's own run folder (history, data info, model) inside the run folder
+STOP_GRACE_S = 60.0  # how long a stopped trial may take to abort its Train run
 
 
 class TuneError(RuntimeError):
@@ -42,7 +47,8 @@ class _Bridge(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context, metrics: list[dict], checkpoint: Checkpoint | None) -> None:
-        self.queue.put((metrics[0], checkpoint.path if checkpoint else None))
+        controller = ray.get_runtime_context().current_actor  # so a stopped trial can abort its Train run
+        self.queue.put((metrics[0], checkpoint.path if checkpoint else None, controller))
 
 
 def run_trial(config: dict[str, Any], base: dict[str, Any], tune_section: dict[str, Any], sweep_dir: str) -> None:
@@ -60,12 +66,21 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], tune_section: dict[s
     failure: list[BaseException] = []
     fit = threading.Thread(target=_fit, args=(trainer, queue, failure), daemon=True)
     fit.start()
-    while (item := queue.get()) != (None, None):
-        metrics, path = item
-        tune.report(metrics, checkpoint=Checkpoint.from_directory(path) if path else None)
+    controller = None
+    try:
+        while (item := queue.get()) != END:
+            metrics, path, controller = item
+            tune.report(metrics, checkpoint=Checkpoint.from_directory(path) if path else None)
+    except SystemExit:  # tune.report's way of saying the scheduler stopped this trial
+        _abort(controller)
+        fit.join(timeout=STOP_GRACE_S)
+        raise
     fit.join()
     if failure:
         raise TrainingError(root_cause(failure[0]))
+
+
+END = (None, None, None)
 
 
 def _fit(trainer, queue: Queue, failure: list[BaseException]) -> None:
@@ -74,15 +89,44 @@ def _fit(trainer, queue: Queue, failure: list[BaseException]) -> None:
     except BaseException as err:  # re-raised in the trial's own thread
         failure.append(err)
     finally:
-        queue.put((None, None))
+        queue.put(END)
+
+
+def _abort(controller) -> None:
+    """Abort a Train run so it frees its workers' placement group now (its cleaner may not reach Ray's state API)."""
+    if controller is None:
+        return
+    # abort ends the controller actor, so the call itself reports the actor gone
+    with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        ray.get(controller.abort.remote(), timeout=STOP_GRACE_S)
+
+
+def trial_trainable(spec: JobSpec, run_dir: Path) -> type:
+    """The Tune trainable running run_trial, which waits for a stopped trial to abort its Train run.
+
+    Tune stops a trial (ASHA, median stopping, a PBT exploit, the time budget) by telling the function to stop and
+    ending the actor almost at once. The Train run inside would die with it and leave its workers' placement group
+    behind, starving the next trials; so cleanup first gives run_trial up to STOP_GRACE_S to abort it.
+    """
+    assert spec.tune is not None
+    base, section = spec.model_dump(mode="json", exclude={"tune"}), spec.tune.model_dump(mode="json")
+    function = tune.with_parameters(run_trial, base=base, tune_section=section, sweep_dir=str(run_dir))
+
+    class Trial(wrap_function(function)):  # type: ignore[misc]
+        def cleanup(self) -> None:
+            session = get_session()
+            if session is not None and session.training_started:
+                session.finish(timeout=STOP_GRACE_S)
+            super().cleanup()
+
+    return Trial
 
 
 def build_tuner(spec: JobSpec, run_dir: Path, callbacks: list, resume: bool = False) -> tune.Tuner:
     """The Tuner for spec.tune, storing into run_dir/tune; `resume` restores an interrupted one from there."""
     assert spec.tune is not None
-    base, section = spec.model_dump(mode="json", exclude={"tune"}), spec.tune.model_dump(mode="json")
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, tune_section=section, sweep_dir=str(run_dir)),
+        trial_trainable(spec, run_dir),
         # No CPU: the TorchTrainer inside the trial asks for its workers itself. (Tune refuses an empty request.)
         {"cpu": 0, "memory": 2**20},
     )
@@ -101,6 +145,7 @@ def build_tuner(spec: JobSpec, run_dir: Path, callbacks: list, resume: bool = Fa
             scheduler=scheduler(t, spec.train.epochs),
             num_samples=t.samples,
             time_budget_s=t.time_budget_s,
+            reuse_actors=False,  # a reused trial actor would keep the previous trial's Train run alive
         ),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(run_dir), callbacks=callbacks, verbose=0),
     )
@@ -117,4 +162,5 @@ def sweep(spec: JobSpec, run_dir: Path, address: str | None, callbacks: list, re
     """Run (or continue) the sweep; per-trial checks happen inside each trial."""
     connect(address, spec)
     check_resources(spec)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing, the live table is ours
     return build_tuner(spec, run_dir, callbacks, resume).fit()

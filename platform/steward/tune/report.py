@@ -1,5 +1,6 @@
 """What a person watches and reads of a sweep: a live trial table, the results table, and a plot of every trial."""
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,20 @@ from rich.console import Console  # noqa: E402
 from rich.live import Live  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from steward.tune.finish import TrialRow  # noqa: E402
 from steward.tune.space import TIME_ATTR  # noqa: E402
+
+
+@dataclass
+class TrialRow:
+    """What one trial did: completed (ran to its end), pruned (stopped by the scheduler or budget), or error."""
+
+    trial_id: str
+    status: str
+    config: dict[str, Any]
+    iterations: int = 0
+    metric: float | None = None
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    error: str | None = None
 
 
 class LiveTable(tune.Callback):
@@ -53,7 +66,7 @@ class LiveTable(tune.Callback):
 
     def _draw(self, trials: list) -> None:
         table = Table(title=f"Trials ({self.metric})")
-        for column in ("trial", "state", *self.paths, "epoch", self.metric):
+        for column in ("trial", "state", *headers(self.paths), "epoch", self.metric):
             table.add_column(column, justify="left" if column in ("trial", "state") else "right")
         for trial in trials:
             last = trial.last_result or {}
@@ -70,7 +83,7 @@ class LiveTable(tune.Callback):
 
 def results_table(rows: list[TrialRow], metric: str, paths: list[str], best: TrialRow | None) -> Table:
     table = Table(title=f"Sweep results ({metric}), best marked *")
-    for column in ("trial", "status", *paths, "epochs", metric):
+    for column in ("trial", "status", *headers(paths), "epochs", metric):
         table.add_column(column, justify="left" if column in ("trial", "status") else "right")
     for r in rows:
         mark = "*" if best and r.trial_id == best.trial_id else ""
@@ -99,6 +112,12 @@ def plot_trials(rows: list[TrialRow], metric: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def headers(paths: list[str]) -> list[str]:
+    """Column names for search paths: the last part (lr, dropout) unless two paths share it."""
+    last = [p.rsplit(".", 1)[-1] for p in paths]
+    return [short if last.count(short) == 1 else path for short, path in zip(last, paths, strict=True)]
 
 
 def _short(value: Any) -> str:
