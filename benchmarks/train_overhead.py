@@ -48,8 +48,17 @@ CELLS = {
 MODELS = {
     "quickstart cnn": (QUICKSTART, []),
     "wide cnn": (QUICKSTART, ["model.params.channels=[64,128]", "model.params.hidden_size=512"]),
-    "bert 4x256": (TEXT, ["model.params.hidden_size=256", "model.params.num_layers=4", "model.params.num_heads=4",
-                          "model.params.intermediate_size=1024", "data.options.num_samples=2000"]),
+    "bert 4x256": (
+        TEXT,
+        [
+            "model.params.hidden_size=256",
+            "model.params.num_layers=4",
+            "model.params.num_heads=4",
+            "model.params.intermediate_size=1024",
+            "data.options.num_samples=2000",
+            "train.epochs=4",
+        ],
+    ),
 }
 BIG_BERT = ["model.params.hidden_size=512", "model.params.num_layers=4", "model.params.num_heads=8",
             "model.params.intermediate_size=2048", "train.max_steps=4", "train.epochs=1", "data.batch_size=8",
@@ -91,7 +100,10 @@ def throughput(repeats: int, epochs: int, tmp: Path, console: Console) -> dict[s
                 out = tmp / f"{model}-{name}-{repeat}".replace(" ", "-")
                 out.mkdir(parents=True)
                 overrides = common + sizes
-                records = torchrun_run(job, overrides, out) if extra is None else steward_run(job, overrides + extra, out)
+                if extra is None:
+                    records = torchrun_run(job, overrides, out)
+                else:
+                    records = steward_run(job, overrides + extra, out)
                 steady = statistics.median(r["samples_per_s"] for r in records[1:])
                 samples[model][name].append(steady)
                 console.print(f"repeat {repeat + 1}/{repeats}  {model:14s} {name:15s} {steady:9.0f} samples/s")

@@ -64,6 +64,7 @@ def train_loop(config: dict) -> None:
             metrics |= evaluate_split(engine, spec, splits["validation"], rank, world, prefix="val_")
         state = {"epoch": epoch + 1, **early_stopping(spec, metrics, state)}
         done = state["stop"] or epoch + 1 == spec.train.epochs or engine.global_step >= total
+        metrics["final"] = done  # a Tune trial stopped at its final epoch still finishes (exports its model)
         if history:
             history.write({"kind": "epoch", **metrics})
         if done or (epoch + 1) % spec.train.checkpoint.every_epochs == 0:

@@ -12,12 +12,12 @@ from steward.evaluate.run import evaluate_model, write_metrics
 from steward.spec import JobSpec
 from steward.train.curves import plot_history
 from steward.train.launch import train_job
-from steward.tune.launch import TRIALS, SweepInterrupted, TuneError, sweep
+from steward.tune.launch import COMPLETED, TRIALS, SweepInterrupted, TuneError, sweep
 from steward.tune.report import LiveTable, TrialRow, plot_trials
 from steward.tune.space import TIME_ATTR, trial_spec
 
 
-def trial_rows(grid: tune.ResultGrid, metric: str) -> list[TrialRow]:
+def trial_rows(grid: tune.ResultGrid, metric: str, run_dir: Path) -> list[TrialRow]:
     """A row per trial, in trial order, with its metric curve (one point per epoch)."""
     rows = []
     for result in (grid[i] for i in range(len(grid))):
@@ -27,8 +27,8 @@ def trial_rows(grid: tune.ResultGrid, metric: str) -> list[TrialRow]:
         if frame is not None and metric in frame:
             points = zip(frame[TIME_ATTR], frame[metric], strict=True)
             curve = [(int(i), float(v)) for i, v in points if not math.isnan(v)]
-        done = bool((result.metrics or {}).get("done"))  # the trial's function returned: not stopped by Tune
-        status = "error" if result.error else "completed" if done else "pruned"
+        completed = (run_dir / TRIALS / trial_id / COMPLETED).exists()
+        status = "error" if result.error else "completed" if completed else "pruned"
         rows.append(
             TrialRow(
                 trial_id=trial_id,
@@ -104,7 +104,7 @@ def tune_job(
         grid = sweep(spec, run_dir, address, [live], resume)
     finally:
         live.stop()
-    rows = trial_rows(grid, spec.tune.metric)
+    rows = trial_rows(grid, spec.tune.metric, run_dir)
     if grid.num_terminated + grid.num_errors < len(grid):
         raise SweepInterrupted(f"sweep interrupted; continue it with: steward tune SPEC --resume {run_dir}")
     best = best_row(rows, spec.tune.mode)

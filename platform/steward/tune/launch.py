@@ -7,10 +7,12 @@ see every epoch, and PBT can copy checkpoints between trials.
 """
 
 import contextlib
+import json
 import math
 import os
 import secrets
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from steward.tune.space import param_space, scheduler, search_algorithm, trial_s
 
 EXPERIMENT = "tune"  # the Tune experiment folder inside the run folder
 TRIALS = "trials"  # each trial's own run folder (history, data info, model) inside the run folder
+COMPLETED = "completed"  # marks a trial that ran to its end (Tune marks a stopped trial's last result done too)
 STOP_GRACE_S = 60.0  # how long a stopped trial may take to abort its Train run
 
 
@@ -58,6 +61,8 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], tune_section: dict[s
     trial_dir.mkdir(parents=True, exist_ok=True)
     info = prepare(spec, trial_dir)
     start = tune.get_checkpoint()  # a restored trial, or a PBT copy of another trial's checkpoint
+    with (trial_dir / "starts.jsonl").open("a") as log:  # PBT's exploits, visible per trial
+        log.write(json.dumps({"time": time.time(), "config": config, "from": start.path if start else None}) + "\n")
     queue: Queue = Queue(actor_options={"num_cpus": 0})
     # A fresh Train run name per start: Train V2 would otherwise resume its own latest checkpoint, not `start`.
     trainer = build_trainer(
@@ -66,18 +71,20 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], tune_section: dict[s
     failure: list[BaseException] = []
     fit = threading.Thread(target=_fit, args=(trainer, queue, failure), daemon=True)
     fit.start()
-    controller = None
+    controller, metrics = None, {}
     try:
         while (item := queue.get()) != END:
             metrics, path, controller = item
             tune.report(metrics, checkpoint=Checkpoint.from_directory(path) if path else None)
     except SystemExit:  # tune.report's way of saying the scheduler stopped this trial
-        _abort(controller)
-        fit.join(timeout=STOP_GRACE_S)
-        raise
+        if not metrics.get("final"):  # stopped early: free the workers now (at its final epoch: let it export)
+            _abort(controller)
+            fit.join(timeout=STOP_GRACE_S)
+            raise
     fit.join()
     if failure:
         raise TrainingError(root_cause(failure[0]))
+    (trial_dir / COMPLETED).touch()
 
 
 END = (None, None, None)

@@ -1,0 +1,127 @@
+"""Ray tier: real Ray Tune sweeps whose trials are real Ray Train runs (DDP and 2-worker DeepSpeed), on 2 CPUs."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from steward.runs import create_run
+from steward.spec import load_job
+from steward.train.curves import read_history
+from steward.train.launch import train_job
+from steward.tune.finish import tune_job
+from steward.tune.launch import TRIALS
+from tests.conftest import JOBS, ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def sweep(tmp_path, job, *overrides):
+    spec = load_job(JOBS / job, [f"output_dir={tmp_path}", *overrides])
+    run_dir = create_run(spec)
+    result, rows, best = tune_job(spec, run_dir)
+    return spec, run_dir, result, rows, best
+
+
+def starts(run_dir, trial_id):
+    path = run_dir / TRIALS / trial_id / "starts.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_asha_stops_trials_early_and_best_yaml_retrains_to_the_reported_metric(ray_local, tmp_path):
+    spec, run_dir, result, rows, best = sweep(
+        tmp_path, "tune-digits-asha.yaml", "train.epochs=4", "tune.num_samples=4", "tune.max_concurrent_trials=1",
+        "tune.scheduler={name: asha, grace_period: 1, reduction_factor: 2}",
+    )  # fmt: skip
+    # One trial at a time, so every rung already holds the earlier trials' results when a trial reaches it.
+    pruned = [r for r in rows if r.status == "pruned"]
+    assert len(rows) == 4 and pruned, [(r.status, r.iterations) for r in rows]
+    assert all(r.iterations < 4 for r in pruned) and best.iterations == 4
+    assert {r.trial_id for r in rows} == {row["trial_id"] for row in csv.DictReader((run_dir / "results.csv").open())}
+    for artifact in ("trials.png", "best.yaml", "model/model.safetensors", "metrics.json", "curves.png"):
+        assert (run_dir / artifact).exists(), artifact
+    assert result["overall"]["accuracy"] > 0.8
+
+    # best.yaml is a plain spec: training it again reproduces the best trial's validation accuracy.
+    again = load_job(run_dir / "best.yaml", [f"output_dir={tmp_path / 'again'}"])
+    assert again.tune is None and again.train.optimizer.lr == best.config["train.optimizer.lr"]
+    retrain_dir = create_run(again)
+    train_job(again, retrain_dir)
+    final = [r for r in read_history(retrain_dir / "history.jsonl") if r["kind"] == "epoch"][-1]
+    # Same seed, data, config and single worker: only float summation order may differ; 0.02 is ~4 of 179 rows.
+    assert abs(final["val_accuracy"] - best.metric) <= 0.02, (final["val_accuracy"], best.metric)
+
+
+def test_grid_over_zero_stage_runs_two_worker_deepspeed_trials(ray_local, tmp_path):
+    spec, run_dir, result, rows, best = sweep(
+        tmp_path, "tune-digits-asha.yaml", "train.epochs=1", "distributed.num_workers=2",
+        "distributed.strategy=deepspeed", "tune.search=grid", "tune.scheduler={name: fifo}",
+        "tune.search_space={distributed.zero_stage: {grid: [1, 2]}}",
+    )  # fmt: skip
+    assert sorted(r.config["distributed.zero_stage"] for r in rows) == [1, 2]
+    assert all(r.status == "completed" for r in rows)
+    for row in rows:
+        history = read_history(run_dir / TRIALS / row.trial_id / "history.jsonl")
+        assert history[0]["kind"] == "start" and history[0]["workers"] == 2
+
+
+def test_optuna_with_median_stopping_samples_distinct_configs(ray_local, tmp_path):
+    spec, run_dir, result, rows, best = sweep(
+        tmp_path, "tune-digits-asha.yaml", "train.epochs=3", "tune.num_samples=4", "tune.search=optuna",
+        "tune.seed=3", "tune.scheduler={name: median_stopping, grace_period: 1, min_samples_required: 2}",
+    )  # fmt: skip
+    assert len(rows) == 4 and len({r.config["train.optimizer.lr"] for r in rows}) == 4
+    assert all(r.status in ("completed", "pruned") for r in rows) and best.status == "completed"
+
+
+def test_pbt_copies_a_better_trial_and_perturbs_its_config(ray_local, tmp_path):
+    spec, run_dir, result, rows, best = sweep(
+        tmp_path, "tune-lstm-pbt.yaml", "train.epochs=4", "tune.num_samples=2",
+        "tune.scheduler={name: pbt, perturbation_interval: 1, quantile_fraction: 0.5}",
+        "tune.search_space={train.optimizer.lr: {loguniform: [1.0e-5, 1.0e-2]}}",
+    )  # fmt: skip
+    exploited = [
+        (row.trial_id, start)
+        for row in rows
+        for start in starts(run_dir, row.trial_id)[1:]
+        if start["from"] and row.trial_id not in start["from"]
+    ]
+    assert exploited, [starts(run_dir, r.trial_id) for r in rows]
+    trial_id, start = exploited[0]
+    first = starts(run_dir, trial_id)[0]
+    assert start["config"]["train.optimizer.lr"] != first["config"]["train.optimizer.lr"]
+    history = read_history(run_dir / TRIALS / trial_id / "history.jsonl")
+    resumed = [r for r in history if r["kind"] == "start" and r["from"]]
+    assert resumed and resumed[0]["epoch"] >= 1  # continued from the copied checkpoint's epoch, not from scratch
+
+
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
+    args = [sys.executable, "-m", "steward", "tune", str(JOBS / "tune-digits-asha.yaml"), "--set",
+            f"output_dir={tmp_path}", "--set", "train.epochs=2", "--set", "tune.num_samples=3", "--set",
+            "tune.max_concurrent_trials=1", "--set", "tune.scheduler={name: fifo}"]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "200"}
+    first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(f"*/*/{TRIALS}/*/model")):  # the first trial finished
+        assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+        time.sleep(0.5)
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 2 and "--resume" in err, out + err
+    [run_dir] = tmp_path.glob("*/*/spec.yaml")
+    run_dir = run_dir.parent
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+    done_before = {p.parent.name: p.stat().st_mtime for p in run_dir.glob(f"{TRIALS}/*/model")}
+
+    again = subprocess.run([*args, "--resume", str(run_dir)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    rows = list(csv.DictReader((run_dir / "results.csv").open()))
+    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
+    for trial_id, mtime in done_before.items():  # finished trials were not trained again
+        assert len(starts(run_dir, trial_id)) == 1
+        assert (run_dir / TRIALS / trial_id / "model").stat().st_mtime == mtime
