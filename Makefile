@@ -32,6 +32,8 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/train_overhead.py
+	$(BIN)/python benchmarks/tune_efficiency.py
+	$(BIN)/python benchmarks/monitor_overhead.py
 
 lint: setup
 	$(BIN)/ruff check platform tests benchmarks
