@@ -60,7 +60,7 @@ def test_asha_stops_trials_early_and_best_yaml_retrains_to_the_reported_metric(r
 def test_grid_over_zero_stage_runs_two_worker_deepspeed_trials(ray_local, tmp_path):
     spec, run_dir, result, rows, best = sweep(
         tmp_path, "tune-digits-asha.yaml", "train.epochs=1", "distributed.num_workers=2",
-        "distributed.strategy=deepspeed", "tune.search=grid", "tune.scheduler={name: fifo}",
+        "distributed.strategy=deepspeed", "tune.search=grid", "tune.num_samples=1", "tune.scheduler={name: fifo}",
         "tune.search_space={distributed.zero_stage: {grid: [1, 2]}}",
     )  # fmt: skip
     assert sorted(r.config["distributed.zero_stage"] for r in rows) == [1, 2]
@@ -70,13 +70,18 @@ def test_grid_over_zero_stage_runs_two_worker_deepspeed_trials(ray_local, tmp_pa
         assert history[0]["kind"] == "start" and history[0]["workers"] == 2
 
 
-def test_optuna_with_median_stopping_samples_distinct_configs(ray_local, tmp_path):
+def test_optuna_with_median_stopping_then_retrain_best_on_train_and_validation(ray_local, tmp_path):
     spec, run_dir, result, rows, best = sweep(
         tmp_path, "tune-digits-asha.yaml", "train.epochs=3", "tune.num_samples=4", "tune.search=optuna",
+        "tune.on_finish=retrain_best",
         "tune.seed=3", "tune.scheduler={name: median_stopping, grace_period: 1, min_samples_required: 2}",
     )  # fmt: skip
     assert len(rows) == 4 and len({r.config["train.optimizer.lr"] for r in rows}) == 4
     assert all(r.status in ("completed", "pruned") for r in rows) and best.status == "completed"
+    # retrain_best: the best config again, on train + validation, for as many epochs as the best trial ran
+    epochs = [r for r in read_history(run_dir / "history.jsonl") if r["kind"] == "epoch"]
+    assert len(epochs) == best.iterations and not any("val_accuracy" in r for r in epochs)
+    assert (run_dir / "model" / "model.safetensors").exists() and result["overall"]["accuracy"] > 0.8
 
 
 def test_pbt_copies_a_better_trial_and_perturbs_its_config(ray_local, tmp_path):
@@ -107,9 +112,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     env = {**os.environ, "COLUMNS": "200"}
     first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
-    while not list(tmp_path.glob(f"*/*/{TRIALS}/*/model")):  # the first trial finished
+    while not list(tmp_path.glob(f"*/*/{TRIALS}/*/completed")):  # the first trial finished
         assert time.monotonic() < deadline and first.poll() is None, first.communicate()
-        time.sleep(0.5)
+        time.sleep(0.2)
     first.send_signal(signal.SIGINT)
     out, err = first.communicate(timeout=300)
     assert first.returncode == 2 and "--resume" in err, out + err

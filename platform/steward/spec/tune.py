@@ -1,5 +1,6 @@
 """The `tune` section: a Ray Tune sweep over dotted paths of the job spec itself."""
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -114,6 +115,15 @@ class TuneSpec(Section):
     @property
     def samples(self) -> int:
         return self.num_samples or (1 if self.search == "grid" else 4)
+
+    @property
+    def num_trials(self) -> int:
+        """Trials the sweep makes: Tune crosses every grid with each of the samples."""
+        return self.samples * math.prod(len(d.args) for d in self.search_space.values() if self.enumerates(d))
+
+    def enumerates(self, dist: Distribution) -> bool:
+        """Whether every value of `dist` is tried (a grid, or a choice under search: grid) rather than sampled."""
+        return dist.kind == "grid" or (self.search == "grid" and dist.kind == "choice")
 
 
 def tune_problems(tune: TuneSpec, spec: dict[str, Any], reported: set[str]) -> dict[tuple, str]:

@@ -3,6 +3,7 @@
 import csv
 import math
 import shutil
+import time
 from pathlib import Path
 
 import yaml
@@ -100,12 +101,16 @@ def tune_job(
     """
     assert spec.tune is not None
     live = LiveTable(spec.tune.metric, list(spec.tune.search_space))
+    started = time.monotonic()
     try:
         grid = sweep(spec, run_dir, address, [live], resume)
     finally:
         live.stop()
     rows = trial_rows(grid, spec.tune.metric, run_dir)
-    if grid.num_terminated + grid.num_errors < len(grid):
+    # Ctrl+C leaves trials unfinished, or not yet created (Tune creates trials as slots free up).
+    out_of_time = spec.tune.time_budget_s is not None and time.monotonic() - started >= spec.tune.time_budget_s
+    missing = len(grid) < spec.tune.num_trials and not out_of_time
+    if missing or grid.num_terminated + grid.num_errors < len(grid):
         raise SweepInterrupted(f"sweep interrupted; continue it with: steward tune SPEC --resume {run_dir}")
     best = best_row(rows, spec.tune.mode)
     best_spec = write_results(rows, spec, best, run_dir)

@@ -25,10 +25,10 @@ from steward.spec.tune import AshaScheduler, Distribution, MedianStoppingSchedul
 TIME_ATTR = "training_iteration"  # one Tune iteration is one epoch: the loop reports once per epoch
 
 
-def domain(dist: Distribution, grid: bool = False) -> Any:
-    """The Ray Tune object for one distribution; `grid` enumerates a choice (search: grid)."""
+def domain(dist: Distribution, enumerate_all: bool = False) -> Any:
+    """The Ray Tune object for one distribution; `enumerate_all` makes it a grid of its values."""
     args = dist.args
-    if dist.kind == "grid" or (grid and dist.kind == "choice"):
+    if enumerate_all:
         return tune.grid_search(list(args))
     constructors: dict[str, Callable[..., Any]] = {
         "choice": tune.choice,
@@ -42,7 +42,7 @@ def domain(dist: Distribution, grid: bool = False) -> Any:
 
 def param_space(spec: TuneSpec) -> dict[str, Any]:
     """Tune's param_space: one flat key per dotted spec path."""
-    return {path: domain(dist, grid=spec.search == "grid") for path, dist in spec.search_space.items()}
+    return {path: domain(dist, spec.enumerates(dist)) for path, dist in spec.search_space.items()}
 
 
 def search_algorithm(spec: TuneSpec, seed: int, max_concurrent: int) -> Searcher | BasicVariantGenerator:
