@@ -9,9 +9,10 @@ from steward.spec.data import DataSpec
 from steward.spec.distributed import DistributedSpec
 from steward.spec.evaluate import EvaluateSpec
 from steward.spec.model import ModelSpec, TransformerParams
+from steward.spec.serve import ServeSpec
 from steward.spec.train import TrainSpec
 
-RESERVED = ("tune", "serve", "monitor", "privacy", "governance")
+RESERVED = ("tune", "monitor", "privacy", "governance")
 
 
 class JobSpec(Section):
@@ -25,7 +26,7 @@ class JobSpec(Section):
     distributed: DistributedSpec = Field(default_factory=DistributedSpec, description="Workers and DeepSpeed.")
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec, description="Evaluation after training.")
     tune: Any = Field(None, description="Reserved: hyperparameter sweeps (not supported yet).")
-    serve: Any = Field(None, description="Reserved: serving (not supported yet).")
+    serve: ServeSpec | None = Field(None, description="Deploy the trained model on Ray Serve.")
     monitor: Any = Field(None, description="Reserved: bias and drift monitoring (not supported yet).")
     privacy: Any = Field(None, description="Reserved: PII masking (not supported yet).")
     governance: Any = Field(None, description="Reserved: model cards and policies (not supported yet).")
@@ -55,5 +56,7 @@ class JobSpec(Section):
         params = self.model.params
         if lm and isinstance(params, TransformerParams) and not params.pretrained and params.model_type == "bert":
             problems["model.params.model_type"] = "causal_lm needs a decoder architecture such as gpt2"
+        if self.serve is not None and lm:
+            problems["serve"] = "serving supports classification models; remove the serve section for causal_lm"
         raise_problems(self, problems)
         return self
