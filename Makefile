@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/steward run jobs/quickstart.yaml
+	$(BIN)/steward run jobs/quickstart.yaml --no-serve
 
 test: lint
 	$(BIN)/pytest -q --timeout 1500 --durations=15

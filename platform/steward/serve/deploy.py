@@ -7,6 +7,7 @@ from typing import Any
 import yaml
 
 from steward.runs import list_runs, read_spec
+from steward.serve.auth import load_keys
 from steward.spec import JobSpec
 from steward.spec.serve import ServeSpec
 
@@ -23,6 +24,8 @@ class Deployed:
 
 def find_run(spec: JobSpec, run: Path | None = None) -> Path:
     """`run` when given (checked), else the newest succeeded run of this spec's name under its output_dir."""
+    if spec.serve is None:
+        raise ValueError("serve: the spec has no serve section; add one (e.g. `serve: {route_prefix: /digits}`)")
     if run is not None:
         if not (Path(run) / "model" / "model.json").exists():
             raise ValueError(f"--run {run}: not a finished run folder (no model/model.json); pass runs/<name>/<id>")
@@ -84,6 +87,8 @@ def deploy(
     from steward.serve.app import build_app
 
     job = serving_spec(spec, run_dir)
+    if address in (None, "", "local"):  # replicas of an embedded Ray see this environment: check keys up front
+        load_keys(job.serve.auth if job.serve else None)
     gate = check_int8(job, run_dir)
     connect(address, job)
     serve.start(http_options={"host": host, "port": port})

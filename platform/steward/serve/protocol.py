@@ -9,7 +9,7 @@ import math
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 Attribute = str | int | float | bool | None
 NUMERIC = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"}
@@ -36,12 +36,14 @@ class PredictRequest(Strict):
         default_factory=dict, description="Optional per-instance metadata, e.g. a group column: one value each."
     )
 
-    @model_validator(mode="after")
-    def _one_attribute_per_instance(self) -> "PredictRequest":
-        for name, values in self.attributes.items():
-            if len(values) != len(self.instances):
-                raise ValueError(f"attributes.{name} has {len(values)} values for {len(self.instances)} instances")
-        return self
+    @field_validator("attributes")
+    @classmethod
+    def _one_value_per_instance(cls, value: dict[str, list[Attribute]], info: ValidationInfo) -> dict:
+        count = len(info.data.get("instances") or [])
+        for name, values in value.items():
+            if len(values) != count:
+                raise ValueError(f"attributes.{name} has {len(values)} values for {count} instances; give one each")
+        return value
 
 
 class Prediction(Strict):
