@@ -335,3 +335,44 @@ def test_exported_config_deploys_and_serves(runs, port, tmp_path):
     serve.run(app_builder(application["args"]), name=application["name"], route_prefix=application["route_prefix"])
     reply = post(f"http://127.0.0.1:{port}/exported/predict", json={"instances": validation_inputs(spec, 1)})
     assert reply.status_code == 200 and reply.json()["model_version"] == run_dir.name
+
+
+def gcs_address():
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+def test_cli_serve_status_and_stop_on_a_running_cluster(runs, port):
+    from tests.test_cli import steward
+
+    spec, run_dir = runs["cnn"]
+    address = ["--address", gcs_address()]
+    out = steward("serve", str(run_dir / "spec.yaml"), "--run", str(run_dir), "--port", str(port), *address,
+                  "--set", "serve={route_prefix: /cli, num_cpus: 0.5}")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"http://127.0.0.1:{port}/cli/predict" in out.stdout
+    reply = post(f"http://127.0.0.1:{port}/cli/predict", json={"instances": validation_inputs(spec, 1)})
+    assert reply.status_code == 200
+    listed = steward("serve", "status", *address)
+    assert listed.returncode == 0 and spec.name in listed.stdout and "running=1" in listed.stdout.lower()
+    stopped = steward("serve", "stop", spec.name, *address)
+    assert stopped.returncode == 0, stopped.stderr
+    wait_for(lambda: spec.name not in steward("serve", "status", *address).stdout, 60, "the app to be gone")
+    missing = steward("serve", "stop", "nothing-here", *address)
+    assert missing.returncode == 2 and "no Serve application named 'nothing-here'" in missing.stderr
+
+
+def test_run_trains_then_deploys(port, tmp_path):
+    from tests.conftest import JOBS
+    from tests.test_cli import steward
+
+    overrides = [f"output_dir={tmp_path}", "train.epochs=1", "distributed.num_workers=1", "distributed.strategy=ddp",
+                 "distributed.zero_stage=0",
+                 "serve.num_cpus=0.5", "serve.autoscaling=null", "serve.route_prefix=/ran"]  # fmt: skip
+    sets = [item for o in overrides for item in ("--set", o)]
+    out = steward("run", str(JOBS / "quickstart.yaml"), *sets, "--address", gcs_address(), "--port", str(port))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    [run_dir] = (tmp_path / "quickstart").iterdir()
+    info = requests.get(f"http://127.0.0.1:{port}/ran/info").json()
+    assert info["run_id"] == run_dir.name
