@@ -358,7 +358,9 @@ def test_cli_serve_status_and_stop_on_a_running_cluster(runs, port):
     assert listed.returncode == 0 and spec.name in listed.stdout and "running=1" in listed.stdout.lower()
     stopped = steward("serve", "stop", spec.name, *address)
     assert stopped.returncode == 0, stopped.stderr
-    wait_for(lambda: spec.name not in steward("serve", "status", *address).stdout, 60, "the app to be gone")
+    from ray import serve
+
+    wait_for(lambda: spec.name not in serve.status().applications, 60, "the app to be gone")
     missing = steward("serve", "stop", "nothing-here", *address)
     assert missing.returncode == 2 and "no Serve application named 'nothing-here'" in missing.stderr
 

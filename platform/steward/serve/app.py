@@ -4,6 +4,7 @@ Routes (under serve.route_prefix): POST /predict (steward's JSON), the Open Infe
 routes under /v2, GET /healthz and GET /info. Every refused request is a 4xx JSON body naming the field.
 """
 
+import asyncio
 import logging
 import time
 import uuid
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve import Application
 
@@ -27,6 +28,7 @@ from steward.serve.protocol import (
     PredictRequest,
     PredictResponse,
     TensorMetadata,
+    json_response,
     oip_instances,
     oip_outputs,
     parse_body,
@@ -53,6 +55,22 @@ async def _failed(request: Request, err: Exception) -> JSONResponse:
     return JSONResponse({"error": f"internal error ({type(err).__name__})", "field": None}, status_code=500)
 
 
+def predict_response(served: ServedModel, name: str, probabilities: Any) -> PredictResponse:
+    """steward's JSON reply: one prediction (request id, label, class id, probabilities) per instance."""
+    labels = served.info.label_names
+    predictions = [
+        Prediction(
+            request_id=uuid.uuid4().hex,
+            label=labels[int(row.argmax())],
+            class_id=int(row.argmax()),
+            probabilities=row.tolist(),
+        )
+        for row in probabilities
+    ]
+    return PredictResponse(model=name, model_version=served.version, labels=labels, predictions=predictions)
+
+
+# Helpers the replica calls are defined above the class: Serve serializes the class when it is decorated.
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress(api)
 class ModelServer:
@@ -136,28 +154,17 @@ class ModelServer:
         )
 
     # -- inference -----------------------------------------------------------------------------------------
-    @api.post("/predict")
-    async def predict(self, request: Request) -> PredictResponse:
+    @api.post("/predict", response_model=PredictResponse)
+    async def predict(self, request: Request) -> Response:
         """steward's JSON: {"instances": [...], "attributes": {...}} -> one prediction per instance."""
         self._authorize(request)
         body = validated(PredictRequest, parse_body(await self._body(request), self.cfg.max_body_bytes))
         self._check_count(len(body.instances), "instances")
         probabilities = await self._probabilities(body.instances, "instances")
-        labels = self.served.info.label_names
-        predictions = [
-            Prediction(
-                request_id=uuid.uuid4().hex,
-                label=labels[int(row.argmax())],
-                class_id=int(row.argmax()),
-                probabilities=row.tolist(),
-            )  # fmt: skip
-            for row in probabilities
-        ]
-        return PredictResponse(model=self.name, model_version=self.served.version, labels=labels,
-                               predictions=predictions)  # fmt: skip
+        return json_response(predict_response(self.served, self.name, probabilities))
 
-    @api.post("/v2/models/{name}/infer", response_model_exclude_none=True)
-    async def infer(self, name: str, request: Request) -> InferResponse:
+    @api.post("/v2/models/{name}/infer", response_model=InferResponse)
+    async def infer(self, name: str, request: Request) -> Response:
         """OIP inference: one input tensor (BYTES [N] for text, FP32 [N, *shape] otherwise), three outputs."""
         self._authorize(request)
         self._check_name(name)
@@ -166,27 +173,30 @@ class ModelServer:
         instances = oip_instances(body, info.modality, info.input_shape)
         self._check_count(len(instances), "inputs[0].shape")
         probabilities = await self._probabilities(instances, "inputs[0].data")
-        return InferResponse(model_name=self.name, model_version=self.served.version, id=body.id or uuid.uuid4().hex,
-                             outputs=oip_outputs(probabilities, info.label_names))  # fmt: skip
+        reply = InferResponse(
+            model_name=self.name,
+            model_version=self.served.version,
+            id=body.id or uuid.uuid4().hex,
+            outputs=oip_outputs(probabilities, info.label_names),
+        )
+        return json_response(reply)
 
     async def _probabilities(self, instances: Any, field: str) -> Any:
-        inputs, mask = self.served.encode(instances, field)  # bad input fails here, alone, before any batch
-        if self.cfg.batching is None:
+        prepared = self.served.prepare(instances, field)  # bad input fails here, alone, before any batch
+        if self.cfg.batching is None:  # on the event loop: the lowest latency for one small forward pass
             self.batch_sizes[1] += 1
-            return self.served.forward(inputs, mask)
-        return await self._run_batch((inputs, mask))
+            return self.served.run([prepared])[0]
+        return await self._run_batch(prepared)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _run_batch(self, requests: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[Any]:
-        """One forward pass over every request Serve grouped; each gets its own rows back."""
+    async def _run_batch(self, requests: list[Any]) -> list[Any]:
+        """One forward pass over every request Serve grouped; each gets its own rows back.
+
+        The pass runs in a worker thread (torch releases the GIL) so the event loop keeps reading and parsing
+        the next requests meanwhile: in Serve's throughput mode user code shares the loop with HTTP.
+        """
         self.batch_sizes[len(requests)] += 1
-        sizes = [len(inputs) for inputs, _ in requests]
-        inputs = torch.cat([inputs for inputs, _ in requests])
-        masks = [mask for _, mask in requests]
-        mask = torch.cat(masks) if masks[0] is not None else None  # type: ignore[arg-type]
-        out = self.served.forward(inputs, mask)
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        return [out[s : s + n] for s, n in zip(starts, sizes, strict=True)]
+        return await asyncio.to_thread(self.served.run, requests)
 
     # -- request checks ------------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:

@@ -33,26 +33,47 @@ class ServedModel:
         suffix = "-int8" if self.gate is not None else ""
         return self.run_dir.name + suffix
 
-    def encode(self, instances: Any, field: str = "instances") -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Raw instances -> model tensors exactly as training encoded them; BadRequest 422 naming the bad one."""
+    def prepare(self, instances: Any, field: str = "instances") -> Any:
+        """Check raw instances, naming the bad one in a BadRequest 422; returns what `run` takes.
+
+        Text stays a list of strings (tokenized later, a whole batch at once); arrays become a float tensor.
+        """
         if self.info.modality == "text":
             for i, text in enumerate(instances):
-                if isinstance(text, str) and not _is_utf8(text):
-                    raise BadRequest(422, f"{field}[{i}]", "text is not valid UTF-8 (lone surrogate escape)")
+                problem = _text_problem(text)
+                if problem:
+                    raise BadRequest(422, f"{field}[{i}]", problem)
+            return list(instances)
         try:
-            return encode_instances(instances, self.info, self.spec.data.max_length, field=field)
+            return encode_instances(instances, self.info, self.spec.data.max_length, field=field)[0]
         except DataError as err:
             where, message = err.problems[0]
             raise BadRequest(422, where, message) from None
 
     @torch.inference_mode()
-    def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None) -> np.ndarray:
-        """Class probabilities float32 [N, C] of already encoded inputs."""
-        return torch.softmax(self.model(inputs, mask).float(), dim=-1).numpy()
+    def run(self, prepared: list[Any]) -> list[np.ndarray]:
+        """Class probabilities (float32 [n_i, C]) for each prepared request, in one forward pass over all of them."""
+        sizes = [len(p) for p in prepared]
+        if self.info.modality == "text":  # padded to max_length as in training: batching never changes a result
+            texts = [text for p in prepared for text in p]
+            inputs, mask = encode_instances(texts, self.info, self.spec.data.max_length)
+        else:
+            inputs, mask = torch.cat(prepared), None
+        out = torch.softmax(self.model(inputs, mask).float(), dim=-1).numpy()
+        starts = np.cumsum([0, *sizes[:-1]])
+        return [out[s : s + n] for s, n in zip(starts, sizes, strict=True)]
 
     def probabilities(self, instances: Any, field: str = "instances") -> np.ndarray:
-        """Encode and run in one go (the unbatched path, and offline comparisons)."""
-        return self.forward(*self.encode(instances, field))
+        """Check and run one request's instances (the offline path the tests compare against)."""
+        return self.run([self.prepare(instances, field)])[0]
+
+
+def _text_problem(text: Any) -> str | None:
+    if not isinstance(text, str):
+        return f"expected a string for text data, got {type(text).__name__}"
+    if not _is_utf8(text):
+        return "text is not valid UTF-8 (lone surrogate escape)"
+    return None
 
 
 def _is_utf8(text: str) -> bool:

@@ -9,6 +9,7 @@ import math
 from typing import Any, Literal
 
 import numpy as np
+from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 Attribute = str | int | float | bool | None
@@ -95,6 +96,11 @@ class ModelMetadata(Strict):
     platform: Literal["pytorch"] = "pytorch"
     inputs: list[TensorMetadata]
     outputs: list[TensorMetadata]
+
+
+def json_response(reply: BaseModel) -> Response:
+    """A reply serialized once by pydantic-core (FastAPI would validate a returned model again first)."""
+    return Response(reply.model_dump_json(exclude_none=True), media_type="application/json")
 
 
 def parse_body(raw: bytes, max_bytes: int) -> Any:
