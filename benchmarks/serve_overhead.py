@@ -1,6 +1,6 @@
 """Serving overhead, side by side in one run: steward on Ray Serve vs bare FastAPI, batching, int8.
 
-    python benchmarks/serve_overhead.py [--seconds 5] [--requests 400] [--repeats 2]
+    python benchmarks/serve_overhead.py [--seconds 5] [--requests 400] [--repeats 3]
 
 1. Overhead: the quickstart CNN (cheap, so fixed per-request costs show most), one replica / one uvicorn process,
    one torch thread, batching off, the same /predict handler (benchmarks/bare_fastapi.py). p50 / p99 latency of
@@ -9,7 +9,8 @@
    on (max 16, 5 ms wait); the served gain against the model's own offline gain (batch-16 vs batch-1 forward).
 3. int8 vs fp32: the same BERT offline at batch 16 and served with batching at concurrency 32.
 Serve runs Ray's high-throughput mode (HAProxy, `RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1`)
-when `haproxy` is installed, as `make setup` arranges. Cells alternate (A B A B) so machine drift hits both alike.
+when `haproxy` is installed, as `steward serve` does and `make setup` arranges. Cells alternate (A B A B) so the
+machine's drift hits both alike.
 Writes benchmarks/results/serve_overhead.json and prints the ratios.
 """
 
@@ -17,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -43,7 +43,6 @@ from steward.spec.serve import ServeSpec  # noqa: E402
 BERT = ["model.params.hidden_size=256", "model.params.num_layers=4", "model.params.num_heads=4",
         "model.params.intermediate_size=1024", "model.params.dropout=0", "data.max_length=64",
         "data.options.num_samples=1500", "data.tokenizer.vocab_size=2000"]  # fmt: skip
-HA = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 def free_port() -> int:
@@ -180,14 +179,22 @@ def batching_and_int8(bert, args, port: int) -> dict:
         for cell in alone:
             kind, batch = cell.split()[0], int(cell.split()[-1])
             alone[cell].append(offline(models[kind], texts[:batch], args.seconds))
+    seen = {cell: _batch_sizes(url) for cell, url in urls.items() if "on" in cell.split()}
     return {
+        "batch_sizes_seen": seen,
         "served_qps_c32": {c: statistics.median(v) for c, v in served.items()},
         "offline_per_s": {c: statistics.median(v) for c, v in alone.items()},
     }
 
 
-def ratio_table(result: dict, console: Console) -> None:
-    over, bat = result["overhead"], result["batching"]
+def _batch_sizes(url: str) -> dict[str, int]:
+    import requests
+
+    return requests.get(f"{url}/info", timeout=30).json()["replica"]["batch_sizes"]
+
+
+def overhead_table(result: dict, console: Console) -> None:
+    over = result["overhead"]
     bare, steward = over["bare FastAPI"], over["steward on Serve"]
     table = Table(title=f"Serving overhead, quickstart CNN, 1 replica x 1 thread (proxy: {result['proxy']})")
     for column in ("", "p50 ms (c=1)", "p99 ms (c=1)", "max QPS (c=32)"):
@@ -197,7 +204,10 @@ def ratio_table(result: dict, console: Console) -> None:
     p50, p99 = steward["p50_ms"] - bare["p50_ms"], steward["p99_ms"] - bare["p99_ms"]
     table.add_row("steward - bare", f"{p50:+.2f}", f"{p99:+.2f}", f"x{steward['qps_c32'] / bare['qps_c32']:.2f}")
     console.print(table)
-    qps, off = bat["served_qps_c32"], bat["offline_per_s"]
+
+
+def batching_table(result: dict, console: Console) -> None:
+    qps, off = result["batching"]["served_qps_c32"], result["batching"]["offline_per_s"]
     table = Table(title="BERT 4x256, 64 tokens: batching and int8 (served: 1 instance per request, c=32)")
     for column in ("", "served", "offline", "served / offline"):
         table.add_column(column, justify="right")
@@ -224,12 +234,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="Measured seconds per throughput cell.")
     parser.add_argument("--requests", type=int, default=400, help="Sequential requests per latency cell.")
-    parser.add_argument("--repeats", type=int, default=2, help="Interleaved repeats per cell (medians reported).")
+    parser.add_argument("--repeats", type=int, default=3, help="Interleaved repeats per cell (medians reported).")
+    parser.add_argument("--skip-overhead", action="store_true", help="Only the batching and int8 cells.")
     args = parser.parse_args()
     console = Console()
-    proxy = "haproxy" if shutil.which("haproxy") else "Serve's default proxy (haproxy not installed)"
-    if shutil.which("haproxy"):  # read when Serve's processes start: set before Ray does
-        os.environ.update(HA)
+    from steward.serve.deploy import prefer_high_throughput
+
+    # As `steward serve` does with an embedded Ray; set RAY_SERVE_ENABLE_HA_PROXY=0 to measure the default proxy.
+    fixed = ServeSpec(num_replicas=1)  # every deployment here has one replica
+    proxy = "haproxy (high-throughput mode)" if prefer_high_throughput(fixed) else "Serve's default proxy"
     import ray
     from ray import serve
     from tests.serving import trained_run
@@ -242,7 +255,8 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        result: dict = {"proxy": proxy, "args": vars(args), "overhead": overhead(cnn, args, port)}
+        result: dict = {"proxy": proxy, "args": vars(args)}
+        result["overhead"] = {} if args.skip_overhead else overhead(cnn, args, port)
         for name in list(serve.status().applications):
             serve.delete(name)
         result["batching"] = batching_and_int8(bert, args, port)
@@ -253,7 +267,10 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / "serve_overhead.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    ratio_table(result, console)
+    if result["overhead"]:
+        overhead_table(result, console)
+    batching_table(result, console)
+    console.print(f"batch sizes seen (size: batches): {result['batching']['batch_sizes_seen']}")
     console.print(f"wrote {out.relative_to(ROOT)}")
 
 

@@ -1,16 +1,24 @@
-"""Helpers for the serving tests: real trained runs made fast (plain torch, no Ray Train), and polling."""
+"""Helpers for the serving tests: real trained runs made fast (plain torch, no Ray Train), one Serve per module,
+deploying, offline predictions to compare with, and polling."""
 
 import shutil
 import time
 from dataclasses import replace
 
+import numpy as np
+import requests
 import torch
 
 from steward.data import load_splits, prepare_data
-from steward.evaluate.run import evaluate_model, write_metrics
+from steward.data.prepare import _tables
+from steward.evaluate.run import evaluate_model, load_servable, write_metrics
 from steward.models import build_model, save_model, task_loss
 from steward.runs import create_run, set_status
+from steward.serve.deploy import deploy
+from steward.serve.model import load_served_model
+from steward.serve.quantize import quantize_int8
 from steward.spec import load_job
+from steward.spec.serve import ServeSpec
 from tests.conftest import JOBS
 
 
@@ -54,3 +62,28 @@ def wait_for(condition, timeout: float, what: str, every: float = 0.1):
             return value
         assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
         time.sleep(every)
+
+
+def serve_it(runs, port, family, **serve_fields):
+    """Deploy `family`'s run with these serve fields (small replicas by default); returns the base URL."""
+    spec, run_dir = runs[family]
+    cfg = ServeSpec.model_validate({"route_prefix": f"/{family}", "num_cpus": 0.5, **serve_fields})
+    return deploy(spec.model_copy(update={"serve": cfg}), run_dir, port=port).url
+
+
+def validation_inputs(spec, n):
+    """The first n raw validation instances, exactly as a client would send them (JSON-able)."""
+    columns, tables = _tables(spec)
+    raw = tables["validation"][columns.input][:n]
+    return [r.tolist() if isinstance(r, np.ndarray) else r for r in raw]
+
+
+def offline_probabilities(run_dir, spec, instances, int8=False):
+    model, info = load_servable(run_dir / "model")
+    served = load_served_model(spec.model_copy(update={"serve": None}), run_dir)
+    served.model = quantize_int8(model) if int8 else model
+    return served.probabilities(instances)
+
+
+def post(url, **kwargs):
+    return requests.post(url, timeout=60, **kwargs)

@@ -4,21 +4,24 @@ One Serve per module on a free port; every test deploys what it needs and the au
 """
 
 import json
-import socket
-import threading
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
 
-from steward.data.prepare import _tables
-from steward.evaluate.run import load_servable
-from steward.serve.deploy import deploy
-from steward.serve.model import load_served_model
-from steward.serve.quantize import QuantizationRefused, quantize_int8
+from steward.serve.deploy import HIGH_THROUGHPUT, deploy
+from steward.serve.quantize import QuantizationRefused
 from steward.spec.serve import ServeSpec
-from tests.serving import trained_run, wait_for
+from tests.serving import (
+    offline_probabilities,
+    post,
+    serve_it,
+    trained_run,
+    validation_inputs,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -29,54 +32,29 @@ FAMILIES = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _serve_mode_as_the_cli_picks_it():
+    """Serve in the mode `steward serve` picks for fixed replicas (HAProxy high-throughput when installed)."""
+    from steward.serve.deploy import prefer_high_throughput
+
+    # A stopping replica stays 30 s for HAProxy to drain it; 1 s keeps deleting apps between tests quick.
+    fast_drain = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+    before = {k: os.environ.get(k) for k in [*HIGH_THROUGHPUT, *fast_drain]}
+    os.environ.update(fast_drain)
+    prefer_high_throughput(ServeSpec(num_replicas=1))
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One trained run per model family: {family: (spec, run_dir)}."""
     root = tmp_path_factory.mktemp("serve-runs")
     return {family: trained_run(root / family, job, *extra) for family, (job, extra) in FAMILIES.items()}
-
-
-@pytest.fixture(scope="module")
-def port(ray_local):
-    from ray import serve
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": free})
-    yield free
-    serve.shutdown()
-
-
-@pytest.fixture(autouse=True)
-def _delete_apps_after(request):
-    yield
-    if "port" in request.fixturenames:
-        from ray import serve
-
-        for name in list(serve.status().applications):
-            serve.delete(name)
-
-
-def serve_it(runs, port, family, **serve_fields):
-    """Deploy `family`'s run with these serve fields (small replicas by default); returns the base URL."""
-    spec, run_dir = runs[family]
-    cfg = ServeSpec.model_validate({"route_prefix": f"/{family}", "num_cpus": 0.5, **serve_fields})
-    return deploy(spec.model_copy(update={"serve": cfg}), run_dir, port=port).url
-
-
-def validation_inputs(spec, n):
-    """The first n raw validation instances, exactly as a client would send them (JSON-able)."""
-    columns, tables = _tables(spec)
-    raw = tables["validation"][columns.input][:n]
-    return [r.tolist() if isinstance(r, np.ndarray) else r for r in raw]
-
-
-def offline_probabilities(run_dir, spec, instances, int8=False):
-    model, info = load_servable(run_dir / "model")
-    served = load_served_model(spec.model_copy(update={"serve": None}), run_dir)
-    served.model = quantize_int8(model) if int8 else model
-    return served.probabilities(instances)
 
 
 def oip_input(family, instances):
@@ -86,14 +64,10 @@ def oip_input(family, instances):
     return {"name": "input", "shape": list(array.shape), "datatype": "FP32", "data": array.reshape(-1).tolist()}
 
 
-def post(url, **kwargs):
-    return requests.post(url, timeout=60, **kwargs)
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_served_predictions_equal_the_offline_model_and_oip_round_trips(runs, port, family):
+def test_served_predictions_equal_the_offline_model_and_oip_round_trips(runs, serve_port, family):
     spec, run_dir = runs[family]
-    url = serve_it(runs, port, family, batching={"max_batch_size": 8, "batch_wait_timeout_ms": 20})
+    url = serve_it(runs, serve_port, family, batching={"max_batch_size": 8, "batch_wait_timeout_ms": 20})
     instances = validation_inputs(spec, 24)
     expected = offline_probabilities(run_dir, spec, instances)
     # Concurrent single-instance requests, so the batched path mixes requests into one forward pass.
@@ -114,9 +88,9 @@ def test_served_predictions_equal_the_offline_model_and_oip_round_trips(runs, po
     assert outputs["class_id"]["data"] == expected.argmax(-1).tolist()
 
 
-def test_health_metadata_and_model_info(runs, port):
+def test_health_metadata_and_model_info(runs, serve_port):
     spec, run_dir = runs["cnn"]
-    url = serve_it(runs, port, "cnn")
+    url = serve_it(runs, serve_port, "cnn")
     assert requests.get(f"{url}/healthz").json()["status"] == "ok"
     assert requests.get(f"{url}/v2/health/ready").json() == {"ready": True}
     meta = requests.get(f"{url}/v2/models/{spec.name}").json()
@@ -128,11 +102,11 @@ def test_health_metadata_and_model_info(runs, port):
     assert info["training_metrics"] == json.loads((run_dir / "metrics.json").read_text())
 
 
-def test_auth_401_without_a_valid_key_200_with_one(runs, port, tmp_path):
+def test_auth_401_without_a_valid_key_200_with_one(runs, serve_port, tmp_path):
     keys = tmp_path / "keys.txt"
     keys.write_text("# serving keys\nfirst-key-123\nsecond-key-456  # the rotation key\n")
     spec, _ = runs["cnn"]
-    url = serve_it(runs, port, "cnn", auth={"api_keys_file": str(keys)})
+    url = serve_it(runs, serve_port, "cnn", auth={"api_keys_file": str(keys)})
     body = {"instances": validation_inputs(spec, 1)}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "first-key-12"}, {"Authorization": "x"}):
         refused = post(f"{url}/predict", json=body, headers=headers)
@@ -145,9 +119,9 @@ def test_auth_401_without_a_valid_key_200_with_one(runs, port, tmp_path):
     assert requests.get(f"{url}/healthz").status_code == 200  # load balancers probe without a key
 
 
-def test_batching_really_batches_under_concurrent_load(runs, port):
+def test_batching_really_batches_under_concurrent_load(runs, serve_port):
     spec, _ = runs["cnn"]
-    url = serve_it(runs, port, "cnn", batching={"max_batch_size": 8, "batch_wait_timeout_ms": 50})
+    url = serve_it(runs, serve_port, "cnn", batching={"max_batch_size": 8, "batch_wait_timeout_ms": 50})
     instance = validation_inputs(spec, 1)
     with ThreadPoolExecutor(16) as pool:
         codes = list(pool.map(lambda _: post(f"{url}/predict", json={"instances": instance}).status_code, range(64)))
@@ -158,64 +132,9 @@ def test_batching_really_batches_under_concurrent_load(runs, port):
     assert sum(count for size, count in sizes.items() if size > 1) >= 4, sizes
 
 
-def running_replicas(name):
-    from ray import serve
-
-    app = serve.status().applications.get(name)
-    if app is None:
-        return 0
-    return sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
-
-
-def keep_busy(url, body, stop, threads=8):
-    def loop():
-        with requests.Session() as session:
-            while not stop.is_set():
-                session.post(f"{url}/predict", json=body, timeout=60)
-
-    workers = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
-    for worker in workers:
-        worker.start()
-    return workers
-
-
-FAST_AUTOSCALING = {"upscale_delay_s": 1.0, "downscale_delay_s": 2.0, "metrics_interval_s": 0.5,
-                    "look_back_period_s": 1.0, "target_ongoing_requests": 1.0}  # fmt: skip
-
-
-def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(runs, port):
-    spec, _ = runs["cnn"]
-    auto = {"min_replicas": 1, "max_replicas": 2, **FAST_AUTOSCALING}
-    url = serve_it(runs, port, "cnn", autoscaling=auto, batching=None, max_ongoing_requests=8)
-    assert running_replicas(spec.name) == 1
-    stop = threading.Event()
-    workers = keep_busy(url, {"instances": validation_inputs(spec, 4)}, stop)
-    try:
-        wait_for(lambda: running_replicas(spec.name) == 2, 90, "a second replica under load")
-    finally:
-        stop.set()
-        for worker in workers:
-            worker.join(timeout=30)
-    wait_for(lambda: running_replicas(spec.name) == 1, 90, "scaling back to one replica once idle")
-
-
-def test_scale_to_zero_and_cold_start(runs, port):
-    spec, run_dir = runs["cnn"]
-    auto = {"min_replicas": 0, "max_replicas": 1, **FAST_AUTOSCALING}
-    url = serve_it(runs, port, "cnn", autoscaling=auto)
-    wait_for(lambda: running_replicas(spec.name) == 0, 60, "zero replicas with no traffic")
-    instances = validation_inputs(spec, 3)
-    cold = post(f"{url}/predict", json={"instances": instances})  # waits while Serve starts a replica
-    assert cold.status_code == 200, cold.text
-    served = np.array([p["probabilities"] for p in cold.json()["predictions"]])
-    np.testing.assert_allclose(served, offline_probabilities(run_dir, spec, instances), atol=1e-5)
-    assert running_replicas(spec.name) == 1
-    wait_for(lambda: running_replicas(spec.name) == 0, 60, "scaling back to zero once idle")
-
-
-def test_int8_transformer_is_served_after_passing_its_gate(runs, port):
+def test_int8_transformer_is_served_after_passing_its_gate(runs, serve_port):
     spec, run_dir = runs["transformer"]
-    url = serve_it(runs, port, "transformer", quantize="int8", num_cpus=1)
+    url = serve_it(runs, serve_port, "transformer", quantize="int8", num_cpus=1)
     info = requests.get(f"{url}/info").json()
     gate = info["int8_gate"]
     assert gate["passed"] and gate["fp32_accuracy"] - gate["int8_accuracy"] <= 0.01
@@ -243,7 +162,7 @@ def damage_for_int8(run_dir):
     save_file(weights, str(run_dir / "model" / "model.safetensors"), {"format": "pt"})
 
 
-def test_the_int8_gate_refuses_a_damaged_model(runs, port, tmp_path):
+def test_the_int8_gate_refuses_a_damaged_model(runs, serve_port, tmp_path):
     import shutil
 
     from ray import serve
@@ -259,7 +178,7 @@ def test_the_int8_gate_refuses_a_damaged_model(runs, port, tmp_path):
     assert evaluate_model(damaged / "model", spec, "validation")["overall"]["accuracy"] == pytest.approx(before)
     job = spec.model_copy(update={"serve": ServeSpec(route_prefix="/damaged", quantize="int8", num_cpus=0.5)})
     with pytest.raises(QuantizationRefused, match=r"serve.quantize: int8 validation accuracy .* points below fp32"):
-        deploy(job, damaged, port=port)
+        deploy(job, damaged, port=serve_port)
     assert "quickstart" not in serve.status().applications
     # The replica checks too (a Serve config file deploys without steward's driver): it refuses to start.
     with pytest.raises(RuntimeError):
@@ -283,9 +202,9 @@ BAD_IMAGE_REQUESTS = [
 ]  # fmt: skip
 
 
-def test_every_bad_input_gets_its_4xx_and_the_next_good_request_succeeds(runs, port):
+def test_every_bad_input_gets_its_4xx_and_the_next_good_request_succeeds(runs, serve_port):
     spec, _ = runs["cnn"]
-    url = serve_it(runs, port, "cnn", max_instances=4, max_body_bytes=65_536)
+    url = serve_it(runs, serve_port, "cnn", max_instances=4, max_body_bytes=65_536)
     good = {"instances": validation_inputs(spec, 2), "attributes": {"group": ["a", "b"]}}
     for case, body, status, field in BAD_IMAGE_REQUESTS:
         refused = post(f"{url}/predict", data=body, headers={"Content-Type": "application/json"})
@@ -308,9 +227,9 @@ def test_every_bad_input_gets_its_4xx_and_the_next_good_request_succeeds(runs, p
     assert post(oip, json={"inputs": [oip_input("cnn", good["instances"])]}).status_code == 200
 
 
-def test_bad_text_inputs_are_refused_by_field(runs, port):
+def test_bad_text_inputs_are_refused_by_field(runs, serve_port):
     spec, _ = runs["transformer"]
-    url = serve_it(runs, port, "transformer")
+    url = serve_it(runs, serve_port, "transformer")
     for instances, field in ((["fine", 3], "instances[1]"), (["\ud800 lone surrogate"], "instances[0]"),
                              ([["nested"]], "instances[0]")):  # fmt: skip
         body = json.dumps({"instances": instances}).encode()  # json escapes the surrogate as \\ud800
@@ -319,7 +238,7 @@ def test_bad_text_inputs_are_refused_by_field(runs, port):
     assert post(f"{url}/predict", json={"instances": ["a good sentence"]}).status_code == 200
 
 
-def test_exported_config_deploys_and_serves(runs, port, tmp_path):
+def test_exported_config_deploys_and_serves(runs, serve_port, tmp_path):
     import yaml
     from ray import serve
 
@@ -333,7 +252,7 @@ def test_exported_config_deploys_and_serves(runs, port, tmp_path):
     [application] = yaml.safe_load(path.read_text())["applications"]
     assert application["import_path"] == "steward.serve.app:app_builder"
     serve.run(app_builder(application["args"]), name=application["name"], route_prefix=application["route_prefix"])
-    reply = post(f"http://127.0.0.1:{port}/exported/predict", json={"instances": validation_inputs(spec, 1)})
+    reply = post(f"http://127.0.0.1:{serve_port}/exported/predict", json={"instances": validation_inputs(spec, 1)})
     assert reply.status_code == 200 and reply.json()["model_version"] == run_dir.name
 
 
@@ -343,16 +262,16 @@ def gcs_address():
     return ray.get_runtime_context().gcs_address
 
 
-def test_cli_serve_status_and_stop_on_a_running_cluster(runs, port):
+def test_cli_serve_status_and_stop_on_a_running_cluster(runs, serve_port):
     from tests.test_cli import steward
 
     spec, run_dir = runs["cnn"]
     address = ["--address", gcs_address()]
-    out = steward("serve", str(run_dir / "spec.yaml"), "--run", str(run_dir), "--port", str(port), *address,
+    out = steward("serve", str(run_dir / "spec.yaml"), "--run", str(run_dir), "--port", str(serve_port), *address,
                   "--set", "serve={route_prefix: /cli, num_cpus: 0.5}")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    assert f"http://127.0.0.1:{port}/cli/predict" in out.stdout
-    reply = post(f"http://127.0.0.1:{port}/cli/predict", json={"instances": validation_inputs(spec, 1)})
+    assert f"http://127.0.0.1:{serve_port}/cli/predict" in out.stdout
+    reply = post(f"http://127.0.0.1:{serve_port}/cli/predict", json={"instances": validation_inputs(spec, 1)})
     assert reply.status_code == 200
     listed = steward("serve", "status", *address)
     assert listed.returncode == 0 and spec.name in listed.stdout and "running=1" in listed.stdout.lower()
@@ -365,7 +284,7 @@ def test_cli_serve_status_and_stop_on_a_running_cluster(runs, port):
     assert missing.returncode == 2 and "no Serve application named 'nothing-here'" in missing.stderr
 
 
-def test_run_trains_then_deploys(port, tmp_path):
+def test_run_trains_then_deploys(serve_port, tmp_path):
     from tests.conftest import JOBS
     from tests.test_cli import steward
 
@@ -373,8 +292,8 @@ def test_run_trains_then_deploys(port, tmp_path):
                  "distributed.zero_stage=0",
                  "serve.num_cpus=0.5", "serve.autoscaling=null", "serve.route_prefix=/ran"]  # fmt: skip
     sets = [item for o in overrides for item in ("--set", o)]
-    out = steward("run", str(JOBS / "quickstart.yaml"), *sets, "--address", gcs_address(), "--port", str(port))
+    out = steward("run", str(JOBS / "quickstart.yaml"), *sets, "--address", gcs_address(), "--port", str(serve_port))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     [run_dir] = (tmp_path / "quickstart").iterdir()
-    info = requests.get(f"http://127.0.0.1:{port}/ran/info").json()
+    info = requests.get(f"http://127.0.0.1:{serve_port}/ran/info").json()
     assert info["run_id"] == run_dir.name

@@ -99,6 +99,10 @@ def run(
 ) -> None:
     """Run every stage the spec declares: train, evaluate, then deploy when the spec has a serve section."""
     job = load_job(spec, set_ or [])
+    if serve and job.serve is not None and address in (None, "", "local"):
+        from steward.serve.deploy import prefer_high_throughput
+
+        prefer_high_throughput(job.serve)  # before training starts the embedded Ray that will also serve
     run_dir = _train(job, address, None)
     if serve and job.serve is not None:
         _deploy(job, run_dir, address, "127.0.0.1", port)

@@ -234,6 +234,11 @@ def deployment_options(cfg: ServeSpec) -> dict[str, Any]:
     }
     if cfg.autoscaling is not None:
         options["autoscaling_config"] = cfg.autoscaling.model_dump()
+        # Ray 2.60 is moving the load-report interval from the autoscaling config (still read by replicas, which
+        # report their own load under the HAProxy ingress) to environment variables: set both.
+        interval = str(cfg.autoscaling.metrics_interval_s)
+        env = {f"RAY_SERVE_{kind}_AUTOSCALING_METRIC_PUSH_INTERVAL_S": interval for kind in ("REPLICA", "HANDLE")}
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": env}
     else:
         options["num_replicas"] = cfg.num_replicas or 1
     return options

@@ -18,7 +18,7 @@ class AutoscalingSpec(Section):
         600.0, ge=0.0, description="Load must stay low this long before removing replicas."
     )
     metrics_interval_s: float = Field(
-        10.0, gt=0.0, description="How often replicas report their load to the autoscaler."
+        10.0, gt=0.0, le=600.0, description="How often replicas report their load to the autoscaler."
     )
     look_back_period_s: float = Field(30.0, gt=0.0, description="Window the autoscaler averages the load over.")
 
