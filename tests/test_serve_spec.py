@@ -124,3 +124,13 @@ def test_serve_without_a_run_or_section_exits_2(tmp_path):
     assert out.returncode == 2 and "no succeeded run of 'quickstart'" in out.stderr and "Traceback" not in out.stderr
     out = steward("serve", str(JOBS / "digits-lstm.yaml"))
     assert out.returncode == 2 and "serve: the spec has no serve section" in out.stderr
+
+
+def test_a_relative_keys_file_resolves_against_the_spec_folder(tmp_path):
+    raw = yaml.safe_load((JOBS / "quickstart.yaml").read_text())
+    raw["serve"] = {"auth": {"api_keys_file": "secrets/keys.txt"}}
+    (tmp_path / "specs").mkdir()
+    path = tmp_path / "specs" / "job.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    auth = load_job(path).serve.auth
+    assert auth.api_keys_file == str(tmp_path / "specs" / "secrets" / "keys.txt")
