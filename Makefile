@@ -14,7 +14,10 @@ export TOKENIZERS_PARALLELISM := false
 setup: $(STAMP)
 
 # torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
+# haproxy (a Debian package) lets Ray Serve run its high-throughput ingress; without it Serve uses its default proxy.
 $(STAMP): pyproject.toml
+	command -v haproxy >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q haproxy) \
+		|| echo "haproxy not installed: Ray Serve will use its default (slower) proxy"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
@@ -22,7 +25,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/steward run jobs/quickstart.yaml
+	$(BIN)/steward run jobs/quickstart.yaml --no-serve
 
 test: lint
 	$(BIN)/pytest -q --timeout 1500 --durations=15
@@ -34,6 +37,7 @@ bench: setup
 	$(BIN)/python benchmarks/train_overhead.py
 	$(BIN)/python benchmarks/tune_efficiency.py
 	$(BIN)/python benchmarks/monitor_overhead.py
+	$(BIN)/python benchmarks/serve_overhead.py
 
 lint: setup
 	$(BIN)/ruff check platform tests benchmarks

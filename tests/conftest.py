@@ -1,6 +1,7 @@
 """Shared fixtures: the environment every test needs, and one local Ray per module that asks for it."""
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,27 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_port(ray_local):
+    """Serve on a free port for the whole module."""
+    from ray import serve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": free})
+    yield free
+    serve.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _delete_serve_apps_after(request):
+    """Every Serve application a test deployed is deleted after it."""
+    yield
+    if "serve_port" in request.fixturenames:
+        from ray import serve
+
+        for name in list(serve.status().applications):
+            serve.delete(name)

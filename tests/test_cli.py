@@ -92,7 +92,8 @@ def test_malformed_yaml_exits_2(tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path):
-    out = steward("run", str(JOBS / "quickstart.yaml"), "--set", f"output_dir={tmp_path / 'runs'}")
+    # --no-serve: with an embedded Ray, deploying would serve until Ctrl-C (test_serve.py covers run + deploy).
+    out = steward("run", str(JOBS / "quickstart.yaml"), "--set", f"output_dir={tmp_path / 'runs'}", "--no-serve")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     [run_dir] = (tmp_path / "runs" / "quickstart").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -92,8 +92,8 @@ def test_malformed_yaml_gives_the_line(tmp_path):
 
 
 def test_reserved_sections_are_refused(tmp_path):
-    [problem] = problems(write(tmp_path, {**MINIMAL, "serve": {"route_prefix": "/x"}}))
-    assert problem.path == "serve" and "not supported yet" in problem.message
+    [problem] = problems(write(tmp_path, {**MINIMAL, "monitor": {"bias": {}}}))
+    assert problem.path == "monitor" and "not supported yet" in problem.message
 
 
 def test_relative_file_source_resolves_against_the_spec_folder(tmp_path):

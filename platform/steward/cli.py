@@ -1,5 +1,6 @@
 """`steward`: the command line. Thin: parse, call the library, print; user errors exit 2, never a traceback."""
 
+import contextlib
 import json
 from collections.abc import Callable
 from functools import wraps
@@ -10,6 +11,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from steward.spec import JobSpec, SpecError, load_job
 
@@ -88,10 +90,22 @@ def train(
 
 @app.command()
 @user_errors
-def run(spec: Spec, set_: Sets = None, address: Address = None) -> None:
-    """Run every stage the spec declares: tune (if declared) or train, then evaluate."""
+def run(
+    spec: Spec,
+    set_: Sets = None,
+    address: Address = None,
+    serve: Annotated[bool, typer.Option(help="Deploy after training when the spec has a serve section.")] = True,
+    port: Annotated[int, typer.Option(help="HTTP port Serve listens on.")] = 8000,
+) -> None:
+    """Run every stage the spec declares: tune (when declared) or train, evaluate, then deploy (serve section)."""
     job = load_job(spec, set_ or [])
-    _tune(job, address, None) if job.tune else _train(job, address, None)
+    if serve and job.serve is not None and address in (None, "", "local"):
+        from steward.serve.deploy import prefer_high_throughput
+
+        prefer_high_throughput(job.serve)  # before training starts the embedded Ray that will also serve
+    run_dir = _tune(job, address, None) if job.tune else _train(job, address, None)
+    if serve and job.serve is not None:
+        _deploy(job, run_dir, address, "127.0.0.1", port)
 
 
 @app.command("tune")
@@ -207,6 +221,96 @@ def _print_metrics(result: dict, run_dir: Path) -> None:
             table.add_row(f"{column}={value} (n={metrics['count']})", *(f"{metrics[n]:.4f}" for n in names))
     console.print(table)
     console.print(f"artifacts: [bold]{run_dir}[/] (model/, metrics.json, history.jsonl, curves.png, spec.yaml)")
+
+
+class _DeployByDefault(TyperGroup):
+    """`steward serve SPEC ...` means `steward serve deploy SPEC ...`; `status` and `stop` are subcommands."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:  # type: ignore[no-untyped-def]
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["deploy", *args]
+        return super().parse_args(ctx, args)
+
+
+serve_app = typer.Typer(
+    cls=_DeployByDefault,
+    no_args_is_help=True,
+    help="Serve a trained model on Ray Serve: `steward serve SPEC` deploys; `status` and `stop NAME` manage.",
+)
+app.add_typer(serve_app, name="serve")
+ClusterAddress = Annotated[str, typer.Option(help="Ray address of the cluster serving (auto, ray://..., host:port).")]
+
+
+@serve_app.command("deploy")
+@user_errors
+def serve_deploy(
+    spec: Spec,
+    set_: Sets = None,
+    run: Annotated[Path | None, typer.Option(help="Run folder to serve (default: the newest succeeded run).")] = None,
+    address: Address = None,
+    host: Annotated[str, typer.Option(help="HTTP host Serve listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port Serve listens on.")] = 8000,
+    export: Annotated[
+        Path | None, typer.Option(help="Write a Ray Serve config file here instead of deploying.")
+    ] = None,
+) -> None:
+    """Deploy the spec's model (embedded Ray: serves until Ctrl-C; --address: returns once deployed)."""
+    from steward.serve.deploy import export_config, find_run
+
+    job = load_job(spec, set_ or [])
+    run_dir = find_run(job, run)
+    if export is not None:
+        export_config(job, run_dir, export, port=port)
+        console.print(f"wrote [bold]{export}[/] (serve deploy {export}; or a RayService's serveConfigV2)")
+        return
+    _deploy(job, run_dir, address, host, port)
+
+
+@serve_app.command("status")
+@user_errors
+def serve_status(address: ClusterAddress = "auto") -> None:
+    """List the Serve applications on the cluster with their state and replicas."""
+    from steward.serve.deploy import status_rows
+
+    table = Table("name", "status", "replicas", "message")
+    for row in status_rows(address):
+        replicas = ", ".join(f"{state.lower()}={n}" for state, n in row["replicas"].items())
+        table.add_row(row["name"], row["status"], replicas, row["message"])
+    console.print(table)
+
+
+@serve_app.command("stop")
+@user_errors
+def serve_stop(
+    name: Annotated[str, typer.Argument(help="Serve application name.")], address: ClusterAddress = "auto"
+) -> None:
+    """Delete one Serve application and its replicas."""
+    from steward.serve.deploy import stop
+
+    stop(name, address)
+    console.print(f"stopped [bold]{name}[/]")
+
+
+def _deploy(job: JobSpec, run_dir: Path, address: str | None, host: str, port: int) -> None:
+    import threading
+
+    from steward.serve.deploy import deploy
+
+    try:
+        deployed = deploy(job, run_dir, address, host, port)
+    except RuntimeError as err:  # Serve's own failure to bring replicas up (its message says why)
+        errors.print(f"deploy failed: {err}", style="red", markup=False)
+        raise typer.Exit(1) from None
+    if deployed.gate:
+        console.print(f"int8 gate passed: {deployed.gate}", markup=False)
+    console.print(f"serving [bold]{deployed.name}[/] from {run_dir}")
+    for route in ("POST /predict", f"POST /v2/models/{deployed.name}/infer", "GET /healthz", "GET /info"):
+        method, path = route.split()
+        console.print(f"  {method:4} {deployed.url}{path}", markup=False)
+    if address in (None, "", "local"):  # the embedded Ray lives as long as this process
+        console.print("embedded Ray: serving until Ctrl-C")
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
 
 
 def main() -> None:

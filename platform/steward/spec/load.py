@@ -98,7 +98,17 @@ def resolve_paths(spec: JobSpec, base_dir: Path, source: str = "spec") -> JobSpe
             model = model.model_copy(update={"params": params})
     if problems:
         raise SpecError(source, problems)
-    return spec.model_copy(update={"data": data, "model": model})
+    return spec.model_copy(update={"data": data, "model": model, "serve": _resolve_keys_file(spec, base_dir)})
+
+
+def _resolve_keys_file(spec: JobSpec, base_dir: Path) -> Any:
+    """serve.auth.api_keys_file made absolute against the spec folder; not checked here: replicas read it."""
+    auth = spec.serve.auth if spec.serve else None
+    if spec.serve is None or auth is None or auth.api_keys_file is None:
+        return spec.serve
+    path = Path(auth.api_keys_file).expanduser()
+    auth = auth.model_copy(update={"api_keys_file": str(path if path.is_absolute() else base_dir / path)})
+    return spec.serve.model_copy(update={"auth": auth})
 
 
 def _input_path(value: str, base_dir: Path) -> str | None:
@@ -163,7 +173,9 @@ def _problem(error: ErrorDetails, lines: dict, overridden: set) -> Problem:
     elif error["type"] == "missing":
         message = "required field is missing"
     elif error["type"] == "union_tag_invalid":
-        message = f"unknown {error['ctx']['discriminator'].strip(chr(39))}; use {error['ctx']['expected_tags']}"
+        tags = [tag.strip(" '") for tag in error["ctx"]["expected_tags"].split(",")]
+        kind = "model family" if loc[-1:] == ("model",) else error["ctx"]["discriminator"].strip("'")
+        message = f"unknown {kind}; use {', '.join(tags[:-1])} or {tags[-1]}"
     line = (
         0
         if any(path == o or path.startswith(o + ".") or o.startswith(path + ".") for o in overridden)

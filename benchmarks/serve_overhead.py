@@ -1,0 +1,278 @@
+"""Serving overhead, side by side in one run: steward on Ray Serve vs bare FastAPI, batching, int8.
+
+    python benchmarks/serve_overhead.py [--seconds 5] [--requests 400] [--repeats 3]
+
+1. Overhead: the quickstart CNN (cheap, so fixed per-request costs show most), one replica / one uvicorn process,
+   one torch thread, batching off, the same /predict handler (benchmarks/bare_fastapi.py). p50 / p99 latency of
+   sequential requests (concurrency 1) and the most requests/s at concurrency 32.
+2. Batching: a 4-layer, 256-wide BERT on 64 tokens, one instance per request at concurrency 32, batching off vs
+   on (max 16, 5 ms wait); the served gain against the model's own offline gain (batch-16 vs batch-1 forward).
+3. int8 vs fp32: the same BERT offline at batch 16 and served with batching at concurrency 32.
+Serve runs Ray's high-throughput mode (HAProxy, `RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1`)
+when `haproxy` is installed, as `steward serve` does and `make setup` arranges. Cells alternate (A B A B) so the
+machine's drift hits both alike.
+Writes benchmarks/results/serve_overhead.json and prints the ratios.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests.serving: the fast trained-run helper the serve tests use
+
+import aiohttp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from steward.data.prepare import _tables  # noqa: E402
+from steward.serve.model import load_served_model  # noqa: E402
+from steward.serve.quantize import quantize_int8  # noqa: E402
+from steward.spec.serve import ServeSpec  # noqa: E402
+
+BERT = ["model.params.hidden_size=256", "model.params.num_layers=4", "model.params.num_heads=4",
+        "model.params.intermediate_size=1024", "model.params.dropout=0", "data.max_length=64",
+        "data.options.num_samples=1500", "data.tokenizer.vocab_size=2000"]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def latencies(url: str, body: dict, n: int) -> list[float]:
+    """Seconds per request, sequential, one keep-alive connection (after 20 warm-up requests)."""
+    out = []
+    async with aiohttp.ClientSession() as session:
+        for i in range(n + 20):
+            start = time.perf_counter()
+            async with session.post(url, json=body) as reply:
+                await reply.read()
+                assert reply.status == 200, await reply.text()
+            if i >= 20:
+                out.append(time.perf_counter() - start)
+    return out
+
+
+async def throughput(url: str, bodies: list[dict], concurrency: int, seconds: float) -> float:
+    """Completed requests per second with `concurrency` clients looping for `seconds` (after a 1 s warm-up)."""
+    done, counting, stop = [0], [False], time.perf_counter() + 1.0 + seconds
+
+    async def client(k: int, session: aiohttp.ClientSession) -> None:
+        i = k
+        while time.perf_counter() < stop:
+            async with session.post(url, json=bodies[i % len(bodies)]) as reply:
+                await reply.read()
+                assert reply.status == 200, await reply.text()
+            done[0] += counting[0]
+            i += concurrency
+
+    async def start_counting() -> None:
+        await asyncio.sleep(1.0)
+        counting[0] = True
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(start_counting(), *(client(k, session) for k in range(concurrency)))
+    return done[0] / seconds
+
+
+def measure(url: str, bodies: list[dict], args: argparse.Namespace, latency: bool) -> dict:
+    out: dict = {"qps_c32": asyncio.run(throughput(url, bodies, 32, args.seconds))}
+    if latency:
+        lat = asyncio.run(latencies(url, bodies[0], args.requests))
+        out |= {"p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * float(np.percentile(lat, 99))}
+    return out
+
+
+def bare_server(run_dir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "bare_fastapi.py"), str(run_dir), str(port)],
+                            env=env)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the bare FastAPI server did not start") from None
+            time.sleep(0.2)
+
+
+def serve_deploy(spec, run_dir: Path, port: int, prefix: str, **fields) -> str:
+    from steward.serve.deploy import deploy
+
+    cfg = ServeSpec.model_validate({"route_prefix": prefix, "name": prefix.strip("/"), "num_replicas": 1,
+                                    "num_cpus": 0.5, **fields})  # fmt: skip
+    return deploy(spec.model_copy(update={"serve": cfg}), run_dir, port=port).url
+
+
+def inputs(spec, n: int) -> list:
+    columns, tables = _tables(spec)
+    raw = tables["validation"][columns.input][:n]
+    return [r.tolist() if isinstance(r, np.ndarray) else r for r in raw]
+
+
+def offline_models(spec, run_dir: Path) -> dict:
+    """The served model in fp32 and int8, in this process, for the offline cells."""
+    fp32 = load_served_model(spec.model_copy(update={"serve": None}), run_dir)
+    int8 = load_served_model(spec.model_copy(update={"serve": None}), run_dir)
+    int8.model = quantize_int8(fp32.model)
+    return {"fp32": fp32, "int8": int8}
+
+
+def offline(served, texts: list, seconds: float) -> float:
+    """Instances/s of check + tokenize + forward on `texts` as one request, one torch thread, as a replica runs it."""
+    served.probabilities(texts)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        served.probabilities(texts)
+        count += len(texts)
+    return count / (time.perf_counter() - start)
+
+
+def overhead(cnn, args, port: int) -> dict:
+    spec, run_dir = cnn
+    bodies = [{"instances": [x]} for x in inputs(spec, 64)]
+    proc, bare_url = bare_server(run_dir)
+    serve_url = serve_deploy(spec, run_dir, port, "/cnn", batching=None)
+    cells: dict[str, list[dict]] = {"bare FastAPI": [], "steward on Serve": []}
+    try:
+        for _ in range(args.repeats):
+            cells["bare FastAPI"].append(measure(f"{bare_url}/predict", bodies, args, latency=True))
+            cells["steward on Serve"].append(measure(f"{serve_url}/predict", bodies, args, latency=True))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return {cell: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for cell, runs in cells.items()}
+
+
+def batching_and_int8(bert, args, port: int) -> dict:
+    spec, run_dir = bert
+    bodies = [{"instances": [x]} for x in inputs(spec, 64)]
+    batching = {"max_batch_size": 16, "batch_wait_timeout_ms": 5}
+    urls = {
+        "fp32 batching off": serve_deploy(spec, run_dir, port, "/off", batching=None),
+        "fp32 batching on": serve_deploy(spec, run_dir, port, "/on", batching=batching),
+        "int8 batching on": serve_deploy(spec, run_dir, port, "/int8", batching=batching, quantize="int8"),
+    }
+    torch.set_num_threads(1)
+    models, texts = offline_models(spec, run_dir), inputs(spec, 16)
+    served: dict[str, list[float]] = {cell: [] for cell in urls}
+    alone: dict[str, list[float]] = {f"{kind} batch {b}": [] for kind in models for b in (1, 16)}
+    for _ in range(args.repeats):  # served and offline cells interleaved: the machine's drift hits them alike
+        for cell, url in urls.items():
+            served[cell].append(asyncio.run(throughput(f"{url}/predict", bodies, 32, args.seconds)))
+        for cell in alone:
+            kind, batch = cell.split()[0], int(cell.split()[-1])
+            alone[cell].append(offline(models[kind], texts[:batch], args.seconds))
+    seen = {cell: _batch_sizes(url) for cell, url in urls.items() if "on" in cell.split()}
+    return {
+        "batch_sizes_seen": seen,
+        "served_qps_c32": {c: statistics.median(v) for c, v in served.items()},
+        "offline_per_s": {c: statistics.median(v) for c, v in alone.items()},
+    }
+
+
+def _batch_sizes(url: str) -> dict[str, int]:
+    import requests
+
+    return requests.get(f"{url}/info", timeout=30).json()["replica"]["batch_sizes"]
+
+
+def overhead_table(result: dict, console: Console) -> None:
+    over = result["overhead"]
+    bare, steward = over["bare FastAPI"], over["steward on Serve"]
+    table = Table(title=f"Serving overhead, quickstart CNN, 1 replica x 1 thread (proxy: {result['proxy']})")
+    for column in ("", "p50 ms (c=1)", "p99 ms (c=1)", "max QPS (c=32)"):
+        table.add_column(column, justify="right")
+    for cell, r in over.items():
+        table.add_row(cell, f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['qps_c32']:.0f}")
+    p50, p99 = steward["p50_ms"] - bare["p50_ms"], steward["p99_ms"] - bare["p99_ms"]
+    table.add_row("steward - bare", f"{p50:+.2f}", f"{p99:+.2f}", f"x{steward['qps_c32'] / bare['qps_c32']:.2f}")
+    console.print(table)
+
+
+def batching_table(result: dict, console: Console) -> None:
+    qps, off = result["batching"]["served_qps_c32"], result["batching"]["offline_per_s"]
+    table = Table(title="BERT 4x256, 64 tokens: batching and int8 (served: 1 instance per request, c=32)")
+    for column in ("", "served", "offline", "served / offline"):
+        table.add_column(column, justify="right")
+    for name, (s, o) in result["ratios"].items():
+        table.add_row(name, f"x{s:.2f}", f"x{o:.2f}" if o else "", f"{s / o:.2f}" if o else "")
+    for cell, value in qps.items():
+        table.add_row(f"served QPS, {cell}", f"{value:.0f}", "", "")
+    for cell, value in off.items():
+        table.add_row(f"offline instances/s, {cell}", "", f"{value:.0f}", "")
+    console.print(table)
+
+
+def ratios(result: dict) -> dict[str, tuple[float, float | None]]:
+    qps, off = result["batching"]["served_qps_c32"], result["batching"]["offline_per_s"]
+    return {
+        "batching gain (on / off)": (qps["fp32 batching on"] / qps["fp32 batching off"],
+                                     off["fp32 batch 16"] / off["fp32 batch 1"]),
+        "int8 / fp32 throughput": (qps["int8 batching on"] / qps["fp32 batching on"],
+                                   off["int8 batch 16"] / off["fp32 batch 16"]),
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="Measured seconds per throughput cell.")
+    parser.add_argument("--requests", type=int, default=400, help="Sequential requests per latency cell.")
+    parser.add_argument("--repeats", type=int, default=3, help="Interleaved repeats per cell (medians reported).")
+    parser.add_argument("--skip-overhead", action="store_true", help="Only the batching and int8 cells.")
+    args = parser.parse_args()
+    console = Console()
+    from steward.serve.deploy import prefer_high_throughput
+
+    # As `steward serve` does with an embedded Ray; set RAY_SERVE_ENABLE_HA_PROXY=0 to measure the default proxy.
+    fixed = ServeSpec(num_replicas=1)  # every deployment here has one replica
+    proxy = "haproxy (high-throughput mode)" if prefer_high_throughput(fixed) else "Serve's default proxy"
+    import ray
+    from ray import serve
+    from tests.serving import trained_run
+
+    tmp = Path(tempfile.mkdtemp(prefix="steward-serve-bench-"))
+    console.print("training the CNN and the BERT (plain torch, a few epochs)")
+    cnn = trained_run(tmp / "cnn", "quickstart.yaml", epochs=2)
+    bert = trained_run(tmp / "bert", "text-transformer.yaml", *BERT, epochs=2, lr=1e-3)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        result: dict = {"proxy": proxy, "args": vars(args)}
+        result["overhead"] = {} if args.skip_overhead else overhead(cnn, args, port)
+        for name in list(serve.status().applications):
+            serve.delete(name)
+        result["batching"] = batching_and_int8(bert, args, port)
+        result["ratios"] = ratios(result)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    out = ROOT / "benchmarks" / "results" / "serve_overhead.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if result["overhead"]:
+        overhead_table(result, console)
+    batching_table(result, console)
+    console.print(f"batch sizes seen (size: batches): {result['batching']['batch_sizes_seen']}")
+    console.print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""spec + run folder -> a Ray Serve application: one FastAPI ingress deployment with `@serve.batch`.
+
+Routes (under serve.route_prefix): POST /predict (steward's JSON), the Open Inference Protocol (KServe v2)
+routes under /v2, GET /healthz and GET /info. Every refused request is a 4xx JSON body naming the field.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve import Application
+
+from steward.serve.auth import key_is_valid, load_keys, presented_key
+from steward.serve.model import ServedModel, load_served_model
+from steward.serve.protocol import (
+    BadRequest,
+    InferRequest,
+    InferResponse,
+    ModelMetadata,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    TensorMetadata,
+    json_response,
+    oip_instances,
+    oip_outputs,
+    parse_body,
+    validated,
+)
+from steward.spec import JobSpec
+from steward.spec.serve import ServeSpec
+
+logger = logging.getLogger("steward.serve")
+api = FastAPI(title="steward model server", docs_url=None, redoc_url=None)
+DEPLOYMENT = "ModelServer"
+
+
+@api.exception_handler(BadRequest)
+async def _refused(request: Request, err: BadRequest) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+@api.exception_handler(Exception)
+async def _failed(request: Request, err: Exception) -> JSONResponse:
+    # A bug must not take the replica down or leak a traceback to the client; the log keeps the detail.
+    logger.exception("unexpected error on %s", request.url.path)
+    return JSONResponse({"error": f"internal error ({type(err).__name__})", "field": None}, status_code=500)
+
+
+def predict_response(served: ServedModel, name: str, probabilities: Any) -> PredictResponse:
+    """steward's JSON reply: one prediction (request id, label, class id, probabilities) per instance."""
+    labels = served.info.label_names
+    predictions = [
+        Prediction(
+            request_id=uuid.uuid4().hex,
+            label=labels[int(row.argmax())],
+            class_id=int(row.argmax()),
+            probabilities=row.tolist(),
+        )
+        for row in probabilities
+    ]
+    return PredictResponse(model=name, model_version=served.version, labels=labels, predictions=predictions)
+
+
+# Helpers the replica calls are defined above the class: Serve serializes the class when it is decorated.
+@serve.deployment(name=DEPLOYMENT)
+@serve.ingress(api)
+class ModelServer:
+    """One replica: the run's model (fp32 or int8), its API keys, and batching as the spec sets them."""
+
+    def __init__(self, spec: dict, run_dir: str, gate: dict | None = None) -> None:
+        job = JobSpec.model_validate(spec)
+        self.cfg: ServeSpec = job.serve or ServeSpec()
+        torch.set_num_threads(self.cfg.torch_threads)
+        self.served: ServedModel = load_served_model(job, run_dir, gate)
+        self.name = self.cfg.name or job.name
+        self.keys = load_keys(self.cfg.auth)
+        self.batch_sizes: Counter[int] = Counter()
+        self.started = time.time()
+        if self.cfg.batching is not None:
+            self._run_batch.set_max_batch_size(self.cfg.batching.max_batch_size)  # type: ignore[attr-defined]
+            wait_s = self.cfg.batching.batch_wait_timeout_ms / 1000
+            self._run_batch.set_batch_wait_timeout_s(wait_s)  # type: ignore[attr-defined]
+
+    # -- health and metadata -------------------------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        """Liveness for load balancers; no key needed."""
+        return {"status": "ok", "model": self.name, "model_version": self.served.version}
+
+    @api.get("/v2/health/live")
+    async def live(self) -> dict:
+        return {"live": True}
+
+    @api.get("/v2/health/ready")
+    async def ready(self) -> dict:
+        return {"ready": True}
+
+    @api.get("/v2/models/{name}/ready")
+    async def model_ready(self, name: str) -> dict:
+        self._check_name(name)
+        return {"name": name, "ready": True}
+
+    @api.get("/info")
+    async def info(self, request: Request) -> dict:
+        """Model info: run id, spec hash, training metrics, model card, int8 gate and batching seen here."""
+        self._authorize(request)
+        info = self.served.info
+        return {
+            "name": self.name,
+            "model_version": self.served.version,
+            "family": self.served.spec.model.family,
+            "modality": info.modality,
+            "input_shape": list(info.input_shape),
+            "labels": info.label_names,
+            "quantize": self.cfg.quantize,
+            "int8_gate": self.served.gate.to_dict() if self.served.gate else None,
+            **self.served.metadata,
+            "replica": {
+                "id": serve.get_replica_context().replica_id.unique_id,
+                "uptime_s": time.time() - self.started,
+                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            },
+        }
+
+    @api.get("/v2/models/{name}")
+    async def metadata(self, name: str, request: Request) -> ModelMetadata:
+        """OIP model metadata: the input tensor's datatype and shape, and the three output tensors."""
+        self._authorize(request)
+        self._check_name(name)
+        info, classes = self.served.info, len(self.served.info.label_names)
+        text = info.modality == "text"
+        return ModelMetadata(
+            name=self.name,
+            versions=[self.served.version],
+            inputs=[
+                TensorMetadata(
+                    name="input", datatype="BYTES" if text else "FP32", shape=[-1] if text else [-1, *info.input_shape]
+                )
+            ],  # fmt: skip
+            outputs=[
+                TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, classes]),
+                TensorMetadata(name="class_id", datatype="INT64", shape=[-1]),
+                TensorMetadata(name="label", datatype="BYTES", shape=[-1]),
+            ],
+        )
+
+    # -- inference -----------------------------------------------------------------------------------------
+    @api.post("/predict", response_model=PredictResponse)
+    async def predict(self, request: Request) -> Response:
+        """steward's JSON: {"instances": [...], "attributes": {...}} -> one prediction per instance."""
+        self._authorize(request)
+        body = validated(PredictRequest, parse_body(await self._body(request), self.cfg.max_body_bytes))
+        self._check_count(len(body.instances), "instances")
+        probabilities = await self._probabilities(body.instances, "instances")
+        return json_response(predict_response(self.served, self.name, probabilities))
+
+    @api.post("/v2/models/{name}/infer", response_model=InferResponse)
+    async def infer(self, name: str, request: Request) -> Response:
+        """OIP inference: one input tensor (BYTES [N] for text, FP32 [N, *shape] otherwise), three outputs."""
+        self._authorize(request)
+        self._check_name(name)
+        body = validated(InferRequest, parse_body(await self._body(request), self.cfg.max_body_bytes))
+        info = self.served.info
+        instances = oip_instances(body, info.modality, info.input_shape)
+        self._check_count(len(instances), "inputs[0].shape")
+        probabilities = await self._probabilities(instances, "inputs[0].data")
+        reply = InferResponse(
+            model_name=self.name,
+            model_version=self.served.version,
+            id=body.id or uuid.uuid4().hex,
+            outputs=oip_outputs(probabilities, info.label_names),
+        )
+        return json_response(reply)
+
+    async def _probabilities(self, instances: Any, field: str) -> Any:
+        prepared = self.served.prepare(instances, field)  # bad input fails here, alone, before any batch
+        if self.cfg.batching is None:  # on the event loop: the lowest latency for one small forward pass
+            self.batch_sizes[1] += 1
+            return self.served.run([prepared])[0]
+        return await self._run_batch(prepared)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _run_batch(self, requests: list[Any]) -> list[Any]:
+        """One forward pass over every request Serve grouped; each gets its own rows back.
+
+        The pass runs in a worker thread (torch releases the GIL) so the event loop keeps reading and parsing
+        the next requests meanwhile: in Serve's throughput mode user code shares the loop with HTTP.
+        """
+        self.batch_sizes[len(requests)] += 1
+        return await asyncio.to_thread(self.served.run, requests)
+
+    # -- request checks ------------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if not key_is_valid(presented_key(request.headers), self.keys):
+            raise BadRequest(401, "authorization", "missing or invalid API key; send `Authorization: Bearer <key>`")
+
+    def _check_name(self, name: str) -> None:
+        if name != self.name:
+            raise BadRequest(404, "name", f"no model {name!r} here; this server serves {self.name!r}")
+
+    def _check_count(self, count: int, field: str) -> None:
+        if count > self.cfg.max_instances:
+            raise BadRequest(413, field, f"{count} instances is over the limit of {self.cfg.max_instances} per "
+                             "request (serve.max_instances); split the request")  # fmt: skip
+
+    async def _body(self, request: Request) -> bytes:
+        """The body, refused as soon as it passes serve.max_body_bytes (before it is all read)."""
+        limit, declared = self.cfg.max_body_bytes, request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BadRequest(413, "body", f"{declared} bytes is over the {limit}-byte limit (serve.max_body_bytes)")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(413, "body", f"over the {limit}-byte limit (serve.max_body_bytes)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def deployment_options(cfg: ServeSpec) -> dict[str, Any]:
+    """Serve deployment options from the serve section: replicas or autoscaling, resources, queue depth."""
+    options: dict[str, Any] = {
+        "max_ongoing_requests": cfg.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+    }
+    if cfg.autoscaling is not None:
+        options["autoscaling_config"] = cfg.autoscaling.model_dump()
+        # Ray 2.60 is moving the load-report interval from the autoscaling config (still read by replicas, which
+        # report their own load under the HAProxy ingress) to environment variables: set both.
+        interval = str(cfg.autoscaling.metrics_interval_s)
+        env = {f"RAY_SERVE_{kind}_AUTOSCALING_METRIC_PUSH_INTERVAL_S": interval for kind in ("REPLICA", "HANDLE")}
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": env}
+    else:
+        options["num_replicas"] = cfg.num_replicas or 1
+    return options
+
+
+def build_app(spec: JobSpec, run_dir: str, gate: dict | None = None) -> Application:
+    """The Serve application for `spec` serving the model in `run_dir` (`gate`: an int8 check already made)."""
+    cfg = spec.serve or ServeSpec()
+    deployment = ModelServer.options(**deployment_options(cfg))  # type: ignore[attr-defined]
+    return deployment.bind(spec.model_dump(mode="json"), str(run_dir), gate)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point for Serve config files (`import_path: steward.serve.app:app_builder`, args: spec, run_dir).
+
+    Deployment options come from the spec here; a config file's `deployments:` entries override them.
+    """
+    return build_app(JobSpec.model_validate(args["spec"]), args["run_dir"])

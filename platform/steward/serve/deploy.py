@@ -1,0 +1,169 @@
+"""Driver side of serving: which run, the int8 check, deploy / status / stop on a Ray cluster, config export."""
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from steward.runs import list_runs, read_spec
+from steward.serve.auth import load_keys
+from steward.spec import JobSpec
+from steward.spec.serve import ServeSpec
+
+APP_BUILDER = "steward.serve.app:app_builder"
+# Ray's high-throughput Serve mode: HAProxy as the ingress and requests sent straight to replicas. Measured here it
+# takes Serve's overhead over bare FastAPI from ~8 ms to ~0.3 ms per request (benchmarks/serve_overhead.py).
+HIGH_THROUGHPUT = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+
+@dataclass(frozen=True)
+class Deployed:
+    name: str
+    url: str
+    run_dir: Path
+    gate: dict | None
+
+
+def prefer_high_throughput(cfg: ServeSpec | None) -> bool:
+    """Turn on Ray's high-throughput Serve mode for `cfg` when haproxy is installed and the user has not chosen.
+
+    Only for a fixed number of replicas: under Ray 2.60's HAProxy ingress the autoscaler did not add replicas under
+    load in our tests (tests/test_serve_autoscale.py runs Serve's default proxy, which does). Serve reads these
+    variables when its processes start, so call this before an embedded Ray starts; a cluster joined with
+    --address keeps its own setting. Returns whether the mode is on for Rays started from now on.
+    """
+    wanted = cfg is not None and cfg.autoscaling is None
+    if wanted and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ and shutil.which("haproxy"):
+        os.environ.update(HIGH_THROUGHPUT)
+    return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+
+
+def find_run(spec: JobSpec, run: Path | None = None) -> Path:
+    """`run` when given (checked), else the newest succeeded run of this spec's name under its output_dir."""
+    if spec.serve is None:
+        raise ValueError("serve: the spec has no serve section; add one (e.g. `serve: {route_prefix: /digits}`)")
+    if run is not None:
+        if not (Path(run) / "model" / "model.json").exists():
+            raise ValueError(f"--run {run}: not a finished run folder (no model/model.json); pass runs/<name>/<id>")
+        return Path(run).resolve()
+    for summary in list_runs(Path(spec.output_dir)):
+        if summary.name == spec.name and summary.state == "succeeded" and (summary.path / "model").is_dir():
+            return summary.path.resolve()
+    raise ValueError(
+        f"no succeeded run of {spec.name!r} under {spec.output_dir}/; train it first (steward run SPEC) or pass --run"
+    )
+
+
+def serving_spec(spec: JobSpec, run_dir: Path) -> JobSpec:
+    """The run's own spec (data and model as trained) with the serve section of `spec`."""
+    if spec.serve is None:
+        raise ValueError("serve: the spec has no serve section; add one (e.g. `serve: {route_prefix: /digits}`)")
+    return read_spec(run_dir).model_copy(update={"serve": spec.serve})
+
+
+def check_int8(job: JobSpec, run_dir: Path) -> dict | None:
+    """Run the int8 accuracy gate before deploying (QuantizationRefused, a ValueError, when it fails)."""
+    if job.serve is None or job.serve.quantize != "int8":
+        return None
+    from steward.serve.model import load_served_model
+
+    gate = load_served_model(job, run_dir).gate
+    return gate.to_dict() if gate else None
+
+
+def app_name(job: JobSpec) -> str:
+    return (job.serve.name if job.serve else None) or job.name
+
+
+def connect(address: str | None, job: JobSpec | None = None) -> None:
+    """Join the Ray at `address` (`auto`, ray://..., a GCS address) or start an embedded one (None)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address in (None, "", "local"):
+        from steward.train.launch import connect as connect_local
+
+        prefer_high_throughput(job.serve if job else None)
+
+        connect_local(None, job) if job else ray.init(include_dashboard=False, log_to_driver=False)
+        return
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except ConnectionError as err:
+        raise ValueError(
+            f"--address {address}: no Ray cluster there ({err}); start one with `ray start --head`"
+        ) from None
+
+
+def deploy(
+    spec: JobSpec, run_dir: Path, address: str | None = None, host: str = "127.0.0.1", port: int = 8000
+) -> Deployed:
+    """Deploy the run's model as the spec's serve section says; returns once every replica is up."""
+    from ray import serve
+
+    from steward.serve.app import build_app
+
+    job = serving_spec(spec, run_dir)
+    if address in (None, "", "local"):  # replicas of an embedded Ray see this environment: check keys up front
+        load_keys(job.serve.auth if job.serve else None)
+    gate = check_int8(job, run_dir)
+    connect(address, job)
+    serve.start(http_options={"host": host, "port": port})
+    cfg = job.serve or ServeSpec()
+    serve.run(build_app(job, str(run_dir), gate), name=app_name(job), route_prefix=cfg.route_prefix)
+    return Deployed(app_name(job), f"http://{host}:{port}{cfg.prefix}", run_dir, gate)
+
+
+def status_rows(address: str | None = "auto") -> list[dict[str, Any]]:
+    """One row per Serve application on the cluster: name, status, route, replicas per state."""
+    from ray import serve
+
+    connect(address)
+    rows = []
+    for name, app in serve.status().applications.items():
+        replicas: dict[str, int] = {}
+        for deployment in app.deployments.values():
+            for state, count in deployment.replica_states.items():
+                replicas[str(state)] = replicas.get(str(state), 0) + count
+        rows.append({"name": name, "status": str(app.status), "replicas": replicas, "message": app.message})
+    return rows
+
+
+def stop(name: str, address: str | None = "auto") -> None:
+    """Delete the Serve application `name` (ValueError when there is none)."""
+    from ray import serve
+
+    connect(address)
+    if name not in serve.status().applications:
+        raise ValueError(f"no Serve application named {name!r}; `steward serve status` lists them")
+    serve.delete(name)
+
+
+def export_config(spec: JobSpec, run_dir: Path, path: Path, host: str = "0.0.0.0", port: int = 8000) -> dict:
+    """Write a Ray Serve config file (for `serve deploy`, or a KubeRay RayService's serveConfigV2) and return it."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from steward.serve.app import DEPLOYMENT, deployment_options
+    from steward.train.launch import worker_env
+
+    job = serving_spec(spec, run_dir)
+    cfg = job.serve or ServeSpec()
+    config = {
+        "http_options": {"host": host, "port": port},
+        "applications": [{
+            "name": app_name(job),
+            "route_prefix": cfg.route_prefix,
+            "import_path": APP_BUILDER,
+            "runtime_env": {"env_vars": worker_env(job)},
+            "args": {"spec": job.model_dump(mode="json"), "run_dir": str(run_dir)},
+            "deployments": [{"name": DEPLOYMENT, **deployment_options(cfg)}],
+        }],
+    }  # fmt: skip
+    ServeDeploySchema.model_validate(config)  # refuse to write what `serve deploy` would reject
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return config

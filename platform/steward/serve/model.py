@@ -1,0 +1,117 @@
+"""The model a replica serves: loaded from a run folder, optionally int8, with input checks. No Ray, no HTTP."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from steward.data import DataError, DataInfo, encode_instances
+from steward.runs import spec_hash
+from steward.serve.protocol import BadRequest
+from steward.serve.quantize import GateResult, accuracy_gate, quantize_int8
+from steward.spec import JobSpec
+
+
+@dataclass
+class ServedModel:
+    """A run's model ready for inference: `probabilities(instances)` -> float32 [N, C]."""
+
+    model: nn.Module
+    info: DataInfo
+    spec: JobSpec
+    run_dir: Path
+    gate: GateResult | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        """The run id, suffixed with the precision when it is not the trained fp32."""
+        suffix = "-int8" if self.gate is not None else ""
+        return self.run_dir.name + suffix
+
+    def prepare(self, instances: Any, field: str = "instances") -> Any:
+        """Check raw instances, naming the bad one in a BadRequest 422; returns what `run` takes.
+
+        Text stays a list of strings (tokenized later, a whole batch at once); arrays become a float tensor.
+        """
+        if self.info.modality == "text":
+            for i, text in enumerate(instances):
+                problem = _text_problem(text)
+                if problem:
+                    raise BadRequest(422, f"{field}[{i}]", problem)
+            return list(instances)
+        try:
+            return encode_instances(instances, self.info, self.spec.data.max_length, field=field)[0]
+        except DataError as err:
+            where, message = err.problems[0]
+            raise BadRequest(422, where, message) from None
+
+    @torch.inference_mode()
+    def run(self, prepared: list[Any]) -> list[np.ndarray]:
+        """Class probabilities (float32 [n_i, C]) for each prepared request, in one forward pass over all of them."""
+        sizes = [len(p) for p in prepared]
+        if self.info.modality == "text":  # padded to max_length as in training: batching never changes a result
+            texts = [text for p in prepared for text in p]
+            inputs, mask = encode_instances(texts, self.info, self.spec.data.max_length)
+        else:
+            inputs, mask = torch.cat(prepared), None
+        out = torch.softmax(self.model(inputs, mask).float(), dim=-1).numpy()
+        starts = np.cumsum([0, *sizes[:-1]])
+        return [out[s : s + n] for s, n in zip(starts, sizes, strict=True)]
+
+    def probabilities(self, instances: Any, field: str = "instances") -> np.ndarray:
+        """Check and run one request's instances (the offline path the tests compare against)."""
+        return self.run([self.prepare(instances, field)])[0]
+
+
+def _text_problem(text: Any) -> str | None:
+    if not isinstance(text, str):
+        return f"expected a string for text data, got {type(text).__name__}"
+    if not _is_utf8(text):
+        return "text is not valid UTF-8 (lone surrogate escape)"
+    return None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def load_served_model(spec: JobSpec, run_dir: str | Path, gate: dict | None = None) -> ServedModel:
+    """The run's consolidated model, quantized to int8 when serve.quantize says so.
+
+    int8 is checked against fp32 on the validation split (QuantizationRefused when it drops more than
+    serve.quantize_tolerance) unless `gate` carries the result of that same check, made before deploying.
+    """
+    from steward.evaluate.run import load_servable
+
+    run_dir = Path(run_dir)
+    model, info = load_servable(run_dir / "model")
+    result = None
+    if spec.serve is not None and spec.serve.quantize == "int8":
+        int8 = quantize_int8(model)
+        result = GateResult(**{k: v for k, v in gate.items() if k != "passed"}) if gate else None
+        result = result or accuracy_gate(model, int8, info, spec)
+        model = int8
+    return ServedModel(model, info, spec, run_dir, result, run_metadata(spec, run_dir))
+
+
+def run_metadata(spec: JobSpec, run_dir: Path) -> dict[str, Any]:
+    """What the model info route shows about the run: ids, hashes, training metrics, model card."""
+    status_file, metrics_file = run_dir / "status.json", run_dir / "metrics.json"
+    status = json.loads(status_file.read_text()) if status_file.exists() else {}
+    card = next((p for p in (run_dir / "model_card.md", run_dir / "model" / "README.md") if p.exists()), None)
+    return {
+        "run_id": run_dir.name,
+        "run_dir": str(run_dir),
+        "spec_hash": status.get("spec_hash") or spec_hash(spec),
+        "training_metrics": json.loads(metrics_file.read_text()) if metrics_file.exists() else None,
+        "model_card": str(card) if card else None,
+    }

@@ -1,0 +1,78 @@
+"""int8 for CPU serving: dynamic quantization of Linear and LSTM layers, and the accuracy gate that guards it."""
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from steward.data import DataInfo
+from steward.spec import JobSpec
+
+
+class QuantizationRefused(ValueError):
+    """int8 lost more validation accuracy than serve.quantize_tolerance allows: the deployment must not start."""
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Validation accuracy of the fp32 and int8 models, on the split the gate used."""
+
+    split: str
+    fp32_accuracy: float
+    int8_accuracy: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.fp32_accuracy - self.int8_accuracy <= self.tolerance + 1e-12
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "passed": self.passed}
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """A dynamically quantized copy of `model`: int8 weights for Linear / LSTM, activations quantized per batch.
+
+    Convolutions stay fp32 (dynamic quantization has no int8 conv); the copy leaves `model` untouched.
+    """
+    import copy
+
+    with warnings.catch_warnings():
+        # torch >= 2.10 warns that eager-mode quantization moves to torchao; the eager API still works and is
+        # the one both the tests and the benchmark measure.
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model).eval(), {nn.Linear, nn.LSTM}, dtype=torch.qint8
+        )
+
+
+def gate_split(spec: JobSpec) -> str:
+    """The split the accuracy gate measures: validation, else test; int8 is refused without either."""
+    for split in ("validation", "test"):
+        if split in spec.data.splits:
+            return split
+    raise QuantizationRefused(
+        "serve.quantize: int8 needs a validation (or test) split to check its accuracy against fp32; "
+        "add one to data.splits or set serve.quantize: none"
+    )
+
+
+def accuracy_gate(fp32: nn.Module, int8: nn.Module, info: DataInfo, spec: JobSpec) -> GateResult:
+    """Compare fp32 and int8 accuracy on the gate split; raise QuantizationRefused when int8 drops too far."""
+    from steward.evaluate.run import evaluate
+
+    split = gate_split(spec)
+    metrics_spec = spec.model_copy(
+        update={"evaluate": spec.evaluate.model_copy(update={"metrics": ["accuracy"], "per_group": False})}
+    )
+    scores = [evaluate(model, info, metrics_spec, split)["overall"]["accuracy"] for model in (fp32, int8)]
+    result = GateResult(split, scores[0], scores[1], spec.serve.quantize_tolerance if spec.serve else 0.01)
+    if not result.passed:
+        raise QuantizationRefused(
+            f"serve.quantize: int8 {split} accuracy {result.int8_accuracy:.4f} is "
+            f"{100 * (result.fp32_accuracy - result.int8_accuracy):.2f} points below fp32 "
+            f"({result.fp32_accuracy:.4f}), more than serve.quantize_tolerance ({result.tolerance:g}); "
+            "refusing to deploy: serve fp32 (serve.quantize: none) or raise the tolerance"
+        )
+    return result

@@ -1,0 +1,89 @@
+"""Helpers for the serving tests: real trained runs made fast (plain torch, no Ray Train), one Serve per module,
+deploying, offline predictions to compare with, and polling."""
+
+import shutil
+import time
+from dataclasses import replace
+
+import numpy as np
+import requests
+import torch
+
+from steward.data import load_splits, prepare_data
+from steward.data.prepare import _tables
+from steward.evaluate.run import evaluate_model, load_servable, write_metrics
+from steward.models import build_model, save_model, task_loss
+from steward.runs import create_run, set_status
+from steward.serve.deploy import deploy
+from steward.serve.model import load_served_model
+from steward.serve.quantize import quantize_int8
+from steward.spec import load_job
+from steward.spec.serve import ServeSpec
+from tests.conftest import JOBS
+
+
+def trained_run(tmp_path, job: str, *overrides: str, epochs: int = 3, lr: float = 3e-3):
+    """A succeeded run folder shaped exactly like training's: spec.yaml, status, model/ (+ tokenizer), metrics.
+
+    The model is trained in-process with plain torch for a few epochs: real weights and real accuracy, seconds
+    instead of a Ray Train job. Returns (spec, run_dir).
+    """
+    spec = load_job(JOBS / job, [f"output_dir={tmp_path / 'runs'}", *overrides])
+    run_dir = create_run(spec)
+    info = prepare_data(spec, run_dir)
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, info)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    train = load_splits(spec, info)["train"]
+    for _ in range(epochs):
+        model.train()
+        for batch in train.batches(32):
+            loss = task_loss(spec.model.task, model(batch["inputs"], batch.get("attention_mask")), batch["labels"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    exported = info
+    if info.tokenizer_dir:
+        shutil.copytree(info.tokenizer_dir, run_dir / "model" / "tokenizer")
+        exported = replace(info, tokenizer_dir="tokenizer")
+    save_model(run_dir / "model", model.eval(), model.state_dict(), spec.model, exported)
+    result = evaluate_model(run_dir / "model", spec)
+    write_metrics(run_dir, result)
+    set_status(run_dir, "succeeded", headline=result["overall"])
+    return spec, run_dir
+
+
+def wait_for(condition, timeout: float, what: str, every: float = 0.1):
+    """Poll `condition()` until it returns a truthy value (returned) or `timeout` seconds pass (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
+        time.sleep(every)
+
+
+def serve_it(runs, port, family, **serve_fields):
+    """Deploy `family`'s run with these serve fields (small replicas by default); returns the base URL."""
+    spec, run_dir = runs[family]
+    cfg = ServeSpec.model_validate({"route_prefix": f"/{family}", "num_cpus": 0.5, **serve_fields})
+    return deploy(spec.model_copy(update={"serve": cfg}), run_dir, port=port).url
+
+
+def validation_inputs(spec, n):
+    """The first n raw validation instances, exactly as a client would send them (JSON-able)."""
+    columns, tables = _tables(spec)
+    raw = tables["validation"][columns.input][:n]
+    return [r.tolist() if isinstance(r, np.ndarray) else r for r in raw]
+
+
+def offline_probabilities(run_dir, spec, instances, int8=False):
+    model, info = load_servable(run_dir / "model")
+    served = load_served_model(spec.model_copy(update={"serve": None}), run_dir)
+    served.model = quantize_int8(model) if int8 else model
+    return served.probabilities(instances)
+
+
+def post(url, **kwargs):
+    return requests.post(url, timeout=60, **kwargs)

@@ -1,0 +1,299 @@
+"""Ray tier: a real Ray Serve instance, real HTTP requests, models trained for real (in-process, seconds).
+
+One Serve per module on a free port; every test deploys what it needs and the autouse fixture deletes it after.
+"""
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from steward.serve.deploy import HIGH_THROUGHPUT, deploy
+from steward.serve.quantize import QuantizationRefused
+from steward.spec.serve import ServeSpec
+from tests.serving import (
+    offline_probabilities,
+    post,
+    serve_it,
+    trained_run,
+    validation_inputs,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+FAMILIES = {
+    "cnn": ("quickstart.yaml", []),
+    "lstm": ("digits-lstm.yaml", ["model.params.hidden_size=32"]),
+    "transformer": ("text-transformer.yaml", ["data.options.num_samples=1500"]),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _serve_mode_as_the_cli_picks_it():
+    """Serve in the mode `steward serve` picks for fixed replicas (HAProxy high-throughput when installed)."""
+    from steward.serve.deploy import prefer_high_throughput
+
+    # A stopping replica stays 30 s for HAProxy to drain it; 1 s keeps deleting apps between tests quick.
+    fast_drain = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+    before = {k: os.environ.get(k) for k in [*HIGH_THROUGHPUT, *fast_drain]}
+    os.environ.update(fast_drain)
+    prefer_high_throughput(ServeSpec(num_replicas=1))
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One trained run per model family: {family: (spec, run_dir)}."""
+    root = tmp_path_factory.mktemp("serve-runs")
+    return {family: trained_run(root / family, job, *extra) for family, (job, extra) in FAMILIES.items()}
+
+
+def oip_input(family, instances):
+    if family == "transformer":
+        return {"name": "input", "shape": [len(instances)], "datatype": "BYTES", "data": instances}
+    array = np.asarray(instances, dtype=np.float32)
+    return {"name": "input", "shape": list(array.shape), "datatype": "FP32", "data": array.reshape(-1).tolist()}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_served_predictions_equal_the_offline_model_and_oip_round_trips(runs, serve_port, family):
+    spec, run_dir = runs[family]
+    url = serve_it(runs, serve_port, family, batching={"max_batch_size": 8, "batch_wait_timeout_ms": 20})
+    instances = validation_inputs(spec, 24)
+    expected = offline_probabilities(run_dir, spec, instances)
+    # Concurrent single-instance requests, so the batched path mixes requests into one forward pass.
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda x: post(f"{url}/predict", json={"instances": [x]}), instances))
+    assert all(r.status_code == 200 for r in replies), replies[0].text
+    served = np.array([r.json()["predictions"][0]["probabilities"] for r in replies])
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    body = replies[0].json()
+    assert body["model_version"] == run_dir.name and len(body["predictions"][0]["request_id"]) == 32
+    assert body["predictions"][0]["label"] == body["labels"][int(expected[0].argmax())]
+
+    infer = post(f"{url}/v2/models/{spec.name}/infer", json={"id": "r1", "inputs": [oip_input(family, instances)]})
+    assert infer.status_code == 200, infer.text
+    outputs = {o["name"]: o for o in infer.json()["outputs"]}
+    assert infer.json()["id"] == "r1" and outputs["probabilities"]["shape"] == list(expected.shape)
+    np.testing.assert_allclose(np.reshape(outputs["probabilities"]["data"], expected.shape), expected, atol=1e-5)
+    assert outputs["class_id"]["data"] == expected.argmax(-1).tolist()
+
+
+def test_health_metadata_and_model_info(runs, serve_port):
+    spec, run_dir = runs["cnn"]
+    url = serve_it(runs, serve_port, "cnn")
+    assert requests.get(f"{url}/healthz").json()["status"] == "ok"
+    assert requests.get(f"{url}/v2/health/ready").json() == {"ready": True}
+    meta = requests.get(f"{url}/v2/models/{spec.name}").json()
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 8, 8]}]
+    assert requests.get(f"{url}/v2/models/nope").status_code == 404
+    info = requests.get(f"{url}/info").json()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert info["run_id"] == run_dir.name and info["spec_hash"] == status["spec_hash"]
+    assert info["training_metrics"] == json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_auth_401_without_a_valid_key_200_with_one(runs, serve_port, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# serving keys\nfirst-key-123\nsecond-key-456  # the rotation key\n")
+    spec, _ = runs["cnn"]
+    url = serve_it(runs, serve_port, "cnn", auth={"api_keys_file": str(keys)})
+    body = {"instances": validation_inputs(spec, 1)}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "first-key-12"}, {"Authorization": "x"}):
+        refused = post(f"{url}/predict", json=body, headers=headers)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert "key-123" not in refused.text and "key-456" not in refused.text
+    assert requests.get(f"{url}/info").status_code == 401
+    assert post(f"{url}/v2/models/{spec.name}/infer", json={}).status_code == 401  # before the body is looked at
+    assert post(f"{url}/predict", json=body, headers={"Authorization": "Bearer first-key-123"}).status_code == 200
+    assert post(f"{url}/predict", json=body, headers={"X-API-Key": "second-key-456"}).status_code == 200
+    assert requests.get(f"{url}/healthz").status_code == 200  # load balancers probe without a key
+
+
+def test_batching_really_batches_under_concurrent_load(runs, serve_port):
+    spec, _ = runs["cnn"]
+    url = serve_it(runs, serve_port, "cnn", batching={"max_batch_size": 8, "batch_wait_timeout_ms": 50})
+    instance = validation_inputs(spec, 1)
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda _: post(f"{url}/predict", json={"instances": instance}).status_code, range(64)))
+    assert codes == [200] * 64
+    sizes = {int(k): v for k, v in requests.get(f"{url}/info").json()["replica"]["batch_sizes"].items()}
+    assert sum(size * count for size, count in sizes.items()) == 64
+    assert max(sizes) > 1 and max(sizes) <= 8, sizes
+    assert sum(count for size, count in sizes.items() if size > 1) >= 4, sizes
+
+
+def test_int8_transformer_is_served_after_passing_its_gate(runs, serve_port):
+    spec, run_dir = runs["transformer"]
+    url = serve_it(runs, serve_port, "transformer", quantize="int8", num_cpus=1)
+    info = requests.get(f"{url}/info").json()
+    gate = info["int8_gate"]
+    assert gate["passed"] and gate["fp32_accuracy"] - gate["int8_accuracy"] <= 0.01
+    assert info["model_version"] == run_dir.name + "-int8"
+    instances = validation_inputs(spec, 16)
+    reply = post(f"{url}/predict", json={"instances": instances}).json()
+    served = np.array([p["probabilities"] for p in reply["predictions"]])
+    np.testing.assert_allclose(served, offline_probabilities(run_dir, spec, instances, int8=True), atol=1e-4)
+    fp32 = offline_probabilities(run_dir, spec, instances)
+    assert (served.argmax(-1) == fp32.argmax(-1)).mean() >= 0.9
+
+
+def damage_for_int8(run_dir):
+    """Rescale one hidden unit of the CNN head by 1e4 and its outgoing weights by 1e-4.
+
+    ReLU is positively homogeneous, so the fp32 function is unchanged, but per-tensor int8 scales now span 1e4x
+    the other units' range and round them to zero: the model is fine in fp32 and broken in int8.
+    """
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(run_dir / "model" / "model.safetensors"))
+    weights["head.2.weight"][0] *= 1e4
+    weights["head.2.bias"][0] *= 1e4
+    weights["head.5.weight"][:, 0] *= 1e-4
+    save_file(weights, str(run_dir / "model" / "model.safetensors"), {"format": "pt"})
+
+
+def test_the_int8_gate_refuses_a_damaged_model(runs, serve_port, tmp_path):
+    import shutil
+
+    from ray import serve
+
+    from steward.evaluate.run import evaluate_model
+    from steward.serve.app import build_app
+
+    spec, run_dir = runs["cnn"]
+    damaged = tmp_path / run_dir.name
+    shutil.copytree(run_dir, damaged)
+    damage_for_int8(damaged)
+    before = evaluate_model(run_dir / "model", spec, "validation")["overall"]["accuracy"]
+    assert evaluate_model(damaged / "model", spec, "validation")["overall"]["accuracy"] == pytest.approx(before)
+    job = spec.model_copy(update={"serve": ServeSpec(route_prefix="/damaged", quantize="int8", num_cpus=0.5)})
+    with pytest.raises(QuantizationRefused, match=r"serve.quantize: int8 validation accuracy .* points below fp32"):
+        deploy(job, damaged, port=serve_port)
+    assert "quickstart" not in serve.status().applications
+    # The replica checks too (a Serve config file deploys without steward's driver): it refuses to start.
+    with pytest.raises(RuntimeError):
+        serve.run(build_app(job, str(damaged)), name="damaged", route_prefix="/damaged")
+
+
+BAD_IMAGE_REQUESTS = [
+    ("oversize body", b'{"instances": [' + b"0, " * 40_000 + b"0]}", 413, "body"),
+    ("non-UTF-8 body", b'{"instances": ["\xff\xfe"]}', 400, "body"),
+    ("malformed JSON", b'{"instances": [', 400, "body"),
+    ("NaN", b'{"instances": [[' + b", ".join([b"[" + b", ".join([b"NaN"] * 8) + b"]"] * 8) + b"]]}", 422,
+     "instances[0]"),
+    ("infinity", json.dumps({"instances": [[[1e999] * 8] * 8]}).encode(), 422, "instances[0]"),
+    ("wrong shape", json.dumps({"instances": [[[0.0] * 7] * 8]}).encode(), 422, "instances[0]"),
+    ("wrong type", json.dumps({"instances": ["a digit"]}).encode(), 422, "instances[0]"),
+    ("too many instances", json.dumps({"instances": [[[0.0] * 8] * 8] * 5}).encode(), 413, "instances"),
+    ("no instances", json.dumps({"instances": []}).encode(), 422, "instances"),
+    ("unknown key", json.dumps({"instances": [[[0.0] * 8] * 8], "extra": 1}).encode(), 422, "extra"),
+    ("attributes of the wrong length", json.dumps({"instances": [[[0.0] * 8] * 8], "attributes": {"g": [1, 2]}})
+     .encode(), 422, "attributes"),
+]  # fmt: skip
+
+
+def test_every_bad_input_gets_its_4xx_and_the_next_good_request_succeeds(runs, serve_port):
+    spec, _ = runs["cnn"]
+    url = serve_it(runs, serve_port, "cnn", max_instances=4, max_body_bytes=65_536)
+    good = {"instances": validation_inputs(spec, 2), "attributes": {"group": ["a", "b"]}}
+    for case, body, status, field in BAD_IMAGE_REQUESTS:
+        refused = post(f"{url}/predict", data=body, headers={"Content-Type": "application/json"})
+        assert refused.status_code == status, f"{case}: {refused.status_code} {refused.text}"
+        assert refused.json()["field"] == field, f"{case}: {refused.text}"
+        assert post(f"{url}/predict", json=good).status_code == 200, f"after {case}"
+    oip = f"{url}/v2/models/{spec.name}/infer"
+    bad_oip = [
+        ({"inputs": [{"name": "x", "shape": [1, 8, 7], "datatype": "FP32", "data": [0.0] * 56}]}, "inputs[0].shape"),
+        ({"inputs": [{"name": "x", "shape": [1, 8, 8], "datatype": "BYTES", "data": ["a"] * 64}]},
+         "inputs[0].datatype"),
+        ({"inputs": [{"name": "x", "shape": [1, 8, 8], "datatype": "FP32", "data": [0.0] * 60}]}, "inputs[0].data"),
+        ({"inputs": [{"name": "x", "shape": [5, 8, 8], "datatype": "FP32", "data": [0.0] * 320}]},
+         "inputs[0].shape"),
+        ({"inputs": []}, "inputs"),
+    ]  # fmt: skip
+    for body, field in bad_oip:
+        refused = post(oip, json=body)
+        assert 400 <= refused.status_code < 500 and refused.json()["field"] == field, refused.text
+    assert post(oip, json={"inputs": [oip_input("cnn", good["instances"])]}).status_code == 200
+
+
+def test_bad_text_inputs_are_refused_by_field(runs, serve_port):
+    spec, _ = runs["transformer"]
+    url = serve_it(runs, serve_port, "transformer")
+    for instances, field in ((["fine", 3], "instances[1]"), (["\ud800 lone surrogate"], "instances[0]"),
+                             ([["nested"]], "instances[0]")):  # fmt: skip
+        body = json.dumps({"instances": instances}).encode()  # json escapes the surrogate as \\ud800
+        refused = post(f"{url}/predict", data=body, headers={"Content-Type": "application/json"})
+        assert refused.status_code == 422 and refused.json()["field"] == field, refused.text
+    assert post(f"{url}/predict", json={"instances": ["a good sentence"]}).status_code == 200
+
+
+def test_exported_config_deploys_and_serves(runs, serve_port, tmp_path):
+    import yaml
+    from ray import serve
+
+    from steward.serve.app import app_builder
+    from steward.serve.deploy import export_config
+
+    spec, run_dir = runs["cnn"]
+    job = spec.model_copy(update={"serve": ServeSpec(route_prefix="/exported", num_cpus=0.5)})
+    path = tmp_path / "serve" / "quickstart.yaml"
+    export_config(job, run_dir, path)
+    [application] = yaml.safe_load(path.read_text())["applications"]
+    assert application["import_path"] == "steward.serve.app:app_builder"
+    serve.run(app_builder(application["args"]), name=application["name"], route_prefix=application["route_prefix"])
+    reply = post(f"http://127.0.0.1:{serve_port}/exported/predict", json={"instances": validation_inputs(spec, 1)})
+    assert reply.status_code == 200 and reply.json()["model_version"] == run_dir.name
+
+
+def gcs_address():
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
+def test_cli_serve_status_and_stop_on_a_running_cluster(runs, serve_port):
+    from tests.test_cli import steward
+
+    spec, run_dir = runs["cnn"]
+    address = ["--address", gcs_address()]
+    out = steward("serve", str(run_dir / "spec.yaml"), "--run", str(run_dir), "--port", str(serve_port), *address,
+                  "--set", "serve={route_prefix: /cli, num_cpus: 0.5}")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"http://127.0.0.1:{serve_port}/cli/predict" in out.stdout
+    reply = post(f"http://127.0.0.1:{serve_port}/cli/predict", json={"instances": validation_inputs(spec, 1)})
+    assert reply.status_code == 200
+    listed = steward("serve", "status", *address)
+    assert listed.returncode == 0 and spec.name in listed.stdout and "running=1" in listed.stdout.lower()
+    stopped = steward("serve", "stop", spec.name, *address)
+    assert stopped.returncode == 0, stopped.stderr
+    from ray import serve
+
+    wait_for(lambda: spec.name not in serve.status().applications, 60, "the app to be gone")
+    missing = steward("serve", "stop", "nothing-here", *address)
+    assert missing.returncode == 2 and "no Serve application named 'nothing-here'" in missing.stderr
+
+
+def test_run_trains_then_deploys(serve_port, tmp_path):
+    from tests.conftest import JOBS
+    from tests.test_cli import steward
+
+    overrides = [f"output_dir={tmp_path}", "train.epochs=1", "distributed.num_workers=1", "distributed.strategy=ddp",
+                 "distributed.zero_stage=0",
+                 "serve.num_cpus=0.5", "serve.autoscaling=null", "serve.route_prefix=/ran"]  # fmt: skip
+    sets = [item for o in overrides for item in ("--set", o)]
+    out = steward("run", str(JOBS / "quickstart.yaml"), *sets, "--address", gcs_address(), "--port", str(serve_port))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    [run_dir] = (tmp_path / "quickstart").iterdir()
+    info = requests.get(f"http://127.0.0.1:{serve_port}/ran/info").json()
+    assert info["run_id"] == run_dir.name
