@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from ray import tune  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.live import Live  # noqa: E402
@@ -104,6 +105,7 @@ def plot_trials(rows: list[TrialRow], metric: str, path: Path) -> None:
         (line,) = ax.plot(xs, ys, label=f"{r.trial_id} ({r.status})", **style)
         if r.status == "pruned":
             ax.plot(xs[-1], ys[-1], marker="x", markersize=10, color=line.get_color())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch (Tune iteration)")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per trial; x = stopped early")
