@@ -22,7 +22,7 @@ def trial_rows(grid: tune.ResultGrid, metric: str, run_dir: Path) -> list[TrialR
     """A row per trial, in trial order, with its metric curve (one point per epoch)."""
     rows = []
     for result in (grid[i] for i in range(len(grid))):
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        trial_id = Path(result.path).name  # the trial's folder is named by its id (a PBT copy reports its donor's)
         frame = result.metrics_dataframe
         curve: list[tuple[int, float]] = []
         if frame is not None and metric in frame:

@@ -153,6 +153,7 @@ def build_tuner(spec: JobSpec, run_dir: Path, callbacks: list, resume: bool = Fa
             num_samples=t.samples,
             time_budget_s=t.time_budget_s,
             reuse_actors=False,  # a reused trial actor would keep the previous trial's Train run alive
+            trial_dirname_creator=lambda trial: trial.trial_id,  # tune/<trial id>, as trials/<trial id>
         ),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(run_dir), callbacks=callbacks, verbose=0),
     )
