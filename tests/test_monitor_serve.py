@@ -4,7 +4,6 @@ and at a webhook, and how many records a killed replica or monitor loses."""
 import json
 import socket
 import threading
-import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -12,10 +11,9 @@ import numpy as np
 import pytest
 import requests
 
-from steward.monitor.actor import NAMESPACE, actor_name
+from steward.serve.deploy import deploy
 from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec
-from steward.serve.deploy import deploy
 from tests.serving import trained_run, wait_for
 
 pytestmark = pytest.mark.slow
@@ -102,7 +100,7 @@ def digits(spec):
     rows = [
         (x, y)
         for role in ("validation", "test")
-        for x, y in zip(tables[role][columns.input], tables[role][columns.label])
+        for x, y in zip(tables[role][columns.input], tables[role][columns.label], strict=True)
     ]
     return [np.asarray(x, dtype=float) for x, _ in rows], [str(y) for _, y in rows]
 
@@ -111,8 +109,8 @@ def test_digits_clean_traffic_is_quiet_noise_raises_drift_and_skew_raises_bias(t
     hook, received = webhook
     # SPD only: disparate impact of a 10%-rate class swings by +-50% on 100 records a group, by chance alone.
     bias = {"group": "group", "favourable": "0", "privileged": "a", "metrics": ["statistical_parity_difference"]}
-    monitor = {"bias": bias,
-               "drift": {"min_records": 100}, "window": {"size": 200}, "alerts": {"consecutive_windows": 2, "webhook": hook},
+    alerts = {"consecutive_windows": 2, "webhook": hook}
+    monitor = {"bias": bias, "drift": {"min_records": 100}, "window": {"size": 200}, "alerts": alerts,
                "push_interval_s": 0.3, "persist_interval_s": 2}  # fmt: skip
     spec, run_dir, url = monitored(tmp_path, ports, "quickstart.yaml", monitor, prefix="/watched")
     images, labels = digits(spec)

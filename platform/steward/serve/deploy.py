@@ -160,3 +160,29 @@ def stop_monitor(name: str) -> None:
             handle = ray.get_actor(actor["name"], namespace=NAMESPACE)
             ray.get(handle.persist.remote())
             ray.kill(handle, no_restart=True)
+
+
+def export_config(spec: JobSpec, run_dir: Path, path: Path, host: str = "0.0.0.0", port: int = 8000) -> dict:
+    """Write a Ray Serve config file (for `serve deploy`, or a KubeRay RayService's serveConfigV2) and return it."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from steward.serve.app import DEPLOYMENT, deployment_options
+    from steward.train.launch import worker_env
+
+    job = serving_spec(spec, run_dir)
+    cfg = job.serve or ServeSpec()
+    config = {
+        "http_options": {"host": host, "port": port},
+        "applications": [{
+            "name": app_name(job),
+            "route_prefix": cfg.route_prefix,
+            "import_path": APP_BUILDER,
+            "runtime_env": {"env_vars": worker_env(job)},
+            "args": {"spec": job.model_dump(mode="json"), "run_dir": str(run_dir)},
+            "deployments": [{"name": DEPLOYMENT, **deployment_options(cfg)}],
+        }],
+    }  # fmt: skip
+    ServeDeploySchema.model_validate(config)  # refuse to write what `serve deploy` would reject
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return config
