@@ -291,6 +291,26 @@ def serve_stop(
     console.print(f"stopped [bold]{name}[/]")
 
 
+monitor_app = typer.Typer(no_args_is_help=True, help="What the monitors of served models saw.")
+app.add_typer(monitor_app, name="monitor")
+
+
+@monitor_app.command("report")
+@user_errors
+def monitor_report(
+    target: Annotated[Path, typer.Argument(help="Run folder, run/monitor/<deployment> folder, or deployment name.")],
+    output_dir: Annotated[Path, typer.Option(help="Folder of run folders, to find a deployment by name.")] = Path(
+        "runs"
+    ),
+    out: Annotated[Path | None, typer.Option(help="Folder for report.html (default: the monitor folder).")] = None,
+) -> None:
+    """Write an HTML page with drift over time, per-group rates and reference-vs-live histograms."""
+    from steward.monitor.report import find_monitor, write_report
+
+    page = write_report(find_monitor(target, output_dir), out)
+    console.print(f"wrote [bold]{page}[/]")
+
+
 def _deploy(job: JobSpec, run_dir: Path, address: str | None, host: str, port: int) -> None:
     import threading
 
