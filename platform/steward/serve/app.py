@@ -181,6 +181,16 @@ class ModelServer:
         )
         return json_response(reply)
 
+    @api.post("/explain")
+    async def explain(self, request: Request) -> JSONResponse:
+        """Integrated Gradients per instance, as `steward explain`; explain.max_* cap instances and steps."""
+        from steward.serve.explain import explain_request
+
+        self._authorize(request)
+        payload = parse_body(await self._body(request), self.cfg.max_body_bytes)
+        # Off the event loop: IG runs n_steps forward and backward passes, and other requests must keep flowing.
+        return JSONResponse(await asyncio.to_thread(explain_request, self.served, payload))
+
     async def _probabilities(self, instances: Any, field: str) -> Any:
         prepared = self.served.prepare(instances, field)  # bad input fails here, alone, before any batch
         if self.cfg.batching is None:  # on the event loop: the lowest latency for one small forward pass
