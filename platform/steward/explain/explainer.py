@@ -13,6 +13,10 @@ from steward.explain.baselines import make_baseline
 from steward.explain.integrated import Attributions, integrated_gradients
 from steward.spec.explain import ExplainSpec, resolve_baseline
 
+# An explanation counts as converged when its delta is within 5% of F(x) - F(baseline), or 1e-3 absolute:
+# a saturating model (BERT's tanh pooler) can jump within a sliver of the path and need many more steps.
+CONVERGED_RELATIVE, CONVERGED_ABSOLUTE = 0.05, 1e-3
+
 
 def target_ids(target: str | None, info: DataInfo, count: int) -> Tensor | None:
     """Class ids of the label `target` for `count` instances, or None (explain each predicted class)."""
@@ -79,6 +83,7 @@ def _summary(result: Attributions, i: int, info: DataInfo) -> dict[str, Any]:
         "attribution_sum": float(result.values[i].sum()),
         "delta": float(result.delta[i]),
         "relative_delta": None if np.isnan(relative) else relative,
+        "converged": bool(abs(result.delta[i]) <= CONVERGED_ABSOLUTE or relative <= CONVERGED_RELATIVE),
     }
 
 

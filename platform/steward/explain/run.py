@@ -69,6 +69,7 @@ def _payload(run_dir: Path, modality: str, settings: dict, records: list[dict]) 
         "modality": modality,
         **settings,
         "max_abs_delta": max(abs(r["delta"]) for r in records),
+        "all_converged": all(r["converged"] for r in records),
         "explanations": records,
     }
 

@@ -58,10 +58,14 @@ def find_run(spec: JobSpec, run: Path | None = None) -> Path:
 
 
 def serving_spec(spec: JobSpec, run_dir: Path) -> JobSpec:
-    """The run's own spec (data and model as trained) with the serve section of `spec`."""
+    """The run's own spec (data and model as trained) with the serve section of `spec`.
+
+    The explain section (POST /explain's settings and caps) is `spec`'s when it has one, else the run's.
+    """
     if spec.serve is None:
         raise ValueError("serve: the spec has no serve section; add one (e.g. `serve: {route_prefix: /digits}`)")
-    return read_spec(run_dir).model_copy(update={"serve": spec.serve})
+    run_spec = read_spec(run_dir)
+    return run_spec.model_copy(update={"serve": spec.serve, "explain": spec.explain or run_spec.explain})
 
 
 def check_int8(job: JobSpec, run_dir: Path) -> dict | None:
