@@ -13,6 +13,7 @@ from steward.data.info import DataInfo
 from steward.explain.baselines import make_baseline
 from steward.explain.integrated import integrated_gradients, target_output
 from steward.explain.permutation import model_scorer, permutation_importance
+from steward.explain.report import write_token_html
 from steward.models import build_model, task_loss
 from steward.spec import SpecError, load_job
 from steward.spec.model import ModelSpec
@@ -79,7 +80,7 @@ def _train(family: str, steps: int = 250):
     *inputs, labels = make(512 + 64, rng)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         rows = torch.from_numpy(rng.integers(0, 512, 64))
         mask = inputs[1][rows] if len(inputs) == 2 else None
         loss = task_loss("classification", model(inputs[0][rows], mask), labels[rows])
@@ -224,3 +225,11 @@ def test_baselines():
     assert make_baseline(ids, "pad", "text", pad_token_id=PAD, keep_ids=[CLS, SEP]).tolist() == [[CLS, 0, 0, SEP, 0]]
     with pytest.raises(ValueError, match="does not fit text"):
         make_baseline(ids, "zeros", "text")
+
+
+def test_token_html_escapes_tokens(tmp_path):
+    record = {"target": "<b>", "score": 0.9, "baseline_score": 0.1, "delta": 0.0}
+    page = write_token_html(tmp_path / "t.html", [record | {"tokens": ["<script>", "ok"], "attributions": [0.5, -0.2]}])
+    text = page.read_text()
+    assert "<script>" not in text and "&lt;script&gt;" in text and "&lt;b&gt;" in text
+    assert "rgba(0,160,0,1.00)" in text and "rgba(220,0,0,0.40)" in text  # green for, red against, by size

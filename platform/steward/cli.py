@@ -224,9 +224,9 @@ def explain(
     ] = False,
 ) -> None:
     """Explain a run's model: Integrated Gradients of instances, permutation importance; writes RUN/explanations/."""
-    from steward.explain.run import explain_run
-
     instances = _read_instances(input_) if input_ is not None else None
+    from steward.explain.run import explain_run  # torch and captum: only once the input is known to be good
+
     folder, files = explain_run(run, instances, target=target, n_steps=steps, permutation=permutation)
     console.print(f"explanations: [bold]{folder}[/]")
     for path in files:
