@@ -343,7 +343,13 @@ def _deploy(job: JobSpec, run_dir: Path, address: str | None, host: str, port: i
     if deployed.gate:
         console.print(f"int8 gate passed: {deployed.gate}", markup=False)
     console.print(f"serving [bold]{deployed.name}[/] from {run_dir}")
-    for route in ("POST /predict", f"POST /v2/models/{deployed.name}/infer", "GET /healthz", "GET /info"):
+    for route in (
+        "POST /predict",
+        "POST /explain",
+        f"POST /v2/models/{deployed.name}/infer",
+        "GET /healthz",
+        "GET /info",
+    ):
         method, path = route.split()
         console.print(f"  {method:4} {deployed.url}{path}", markup=False)
     if address in (None, "", "local"):  # the embedded Ray lives as long as this process
