@@ -197,7 +197,7 @@ def test_permutation_importance_on_tabular_rows():
     ("overrides", "job", "fragment"),
     [
         (["explain.n_steps=1"], "quickstart.yaml", "explain.n_steps"),
-        (["explain.n_steps=100"], "quickstart.yaml", "above max_steps (64)"),
+        (["explain.n_steps=200"], "quickstart.yaml", "above max_steps (128)"),
         (["explain.baseline=pad"], "quickstart.yaml", "pad is a text baseline"),
         (["explain.baseline=blur"], "text-transformer.yaml", "not a baseline for text"),
         (["explain.baseline=noise"], "quickstart.yaml", "explain.baseline"),

@@ -19,9 +19,9 @@ RUNS = {
     "cnn": ("quickstart.yaml", ["model.params.channels=[8,16]", "model.params.hidden_size=32"], 1),
     "transformer": ("text-transformer.yaml", ["data.options.num_samples=500", "data.tokenizer.vocab_size=200"], 2),
 }
-# |sum(attributions) - (F(x) - F(baseline))| on class probabilities at 64 steps. Measured here: ~1e-2 at
-# worst for the digits CNN (ReLU / max-pool kinks), ~1e-6 to 6e-3 for the Transformer.
-TOLERANCE = {"cnn": 0.05, "transformer": 2e-2}
+# |sum(attributions) - (F(x) - F(baseline))| on class probabilities at 64 steps. Measured here: ~7e-3 at
+# worst for the digits CNN (ReLU / max-pool kinks), ~2e-3 to 6e-3 for the Transformer.
+TOLERANCE = {"cnn": 2e-2, "transformer": 2e-2}
 
 
 def steward(*args):

@@ -34,7 +34,7 @@ class ExplainSpec(Section):
     )
     blur_sigma: float = Field(2.0, gt=0.0, le=100.0, description="Standard deviation of the blur baseline.")
     n_steps: int = Field(
-        32, ge=2, le=4096, description="Integration steps of Integrated Gradients (Gauss-Legendre points)."
+        64, ge=2, le=4096, description="Integration steps of Integrated Gradients (Gauss-Legendre points)."
     )
     internal_batch_size: int = Field(
         64, ge=1, le=65_536, description="Interpolated inputs per forward/backward pass (bounds memory, not results)."
@@ -46,7 +46,7 @@ class ExplainSpec(Section):
         default_factory=PermutationSpec, description="Permutation importance on the validation split."
     )
     max_steps: int = Field(
-        64, ge=2, le=4096, description="POST /explain: most integration steps a request may ask for."
+        128, ge=2, le=4096, description="POST /explain: most integration steps a request may ask for."
     )
     max_instances: int = Field(8, ge=1, le=1024, description="POST /explain: most instances one request may carry.")
 
