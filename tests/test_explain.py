@@ -1,4 +1,5 @@
 """Explanations: IG completeness (CNN, LSTM), the one deciding input on top (every family), permutation importance,
+spec errors.
 
 Models are tiny and trained in-process on constructed data where exactly one input decides the label: seconds,
 no Ray. IG runs through the same library path `steward explain` and POST /explain use.
