@@ -184,7 +184,7 @@ class ModelServer:
     @api.post("/explain")
     async def explain(self, request: Request) -> JSONResponse:
         """Integrated Gradients per instance, as `steward explain`; explain.max_* cap instances and steps."""
-        from steward.serve.explain import explain_request
+        from steward.serve.explain import explain_request  # here: captum loads only on replicas that explain
 
         self._authorize(request)
         payload = parse_body(await self._body(request), self.cfg.max_body_bytes)
