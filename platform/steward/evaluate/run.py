@@ -10,6 +10,7 @@ from torch import nn
 
 from steward.data import DataInfo, load_splits
 from steward.evaluate.metrics import compute_metrics
+from steward.evaluate.profile import capture_reference
 from steward.models import build_model, load_model, task_loss
 from steward.runs import read_spec
 from steward.spec import JobSpec
@@ -78,6 +79,16 @@ def evaluate_target(target: Path, spec: JobSpec | None = None, split: str | None
         model.load_state_dict(consolidate_checkpoint(target, spec.distributed.zero_stage))
         return evaluate(model.eval(), info, spec, split), run_dir
     raise ValueError(f"{target}: not a run folder, a model folder (model.json) or a checkpoint ({STATE_FILE})")
+
+
+def evaluate_run(run_dir: Path, spec: JobSpec) -> dict:
+    """After training: evaluate the run's consolidated model into metrics.json and save the monitor's reference
+    profile beside the model."""
+    model, info = load_servable(run_dir / "model")
+    result = evaluate(model, info, spec)
+    write_metrics(run_dir, result)
+    capture_reference(model, info, spec, run_dir / "model")
+    return result
 
 
 def write_metrics(run_dir: Path, result: dict) -> Path:
