@@ -209,6 +209,45 @@ def runs(output_dir: Annotated[Path, typer.Option(help="Folder holding run folde
     console.print(table)
 
 
+@app.command()
+@user_errors
+def explain(
+    run: Annotated[Path, typer.Argument(help="A run folder (runs/<name>/<run-id>).")],
+    input_: Annotated[
+        str | None,
+        typer.Option("--input", help='Raw instances: a JSON file, or inline JSON (a list, or {"instances": [...]}).'),
+    ] = None,
+    target: Annotated[str | None, typer.Option(help="Class label to explain (default: each predicted class).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Integrated Gradients steps (default: explain.n_steps).")] = None,
+    permutation: Annotated[
+        bool, typer.Option(help="Also permutation importance on the validation split (numeric inputs).")
+    ] = False,
+) -> None:
+    """Explain a run's model: Integrated Gradients of instances, permutation importance; writes RUN/explanations/."""
+    instances = _read_instances(input_) if input_ is not None else None
+    from steward.explain.run import explain_run  # torch and captum: only once the input is known to be good
+
+    folder, files = explain_run(run, instances, target=target, n_steps=steps, permutation=permutation)
+    console.print(f"explanations: [bold]{folder}[/]")
+    for path in files:
+        console.print(f"  {path.name}", markup=False)
+
+
+def _read_instances(raw: str) -> list:
+    """Instances from a JSON file or inline JSON: a list, or an object with an `instances` list."""
+    inline = raw.lstrip().startswith(("[", "{"))
+    if not inline and not Path(raw).is_file():
+        raise ValueError(f"--input: {raw!r} is neither a JSON file nor inline JSON (a list or an object)")
+    try:
+        payload = json.loads(raw if inline else Path(raw).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--input: not valid JSON ({err}); give a JSON file or inline JSON") from None
+    instances = payload.get("instances") if isinstance(payload, dict) else payload
+    if not isinstance(instances, list) or not instances:
+        raise ValueError('--input: expected a non-empty list of instances, or {"instances": [...]}')
+    return instances
+
+
 def _print_metrics(result: dict, run_dir: Path) -> None:
     table = Table(title=f"{result['split']} split, {result['num_samples']} samples")
     names = list(result["overall"])
@@ -324,7 +363,13 @@ def _deploy(job: JobSpec, run_dir: Path, address: str | None, host: str, port: i
     if deployed.gate:
         console.print(f"int8 gate passed: {deployed.gate}", markup=False)
     console.print(f"serving [bold]{deployed.name}[/] from {run_dir}")
-    for route in ("POST /predict", f"POST /v2/models/{deployed.name}/infer", "GET /healthz", "GET /info"):
+    for route in (
+        "POST /predict",
+        "POST /explain",
+        f"POST /v2/models/{deployed.name}/infer",
+        "GET /healthz",
+        "GET /info",
+    ):
         method, path = route.split()
         console.print(f"  {method:4} {deployed.url}{path}", markup=False)
     if address in (None, "", "local"):  # the embedded Ray lives as long as this process

@@ -60,10 +60,15 @@ def find_run(spec: JobSpec, run: Path | None = None) -> Path:
 
 
 def serving_spec(spec: JobSpec, run_dir: Path) -> JobSpec:
-    """The run's own spec (data and model as trained) with the serve and monitor sections of `spec`."""
+    """The run's own spec (data and model as trained) with the serve and monitor sections of `spec`.
+
+    The explain section (POST /explain's settings and caps) is `spec`'s when it has one, else the run's.
+    """
     if spec.serve is None:
         raise ValueError("serve: the spec has no serve section; add one (e.g. `serve: {route_prefix: /digits}`)")
-    return read_spec(run_dir).model_copy(update={"serve": spec.serve, "monitor": spec.monitor})
+    run_spec = read_spec(run_dir)
+    explain = spec.explain or run_spec.explain
+    return run_spec.model_copy(update={"serve": spec.serve, "monitor": spec.monitor, "explain": explain})
 
 
 def check_int8(job: JobSpec, run_dir: Path) -> dict | None:

@@ -10,6 +10,7 @@ from steward.spec.base import Section, raise_problems, set_dotted
 from steward.spec.data import DataSpec
 from steward.spec.distributed import DistributedSpec
 from steward.spec.evaluate import EvaluateSpec
+from steward.spec.explain import ExplainSpec, baseline_problem
 from steward.spec.model import ModelSpec, TransformerParams
 from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec
@@ -32,6 +33,7 @@ class JobSpec(Section):
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec, description="Evaluation after training.")
     tune: TuneSpec | None = Field(None, description="A Ray Tune sweep over fields of this spec.")
     serve: ServeSpec | None = Field(None, description="Deploy the trained model on Ray Serve.")
+    explain: ExplainSpec | None = Field(None, description="Explanations: Integrated Gradients, permutation importance.")
     monitor: MonitorSpec | None = Field(None, description="Bias and drift monitoring of the served model.")
     privacy: Any = Field(None, description="Reserved: PII masking (not supported yet).")
     governance: Any = Field(None, description="Reserved: model cards and policies (not supported yet).")
@@ -67,8 +69,17 @@ class JobSpec(Section):
             problems["monitor"] = "monitoring watches classification models; remove the monitor section for causal_lm"
         if self.serve is not None and lm:
             problems["serve"] = "serving supports classification models; remove the serve section for causal_lm"
+        if self.explain is not None:
+            problems |= self._explain_problems()
         raise_problems(self, problems | (self._tune_problems() if self.tune else {}))
         return self
+
+    def _explain_problems(self) -> dict[str, str]:
+        assert self.explain is not None
+        if self.model.task != "classification":
+            return {"explain": "explanations need a classification task; remove the explain section for causal_lm"}
+        problem = baseline_problem(self.explain.baseline, self.model.family)
+        return {"explain.baseline": problem} if problem else {}
 
     def reported_metrics(self) -> set[str]:
         """What the training loop reports every epoch (validation metrics need a validation split)."""
