@@ -268,3 +268,24 @@ def test_killed_replica_and_monitor_lose_at_most_their_intervals(tmp_path, ports
     allowed += sum(killed_monitor - persist - push - 0.2 < t <= killed_monitor for t in answered)
     assert sent - allowed <= records <= sent, (sent, records, allowed)
     assert (run_dir / "monitor" / "durable" / "state.json").exists()
+
+
+def test_monitor_report_from_a_persisted_state(tmp_path, ports):
+    from typer.testing import CliRunner
+
+    from steward.cli import app
+
+    monitor = {"drift": {"min_records": 50}, "window": {"size": 100}, "persist_interval_s": 0.5, "push_interval_s": 0.2}
+    spec, run_dir, url = monitored(tmp_path, ports, "quickstart.yaml", monitor, prefix="/reported")
+    images, _ = digits(spec)
+    send(url, [np.clip(x + RNG.normal(0, 4, x.shape), 0, 16).tolist() for x in images[:300]])
+    state = run_dir / "monitor" / "reported" / "state.json"
+    wait_for(lambda: state.exists() and len(json.loads(state.read_text())["history"]) >= 2, 30, "a saved state")
+    out = CliRunner().invoke(app, ["monitor", "report", str(run_dir), "--out", str(tmp_path / "report")])
+    assert out.exit_code == 0, out.output
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "psi:prediction.class" in page and "mmd:embedding" in page
+    for image in ("drift.png", "selection_rates.png", "hist.png"):
+        assert (tmp_path / "report" / image).stat().st_size > 1000, image
+    missing = CliRunner().invoke(app, ["monitor", "report", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "no monitor state" in missing.output
