@@ -2,6 +2,7 @@
 and at a webhook, and how many records a killed replica or monitor loses."""
 
 import json
+import re
 import socket
 import threading
 import time
@@ -15,6 +16,7 @@ import requests
 from steward.serve.deploy import deploy
 from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec
+from tests.conftest import ROOT
 from tests.serving import trained_run, wait_for
 
 pytestmark = pytest.mark.slow
@@ -173,6 +175,18 @@ def test_digits_clean_traffic_is_quiet_noise_raises_drift_and_skew_raises_bias(t
     send(url, [skewed[i] for i in order], [groups[i] for i in order])
     alerts = alerts_of(url, "bias")
     assert alerts[0]["name"] == "statistical_parity_difference" and alerts[0]["value"] < -0.5
+
+    # Every metric the shipped dashboard and alert rules query is one this deployment exports.
+    used = set()
+    for shipped in ("prometheus-alerts.yaml", "grafana-monitor.json"):
+        used |= set(re.findall(r"ray_steward_monitor_\w+", (ROOT / "serve" / shipped).read_text()))
+    assert len(used) == 6, used
+
+    def exported():
+        text = urllib.request.urlopen(metrics_url).read().decode()
+        return used <= set(re.findall(r"^(ray_steward_monitor_\w+)\{", text, re.M)) and text
+
+    wait_for(exported, 60, f"all of {sorted(used)} on the metrics endpoint")
 
 
 def texts(spec):
