@@ -10,12 +10,13 @@ from steward.spec.base import Section, raise_problems, set_dotted
 from steward.spec.data import DataSpec
 from steward.spec.distributed import DistributedSpec
 from steward.spec.evaluate import EvaluateSpec
+from steward.spec.governance import GovernanceSpec
 from steward.spec.model import ModelSpec, TransformerParams
 from steward.spec.serve import ServeSpec
 from steward.spec.train import TrainSpec
 from steward.spec.tune import TuneSpec, tune_problems
 
-RESERVED = ("monitor", "privacy", "governance")
+RESERVED = ("monitor", "privacy")
 UNTUNABLE = ("name", "description", "output_dir", "tune")
 
 
@@ -33,7 +34,9 @@ class JobSpec(Section):
     serve: ServeSpec | None = Field(None, description="Deploy the trained model on Ray Serve.")
     monitor: Any = Field(None, description="Reserved: bias and drift monitoring (not supported yet).")
     privacy: Any = Field(None, description="Reserved: PII masking (not supported yet).")
-    governance: Any = Field(None, description="Reserved: model cards and policies (not supported yet).")
+    governance: GovernanceSpec | None = Field(
+        None, description="Owners, intended use, risk level and licences: feeds the model card and policy checks."
+    )
 
     @field_validator(*RESERVED)
     @classmethod

@@ -10,6 +10,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from steward.data import DataInfo, prepare_data
 from steward.evaluate.run import evaluate_model, write_metrics
+from steward.govern.card import write_card
 from steward.models import check_fits
 from steward.spec import JobSpec
 from steward.train.curves import plot_history
@@ -121,6 +122,7 @@ def train_job(spec: JobSpec, run_dir: Path, address: str | None = None) -> dict:
     plot_history(run_dir / "history.jsonl", run_dir / "curves.png")
     result = evaluate_model(run_dir / "model", spec)
     write_metrics(run_dir, result)
+    write_card(run_dir, spec)
     return result
 
 
