@@ -35,7 +35,11 @@ def card(
     """Print a run's model card (written when training finished)."""
     from steward.govern.card import read_card, render_markdown
 
-    found = read_card(run)
+    try:
+        found = read_card(run)
+    except ValueError as err:
+        errors.print(f"error: {err}", style="red", markup=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     print(json.dumps(found, indent=2) if as_json else render_markdown(found))
 
 
@@ -54,12 +58,12 @@ def audit_verify(log: LogOption = None, output_dir: OutputDir = Path("runs")) ->
     try:
         verdict = verify(path)
     except FileNotFoundError as err:
-        errors.print(f"error: {err}", style="red", markup=False)
+        errors.print(f"error: {err}", style="red", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
     if not verdict.ok:
-        errors.print(f"{path}: {verdict}", style="red", markup=False)
+        errors.print(f"{path}: {verdict}", style="red", markup=False, soft_wrap=True)
         raise typer.Exit(1)
-    console.print(f"{path}: {verdict}", markup=False)
+    console.print(f"{path}: {verdict}", markup=False, soft_wrap=True)
 
 
 @audit_app.command("show")
@@ -105,13 +109,13 @@ def policy_check(
             raise ValueError("no policy in force: pass --policy FILE, set $STEWARD_POLICY or add ./steward.policy.yaml")
         loaded = admit(job, policy, "policy check", str(spec))
     except PolicyViolation as err:
-        errors.print(str(err), markup=False)
+        errors.print(str(err), markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except (ValueError, FileNotFoundError) as err:
-        errors.print(f"error: {err}", style="red", markup=False)
+        errors.print(f"error: {err}", style="red", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
     assert loaded is not None
-    console.print(f"[green]ok[/] {spec} meets policy {loaded.label}", highlight=False)
+    console.print(f"[green]ok[/] {spec} meets policy {loaded.label}", highlight=False, soft_wrap=True)
 
 
 @policy_app.command("explain")
@@ -123,7 +127,7 @@ def policy_explain(policy: PolicyOption = None) -> None:
         path = policy_file(policy)
         loaded = load_policy(path) if path else None
     except (ValueError, FileNotFoundError) as err:
-        errors.print(f"error: {err}", style="red", markup=False)
+        errors.print(f"error: {err}", style="red", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
     if loaded is None:
         console.print("no policy in force (no --policy, no $STEWARD_POLICY, no ./steward.policy.yaml)")
