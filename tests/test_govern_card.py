@@ -44,7 +44,8 @@ def test_a_card_is_filled_from_the_run_folder_and_meets_the_schema(tmp_path):
     details, training = card["model_details"], card["training"]
     assert details["spec_hash"] == spec_hash(spec) and details["num_parameters"] == 12345
     assert details["owners"] == ["ml-platform-team"] and card["intended_use"]["risk"] == "low"
-    assert (training["zero_stage"], training["workers"], training["epochs_run"], training["train_time_s"]) == (2, 2, 2, 3.0)
+    shown = (training["zero_stage"], training["workers"], training["epochs_run"], training["train_time_s"])
+    assert shown == (2, 2, 2, 3.0)
     assert card["training_data"]["data_sha256"] == data_hash(spec) and len(data_hash(spec)) == 64
     assert card["metrics"]["fairness_gate"] == "not_evaluated" and card["tuning"] is None
     assert card["completeness"] == {"complete": True, "missing": []}

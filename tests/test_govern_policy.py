@@ -143,7 +143,11 @@ def test_a_violating_spec_exits_2_is_audited_and_never_starts_ray(tmp_path, monk
     monkeypatch.setenv("COLUMNS", "200")
     raw = base(governance=GOVERNANCE, distributed={"num_workers": 16}, serve={})
     if command == "tune":
-        raw["tune"] = {"metric": "val_accuracy", "mode": "max", "search_space": {"train.optimizer.lr": {"choice": [0.01]}}}
+        raw["tune"] = {
+            "metric": "val_accuracy",
+            "mode": "max",
+            "search_space": {"train.optimizer.lr": {"choice": [0.01]}},
+        }
     spec = write(tmp_path, raw)
     out = CliRunner().invoke(app, [command, str(spec), "--policy", str(EXAMPLE)])
     assert out.exit_code == 2, out.output
@@ -175,4 +179,3 @@ def test_a_project_default_policy_file_applies(tmp_path, monkeypatch):
     (tmp_path / "steward.policy.yaml").write_text(yaml.safe_dump({"name": "p", "rules": {"max_workers": 1}}))
     out = CliRunner().invoke(app, ["validate", str(write(tmp_path, base()))])
     assert out.exit_code == 2 and "max_workers" in out.output
-
