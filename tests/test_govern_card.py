@@ -111,3 +111,15 @@ def test_steward_card_prints_it(tmp_path):
     assert out.exit_code == 0 and "# Model card: quickstart" in out.output and "0.9611" in out.output
     as_json = runner.invoke(app, ["card", str(run_dir), "--json"])
     assert json.loads(as_json.output)["quantitative_analyses"]["overall"] == METRICS["overall"]
+
+
+def test_a_sweeps_card_summarises_the_trials(tmp_path):
+    _, run_dir = fake_run(tmp_path, job="tune-digits-asha.yaml")
+    (run_dir / "results.csv").write_text(
+        "trial_id,status,iterations,val_accuracy,train.optimizer.lr,error\n"
+        "t1,completed,12,0.97,0.002,\nt2,pruned,2,0.61,0.0001,\nt3,pruned,2,0.55,0.00012,\n"
+    )
+    (run_dir / "best.yaml").write_text("# Best trial t1 of the sweep in x (val_accuracy = 0.9700).\nname: x\n")
+    tuning = write_card(run_dir)["tuning"]
+    assert (tuning["trials"], tuning["trial_status"], tuning["scheduler"]) == (3, {"completed": 1, "pruned": 2}, "asha")
+    assert tuning["best"].startswith("Best trial t1") and "train.optimizer.lr" in tuning["search_space"]

@@ -179,3 +179,21 @@ def test_a_project_default_policy_file_applies(tmp_path, monkeypatch):
     (tmp_path / "steward.policy.yaml").write_text(yaml.safe_dump({"name": "p", "rules": {"max_workers": 1}}))
     out = CliRunner().invoke(app, ["validate", str(write(tmp_path, base()))])
     assert out.exit_code == 2 and "max_workers" in out.output
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (["card"], "--json"),
+        (["audit", "verify"], "--log"),
+        (["audit", "show"], "--deployment"),
+        (["policy", "check"], "--policy"),
+        (["policy", "explain"], "--policy"),
+        (["train"], "--policy"),
+        (["serve", "deploy"], "--override-fairness-gate"),
+        (["run"], "--override-fairness-gate"),
+    ],
+)
+def test_governance_options_are_in_the_help(command, option):
+    out = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0 and option in out.output
