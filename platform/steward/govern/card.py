@@ -149,7 +149,7 @@ def build_card(run_dir: str | Path, spec: JobSpec | None = None, data_sha256: st
 
     `spec` is the spec the model was trained with when it differs from the run's spec.yaml (a sweep's best trial).
     """
-    from steward.runs import read_spec, spec_hash
+    from steward.runs import read_spec
 
     run_dir = Path(run_dir)
     run_spec = read_spec(run_dir)
@@ -157,28 +157,11 @@ def build_card(run_dir: str | Path, spec: JobSpec | None = None, data_sha256: st
     status, metrics = _json(run_dir / "status.json") or {}, _json(run_dir / "metrics.json")
     if metrics is None:
         raise ValueError(f"{run_dir}: no metrics.json; a card is written for a run that finished training")
-    gov, model_meta = _governance(spec), _json(run_dir / "model" / "model.json") or {}
-    data = model_meta.get("data", {})
-    data_sha256 = data_sha256 or data_hash(spec)
-    groups = metrics.get("groups", {})
+    gov, groups = _governance(spec), metrics.get("groups", {})
+    gate = metrics.get("fairness_gate", "not_evaluated")
     return {
         "schema_version": SCHEMA_VERSION,
-        "model_details": {
-            "name": spec.name,
-            "description": spec.description,
-            "run_id": run_dir.name,
-            "run_dir": str(run_dir),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "owners": gov["owners"],
-            "contact": gov["contact"],
-            "family": spec.model.family,
-            "task": spec.model.task,
-            "architecture": spec.model.params.model_dump(mode="json"),
-            "num_parameters": model_meta.get("num_parameters"),
-            "licence": gov["licence"],
-            "spec_hash": status.get("spec_hash") or spec_hash(run_spec),
-            "model_sha256": file_hash(run_dir / "model" / "model.safetensors"),
-        },
+        "model_details": _model_details(spec, run_spec, run_dir, status, gov),
         "intended_use": {
             "primary_uses": gov["intended_use"],
             "out_of_scope_uses": gov["out_of_scope_uses"],
@@ -188,11 +171,51 @@ def build_card(run_dir: str | Path, spec: JobSpec | None = None, data_sha256: st
             "group_columns": list(spec.data.group_columns),
             "groups_evaluated": {column: sorted(values) for column, values in groups.items()},
         },
-        "metrics": {
-            "names": list(metrics.get("overall", {})),
-            "split": metrics.get("split"),
-            "fairness_gate": metrics.get("fairness_gate", "not_evaluated"),
+        "metrics": {"names": list(metrics.get("overall", {})), "split": metrics.get("split"), "fairness_gate": gate},
+        **_data_sections(spec, run_dir, metrics, data_sha256 or data_hash(spec)),
+        "training": _training(spec, run_dir, status),
+        "quantitative_analyses": {
+            "overall": metrics.get("overall", {}),
+            "per_group": groups,
+            "intervals": metrics.get("intervals"),
         },
+        "fairness": {"gate": gate, "report": metrics.get("fairness"), "mitigation": metrics.get("mitigation")},
+        "explanations": _first_json(run_dir, EXPLANATION_FILES),
+        "tuning": _tuning(run_dir, run_spec),
+        "ethical_considerations": gov["ethical_considerations"],
+        "caveats_and_recommendations": [*gov["caveats_and_recommendations"], _evaluated_on(spec, metrics)],
+        "completeness": {"complete": not gov["missing"], "missing": gov["missing"]},
+    }
+
+
+def _model_details(
+    spec: JobSpec, run_spec: JobSpec, run_dir: Path, status: dict[str, Any], gov: dict[str, Any]
+) -> dict[str, Any]:
+    from steward.runs import spec_hash
+
+    model_meta = _json(run_dir / "model" / "model.json") or {}
+    return {
+        "name": spec.name,
+        "description": spec.description,
+        "run_id": run_dir.name,
+        "run_dir": str(run_dir),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "owners": gov["owners"],
+        "contact": gov["contact"],
+        "family": spec.model.family,
+        "task": spec.model.task,
+        "architecture": spec.model.params.model_dump(mode="json"),
+        "num_parameters": model_meta.get("num_parameters"),
+        "licence": gov["licence"],
+        "spec_hash": status.get("spec_hash") or spec_hash(run_spec),
+        "model_sha256": file_hash(run_dir / "model" / "model.safetensors"),
+    }
+
+
+def _data_sections(spec: JobSpec, run_dir: Path, metrics: dict[str, Any], data_sha256: str) -> dict[str, Any]:
+    """Evaluation data and training data: where from, which rows (their hash), and what privacy masked."""
+    data = (_json(run_dir / "model" / "model.json") or {}).get("data", {})
+    return {
         "evaluation_data": {
             "source": spec.data.source,
             "split": metrics.get("split"),
@@ -207,22 +230,6 @@ def build_card(run_dir: str | Path, spec: JobSpec | None = None, data_sha256: st
             "labels": data.get("label_names", []),
             "privacy": _first_json(run_dir, PRIVACY_FILES) or metrics.get("privacy"),
         },
-        "training": _training(spec, run_dir, status),
-        "quantitative_analyses": {
-            "overall": metrics.get("overall", {}),
-            "per_group": groups,
-            "intervals": metrics.get("intervals"),
-        },
-        "fairness": {
-            "gate": metrics.get("fairness_gate", "not_evaluated"),
-            "report": metrics.get("fairness"),
-            "mitigation": metrics.get("mitigation"),
-        },
-        "explanations": _first_json(run_dir, EXPLANATION_FILES),
-        "tuning": _tuning(run_dir, run_spec),
-        "ethical_considerations": gov["ethical_considerations"],
-        "caveats_and_recommendations": [*gov["caveats_and_recommendations"], _evaluated_on(spec, metrics)],
-        "completeness": {"complete": not gov["missing"], "missing": gov["missing"]},
     }
 
 
