@@ -123,3 +123,45 @@ def test_a_sweeps_card_summarises_the_trials(tmp_path):
     tuning = write_card(run_dir)["tuning"]
     assert (tuning["trials"], tuning["trial_status"], tuning["scheduler"]) == (3, {"completed": 1, "pruned": 2}, "asha")
     assert tuning["best"].startswith("Best trial t1") and "train.optimizer.lr" in tuning["search_space"]
+
+
+def test_a_finished_run_with_a_failed_gate_is_audited_with_its_hashes(tmp_path):
+    from steward.govern import audit
+    from steward.govern.events import record_run
+
+    _, run_dir = fake_run(tmp_path, {**METRICS, "fairness_gate": "failed"})
+    card = write_card(run_dir)
+    record_run("run.finished", run_dir, tmp_path, kind="train")
+    finished, gate = audit.history(tmp_path / "audit.jsonl", run=run_dir.name)
+    assert (finished["event"], gate["event"]) == ("run.finished", "fairness_gate.failed")
+    assert (
+        finished["model_sha256"]
+        == card["model_details"]["model_sha256"]
+        == audit.file_hash(run_dir / "model" / "model.safetensors")
+    )
+    assert finished["data_sha256"] == card["training_data"]["data_sha256"] and finished["fairness_gate"] == "failed"
+
+
+def test_serve_refuses_a_failed_gate_before_ray_starts_and_audits_the_override(tmp_path, monkeypatch):
+    import ray
+    import yaml
+
+    from steward.govern import audit
+
+    monkeypatch.setenv("COLUMNS", "200")
+    spec, run_dir = fake_run(tmp_path, {**METRICS, "fairness_gate": "failed"})
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    runner = CliRunner()
+    refused = runner.invoke(app, ["serve", str(spec_file), "--run", str(run_dir)])
+    assert refused.exit_code == 2 and "fairness gate" in refused.output and "--override-fairness-gate" in refused.output
+    assert not ray.is_initialized()
+    reason = "accepted by the RAI board, ticket RAI-7"
+    exported = tmp_path / "serve.yaml"
+    args = ["serve", str(spec_file), "--run", str(run_dir), "--export", str(exported), "--override-fairness-gate"]
+    out = runner.invoke(app, [*args, reason])
+    assert out.exit_code == 0, out.output
+    assert exported.exists() and not ray.is_initialized()
+    events = audit.history(tmp_path / "audit.jsonl", run=run_dir.name)
+    assert [e["event"] for e in events] == ["deployment.refused", "fairness_gate.overridden"]
+    assert events[1]["reason"] == reason and events[1]["action"] == "export" and events[1]["deployment"] == "quickstart"
