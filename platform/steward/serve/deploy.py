@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from steward.govern import audit
 from steward.runs import list_runs, read_spec
 from steward.serve.auth import load_keys
 from steward.spec import JobSpec
@@ -67,8 +68,6 @@ def check_fairness_gate(job: JobSpec, run_dir: Path, override: str | None = None
 
     Both the refusal and the override go to the audit log, with who did it and why.
     """
-    from steward.govern import audit
-
     metrics = Path(run_dir) / "metrics.json"
     gate = json.loads(metrics.read_text()).get("fairness_gate") if metrics.exists() else None
     if gate != "failed":
@@ -158,8 +157,6 @@ def deploy(
 
 
 def _record_deployment(event: str, job: JobSpec, run_dir: Path, address: str | None) -> None:
-    from steward.govern import audit
-
     fields = audit.run_fields(run_dir) | {"deployment": app_name(job), "address": address or "local"}
     model_sha256 = audit.file_hash(Path(run_dir) / "model" / "model.safetensors")
     audit.record(event, log=audit.log_path(job.output_dir), **fields, model_sha256=model_sha256)
@@ -188,8 +185,6 @@ def stop(name: str, address: str | None = "auto", output_dir: str | Path = "runs
     if name not in serve.status().applications:
         raise ValueError(f"no Serve application named {name!r}; `steward serve status` lists them")
     serve.delete(name)
-    from steward.govern import audit
-
     audit.record("deployment.stopped", log=audit.log_path(output_dir), deployment=name, address=address or "local")
 
 
