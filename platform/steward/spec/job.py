@@ -11,13 +11,14 @@ from steward.spec.data import DataSpec
 from steward.spec.distributed import DistributedSpec
 from steward.spec.evaluate import EvaluateSpec
 from steward.spec.explain import ExplainSpec, baseline_problem
+from steward.spec.governance import GovernanceSpec
 from steward.spec.model import ModelSpec, TransformerParams
 from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec
 from steward.spec.train import TrainSpec
 from steward.spec.tune import TuneSpec, tune_problems
 
-RESERVED = ("privacy", "governance")
+RESERVED = ("privacy",)
 UNTUNABLE = ("name", "description", "output_dir", "tune")
 
 
@@ -36,7 +37,9 @@ class JobSpec(Section):
     explain: ExplainSpec | None = Field(None, description="Explanations: Integrated Gradients, permutation importance.")
     monitor: MonitorSpec | None = Field(None, description="Bias and drift monitoring of the served model.")
     privacy: Any = Field(None, description="Reserved: PII masking (not supported yet).")
-    governance: Any = Field(None, description="Reserved: model cards and policies (not supported yet).")
+    governance: GovernanceSpec | None = Field(
+        None, description="Owners, intended use, risk level and licences: feeds the model card and policy checks."
+    )
 
     @field_validator(*RESERVED)
     @classmethod
