@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import requests
 
+from steward.govern import audit
 from steward.serve.deploy import deploy
 from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec
@@ -154,6 +155,8 @@ def test_digits_clean_traffic_is_quiet_noise_raises_drift_and_skew_raises_bias(t
     wait_for(lambda: any(e["event"] == "alert" and e["kind"] == "drift" for e in received), 30, "the webhook call")
     events = [json.loads(line) for line in (run_dir / "monitor" / "watched" / "events.jsonl").read_text().splitlines()]
     assert any(e["name"] == "mmd:embedding" and e["event"] == "alert" for e in events)
+    logged = audit.history(audit.log_path(run_dir.parent.parent), deployment="watched")
+    assert any(e["event"] == "monitor.alert.raised" and e["name"] == "mmd:embedding" for e in logged)
     metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
     scraped = wait_for(
         lambda: (t := urllib.request.urlopen(metrics_url).read().decode()) and "ray_steward_monitor_alerts" in t and t,
