@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# A real two-node Ray cluster on this machine: a head node and one worker node, each its own raylet with its own
+# resources, joined over loopback. Ports are off Ray's defaults so the cluster never collides with an embedded
+# `ray.init()` on the same machine, and the temp dir is our own so `ray.init()` elsewhere never joins it by accident
+# (Ray looks for <temp-dir>/ray_current_cluster). Stop it with cluster/local-down.sh, never `ray stop` (that stops
+# every Ray on the machine).
+#
+#   cluster/local-up.sh            # head 1 CPU + worker 1 CPU; Jobs API at http://127.0.0.1:8275
+#   STEWARD_WORKER_CPUS=2 cluster/local-up.sh
+#
+# The worker node gets its own loopback address (127.0.0.2) so the nodes have distinct IPs, as on a real cluster.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+RAY="${STEWARD_RAY:-$(command -v ray || echo "$HERE/../.venv/bin/ray")}"
+TEMP="${STEWARD_CLUSTER_TEMP:-/tmp/stw-cluster}"   # short: Ray's unix socket paths live under it
+GCS_PORT="${STEWARD_GCS_PORT:-6390}"
+DASHBOARD_PORT="${STEWARD_DASHBOARD_PORT:-8275}"
+CLIENT_PORT="${STEWARD_CLIENT_PORT:-10011}"
+HEAD_IP="${STEWARD_HEAD_IP:-127.0.0.1}"
+WORKER_IP="${STEWARD_WORKER_IP:-127.0.0.2}"
+HEAD_CPUS="${STEWARD_HEAD_CPUS:-1}"
+WORKER_CPUS="${STEWARD_WORKER_CPUS:-1}"
+OBJECT_STORE="${STEWARD_OBJECT_STORE_BYTES:-300000000}"   # 300 MB a node: the machine is shared
+
+# Ray 2.60 turns on token auth when ~/.ray/auth_token exists; this loopback-only test cluster opts out, as a
+# worker node started with --address would not pick the token up (README: token auth on a real cluster).
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+export RAY_USAGE_STATS_ENABLED=0 DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+# Jobs run `python -m steward` on the head: the python beside this ray is the one with steward's dependencies.
+export PATH="$(dirname "$RAY"):$PATH"
+mkdir -p "$TEMP"
+
+# node <name> <ip> <first port> <cpus> <extra args...>: every port a node opens is pinned, distinct per node.
+node() {
+  local name="$1" ip="$2" base="$3" cpus="$4"
+  shift 4
+  "$RAY" start --node-ip-address "$ip" --num-cpus "$cpus" --num-gpus 0 --temp-dir "$TEMP" \
+    --resources "{\"node:$name\": 1}" --object-store-memory "$OBJECT_STORE" \
+    --node-manager-port "$base" --object-manager-port $((base + 1)) \
+    --dashboard-agent-listen-port $((base + 2)) --dashboard-agent-grpc-port $((base + 3)) \
+    --metrics-export-port $((base + 4)) --runtime-env-agent-port $((base + 5)) \
+    --min-worker-port $((base + 100)) --max-worker-port $((base + 199)) \
+    --disable-usage-stats "$@" >"$TEMP/$name.out" 2>&1 || { cat "$TEMP/$name.out"; return 1; }
+}
+
+node head "$HEAD_IP" 12400 "$HEAD_CPUS" --head --port "$GCS_PORT" --include-dashboard true \
+  --dashboard-host "$HEAD_IP" --dashboard-port "$DASHBOARD_PORT" --ray-client-server-port "$CLIENT_PORT"
+node worker1 "$WORKER_IP" 12600 "$WORKER_CPUS" --address "$HEAD_IP:$GCS_PORT"
+
+echo "$HEAD_IP:$GCS_PORT" >"$TEMP/address"
+echo "Ray cluster up: 2 nodes (head $HEAD_CPUS CPU, worker1 $WORKER_CPUS CPU)"
+echo "  GCS address   $HEAD_IP:$GCS_PORT   (steward train SPEC --address $HEAD_IP:$GCS_PORT)"
+echo "  Jobs API      http://$HEAD_IP:$DASHBOARD_PORT   (steward submit SPEC --address http://$HEAD_IP:$DASHBOARD_PORT)"
+echo "  stop with     cluster/local-down.sh"
