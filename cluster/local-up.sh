@@ -7,6 +7,7 @@
 #
 #   cluster/local-up.sh            # head 1 CPU + worker 1 CPU; Jobs API at http://127.0.0.1:8275
 #   STEWARD_WORKER_CPUS=2 cluster/local-up.sh
+#   cluster/local-up.sh worker worker2 12800   # add a worker node (name, first port) to the running cluster
 #
 # The worker node gets its own loopback address (127.0.0.2) so the nodes have distinct IPs, as on a real cluster.
 set -euo pipefail
@@ -21,6 +22,8 @@ HEAD_IP="${STEWARD_HEAD_IP:-127.0.0.1}"
 WORKER_IP="${STEWARD_WORKER_IP:-127.0.0.2}"
 HEAD_CPUS="${STEWARD_HEAD_CPUS:-1}"
 WORKER_CPUS="${STEWARD_WORKER_CPUS:-1}"
+HEAD_PORTS="${STEWARD_HEAD_PORTS:-12400}"       # first of the head's node ports (+0..5, workers +100..199)
+WORKER_PORTS="${STEWARD_WORKER_PORTS:-12600}"   # the same for worker1
 OBJECT_STORE="${STEWARD_OBJECT_STORE_BYTES:-300000000}"   # 300 MB a node: the machine is shared
 
 # Ray 2.60 turns on token auth when ~/.ray/auth_token exists; this loopback-only test cluster opts out, as a
@@ -44,9 +47,14 @@ node() {
     --disable-usage-stats "$@" >"$TEMP/$name.out" 2>&1 || { cat "$TEMP/$name.out"; return 1; }
 }
 
-node head "$HEAD_IP" 12400 "$HEAD_CPUS" --head --port "$GCS_PORT" --include-dashboard true \
+if [ "${1:-}" = worker ]; then
+  node "${2:-worker2}" "$WORKER_IP" "${3:-12800}" "$WORKER_CPUS" --address "$HEAD_IP:$GCS_PORT"
+  echo "worker node ${2:-worker2} joined $HEAD_IP:$GCS_PORT"
+  exit 0
+fi
+node head "$HEAD_IP" "$HEAD_PORTS" "$HEAD_CPUS" --head --port "$GCS_PORT" --include-dashboard true \
   --dashboard-host "$HEAD_IP" --dashboard-port "$DASHBOARD_PORT" --ray-client-server-port "$CLIENT_PORT"
-node worker1 "$WORKER_IP" 12600 "$WORKER_CPUS" --address "$HEAD_IP:$GCS_PORT"
+node worker1 "$WORKER_IP" "$WORKER_PORTS" "$WORKER_CPUS" --address "$HEAD_IP:$GCS_PORT"
 
 echo "$HEAD_IP:$GCS_PORT" >"$TEMP/address"
 echo "Ray cluster up: 2 nodes (head $HEAD_CPUS CPU, worker1 $WORKER_CPUS CPU)"

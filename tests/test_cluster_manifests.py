@@ -30,8 +30,10 @@ def strict(schema):
 
     def close(node):
         if isinstance(node, dict):
-            if "properties" in node and "additionalProperties" not in node and not node.get(
-                "x-kubernetes-preserve-unknown-fields"
+            if (
+                "properties" in node
+                and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
             ):
                 node["additionalProperties"] = False
             for value in node.values():
