@@ -32,6 +32,10 @@ export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
 export RAY_USAGE_STATS_ENABLED=0 DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 # Jobs run `python -m steward` on the head: the python beside this ray is the one with steward's dependencies.
 export PATH="$(dirname "$RAY"):$PATH"
+# DeepSpeed JIT-builds its CPU ops into the torch extensions cache. Seen here: with the cache shared with other Ray
+# instances on the machine, each side rebuilt fused_adam (minutes on 2 busy cores) whenever the other had built it.
+# The cluster's own cache is built once and kept across clusters.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/steward-cluster/torch_extensions}"
 mkdir -p "$TEMP"
 
 # node <name> <ip> <first port> <cpus> <extra args...>: every port a node opens is pinned, distinct per node.

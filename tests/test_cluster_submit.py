@@ -125,3 +125,9 @@ def test_runs_lists_cluster_storage_through_a_uri(tmp_path):
     for storage in (f"file://{tmp_path}", str(tmp_path)):
         out = invoke("runs", "--storage", storage)
         assert out.exit_code == 0 and run_dir.name in out.output and "accuracy=0.8750" in out.output, storage
+
+
+@pytest.mark.parametrize("command", [["submit"], ["jobs"], ["jobs", "logs"], ["k8s"]])
+def test_help(command):
+    out = invoke(*command, "--help")
+    assert out.exit_code == 0 and "Usage" in out.output
