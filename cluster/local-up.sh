@@ -42,7 +42,9 @@ mkdir -p "$TEMP"
 node() {
   local name="$1" ip="$2" base="$3" cpus="$4"
   shift 4
-  "$RAY" start --node-ip-address "$ip" --num-cpus "$cpus" --num-gpus 0 --temp-dir "$TEMP" \
+  # A temp dir per node: each node's runtime-env agent deletes unused job packages from its own folder, and a shared
+  # folder let the worker node delete the working_dir a driver on the head was still running in (seen here).
+  "$RAY" start --node-ip-address "$ip" --num-cpus "$cpus" --num-gpus 0 --temp-dir "$TEMP/$name" \
     --resources "{\"node:$name\": 1}" --object-store-memory "$OBJECT_STORE" \
     --node-manager-port "$base" --object-manager-port $((base + 1)) \
     --dashboard-agent-listen-port $((base + 2)) --dashboard-agent-grpc-port $((base + 3)) \

@@ -5,8 +5,10 @@ One cluster for the module (ports and temp dir of its own, so it never meets ano
 torn down in the fixture's finally, whatever happened.
 """
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,6 +52,7 @@ def cluster(tmp_path_factory):
         yield {"env": env, "storage": tmp_path_factory.mktemp("cluster-runs")}
     finally:
         subprocess.run([ROOT / "cluster" / "local-down.sh"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)  # session logs; kept until here for a failed test's post-mortem
 
 
 def submit(cluster, job, *args):
@@ -126,10 +129,15 @@ def test_sweep_runs_trials_on_both_nodes(cluster):
 
 
 def worker_raylet(temp, node_manager_port):
-    out = subprocess.run(["pgrep", "-f", f"{temp}/session_.*raylet/raylet.*--node_manager_port={node_manager_port}"],
-                         capture_output=True, text=True)  # fmt: skip
-    pids = [int(p) for p in out.stdout.split()]
-    assert len(pids) == 1, f"expected one raylet on port {node_manager_port}, found {pids}"
+    """The pid of the raylet serving node_manager_port in this cluster (checked against its command line)."""
+    found = subprocess.run(["pgrep", "-f", f"--node_manager_port={node_manager_port}"], capture_output=True, text=True)
+    pids = []
+    for pid in map(int, found.stdout.split()):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if argv[0].endswith(b"raylet/raylet") and str(temp).encode() in b" ".join(argv):
+                pids.append(pid)
+    assert len(pids) == 1, f"expected one raylet on port {node_manager_port} under {temp}, found {pids}"
     return pids[0]
 
 

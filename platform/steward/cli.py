@@ -282,11 +282,14 @@ def jobs_list(address: JobsAddress = None) -> None:
     """Every job on the cluster, newest first."""
     from steward.cluster.jobs import list_jobs
 
-    table = Table("id", "status", "stage", "entrypoint")
-    for job in list_jobs(address):
+    jobs = list_jobs(address)
+    ids = [job.submission_id or job.job_id or "" for job in jobs]
+    table = Table("status", "stage", "entrypoint")
+    table.add_column("id", no_wrap=True, min_width=max(map(len, ids), default=2))  # an id must stay copyable
+    for job, job_id in zip(jobs, ids, strict=True):
         meta = job.metadata or {}
         stage = f"{meta.get('steward_job', '')} {meta.get('steward_stage', '')}".strip()
-        table.add_row(job.submission_id or job.job_id or "", str(job.status), stage, job.entrypoint[:60])
+        table.add_row(str(job.status), stage, job.entrypoint[:60], job_id)
     console.print(table)
 
 

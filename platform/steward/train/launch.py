@@ -58,19 +58,18 @@ def check_resources(spec: JobSpec) -> None:
 
 
 def resource_problem(spec: JobSpec, have: dict[str, float]) -> str | None:
-    """What the spec's workers ask for that a cluster with resources `have` lacks, or None."""
+    """What the spec's workers ask for that a cluster with resources `have` lacks (GPUs first), or None."""
     dist = spec.distributed
-    need = {"CPU": dist.num_workers * dist.cpus_per_worker}
-    if dist.use_gpu:
-        need["GPU"] = dist.num_workers * dist.gpus_per_worker
-    for kind, amount in need.items():
-        if have.get(kind, 0) < amount:
-            per = dist.cpus_per_worker if kind == "CPU" else dist.gpus_per_worker
-            return (
-                f"distributed.num_workers: asks for {dist.num_workers} workers x {per:g} {kind}, "
-                f"the cluster has {have.get(kind, 0):g} {kind}s; lower num_workers or the per-worker resources"
-            )
-    return None
+    per = {"GPU": dist.gpus_per_worker} if dist.use_gpu else {}
+    per["CPU"] = dist.cpus_per_worker
+    short = [
+        f"asks for {dist.num_workers} workers x {amount:g} {kind}, the cluster has {have.get(kind, 0):g} {kind}s"
+        for kind, amount in per.items()
+        if have.get(kind, 0) < dist.num_workers * amount
+    ]
+    if not short:
+        return None
+    return f"distributed.num_workers: {'; '.join(short)}; lower num_workers or the per-worker resources"
 
 
 def prepare(spec: JobSpec, run_dir: Path) -> DataInfo:
