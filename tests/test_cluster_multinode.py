@@ -60,7 +60,12 @@ def submit(cluster, job, *args):
     argv = ["submit", str(JOBS / job), "--address", API, "--deps", "preinstalled", "--storage", str(cluster["storage"])]
     out = CliRunner().invoke(app, [*argv, *args])
     job_id = next((w for w in out.output.split() if w.startswith("steward-")), None)
-    return out.exit_code, out.output, job_id
+    return out.exit_code, flat(out.output), job_id
+
+
+def flat(text):
+    """Output with the console's line wrapping undone (an 80-column terminal under CliRunner)."""
+    return " ".join(text.split())
 
 
 def actor_nodes(job_id, class_name):
@@ -113,7 +118,7 @@ def test_a_failed_job_shows_its_last_log_lines(cluster, tmp_path):
     assert f"job {job_id} FAILED" in output and "last log lines:" in output
     assert "| error: no succeeded run of 'quickstart'" in output
     status = CliRunner().invoke(app, ["jobs", "status", job_id, "--address", API])
-    assert status.exit_code == 1 and "no succeeded run of 'quickstart'" in status.output
+    assert status.exit_code == 1 and "no succeeded run of 'quickstart'" in flat(status.output)
     listed = CliRunner().invoke(app, ["jobs", "list", "--address", API])
     assert job_id in listed.output and "FAILED" in listed.output
 
@@ -130,7 +135,9 @@ def test_sweep_runs_trials_on_both_nodes(cluster):
 
 def worker_raylet(temp, node_manager_port):
     """The pid of the raylet serving node_manager_port in this cluster (checked against its command line)."""
-    found = subprocess.run(["pgrep", "-f", f"--node_manager_port={node_manager_port}"], capture_output=True, text=True)
+    found = subprocess.run(
+        ["pgrep", "-f", "--", f"--node_manager_port={node_manager_port}"], capture_output=True, text=True
+    )
     pids = []
     for pid in map(int, found.stdout.split()):
         with contextlib.suppress(OSError):
