@@ -136,7 +136,7 @@ def write(tmp_path, raw):
     return path
 
 
-@pytest.mark.parametrize("command", ["validate", "train", "tune", "run", "serve"])
+@pytest.mark.parametrize("command", ["validate", "train", "tune", "run", "serve", "submit"])
 def test_a_violating_spec_exits_2_is_audited_and_never_starts_ray(tmp_path, monkeypatch, command):
     import ray
 

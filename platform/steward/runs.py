@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -47,24 +48,57 @@ def read_spec(run_dir: Path) -> JobSpec:
 
 @dataclass
 class RunSummary:
-    path: Path
+    path: Path  # for a URI: the path inside its filesystem (bucket/...)
     name: str
     state: str
     started: float
     headline: str
 
 
-def list_runs(output_dir: Path) -> list[RunSummary]:
-    """Every run folder under output_dir, newest first, with its state and headline metric."""
+def list_runs(output_dir: Path | str) -> list[RunSummary]:
+    """Every run folder under output_dir (a folder, or a URI such as s3://bucket/runs), newest first."""
+    if isinstance(output_dir, str) and re.match(r"^[a-z][a-z0-9+.-]*://", output_dir):
+        return _list_uri(output_dir)
     runs = []
-    for status_file in output_dir.glob(f"*/*/{STATUS}"):
-        run_dir = status_file.parent
-        status = json.loads(status_file.read_text())
-        metrics_file = run_dir / "metrics.json"
-        headline = ""
-        if metrics_file.exists():
-            overall = json.loads(metrics_file.read_text())["overall"]
-            key = next(iter(overall))
-            headline = f"{key}={overall[key]:.4f}"
-        runs.append(RunSummary(run_dir, run_dir.parent.name, status["state"], status.get("started", 0), headline))
+    for status_file in Path(output_dir).glob(f"*/*/{STATUS}"):
+        metrics_file = status_file.parent / "metrics.json"
+        metrics = metrics_file.read_text() if metrics_file.exists() else None
+        runs.append(_summary(status_file.parent, status_file.read_text(), metrics))
     return sorted(runs, key=lambda r: r.started, reverse=True)
+
+
+def _list_uri(uri: str) -> list[RunSummary]:
+    """Run folders in cluster storage Ray can write to (s3://, gs://, file://), read through pyarrow's filesystems."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, root = pafs.FileSystem.from_uri(uri)
+    except (pafs.ArrowInvalid, OSError) as err:  # type: ignore[attr-defined]
+        raise ValueError(f"--storage {uri}: cannot open it ({err})") from None
+
+    def folders(path: str) -> list[str]:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        return [i.path for i in infos if i.type == pafs.FileType.Directory]
+
+    def read(path: str) -> str | None:
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as stream:
+            return stream.read().decode()
+
+    runs = []
+    for run in (run for name in folders(root) for run in folders(name)):
+        status = read(f"{run}/{STATUS}")
+        if status is not None:
+            runs.append(_summary(Path(run), status, read(f"{run}/metrics.json")))
+    return sorted(runs, key=lambda r: r.started, reverse=True)
+
+
+def _summary(run_dir: Path, status_text: str, metrics_text: str | None) -> RunSummary:
+    status = json.loads(status_text)
+    headline = ""
+    if metrics_text:
+        overall = json.loads(metrics_text)["overall"]
+        key = next(iter(overall))
+        headline = f"{key}={overall[key]:.4f}"
+    return RunSummary(run_dir, run_dir.parent.name, status["state"], status.get("started", 0), headline)

@@ -296,6 +296,10 @@ def build_app(spec: JobSpec, run_dir: str, gate: dict | None = None) -> Applicat
 def app_builder(args: dict[str, Any]) -> Application:
     """Entry point for Serve config files (`import_path: steward.serve.app:app_builder`, args: spec, run_dir).
 
-    Deployment options come from the spec here; a config file's `deployments:` entries override them.
+    Deployment options come from the spec here; a config file's `deployments:` entries override them. Without
+    run_dir (a RayService made by `steward k8s`), the newest succeeded run under the spec's output_dir is served.
     """
-    return build_app(JobSpec.model_validate(args["spec"]), args["run_dir"])
+    from steward.serve.deploy import find_run
+
+    spec = JobSpec.model_validate(args["spec"])
+    return build_app(spec, args.get("run_dir") or str(find_run(spec)))

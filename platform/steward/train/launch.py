@@ -53,17 +53,24 @@ def connect(address: str | None, spec: JobSpec) -> None:
 
 def check_resources(spec: JobSpec) -> None:
     """Refuse up front what the cluster cannot hold (Ray would otherwise wait forever for the workers)."""
-    dist, have = spec.distributed, ray.cluster_resources()
-    need = {"CPU": dist.num_workers * dist.cpus_per_worker}
-    if dist.use_gpu:
-        need["GPU"] = dist.num_workers * dist.gpus_per_worker
-    for kind, amount in need.items():
-        if have.get(kind, 0) < amount:
-            per = dist.cpus_per_worker if kind == "CPU" else dist.gpus_per_worker
-            raise StrategyError(
-                f"distributed.num_workers: asks for {dist.num_workers} workers x {per:g} {kind}, "
-                f"the cluster has {have.get(kind, 0):g} {kind}s; lower num_workers or the per-worker resources"
-            )
+    problem = resource_problem(spec, ray.cluster_resources())
+    if problem:
+        raise StrategyError(problem)
+
+
+def resource_problem(spec: JobSpec, have: dict[str, float]) -> str | None:
+    """What the spec's workers ask for that a cluster with resources `have` lacks (GPUs first), or None."""
+    dist = spec.distributed
+    per = {"GPU": dist.gpus_per_worker} if dist.use_gpu else {}
+    per["CPU"] = dist.cpus_per_worker
+    short = [
+        f"asks for {dist.num_workers} workers x {amount:g} {kind}, the cluster has {have.get(kind, 0):g} {kind}s"
+        for kind, amount in per.items()
+        if have.get(kind, 0) < dist.num_workers * amount
+    ]
+    if not short:
+        return None
+    return f"distributed.num_workers: {'; '.join(short)}; lower num_workers or the per-worker resources"
 
 
 def prepare(spec: JobSpec, run_dir: Path) -> DataInfo:

@@ -1,0 +1,1 @@
+"""Steward on a Ray cluster: job packaging and submission (Jobs API), job management, KubeRay manifests."""

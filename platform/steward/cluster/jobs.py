@@ -1,0 +1,158 @@
+"""Ray Jobs API: submit a packaged spec, and list / inspect / follow / stop jobs on any Ray cluster."""
+
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from steward.cluster.package import Deps, package_job
+from steward.spec import JobSpec
+from steward.train.launch import resource_problem
+
+Stage = Literal["train", "tune", "serve", "run"]
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+TAIL_LINES = 20  # log lines shown with a failed job
+
+
+class JobFailed(RuntimeError):
+    """A cluster job ended FAILED or STOPPED; the message holds Ray's reason and the job's last log lines."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    address: str
+    dashboard_url: str
+    package_bytes: int
+
+
+def jobs_address(address: str | None) -> str:
+    """The Jobs API address: --address, else RAY_API_SERVER_ADDRESS / an http RAY_ADDRESS, else the local default."""
+    if address:
+        return address if "://" in address else f"http://{address}"
+    env = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS", "")
+    return env if env.startswith(("http://", "https://")) else DEFAULT_ADDRESS
+
+
+def client(address: str | None) -> Any:
+    """A JobSubmissionClient for the cluster at `address`; ValueError saying what to do when nothing answers."""
+    from ray.job_submission import JobSubmissionClient
+
+    url = jobs_address(address)
+    try:
+        return JobSubmissionClient(url)
+    except (ConnectionError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"--address {url}: cannot reach a Ray Jobs API there ({reason}); check the head's dashboard address "
+            "(http://HEAD:8265) and that the cluster is up (cluster/local-up.sh, `ray start --head`)"
+        ) from None
+
+
+def entrypoint(stage: Stage, port: int = 8000) -> str:
+    """The command the job runs on the head node: the same CLI call as on a laptop, joined to the cluster."""
+    if stage == "serve":
+        return f"python -m steward serve deploy spec.yaml --address auto --host 0.0.0.0 --port {port}"
+    extra = f" --port {port}" if stage == "run" else ""
+    return f"python -m steward {stage} spec.yaml --address auto{extra}"
+
+
+def check_stage(spec: JobSpec, stage: Stage) -> None:
+    """Refuse a stage the spec has no section for, before anything is uploaded."""
+    if stage == "tune" and spec.tune is None:
+        raise ValueError("--stage tune: the spec has no `tune` section; add one or submit --stage train")
+    if stage == "serve" and spec.serve is None:
+        raise ValueError("--stage serve: the spec has no `serve` section; add one (e.g. serve: {route_prefix: /x})")
+
+
+def check_cluster_resources(spec: JobSpec, address: str, stage: Stage) -> None:
+    """Compare what the spec's workers ask for with the cluster's alive nodes, before submitting (ValueError)."""
+    if stage == "serve":
+        return
+    from ray.util.state import list_nodes
+
+    have: dict[str, float] = {}
+    for node in list_nodes(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False):
+        for kind, amount in (node.resources_total or {}).items():
+            have[kind] = have.get(kind, 0.0) + amount
+    problem = resource_problem(spec, have)
+    if problem:
+        raise ValueError(f"{problem} (cluster at {address})")
+
+
+def submit(spec: JobSpec, stage: Stage, address: str | None, deps: Deps = "pip", port: int = 8000) -> Submitted:
+    """Package and submit `spec` (validated) as a Ray job running `stage`; returns once the cluster accepted it."""
+    check_stage(spec, stage)
+    jobs = client(address)
+    url = jobs_address(address)
+    check_cluster_resources(spec, url, stage)
+    package = package_job(spec, deps)
+    try:
+        job_id = jobs.submit_job(
+            entrypoint=entrypoint(stage, port),
+            submission_id=f"steward-{re.sub(r'[^a-z0-9-]', '-', spec.name.lower())}-{stage}-{secrets.token_hex(3)}",
+            runtime_env=package.runtime_env,
+            metadata={"steward_job": spec.name, "steward_stage": stage},
+        )
+    finally:  # Ray has uploaded the package by now (or failed to)
+        package.cleanup()
+    return Submitted(job_id, url, f"{url}/#/jobs/{job_id}", package.size_bytes)
+
+
+def job_info(address: str | None, job_id: str) -> Any:
+    """The job's JobDetails; ValueError when the cluster has no such job."""
+    jobs = client(address)
+    try:
+        return jobs.get_job_info(job_id)
+    except RuntimeError as err:
+        if "does not exist" in str(err) or "404" in str(err):
+            raise ValueError(f"no job {job_id!r} on {jobs_address(address)}; `steward jobs list` shows them") from None
+        raise
+
+
+def list_jobs(address: str | None) -> list[Any]:
+    """Every job the cluster knows, newest first (submitted by steward or not)."""
+    return sorted(client(address).list_jobs(), key=lambda j: j.start_time or 0, reverse=True)
+
+
+def logs(address: str | None, job_id: str) -> str:
+    """The job's whole log (its entrypoint's stdout and stderr) so far."""
+    job_info(address, job_id)
+    return client(address).get_job_logs(job_id)
+
+
+def stop(address: str | None, job_id: str) -> bool:
+    """Ask the cluster to stop the job; False when it had already ended."""
+    job_info(address, job_id)
+    return bool(client(address).stop_job(job_id))
+
+
+def follow(address: str | None, job_id: str, write: Callable[[str], None], every_s: float = 1.0) -> Any:
+    """Stream the job's log through `write` until the job ends; returns its final JobDetails."""
+    jobs, shown = client(address), 0
+    while True:
+        info = job_info(address, job_id)
+        text = jobs.get_job_logs(job_id)
+        if len(text) > shown:
+            write(text[shown:])
+            shown = len(text)
+        if info.status.is_terminal():
+            return info
+        time.sleep(every_s)  # the Jobs API has no push for plain HTTP clients; a second is what `ray job logs -f` uses
+
+
+def failure(info: Any, log_text: str) -> JobFailed:
+    """A JobFailed carrying Ray's reason and the last lines of the job's log."""
+    tail = [line for line in log_text.rstrip().splitlines() if line.strip()][-TAIL_LINES:]
+    shown = "\n".join(f"  | {line}" for line in tail) or "  | (no output)"
+    reason = (info.message or "").strip() or str(info.status)
+    return JobFailed(f"job {info.submission_id or info.job_id} {info.status}: {reason}\nlast log lines:\n{shown}")
+
+
+def raise_if_failed(address: str | None, info: Any) -> None:
+    """Raise JobFailed (with the log's tail) unless the job succeeded or is still going."""
+    if str(info.status) in ("FAILED", "STOPPED"):
+        raise failure(info, client(address).get_job_logs(info.submission_id or info.job_id))
