@@ -10,12 +10,14 @@ from steward.spec.base import Section, raise_problems, set_dotted
 from steward.spec.data import DataSpec
 from steward.spec.distributed import DistributedSpec
 from steward.spec.evaluate import EvaluateSpec
+from steward.spec.fairness import fairness_problems
 from steward.spec.model import ModelSpec, TransformerParams
+from steward.spec.privacy import PrivacySpec, privacy_problems
 from steward.spec.serve import ServeSpec
 from steward.spec.train import TrainSpec
 from steward.spec.tune import TuneSpec, tune_problems
 
-RESERVED = ("monitor", "privacy", "governance")
+RESERVED = ("monitor", "governance")
 UNTUNABLE = ("name", "description", "output_dir", "tune")
 
 
@@ -32,7 +34,7 @@ class JobSpec(Section):
     tune: TuneSpec | None = Field(None, description="A Ray Tune sweep over fields of this spec.")
     serve: ServeSpec | None = Field(None, description="Deploy the trained model on Ray Serve.")
     monitor: Any = Field(None, description="Reserved: bias and drift monitoring (not supported yet).")
-    privacy: Any = Field(None, description="Reserved: PII masking (not supported yet).")
+    privacy: PrivacySpec | None = Field(None, description="PII masking and k-anonymity of the training data.")
     governance: Any = Field(None, description="Reserved: model cards and policies (not supported yet).")
 
     @field_validator(*RESERVED)
@@ -64,6 +66,7 @@ class JobSpec(Section):
             problems["model.params.model_type"] = "causal_lm needs a decoder architecture such as gpt2"
         if self.serve is not None and lm:
             problems["serve"] = "serving supports classification models; remove the serve section for causal_lm"
+        problems |= fairness_problems(self) | privacy_problems(self)
         raise_problems(self, problems | (self._tune_problems() if self.tune else {}))
         return self
 
