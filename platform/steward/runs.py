@@ -63,8 +63,10 @@ def list_runs(output_dir: Path) -> list[RunSummary]:
         metrics_file = run_dir / "metrics.json"
         headline = ""
         if metrics_file.exists():
-            overall = json.loads(metrics_file.read_text())["overall"]
-            key = next(iter(overall))
-            headline = f"{key}={overall[key]:.4f}"
+            metrics = json.loads(metrics_file.read_text())
+            key = next(iter(metrics["overall"]))
+            headline = f"{key}={metrics['overall'][key]:.4f}"
+            if "fairness_gate" in metrics:  # set only when evaluate.fairness.thresholds are
+                headline += f" fairness_gate={metrics['fairness_gate']}"
         runs.append(RunSummary(run_dir, run_dir.parent.name, status["state"], status.get("started", 0), headline))
     return sorted(runs, key=lambda r: r.started, reverse=True)

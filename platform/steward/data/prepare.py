@@ -10,6 +10,7 @@ import torch
 from steward.data.encode import check_texts, detect_modality, encode_instances, encode_labels, label_names
 from steward.data.errors import DataError
 from steward.data.info import DataInfo
+from steward.data.mitigate import mitigate_train
 from steward.data.partition import Columns, check_columns, parts_used, resolve_columns, split_tables
 from steward.data.privacy import REPORT_FILE, protect_source
 from steward.data.sources import load_source
@@ -97,7 +98,10 @@ def load_splits(spec: JobSpec, info: DataInfo) -> dict[str, Split]:
     tokenizer at info.tokenizer_dir, padded and truncated to data.max_length.
     """
     columns, tables = _tables(spec)
-    return {role: _split(table, role, columns, info, spec) for role, table in tables.items()}
+    splits = {role: _split(table, role, columns, info, spec) for role, table in tables.items()}
+    if spec.train.mitigation is not None:  # group-balanced resampling or reweighing of the training rows only
+        splits["train"] = mitigate_train(splits["train"], spec, info)
+    return splits
 
 
 def _split(table: Table, role: str, columns: Columns, info: DataInfo, spec: JobSpec) -> Split:

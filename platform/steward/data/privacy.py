@@ -163,3 +163,32 @@ def _kept_rows(combined: dict, whole: dict, spec: Any, levels: dict[str, int]) -
     )
     kept = Counter(zip(*(whole[q.column] for q in spec.quasi_identifiers), strict=True))
     return np.array([kept[k] > 0 for k in keys], dtype=bool)
+
+
+def scan(spec: Any) -> dict:
+    """What the privacy section would find on a seeded sample of privacy.scan_rows rows, without training.
+
+    Counts only (never values); a spec without a privacy section is scanned for every rule-based entity type.
+    Hash modes are scanned as replace, so no key is needed to look.
+    """
+    from steward.data.partition import check_columns, parts_used, resolve_columns
+    from steward.data.sources import load_source
+
+    privacy = spec.privacy or PrivacySpec()
+    looking = privacy.model_copy(update={"mode": "replace", "modes": {}, "hash_key_env": None, "hash_key_file": None})
+    source = load_source(spec.data, spec.seed)
+    columns = resolve_columns(spec, source)
+    parts = parts_used(source, spec.data.splits)
+    check_columns(source, columns, parts)
+    rng = np.random.default_rng([spec.seed, 23])
+    sampled = {}
+    for part in dict.fromkeys(parts.values()):
+        names = list(dict.fromkeys([c for _, c in columns.fields()] + text_columns(privacy, columns)))
+        names += [q.column for q in privacy.k_anonymity.quasi_identifiers] if privacy.k_anonymity else []
+        table = source.read(part, list(dict.fromkeys(names)))
+        n = num_rows(table)
+        sampled[part] = take(table, np.sort(rng.permutation(n)[: privacy.scan_rows]))
+    _, report = protect_source(Source(source.name, sampled), columns, looking)
+    everything = {c for part in parts.values() for c in source.columns(part)}
+    report["dropped_columns"] = sorted(everything & set(privacy.drop_columns))
+    return report

@@ -161,6 +161,7 @@ class ModelServer:
         body = validated(PredictRequest, parse_body(await self._body(request), self.cfg.max_body_bytes))
         self._check_count(len(body.instances), "instances")
         probabilities = await self._probabilities(body.instances, "instances")
+        probabilities = self.served.decide(probabilities, body.attributes)  # per-group thresholds, if the run has them
         return json_response(predict_response(self.served, self.name, probabilities))
 
     @api.post("/v2/models/{name}/infer", response_model=InferResponse)

@@ -9,6 +9,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from steward.data import DataInfo, prepare_data
+from steward.data.mitigate import check_mitigation
 from steward.evaluate.run import evaluate_model, write_metrics
 from steward.models import check_fits
 from steward.spec import JobSpec
@@ -68,6 +69,7 @@ def check_resources(spec: JobSpec) -> None:
 def prepare(spec: JobSpec, run_dir: Path) -> DataInfo:
     """Everything checkable before a worker starts: data, model fit, DeepSpeed config."""
     info = prepare_data(spec, run_dir)
+    check_mitigation(spec, info)  # a positive label the data has, two classes for thresholds: before any worker
     (run_dir / "data_info.json").write_text(json.dumps(info.to_dict(), indent=2))  # checkpoints rebuild from it
     problems = check_fits(spec.model, info)
     if problems:
