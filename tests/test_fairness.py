@@ -81,7 +81,9 @@ def test_per_group_thresholds_reach_demographic_parity_and_apply_as_logit_shifts
     y = rng.random(4000) < p
     chosen = choose_thresholds(p, y, groups, "demographic_parity")
     rates = {g: float(np.mean(p[groups == g] >= chosen[g])) for g in ("a", "b")}
-    assert abs(rates["a"] - rates["b"]) < 0.01 < abs(np.mean(p[groups == "a"] >= 0.5) - np.mean(p[groups == "b"] >= 0.5))
+    assert (
+        abs(rates["a"] - rates["b"]) < 0.01 < abs(np.mean(p[groups == "a"] >= 0.5) - np.mean(p[groups == "b"] >= 0.5))
+    )
     thresholds = Thresholds("group", 1, "demographic_parity", chosen)
     probs = np.stack([1 - p, p], axis=1).astype(np.float32)
     decided = adjust_logits(np.log(probs), groups, thresholds).argmax(1)
@@ -123,7 +125,9 @@ def test_bad_fairness_settings_name_the_field_and_the_fix(tmp_path, sections, pa
 def test_a_group_column_missing_from_the_data_fails_before_training(tmp_path):
     from steward.train.launch import prepare
 
-    spec = load_job(write_job(tmp_path, data={"group_columns": ["region"]}, train={"mitigation": {"method": "reweigh"}}))
+    spec = load_job(
+        write_job(tmp_path, data={"group_columns": ["region"]}, train={"mitigation": {"method": "reweigh"}})
+    )
     with pytest.raises(DataError, match="data.group_columns: 'region' is not a column of builtin:synthetic-text"):
         prepare(spec, tmp_path)
 

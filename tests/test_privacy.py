@@ -193,3 +193,20 @@ def test_unreachable_k_and_a_missing_column_fail_before_training(tmp_path):
     spec = load_job(pii_job(tmp_path, {}, group_columns=["region"]))
     with pytest.raises(DataError, match="data.group_columns: 'region' is not a column of"):
         prepare_data(spec, None)
+
+
+def test_privacy_scan_command_shows_counts_never_values(tmp_path):
+    from typer.testing import CliRunner
+
+    from steward.cli import app
+
+    path = pii_job(tmp_path, {"drop_columns": ["ssn"], "scan_rows": 100})
+    result = CliRunner().invoke(app, ["privacy", "scan", str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "sample of 40 rows" in result.output and "dropped columns: ssn" in result.output
+    counts = {line.split("│")[2].strip(): line.split("│")[3].strip() for line in result.output.splitlines()
+              if line.count("│") == 4}  # fmt: skip
+    assert set(counts) == {"email", "phone", "credit_card", "iban"} and set(counts.values()) == {"7"}
+    assert "jane" not in result.output and "4111" not in result.output
+    bad = CliRunner().invoke(app, ["privacy", "scan", str(path), "--set", "privacy.entities=[emial]"])
+    assert bad.exit_code == 2 and "did you mean `email`" in bad.output

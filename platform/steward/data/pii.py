@@ -156,24 +156,16 @@ def resolve(spans: list[Span]) -> list[Span]:
 
 
 def _people(text: str) -> Iterator[Span]:
-    """Person names from the optional NER backend (the spec refuses `person` when none is installed)."""
-    backend = _ner()
-    if hasattr(backend, "analyze"):  # presidio's AnalyzerEngine
-        for result in backend.analyze(text=text, entities=["PERSON"], language="en"):
-            yield Span(result.start, result.end, "person")
-        return
-    for ent in backend(text).ents:  # a spaCy pipeline
+    """Person names from the optional spaCy pipeline (the spec refuses `person` when none is installed)."""
+    for ent in _ner()(text).ents:
         if ent.label_ == "PERSON":
             yield Span(ent.start_char, ent.end_char, "person")
 
 
 @functools.lru_cache(maxsize=1)
 def _ner():  # type: ignore[no-untyped-def]
-    try:
-        from presidio_analyzer import AnalyzerEngine
+    import spacy
 
-        return AnalyzerEngine()
-    except ImportError:
-        import spacy
+    from steward.spec.privacy import ner_backend
 
-        return spacy.load("en_core_web_sm")
+    return spacy.load(ner_backend(), disable=["parser", "lemmatizer"])

@@ -76,7 +76,8 @@ class Masker:
 
     def mask_column(self, values: list[Any], column: str) -> tuple[list[Any], Counter]:
         """Mask every text of a column; DataError when the column does not hold text."""
-        out, total = [], Counter()
+        out: list[Any] = []
+        total: Counter = Counter()
         for i, value in enumerate(values):
             if value is None:
                 out.append(value)

@@ -6,7 +6,7 @@ compute the same statistic the same way. Multiclass models are judged one-vs-res
 """
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,13 +39,13 @@ def group_table(
 
     Rows are resampled within each group (its size fixed), `spec.bootstrap` times, percentile intervals.
     """
-    groups = np.asarray([str(g) for g in groups])
-    counts = bias.group_counts(y_pred, groups, positive, y_true)
+    names = np.asarray([str(g) for g in groups])
+    counts = bias.group_counts(y_pred, names, positive, y_true)
     rng = np.random.default_rng([seed, 11])
     table: dict[str, dict] = {}
     for group, c in counts.items():
         row: dict[str, Any] = {"count": c.n, **count_metrics(c)}
-        rows = np.flatnonzero(groups == group)
+        rows = np.flatnonzero(names == group)
         for name, (low, high) in _intervals(y_true[rows] == positive, y_pred[rows] == positive, spec, rng).items():
             row[f"{name}_ci"] = [low, high]
         table[str(group)] = row
@@ -69,7 +69,9 @@ def _intervals(truth: np.ndarray, picked: np.ndarray, spec: FairnessSpec, rng: n
         values = np.array([s[name] for s in samples], dtype=float)
         values = values[~np.isnan(values)]
         out[name] = (
-            [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))] if len(values) else [None] * 2
+            [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
+            if len(values)
+            else [None] * 2
         )
     return out
 
@@ -78,7 +80,9 @@ def fairness_metrics(
     y_true: np.ndarray, y_pred: np.ndarray, groups: Sequence[Any], positive: int, privileged: str | None
 ) -> dict[str, float]:
     """Group fairness metrics (Fairlearn's, and AIF360's signed ones when a privileged group is named)."""
-    counts: dict[Hashable, GroupCounts] = bias.group_counts(y_pred, np.asarray([str(g) for g in groups]), positive, y_true)
+    counts: dict[Hashable, GroupCounts] = bias.group_counts(
+        y_pred, np.asarray([str(g) for g in groups]), positive, y_true
+    )
     out = {
         "demographic_parity_difference": bias.demographic_parity_difference_from_counts(counts),
         "demographic_parity_ratio": bias.demographic_parity_ratio_from_counts(counts),
@@ -91,7 +95,7 @@ def fairness_metrics(
     return out
 
 
-def gate(metrics: dict[str, float], thresholds: dict[str, float]) -> list[str]:
+def gate(metrics: dict[str, float], thresholds: Mapping[str, float]) -> list[str]:
     """Problems of a fairness gate: each threshold broken (an undefined metric breaks it too)."""
     problems = []
     for name, limit in thresholds.items():

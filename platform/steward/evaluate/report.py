@@ -39,7 +39,7 @@ def fairness_result(
                                   "after": _summary(y, decided, groups, positive, fair.privileged)}  # fmt: skip
     out: dict[str, Any] = {"fairness": report}
     if fair.thresholds:
-        problems = gate(report["splits"][gate_split]["metrics"], fair.thresholds)
+        problems = gate(report["splits"][gate_split]["metrics"], {str(k): v for k, v in fair.thresholds.items()})
         out["fairness_gate"] = "failed" if problems else "passed"
         out["fairness_gate_problems"] = problems
     if spec.train.mitigation is not None:

@@ -46,12 +46,12 @@ def choose_thresholds(
 
     The target is the whole split's rate at 0.5; ties go to the threshold nearest 0.5 (the smallest change).
     """
-    groups = np.asarray([str(g) for g in groups])
+    names = np.asarray([str(g) for g in groups])
     labelled = is_positive if target == "equal_opportunity" else None
     goal = _rate(p_positive, labelled, 0.5)
     chosen = {}
-    for group in np.unique(groups):
-        rows = groups == group
+    for group in np.unique(names):
+        rows = names == group
         p, y = p_positive[rows], (labelled[rows] if labelled is not None else None)
         candidates = np.unique(np.concatenate([p, [0.5]]))
         gaps = [abs(_rate(p, y, t) - goal) if not math.isnan(_rate(p, y, t)) else math.inf for t in candidates]

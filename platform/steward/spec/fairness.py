@@ -29,7 +29,8 @@ class FairnessSpec(Section):
         None, description="Privileged group value, for the signed metrics (disparate_impact_ratio needs it)."
     )
     splits: list[Literal["validation", "test"]] = Field(
-        default_factory=lambda: ["validation", "test"], description="Splits given a per-group table."
+        default_factory=lambda: list[Literal["validation", "test"]](["validation", "test"]),
+        description="Splits given a per-group table.",
     )
     bootstrap: int = Field(200, ge=0, le=100_000, description="Bootstrap resamples for confidence intervals (0: off).")
     confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Confidence level of the bootstrap intervals.")

@@ -24,12 +24,14 @@ ENTITIES = (*PATTERN_ENTITIES, "person")
 Mode = Literal["redact", "replace", "hash"]
 
 
+NER_MODELS = ("en_core_web_sm", "en_core_web_md", "en_core_web_lg")
+
+
 def ner_backend() -> str | None:
-    """The installed NER backend for person names ("presidio" or "spacy"), or None."""
-    for module in ("presidio_analyzer", "spacy"):
-        if importlib.util.find_spec(module) is not None:
-            return module.split("_")[0]
-    return None
+    """The installed spaCy English pipeline that finds person names, or None (spaCy or no model installed)."""
+    if importlib.util.find_spec("spacy") is None:
+        return None
+    return next((m for m in NER_MODELS if importlib.util.find_spec(m) is not None), None)
 
 
 class QuasiIdentifier(Section):
@@ -92,8 +94,8 @@ class PrivacySpec(Section):
         problems = {}
         if "person" in self.entities and ner_backend() is None:
             problems["entities"] = (
-                "person names need an NER backend, and none is installed: pip install 'steward[ner]' "
-                "(presidio-analyzer and spaCy with an English model), or remove `person` from entities"
+                "person names need an NER backend, and none is installed: pip install 'steward[ner]' and a spaCy "
+                "English pipeline (python -m spacy download en_core_web_sm), or remove `person` from entities"
             )
         unused = sorted(set(self.modes) - set(self.entities))
         if unused:
