@@ -21,6 +21,8 @@ from tests.conftest import JOBS
 from tests.test_privacy import PII_ROWS, pii_job
 
 pytestmark = pytest.mark.slow
+# Workers of the module's Ray inherit the environment it starts with: the hash key must be set before that.
+os.environ.setdefault("PII_HASH_KEY", "run-folder-key")
 GATED = "demographic_parity_difference"
 
 
@@ -87,8 +89,7 @@ def test_serving_applies_the_saved_thresholds(runs):
     assert err.value.status == 422 and err.value.field == "attributes.group"
 
 
-def test_no_raw_pii_reaches_the_run_folder(ray_local, tmp_path, monkeypatch):
-    monkeypatch.setenv("PII_HASH_KEY", "run-folder-key")
+def test_no_raw_pii_reaches_the_run_folder(ray_local, tmp_path):
     privacy = {"mode": "hash", "modes": {"email": "replace"}, "hash_key_env": "PII_HASH_KEY", "drop_columns": ["ssn"]}
     spec = load_job(pii_job(tmp_path, privacy, rows=120), ["train.epochs=1", "distributed.strategy=ddp"])
     run_dir = create_run(spec)

@@ -117,10 +117,10 @@ def evaluate_target(target: Path, spec: JobSpec | None = None, split: str | None
 
 
 def write_metrics(run_dir: Path, result: dict) -> Path:
-    """metrics.json of a run, with the privacy report (counts only) when the data was masked."""
+    """Write metrics.json; adds the privacy report (counts only) to `result` when the run's data was masked."""
     privacy = run_dir / REPORT_FILE
     if privacy.exists():
-        result = {**result, "privacy": json.loads(privacy.read_text())}
+        result["privacy"] = json.loads(privacy.read_text())
     path = run_dir / "metrics.json"
     path.write_text(json.dumps(result, indent=2))
     return path

@@ -28,7 +28,10 @@ def worker_env(spec: JobSpec) -> dict[str, str]:
     # Each ray.train.report waits for the controller's next poll of the workers (2 s by default). Polling costs
     # CPU the workers would use (~10% of a core at 0.2 s, measured here), so 1 s is the compromise.
     env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.0")
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS"):
+    # Workers mask the data again as they load it, so a hash key named by privacy.hash_key_env must reach them
+    # (through Ray's runtime environment, never through the spec or the run folder).
+    key_env = spec.privacy.hash_key_env if spec.privacy else None
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS", *([key_env] if key_env else [])):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
