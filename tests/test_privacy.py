@@ -210,3 +210,10 @@ def test_privacy_scan_command_shows_counts_never_values(tmp_path):
     assert "jane" not in result.output and "4111" not in result.output
     bad = CliRunner().invoke(app, ["privacy", "scan", str(path), "--set", "privacy.entities=[emial]"])
     assert bad.exit_code == 2 and "did you mean `email`" in bad.output
+
+
+def test_a_relative_hash_key_file_resolves_against_the_spec_folder(tmp_path, monkeypatch):
+    (tmp_path / "secret.key").write_text("file-key")
+    spec = load_job(pii_job(tmp_path, {"mode": "hash", "hash_key_file": "secret.key"}))
+    monkeypatch.chdir("/")
+    assert spec.privacy.hash_key_file == str(tmp_path / "secret.key") and hash_key(spec.privacy) == b"file-key"
