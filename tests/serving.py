@@ -11,7 +11,7 @@ import torch
 
 from steward.data import load_splits, prepare_data
 from steward.data.prepare import _tables
-from steward.evaluate.run import evaluate_model, load_servable, write_metrics
+from steward.evaluate.run import evaluate_run, load_servable
 from steward.models import build_model, save_model, task_loss
 from steward.runs import create_run, set_status
 from steward.serve.deploy import deploy
@@ -47,8 +47,7 @@ def trained_run(tmp_path, job: str, *overrides: str, epochs: int = 3, lr: float 
         shutil.copytree(info.tokenizer_dir, run_dir / "model" / "tokenizer")
         exported = replace(info, tokenizer_dir="tokenizer")
     save_model(run_dir / "model", model.eval(), model.state_dict(), spec.model, exported)
-    result = evaluate_model(run_dir / "model", spec)
-    write_metrics(run_dir, result)
+    result = evaluate_run(run_dir, spec)
     set_status(run_dir, "succeeded", headline=result["overall"])
     return spec, run_dir
 

@@ -92,8 +92,18 @@ def test_malformed_yaml_gives_the_line(tmp_path):
 
 
 def test_reserved_sections_are_refused(tmp_path):
-    [problem] = problems(write(tmp_path, {**MINIMAL, "monitor": {"bias": {}}}))
-    assert problem.path == "monitor" and "not supported yet" in problem.message
+    [problem] = problems(write(tmp_path, {**MINIMAL, "governance": {"card": {}}}))
+    assert problem.path == "governance" and "not supported yet" in problem.message
+
+
+def test_monitor_section_errors_name_the_field_and_the_fix(tmp_path):
+    monitor = {"bias": {"group": "g", "favourable": "1", "thresholds": {"disparate_impact_ratio": [1.2, 0.8]}},
+               "window": {"size": 100, "step": 30}, "alerts": {"webhook": "ftp://x"}}  # fmt: skip
+    found = {p.path: p.message for p in problems(write(tmp_path, {**MINIMAL, "monitor": monitor}))}
+    assert "set privileged" in found["monitor.bias.privileged"]
+    assert "give [low, high]" in found["monitor.bias.thresholds.disparate_impact_ratio"]
+    assert "whole steps" in found["monitor.window.step"]
+    assert "monitor.alerts.webhook" in found
 
 
 def test_relative_file_source_resolves_against_the_spec_folder(tmp_path):

@@ -86,8 +86,10 @@ def test_optuna_with_median_stopping_then_retrain_best_on_train_and_validation(r
 
 def test_pbt_copies_a_better_trial_and_perturbs_its_config(ray_local, tmp_path):
     spec, run_dir, result, rows, best = sweep(
-        tmp_path, "tune-lstm-pbt.yaml", "train.epochs=4", "tune.num_samples=2",
-        "tune.scheduler={name: pbt, perturbation_interval: 1, quantile_fraction: 0.5}",
+        tmp_path, "tune-lstm-pbt.yaml", "train.epochs=3", "tune.num_samples=2",
+        # synch: these trials take ~2 s, less than their start-up jitter, so asynchronous PBT may never see
+        # both trials alive at an interval. Interval 2 of 3 epochs: no perturbation at the final result.
+        "tune.scheduler={name: pbt, perturbation_interval: 2, quantile_fraction: 0.5, synch: true}",
         "tune.search_space={train.optimizer.lr: {loguniform: [1.0e-5, 1.0e-2]}}",
     )  # fmt: skip
     exploited = [

@@ -11,6 +11,7 @@ from torch import nn
 from steward.data import DataInfo, Split, load_splits
 from steward.data.privacy import REPORT_FILE
 from steward.evaluate.metrics import compute_metrics
+from steward.evaluate.profile import capture_reference
 from steward.evaluate.report import fairness_result, fit_thresholds
 from steward.evaluate.thresholds import Thresholds, adjust_logits, load_thresholds
 from steward.models import build_model, load_model, task_loss
@@ -90,11 +91,15 @@ def evaluate_model(model_dir: Path, spec: JobSpec, split: str | None = None) -> 
     training chooses the thresholds on the validation split and writes that file.
     """
     model, info = load_servable(model_dir)
+    return evaluate(model, info, spec, split, thresholds=run_thresholds(model, info, spec, model_dir))
+
+
+def run_thresholds(model: nn.Module, info: DataInfo, spec: JobSpec, model_dir: Path) -> Thresholds | None:
+    """The model's per-group thresholds (train.mitigation: thresholds), chosen on validation and saved if new."""
     mitigation = spec.train.mitigation
-    thresholds = None
-    if mitigation is not None and mitigation.method == "thresholds":
-        thresholds = load_thresholds(model_dir) or fit_thresholds(model, info, spec, model_dir)
-    return evaluate(model, info, spec, split, thresholds=thresholds)
+    if mitigation is None or mitigation.method != "thresholds":
+        return None
+    return load_thresholds(model_dir) or fit_thresholds(model, info, spec, model_dir)
 
 
 def evaluate_target(target: Path, spec: JobSpec | None = None, split: str | None = None) -> tuple[dict, Path]:
@@ -114,6 +119,16 @@ def evaluate_target(target: Path, spec: JobSpec | None = None, split: str | None
         model.load_state_dict(consolidate_checkpoint(target, spec.distributed.zero_stage))
         return evaluate(model.eval(), info, spec, split), run_dir
     raise ValueError(f"{target}: not a run folder, a model folder (model.json) or a checkpoint ({STATE_FILE})")
+
+
+def evaluate_run(run_dir: Path, spec: JobSpec) -> dict:
+    """After training: evaluate the run's consolidated model into metrics.json and save the monitor's reference
+    profile beside the model."""
+    model, info = load_servable(run_dir / "model")
+    result = evaluate(model, info, spec, thresholds=run_thresholds(model, info, spec, run_dir / "model"))
+    write_metrics(run_dir, result)
+    capture_reference(model, info, spec, run_dir / "model")
+    return result
 
 
 def write_metrics(run_dir: Path, result: dict) -> Path:

@@ -355,6 +355,16 @@ class Windows:
             out = pane.merge(out)
         return out
 
+    def to_dict(self) -> dict[str, Any]:
+        """The open pane and the closed panes still to be emitted, as plain data (for persistence)."""
+        return {"pane_id": self._pane_id, "pane": self.pane.to_dict(), "panes": [p.to_dict() for p in self._panes]}
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Continue from what `to_dict` saved (same size, step and bins)."""
+        self._pane_id, self.pane = data["pane_id"], WindowState.from_dict(data["pane"])
+        self._panes.clear()
+        self._panes.extend(WindowState.from_dict(p) for p in data["panes"])
+
     def _advance(self, t: float) -> list[WindowState]:
         if self.by != "time":
             return []

@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,9 +19,11 @@ from ray import serve
 from ray.serve import Application
 
 from steward.serve.auth import key_is_valid, load_keys, presented_key
-from steward.serve.model import ServedModel, load_served_model
+from steward.serve.model import Output, ServedModel, load_served_model
+from steward.serve.monitoring import ReplicaMonitor
 from steward.serve.protocol import (
     BadRequest,
+    FeedbackRequest,
     InferRequest,
     InferResponse,
     ModelMetadata,
@@ -85,6 +88,7 @@ class ModelServer:
         self.keys = load_keys(self.cfg.auth)
         self.batch_sizes: Counter[int] = Counter()
         self.started = time.time()
+        self.monitor = ReplicaMonitor(job, self.served, self.name) if job.monitor else None
         if self.cfg.batching is not None:
             self._run_batch.set_max_batch_size(self.cfg.batching.max_batch_size)  # type: ignore[attr-defined]
             wait_s = self.cfg.batching.batch_wait_timeout_ms / 1000
@@ -160,9 +164,12 @@ class ModelServer:
         self._authorize(request)
         body = validated(PredictRequest, parse_body(await self._body(request), self.cfg.max_body_bytes))
         self._check_count(len(body.instances), "instances")
-        probabilities = await self._probabilities(body.instances, "instances")
-        probabilities = self.served.decide(probabilities, body.attributes)  # per-group thresholds, if the run has them
-        return json_response(predict_response(self.served, self.name, probabilities))
+        output = await self._probabilities(body.instances, "instances")
+        # Per-group decision thresholds (train.mitigation), if the run has them: the reply and the monitor see them.
+        output = replace(output, probabilities=self.served.decide(output.probabilities, body.attributes))
+        reply = predict_response(self.served, self.name, output.probabilities)
+        self._monitor(output, body.attributes, [p.request_id for p in reply.predictions])
+        return json_response(reply)
 
     @api.post("/v2/models/{name}/infer", response_model=InferResponse)
     async def infer(self, name: str, request: Request) -> Response:
@@ -173,20 +180,47 @@ class ModelServer:
         info = self.served.info
         instances = oip_instances(body, info.modality, info.input_shape)
         self._check_count(len(instances), "inputs[0].shape")
-        probabilities = await self._probabilities(instances, "inputs[0].data")
+        output = await self._probabilities(instances, "inputs[0].data")
         reply = InferResponse(
             model_name=self.name,
             model_version=self.served.version,
             id=body.id or uuid.uuid4().hex,
-            outputs=oip_outputs(probabilities, info.label_names),
+            outputs=oip_outputs(output.probabilities, info.label_names),
         )
+        self._monitor(output, {}, [f"{reply.id}/{i}" for i in range(len(instances))])
         return json_response(reply)
 
-    async def _probabilities(self, instances: Any, field: str) -> Any:
+    # -- monitoring ----------------------------------------------------------------------------------------
+    @api.get("/monitor")
+    async def monitor_report(self, request: Request) -> dict:
+        """The deployment's monitor: current and recent windows, every check with its threshold, open alerts."""
+        self._authorize(request)
+        return await self._monitoring().report()
+
+    @api.post("/feedback")
+    async def feedback(self, request: Request) -> dict:
+        """A label that arrived later for an earlier prediction, by its request_id."""
+        self._authorize(request)
+        monitor = self._monitoring()
+        body = validated(FeedbackRequest, parse_body(await self._body(request), self.cfg.max_body_bytes))
+        if body.label not in self.served.info.label_names:
+            raise BadRequest(422, "label", f"unknown class {body.label!r}; one of {self.served.info.label_names}")
+        return {"request_id": body.request_id, "matched": await monitor.feedback(body.request_id, body.label)}
+
+    def _monitoring(self) -> ReplicaMonitor:
+        if self.monitor is None:
+            raise BadRequest(404, "monitor", "this deployment is not monitored; add a monitor section to its spec")
+        return self.monitor
+
+    def _monitor(self, output: Output, attributes: dict, request_ids: list[str]) -> None:
+        if self.monitor is not None:  # counted after the reply is on its way, not while the client waits
+            asyncio.get_running_loop().call_soon(self.monitor.record, output, attributes, request_ids)
+
+    async def _probabilities(self, instances: Any, field: str) -> Output:
         prepared = self.served.prepare(instances, field)  # bad input fails here, alone, before any batch
         if self.cfg.batching is None:  # on the event loop: the lowest latency for one small forward pass
             self.batch_sizes[1] += 1
-            return self.served.run([prepared])[0]
+            return self.served.run([prepared], self.monitor is not None)[0]
         return await self._run_batch(prepared)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
@@ -197,7 +231,7 @@ class ModelServer:
         the next requests meanwhile: in Serve's throughput mode user code shares the loop with HTTP.
         """
         self.batch_sizes[len(requests)] += 1
-        return await asyncio.to_thread(self.served.run, requests)
+        return await asyncio.to_thread(self.served.run, requests, self.monitor is not None)
 
     # -- request checks ------------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:

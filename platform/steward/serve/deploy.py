@@ -1,6 +1,7 @@
 """Driver side of serving: which run, the int8 check, deploy / status / stop on a Ray cluster, config export."""
 
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ import yaml
 
 from steward.runs import list_runs, read_spec
 from steward.serve.auth import load_keys
+from steward.serve.monitoring import reference_problem
 from steward.spec import JobSpec
 from steward.spec.serve import ServeSpec
 
@@ -58,10 +60,10 @@ def find_run(spec: JobSpec, run: Path | None = None) -> Path:
 
 
 def serving_spec(spec: JobSpec, run_dir: Path) -> JobSpec:
-    """The run's own spec (data and model as trained) with the serve section of `spec`."""
+    """The run's own spec (data and model as trained) with the serve and monitor sections of `spec`."""
     if spec.serve is None:
         raise ValueError("serve: the spec has no serve section; add one (e.g. `serve: {route_prefix: /digits}`)")
-    return read_spec(run_dir).model_copy(update={"serve": spec.serve})
+    return read_spec(run_dir).model_copy(update={"serve": spec.serve, "monitor": spec.monitor})
 
 
 def check_int8(job: JobSpec, run_dir: Path) -> dict | None:
@@ -108,6 +110,8 @@ def deploy(
     from steward.serve.app import build_app
 
     job = serving_spec(spec, run_dir)
+    if problem := reference_problem(job, run_dir):
+        raise ValueError(problem)
     if address in (None, "", "local"):  # replicas of an embedded Ray see this environment: check keys up front
         load_keys(job.serve.auth if job.serve else None)
     gate = check_int8(job, run_dir)
@@ -141,6 +145,21 @@ def stop(name: str, address: str | None = "auto") -> None:
     if name not in serve.status().applications:
         raise ValueError(f"no Serve application named {name!r}; `steward serve status` lists them")
     serve.delete(name)
+    stop_monitor(name)
+
+
+def stop_monitor(name: str) -> None:
+    """Save and stop the deployment's monitor actors (one per model version it served)."""
+    import ray
+
+    from steward.monitor.actor import NAMESPACE, actor_name
+
+    mine = re.compile(re.escape(actor_name(name, "")) + r"\d{8}-\d{6}-[0-9a-f]{4}")  # the run id follows the name
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == NAMESPACE and mine.fullmatch(actor["name"]):
+            handle = ray.get_actor(actor["name"], namespace=NAMESPACE)
+            ray.get(handle.persist.remote())
+            ray.kill(handle, no_restart=True)
 
 
 def export_config(spec: JobSpec, run_dir: Path, path: Path, host: str = "0.0.0.0", port: int = 8000) -> dict:

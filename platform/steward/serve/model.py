@@ -1,7 +1,9 @@
 """The model a replica serves: loaded from a run folder, optionally int8, with input checks. No Ray, no HTTP."""
 
 import json
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +12,22 @@ import torch
 from torch import nn
 
 from steward.data import DataError, DataInfo, encode_instances
+from steward.evaluate.profile import embedding_tap, penultimate_layer
 from steward.evaluate.thresholds import Thresholds, adjust_probabilities, load_thresholds
 from steward.runs import spec_hash
 from steward.serve.protocol import BadRequest
 from steward.serve.quantize import GateResult, accuracy_gate, quantize_int8
 from steward.spec import JobSpec
+
+
+@dataclass
+class Output:
+    """One request's share of a forward pass."""
+
+    probabilities: np.ndarray
+    embeddings: np.ndarray | None = None
+    inputs: np.ndarray | None = None
+    attention_mask: np.ndarray | None = None
 
 
 @dataclass
@@ -28,6 +41,10 @@ class ServedModel:
     gate: GateResult | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     thresholds: Thresholds | None = None  # per-group decision thresholds saved with the model (train.mitigation)
+
+    @cached_property
+    def embedding_layer(self) -> str:
+        return penultimate_layer(self.model)
 
     @property
     def version(self) -> str:
@@ -53,17 +70,29 @@ class ServedModel:
             raise BadRequest(422, where, message) from None
 
     @torch.inference_mode()
-    def run(self, prepared: list[Any]) -> list[np.ndarray]:
-        """Class probabilities (float32 [n_i, C]) for each prepared request, in one forward pass over all of them."""
+    def run(self, prepared: list[Any], embed: bool = False) -> list[Output]:
+        """Class probabilities (float32 [n_i, C]) for each prepared request, in one forward pass over all of them;
+        with `embed`, also the penultimate layer's output and the encoded inputs (what the monitor profiles)."""
         sizes = [len(p) for p in prepared]
         if self.info.modality == "text":  # padded to max_length as in training: batching never changes a result
             texts = [text for p in prepared for text in p]
             inputs, mask = encode_instances(texts, self.info, self.spec.data.max_length)
         else:
             inputs, mask = torch.cat(prepared), None
-        out = torch.softmax(self.model(inputs, mask).float(), dim=-1).numpy()
+        with ExitStack() as stack:
+            seen = stack.enter_context(embedding_tap(self.model, self.embedding_layer)) if embed else []
+            out = torch.softmax(self.model(inputs, mask).float(), dim=-1).numpy()
+        embeddings = torch.cat(seen).numpy() if seen else None
         starts = np.cumsum([0, *sizes[:-1]])
-        return [out[s : s + n] for s, n in zip(starts, sizes, strict=True)]
+        return [
+            Output(
+                out[s : s + n],
+                None if embeddings is None else embeddings[s : s + n],
+                inputs[s : s + n].numpy() if embed else None,
+                None if mask is None or not embed else mask[s : s + n].numpy(),
+            )
+            for s, n in zip(starts, sizes, strict=True)
+        ]
 
     def decide(self, probabilities: np.ndarray, attributes: dict[str, list[Any]]) -> np.ndarray:
         """Probabilities whose argmax is the model's per-group thresholded decision (unchanged without thresholds).
@@ -81,7 +110,7 @@ class ServedModel:
 
     def probabilities(self, instances: Any, field: str = "instances") -> np.ndarray:
         """Check and run one request's instances (the offline path the tests compare against)."""
-        return self.run([self.prepare(instances, field)])[0]
+        return self.run([self.prepare(instances, field)])[0].probabilities
 
 
 def _text_problem(text: Any) -> str | None:

@@ -47,6 +47,11 @@ class PredictRequest(Strict):
         return value
 
 
+class FeedbackRequest(Strict):
+    request_id: str = Field(min_length=1, max_length=128, description="`request_id` of an earlier prediction.")
+    label: str = Field(min_length=1, max_length=256, description="The true class name, known only later.")
+
+
 class Prediction(Strict):
     request_id: str = Field(description="Unique id of this instance's prediction (logged with the request).")
     label: str = Field(description="Predicted class name.")

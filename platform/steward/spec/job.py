@@ -12,12 +12,13 @@ from steward.spec.distributed import DistributedSpec
 from steward.spec.evaluate import EvaluateSpec
 from steward.spec.fairness import fairness_problems
 from steward.spec.model import ModelSpec, TransformerParams
+from steward.spec.monitor import MonitorSpec
 from steward.spec.privacy import PrivacySpec, privacy_problems
 from steward.spec.serve import ServeSpec
 from steward.spec.train import TrainSpec
 from steward.spec.tune import TuneSpec, tune_problems
 
-RESERVED = ("monitor", "governance")
+RESERVED = ("governance",)
 UNTUNABLE = ("name", "description", "output_dir", "tune")
 
 
@@ -33,7 +34,7 @@ class JobSpec(Section):
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec, description="Evaluation after training.")
     tune: TuneSpec | None = Field(None, description="A Ray Tune sweep over fields of this spec.")
     serve: ServeSpec | None = Field(None, description="Deploy the trained model on Ray Serve.")
-    monitor: Any = Field(None, description="Reserved: bias and drift monitoring (not supported yet).")
+    monitor: MonitorSpec | None = Field(None, description="Bias and drift monitoring of the served model.")
     privacy: PrivacySpec | None = Field(None, description="PII masking and k-anonymity of the training data.")
     governance: Any = Field(None, description="Reserved: model cards and policies (not supported yet).")
 
@@ -64,6 +65,8 @@ class JobSpec(Section):
         params = self.model.params
         if lm and isinstance(params, TransformerParams) and not params.pretrained and params.model_type == "bert":
             problems["model.params.model_type"] = "causal_lm needs a decoder architecture such as gpt2"
+        if self.monitor is not None and lm:
+            problems["monitor"] = "monitoring watches classification models; remove the monitor section for causal_lm"
         if self.serve is not None and lm:
             problems["serve"] = "serving supports classification models; remove the serve section for causal_lm"
         problems |= fairness_problems(self) | privacy_problems(self)

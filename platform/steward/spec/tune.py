@@ -75,6 +75,11 @@ class PbtScheduler(Section):
     )
     quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="Bottom fraction that copies the top one.")
     resample_probability: float = Field(0.25, ge=0, le=1, description="Chance to resample instead of perturb.")
+    synch: bool = Field(
+        False,
+        description="Wait for every trial at each interval before copying (slower: waiting trials restart), so "
+        "short trials that finish at different times still exploit each other.",
+    )
 
 
 class MedianStoppingScheduler(Section):

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from ray import tune
 
-from steward.evaluate.run import evaluate_model, write_metrics
+from steward.evaluate.run import evaluate_run
 from steward.spec import JobSpec
 from steward.train.curves import plot_history
 from steward.train.launch import train_job
@@ -87,9 +87,7 @@ def finish(spec: JobSpec, best_spec: JobSpec, best: TrialRow, run_dir: Path, add
     shutil.copytree(trial_dir / "model", run_dir / "model", dirs_exist_ok=True)
     shutil.copy(trial_dir / "history.jsonl", run_dir / "history.jsonl")
     plot_history(run_dir / "history.jsonl", run_dir / "curves.png")
-    result = evaluate_model(run_dir / "model", best_spec)
-    write_metrics(run_dir, result)
-    return result
+    return evaluate_run(run_dir, best_spec)
 
 
 def tune_job(

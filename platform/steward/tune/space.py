@@ -77,6 +77,7 @@ def scheduler(spec: TuneSpec, epochs: int) -> TrialScheduler:
             hyperparam_mutations=mutations,
             quantile_fraction=chosen.quantile_fraction,
             resample_probability=chosen.resample_probability,
+            synch=chosen.synch,
         )
     return FIFOScheduler()
 

@@ -1,0 +1,216 @@
+"""The one Ray piece of monitoring: a detached actor per deployment.
+
+Replicas push the window-state deltas of the records they answered; the actor merges them into windows, judges each
+closed window (`checks.window_report`), turns failing streaks into alerts (event log, webhook, Prometheus), and
+persists everything it holds to the run folder, so a restarted actor resumes where the last save left off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import urllib.request
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from steward.monitor.checks import AlertTracker, window_report
+from steward.monitor.reference import ReferenceProfile, load_reference
+from steward.monitor.window import Bins, Windows, WindowState
+from steward.spec import JobSpec
+
+NAMESPACE = "steward"
+logger = logging.getLogger("steward.monitor")
+
+
+def actor_name(deployment: str, run_dir: str | Path) -> str:
+    """One monitor per deployment and model version: a redeployed new run starts from its own reference."""
+    return f"steward-monitor-{deployment}-{Path(run_dir).name}"
+
+
+def monitor_folder(run_dir: str | Path, deployment: str) -> Path:
+    """Where a deployment's monitor keeps its state and event log."""
+    return Path(run_dir) / "monitor" / deployment
+
+
+def reference_for(run_dir: str | Path) -> ReferenceProfile | None:
+    """The run's reference profile, or None when training saved none."""
+    model_dir = Path(run_dir) / "model"
+    return load_reference(model_dir) if (model_dir / "reference.json").exists() else None
+
+
+def monitor_actor(spec: dict, run_dir: str, deployment: str) -> Any:
+    """The deployment's monitor actor: found by name, or started (detached, restarted by Ray if it dies)."""
+    return Monitor.options(  # type: ignore[attr-defined]
+        name=actor_name(deployment, run_dir), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        num_cpus=0, max_restarts=-1, max_task_retries=3,
+    ).remote(spec, run_dir, deployment)  # fmt: skip
+
+
+class Exporter:
+    """Prometheus metrics through Ray's metrics export: they appear on every node's metrics endpoint."""
+
+    def __init__(self, deployment: str) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        tags = {"deployment": deployment}
+        self.bias = Gauge("steward_monitor_bias", "Bias metric of the last window.", ("deployment", "metric"))
+        self.rate = Gauge("steward_monitor_selection_rate", "Favourable rate per group.", ("deployment", "group"))
+        self.drift = Gauge(
+            "steward_monitor_drift", "Drift statistic (PSI) or p-value.", ("deployment", "test", "signal")
+        )
+        self.failing = Gauge("steward_monitor_alert_open", "1 while a check is alerting.", ("deployment", "check"))
+        self.records = Counter("steward_monitor_records", "Records monitored.", ("deployment",))
+        self.alerts = Counter("steward_monitor_alerts", "Alerts raised.", ("deployment", "check"))
+        for metric in (self.bias, self.rate, self.drift, self.failing, self.records, self.alerts):
+            metric.set_default_tags(tags)
+
+    def window(self, report: dict, events: list[dict]) -> None:
+        for check in report["checks"]:
+            if check["value"] is None:
+                continue
+            if check["kind"] == "bias":
+                self.bias.set(check["value"], {"metric": check["name"]})
+            else:
+                test, _, signal = check["name"].partition(":")
+                self.drift.set(check["value"], {"test": test, "signal": signal})
+        for group, rate in report["selection_rates"].items():
+            if rate is not None:
+                self.rate.set(rate, {"group": group})
+        for event in events:
+            self.failing.set(1.0 if event["event"] == "alert" else 0.0, {"check": event["name"]})
+            if event["event"] == "alert":
+                self.alerts.inc(1.0, {"check": event["name"]})
+
+
+@ray.remote
+class Monitor:
+    """Windows of one deployment's traffic, their judgements, open alerts; persisted every persist_interval_s."""
+
+    def __init__(self, spec: dict, run_dir: str, deployment: str) -> None:
+        job = JobSpec.model_validate(spec)
+        assert job.monitor is not None, "a monitor actor needs the spec's monitor section"
+        self.cfg, self.deployment = job.monitor, deployment
+        self.folder = monitor_folder(run_dir, deployment)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.ref = reference_for(run_dir)
+        bins = self.ref.bins() if self.ref else Bins()
+        window = self.cfg.window
+        self.windows = Windows(lambda: WindowState(bins), window.size, window.step, window.by)
+        self.history: deque[dict] = deque(maxlen=self.cfg.history)
+        self.alerts = AlertTracker(self.cfg.alerts.consecutive_windows)
+        self.records, self.saved_at = 0, time.monotonic()
+        self.exporter = Exporter(deployment)
+        self._restore()
+        self._ticker: asyncio.Task | None = None
+
+    # -- what replicas and the HTTP routes call --------------------------------------------------------------
+    async def push(self, delta: dict) -> int:
+        """Merge one replica's delta; judge every window it closes. Returns the records seen so far."""
+        self._start_ticker()
+        state = WindowState.from_dict(delta)
+        self.records += state.n
+        if state.n:
+            self.exporter.records.inc(float(state.n))
+        await self._judge(self.windows.add_state(state))
+        return self.records
+
+    async def feedback(self, request_id: str, label: str) -> bool:
+        """A late label for an earlier prediction; True when its prediction was already here and is now counted."""
+        self._start_ticker()
+        return self.windows.add_feedback(request_id, label)
+
+    async def report(self, recent: int = 10) -> dict:
+        """The monitor's view: the open window judged so far, recent closed windows, open alerts, thresholds."""
+        current = window_report(self.windows.current(), self.ref, self.cfg)
+        return {
+            "deployment": self.deployment,
+            "records": self.records,
+            "windows_closed": len(self.history),
+            "current": current,
+            "recent": list(self.history)[-recent:],
+            "alerts": list(self.alerts.open.values()),
+            "config": self.cfg.model_dump(mode="json"),
+        }
+
+    async def persist(self) -> Path:
+        """Save the state (statistics only, never payloads) atomically; also runs every persist_interval_s."""
+        text = self._snapshot()  # on the event loop: no push changes the windows while they are copied
+        return await asyncio.to_thread(self._write, text)
+
+    def __ray_shutdown__(self) -> None:
+        self._write(self._snapshot())  # a graceful stop (`steward serve stop`) loses nothing
+
+    # -- inside ------------------------------------------------------------------------------------------------
+    def _snapshot(self) -> str:
+        self.saved_at = time.monotonic()
+        return json.dumps({
+            "records": self.records,
+            "windows": self.windows.to_dict(),
+            "history": list(self.history),
+            "alerts": self.alerts.to_dict(),
+            "saved": time.time(),
+        })  # fmt: skip
+
+    def _write(self, text: str) -> Path:
+        path = self.folder / "state.json"
+        partial = path.with_suffix(".partial")
+        partial.write_text(text)
+        partial.replace(path)
+        return path
+
+    def _restore(self) -> None:
+        path = self.folder / "state.json"
+        if not path.exists():
+            return
+        doc = json.loads(path.read_text())
+        self.records = doc["records"]
+        self.windows.restore(doc["windows"])
+        self.history.extend(doc["history"])
+        self.alerts.restore(doc["alerts"])
+        logger.info("monitor %s resumed from %s (%d records)", self.deployment, path, self.records)
+
+    def _start_ticker(self) -> None:
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        """Close time windows when traffic stops, and save the state every persist_interval_s."""
+        while True:
+            await asyncio.sleep(min(self.cfg.push_interval_s, self.cfg.persist_interval_s))
+            if self.cfg.window.by == "time":
+                await self._judge(self.windows.add_state(WindowState(self.windows.pane.bins)))
+            if time.monotonic() - self.saved_at >= self.cfg.persist_interval_s:
+                await self.persist()
+
+    async def _judge(self, closed: list[WindowState]) -> None:
+        for window in closed:
+            # the MMD permutations take ~50 ms: off the event loop, so pushes keep flowing meanwhile
+            report = await asyncio.to_thread(window_report, window, self.ref, self.cfg, len(self.history))
+            self.history.append(report)
+            events = self.alerts.update(report)
+            self.exporter.window(report, events)
+            for event in events:
+                await self._emit(event)
+
+    async def _emit(self, event: dict) -> None:
+        event = {**event, "deployment": self.deployment}
+        logger.warning("monitor %s: %s %s = %s", self.deployment, event["event"], event["name"], event["value"])
+        with (self.folder / "events.jsonl").open("a") as log:
+            log.write(json.dumps(event) + "\n")
+        if self.cfg.alerts.webhook:
+            await asyncio.to_thread(_post, self.cfg.alerts.webhook, event)
+
+
+def _post(url: str, event: dict) -> None:
+    request = urllib.request.Request(
+        url, json.dumps(event).encode(), {"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        urllib.request.urlopen(request, timeout=5).close()
+    except OSError as err:  # a webhook that is down must not stop the monitor
+        logger.warning("webhook %s failed: %s", url, err)

@@ -1,0 +1,162 @@
+"""Judge one closed window against the reference and the spec's thresholds; turn failing streaks into alerts.
+
+Pure: a `WindowState`, a `ReferenceProfile` and the `monitor` spec section in, plain `Check` rows out.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from steward.monitor import bias
+from steward.monitor.drift import correct_pvalues, ks_test, mmd_test, psi
+from steward.monitor.reference import CONFIDENCE, PREDICTED_CLASS, TEXT_LENGTH, TEXT_UNK_RATE, ReferenceProfile
+from steward.monitor.window import WindowState
+from steward.spec.monitor import BiasSpec, DriftSpec, MonitorSpec
+
+MMD_POINTS = 500  # per side: keeps one test near 50 ms however large the reservoirs are
+BIAS_FUNCTIONS = {
+    "statistical_parity_difference": bias.statistical_parity_difference_from_counts,
+    "disparate_impact_ratio": bias.disparate_impact_ratio_from_counts,
+    "demographic_parity_difference": bias.demographic_parity_difference_from_counts,
+    "demographic_parity_ratio": bias.demographic_parity_ratio_from_counts,
+    "equalized_odds_difference": bias.equalized_odds_difference_from_counts,
+    "equal_opportunity_difference": bias.equal_opportunity_difference_from_counts,
+}
+
+
+@dataclass
+class Check:
+    """One metric of one window: its value, the allowed [low, high], and ok | fail | insufficient."""
+
+    name: str  # e.g. "psi:prediction.class", "ks:feature_3", "mmd:embedding", "statistical_parity_difference"
+    kind: str  # drift | bias
+    value: float | None
+    low: float
+    high: float
+    status: str
+
+    @classmethod
+    def judge(cls, name: str, kind: str, value: float | None, low: float, high: float) -> Check:
+        if value is None or not math.isfinite(value):
+            return cls(name, kind, None, low, high, "insufficient")
+        return cls(name, kind, float(value), low, high, "ok" if low <= value <= high else "fail")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def drift_signals(cfg: DriftSpec, ref: ReferenceProfile) -> list[str]:
+    """The histogrammed signals the spec asks to watch that this reference has."""
+    wanted = {
+        "features": list(ref.features),
+        "predictions": [PREDICTED_CLASS],
+        "confidence": [CONFIDENCE],
+        "text": [TEXT_LENGTH, TEXT_UNK_RATE],
+    }
+    names = [name for signal in cfg.signals for name in wanted.get(signal, [])]
+    return [name for name in names if name in ref.signals()]
+
+
+def drift_checks(window: WindowState, ref: ReferenceProfile, cfg: DriftSpec, seed: int = 0) -> list[Check]:
+    """PSI per histogrammed signal, KS per input feature (corrected), MMD on the embeddings."""
+    if window.n < cfg.min_records:
+        return []
+    checks = []
+    for name in drift_signals(cfg, ref):
+        profile = ref.signals()[name]
+        reference = np.append(profile.counts, 0) if profile.kind == "categorical" else np.asarray(profile.counts)
+        current = window.histogram(name)[: len(reference)]
+        value = psi(reference, current, kind="counts") if current.sum() else None
+        checks.append(Check.judge(f"psi:{name}", "drift", value, 0.0, cfg.psi_threshold))
+    live = window.reservoirs.get("features")
+    if "features" in cfg.signals and live is not None and "features" in ref.samples:
+        sample = live.sample
+        pvalues = [ks_test(ref.samples["features"][:, i], sample[:, i])[1] for i in range(sample.shape[1])]
+        for name, p in zip(ref.features, correct_pvalues(pvalues, cfg.correction), strict=True):
+            checks.append(Check.judge(f"ks:{name}", "drift", float(p), cfg.ks_pvalue, 1.0))
+    live = window.reservoirs.get("embedding")
+    if "embeddings" in cfg.signals and live is not None and "embedding" in ref.samples and len(live.sample) > 1:
+        rng = np.random.default_rng(seed)
+        x, y = (_subsample(s, MMD_POINTS, rng) for s in (ref.samples["embedding"], live.sample))
+        p = mmd_test(x, y, cfg.mmd_permutations, rng)[1]
+        checks.append(Check.judge("mmd:embedding", "drift", p, cfg.mmd_pvalue, 1.0))
+    return checks
+
+
+def _subsample(rows: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    return rows if len(rows) <= size else rows[rng.choice(len(rows), size, replace=False)]
+
+
+def bias_checks(window: WindowState, cfg: BiasSpec) -> list[Check]:
+    """Each configured group-fairness metric over the groups with enough records in this window."""
+    counts = {g: c for g, c in window.group_counts(cfg.favourable).items() if g is not None}
+    judged = {g: c for g, c in counts.items() if c.n >= cfg.min_records_per_group}
+    checks = []
+    for metric in cfg.metrics:
+        low, high = cfg.bounds(metric)
+        value = None
+        enough = len(judged) >= 2 and (cfg.privileged is None or cfg.privileged in judged)
+        if enough:
+            fn = BIAS_FUNCTIONS[metric]
+            signed = metric in ("statistical_parity_difference", "disparate_impact_ratio")
+            value = fn(judged, cfg.privileged) if signed else fn(judged)  # type: ignore[operator]
+        checks.append(Check.judge(metric, "bias", value, low, high))
+    return checks
+
+
+def window_report(window: WindowState, ref: ReferenceProfile | None, cfg: MonitorSpec, seed: int = 0) -> dict:
+    """Everything judged about one window, JSON-ready: its span, checks and per-group selection rates."""
+    checks = []
+    if cfg.drift is not None and ref is not None:
+        checks += drift_checks(window, ref, cfg.drift, seed)
+    if cfg.bias is not None:
+        checks += bias_checks(window, cfg.bias)
+    favourable = cfg.bias.favourable if cfg.bias else None
+    rates = {str(g): c.selection_rate for g, c in window.group_counts(favourable).items() if g is not None}
+    return {
+        "records": window.n,
+        "start": window.start,
+        "end": window.end,
+        "checks": [c.to_dict() for c in checks],
+        "selection_rates": {g: (r if math.isfinite(r) else None) for g, r in rates.items()},
+    }
+
+
+class AlertTracker:
+    """A metric alerts after failing `consecutive` windows in a row and recovers at its first passing window."""
+
+    def __init__(self, consecutive: int) -> None:
+        self.consecutive = consecutive
+        self.streaks: dict[str, int] = {}
+        self.open: dict[str, dict[str, Any]] = {}
+
+    def update(self, report: dict) -> list[dict[str, Any]]:
+        """Feed one window report; returns the alert and recovery events it caused."""
+        events = []
+        for check in report["checks"]:
+            name, status = check["name"], check["status"]
+            if status == "insufficient":
+                continue  # too few records says nothing either way: keep the streak as it is
+            self.streaks[name] = self.streaks.get(name, 0) + 1 if status == "fail" else 0
+            if status == "fail" and self.streaks[name] >= self.consecutive and name not in self.open:
+                self.open[name] = _event("alert", check, self.streaks[name])
+                events.append(self.open[name])
+            elif status == "ok" and name in self.open:
+                del self.open[name]
+                events.append(_event("recovered", check, 0))
+        return events
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"streaks": self.streaks, "open": self.open}
+
+    def restore(self, data: dict[str, Any]) -> None:
+        self.streaks, self.open = dict(data["streaks"]), dict(data["open"])
+
+
+def _event(kind: str, check: dict[str, Any], windows: int) -> dict[str, Any]:
+    return {"event": kind, "time": time.time(), "windows": windows, **check}

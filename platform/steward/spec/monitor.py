@@ -1,0 +1,103 @@
+"""The `monitor` section: bias and drift watched on every endpoint deployed from the spec."""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from steward.spec.base import Section, raise_problems
+
+BiasMetric = Literal[
+    "statistical_parity_difference",
+    "disparate_impact_ratio",
+    "demographic_parity_difference",
+    "demographic_parity_ratio",
+    "equalized_odds_difference",
+    "equal_opportunity_difference",
+]
+Signal = Literal["features", "embeddings", "predictions", "confidence", "text"]
+DEFAULT_BIAS_THRESHOLDS: dict[str, tuple[float, float]] = {
+    "statistical_parity_difference": (-0.1, 0.1),
+    "disparate_impact_ratio": (0.8, 1.25),
+    "demographic_parity_difference": (0.0, 0.1),
+    "demographic_parity_ratio": (0.8, 1.0),
+    "equalized_odds_difference": (0.0, 0.1),
+    "equal_opportunity_difference": (0.0, 0.1),
+}
+SIGNED = ("statistical_parity_difference", "disparate_impact_ratio")
+
+
+class BiasSpec(Section):
+    group: str = Field(description="Request attribute (from `attributes` in /predict) that holds each record's group.")
+    favourable: str = Field(description="Class label counted as the favourable outcome (one-vs-rest).")
+    privileged: str | None = Field(
+        None, description="Privileged group for the signed metrics (statistical parity difference, disparate impact)."
+    )
+    metrics: list[BiasMetric] = Field(
+        default_factory=lambda: ["statistical_parity_difference", "disparate_impact_ratio"],  # type: ignore[arg-type]
+        min_length=1,
+        description="Group-fairness metrics judged on every window; odds/opportunity need labels via /feedback.",
+    )
+    thresholds: dict[BiasMetric, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="Allowed [low, high] per metric (defaults: |SPD| <= 0.1, DIR in [0.8, 1.25], gaps <= 0.1).",
+    )
+    min_records_per_group: int = Field(30, ge=1, description="Records a group needs in a window before it is judged.")
+
+    @model_validator(mode="after")
+    def _privileged_for_signed(self) -> "BiasSpec":
+        signed = [m for m in self.metrics if m in SIGNED]
+        problems: dict[str | tuple, str] = {}
+        if signed and self.privileged is None:
+            problems["privileged"] = f"{signed} compare against a privileged group: set privileged"
+        for metric, (low, high) in self.thresholds.items():
+            if low > high:
+                problems[("thresholds", metric)] = f"low ({low}) is above high ({high}); give [low, high]"
+        raise_problems(self, problems)
+        return self
+
+    def bounds(self, metric: str) -> tuple[float, float]:
+        """The allowed range of a metric: the spec's, else the default."""
+        return self.thresholds.get(metric, DEFAULT_BIAS_THRESHOLDS[metric])  # type: ignore[call-overload]
+
+
+class WindowSpec(Section):
+    by: Literal["count", "time"] = Field("count", description="Windows of a number of records, or of seconds.")
+    size: float = Field(500, gt=0, description="Records (or seconds) per window.")
+    step: float | None = Field(None, gt=0, description="Slide (default: size, tumbling windows).")
+
+    @model_validator(mode="after")
+    def _whole_steps(self) -> "WindowSpec":
+        step = self.step or self.size
+        if step > self.size or abs(self.size / step - round(self.size / step)) > 1e-9:
+            raise_problems(self, {"step": f"must divide size ({self.size}) into whole steps; e.g. {self.size / 2}"})
+        return self
+
+
+class DriftSpec(Section):
+    signals: list[Signal] = Field(
+        default_factory=lambda: ["features", "embeddings", "predictions", "confidence", "text"],  # type: ignore[arg-type]
+        description="What to compare with the reference (each used where the model's inputs have it).",
+    )
+    psi_threshold: float = Field(0.2, gt=0, description="Alert when a histogram's PSI is above this.")
+    ks_pvalue: float = Field(0.01, gt=0, lt=1, description="Alert when a feature's KS p-value (corrected) is below.")
+    mmd_pvalue: float = Field(0.01, gt=0, lt=1, description="Alert when the embeddings' MMD p-value is below this.")
+    mmd_permutations: int = Field(100, ge=10, le=10_000, description="Permutations of the MMD test.")
+    correction: Literal["bonferroni", "fdr"] = Field("bonferroni", description="Correction over the per-feature tests.")
+    min_records: int = Field(50, ge=2, description="Records a window needs before drift is judged.")
+
+
+class AlertSpec(Section):
+    consecutive_windows: int = Field(2, ge=1, description="Windows a metric must fail in a row before it alerts.")
+    webhook: str | None = Field(
+        None, pattern=r"^https?://", description="URL that alert and recovery events are POSTed to (JSON)."
+    )
+
+
+class MonitorSpec(Section):
+    bias: BiasSpec | None = Field(None, description="Group fairness of the live predictions.")
+    drift: DriftSpec | None = Field(None, description="Drift of live inputs and outputs from the training reference.")
+    window: WindowSpec = Field(default_factory=WindowSpec, description="How live records are grouped into windows.")
+    alerts: AlertSpec = Field(default_factory=AlertSpec, description="When a failing metric becomes an alert.")
+    push_interval_s: float = Field(1.0, gt=0, le=60, description="How often each replica sends its counts.")
+    persist_interval_s: float = Field(5.0, gt=0, le=3600, description="How often the monitor saves its state.")
+    history: int = Field(200, ge=1, le=100_000, description="Closed windows kept (and persisted).")

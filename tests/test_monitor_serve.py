@@ -1,0 +1,165 @@
+"""End to end: monitored Serve deployments under real HTTP traffic: drift and bias alerts on /monitor, in Prometheus
+and at a webhook, and how many records a killed replica or monitor loses."""
+
+import json
+import socket
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+import requests
+
+from steward.serve.deploy import deploy
+from steward.spec.monitor import MonitorSpec
+from steward.spec.serve import ServeSpec
+from tests.serving import trained_run, wait_for
+
+pytestmark = pytest.mark.slow
+RNG = np.random.default_rng(0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ports():
+    """A local Ray exporting metrics every second on a known port, and Serve on another."""
+    import ray
+    from ray import serve
+
+    metrics = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics,
+             _system_config={"metrics_report_interval_ms": 1000})  # fmt: skip
+    http = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http})
+    yield {"metrics": metrics, "http": http}
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def webhook():
+    """A real HTTP receiver: every JSON body POSTed to it lands in the returned list."""
+    received: list[dict] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", received
+    server.shutdown()
+
+
+def monitored(tmp_path, ports, job, monitor, *overrides, prefix):
+    spec, run_dir = trained_run(tmp_path, job, *overrides)
+    serve_cfg = ServeSpec(route_prefix=prefix, num_cpus=0.5, num_replicas=1, name=prefix.strip("/"))
+    job_spec = spec.model_copy(update={"serve": serve_cfg, "monitor": MonitorSpec.model_validate(monitor)})
+    return spec, run_dir, deploy(job_spec, run_dir, port=ports["http"]).url
+
+
+def send(url, instances, groups=None):
+    """POST instances in requests of 20; returns the request ids answered."""
+    ids = []
+    for i in range(0, len(instances), 20):
+        body = {"instances": instances[i : i + 20]}
+        if groups is not None:
+            body["attributes"] = {"group": groups[i : i + 20]}
+        reply = requests.post(f"{url}/predict", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        ids += [p["request_id"] for p in reply.json()["predictions"]]
+    return ids
+
+
+def report(url):
+    reply = requests.get(f"{url}/monitor", timeout=60)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def windows_closed(url, count):
+    return wait_for(lambda: (r := report(url))["windows_closed"] >= count and r, 60, f"{count} closed windows")
+
+
+def digits(spec):
+    """Every validation and test image as a client sends it, and its label (traffic like the reference's)."""
+    from steward.data.prepare import _tables
+
+    columns, tables = _tables(spec)
+    rows = [
+        (x, y)
+        for role in ("validation", "test")
+        for x, y in zip(tables[role][columns.input], tables[role][columns.label], strict=True)
+    ]
+    return [np.asarray(x, dtype=float) for x, _ in rows], [str(y) for _, y in rows]
+
+
+def test_digits_clean_traffic_is_quiet_noise_raises_drift_and_skew_raises_bias(tmp_path, ports, webhook):
+    hook, received = webhook
+    # SPD only: disparate impact of a 10%-rate class swings by +-50% on 100 records a group, by chance alone.
+    bias = {"group": "group", "favourable": "0", "privileged": "a", "metrics": ["statistical_parity_difference"]}
+    alerts = {"consecutive_windows": 2, "webhook": hook}
+    monitor = {"bias": bias, "drift": {"min_records": 100}, "window": {"size": 200}, "alerts": alerts,
+               "push_interval_s": 0.3, "persist_interval_s": 2}  # fmt: skip
+    spec, run_dir, url = monitored(tmp_path, ports, "quickstart.yaml", monitor, prefix="/watched")
+    images, labels = digits(spec)
+
+    # 1. Traffic like the validation split, groups at random: two closed windows, no alert.
+    clean = [images[i].tolist() for i in RNG.integers(0, len(images), 600)]
+    send(url, clean, RNG.choice(["a", "b"], 600).tolist())
+    first = windows_closed(url, 2)
+    assert first["alerts"] == [] and received == [], (
+        first["alerts"],
+        [c for w in first["recent"] for c in w["checks"] if c["status"] == "fail"],
+    )
+    statuses = {c["name"]: c["status"] for c in first["recent"][-1]["checks"]}
+    assert {
+        "psi:prediction.class",
+        "psi:prediction.confidence",
+        "mmd:embedding",
+        "statistical_parity_difference",
+    } <= set(statuses)
+
+    # 2. Noisy images: drift alerts on /monitor, at the webhook and in Prometheus.
+    noisy = [
+        np.clip(images[i] + RNG.normal(0, 6, images[i].shape), 0, 16).tolist()
+        for i in RNG.integers(0, len(images), 400)
+    ]
+    send(url, noisy, RNG.choice(["a", "b"], 400).tolist())
+    alerts = wait_for(lambda: [a for a in report(url)["alerts"] if a["kind"] == "drift"], 60, "a drift alert")
+    assert {"mmd:embedding"} <= {a["name"] for a in alerts}
+    wait_for(lambda: any(e["event"] == "alert" and e["kind"] == "drift" for e in received), 30, "the webhook call")
+    events = [json.loads(line) for line in (run_dir / "monitor" / "watched" / "events.jsonl").read_text().splitlines()]
+    assert any(e["name"] == "mmd:embedding" and e["event"] == "alert" for e in events)
+    metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
+    scraped = wait_for(
+        lambda: (t := urllib.request.urlopen(metrics_url).read().decode()) and "ray_steward_monitor_alerts" in t and t,
+        60,
+        "Prometheus metrics",
+    )
+    assert (
+        'signal="embedding"' in scraped and "ray_steward_monitor_drift" in scraped and 'deployment="watched"' in scraped
+    )
+
+    # 3. Clean images, but group a is shown only zeros: the favourable rate splits by group.
+    zeros = [i for i, y in enumerate(labels) if y == "0"]
+    others = [i for i, y in enumerate(labels) if y != "0"]
+    skewed = [images[i].tolist() for i in RNG.choice(zeros, 200)] + [
+        images[i].tolist() for i in RNG.choice(others, 200)
+    ]
+    order = RNG.permutation(400)
+    groups = ["a"] * 200 + ["b"] * 200
+    send(url, [skewed[i] for i in order], [groups[i] for i in order])
+    alerts = wait_for(lambda: [a for a in report(url)["alerts"] if a["kind"] == "bias"], 60, "a bias alert")
+    assert alerts[0]["name"] == "statistical_parity_difference" and alerts[0]["value"] < -0.5
