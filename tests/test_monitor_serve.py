@@ -4,6 +4,7 @@ and at a webhook, and how many records a killed replica or monitor loses."""
 import json
 import socket
 import threading
+import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -92,6 +93,15 @@ def windows_closed(url, count):
     return wait_for(lambda: (r := report(url))["windows_closed"] >= count and r, 60, f"{count} closed windows")
 
 
+def alerts_of(url, kind):
+    """Wait for an open alert of this kind; on time-out, say what the recent windows judged."""
+    try:
+        return wait_for(lambda: [a for a in report(url)["alerts"] if a["kind"] == kind], 60, f"a {kind} alert")
+    except AssertionError:
+        recent = report(url)["recent"]
+        raise AssertionError([[(c["name"], c["value"], c["status"]) for c in w["checks"]] for w in recent]) from None
+
+
 def digits(spec):
     """Every validation and test image as a client sends it, and its label (traffic like the reference's)."""
     from steward.data.prepare import _tables
@@ -137,7 +147,7 @@ def test_digits_clean_traffic_is_quiet_noise_raises_drift_and_skew_raises_bias(t
         for i in RNG.integers(0, len(images), 400)
     ]
     send(url, noisy, RNG.choice(["a", "b"], 400).tolist())
-    alerts = wait_for(lambda: [a for a in report(url)["alerts"] if a["kind"] == "drift"], 60, "a drift alert")
+    alerts = alerts_of(url, "drift")
     assert {"mmd:embedding"} <= {a["name"] for a in alerts}
     wait_for(lambda: any(e["event"] == "alert" and e["kind"] == "drift" for e in received), 30, "the webhook call")
     events = [json.loads(line) for line in (run_dir / "monitor" / "watched" / "events.jsonl").read_text().splitlines()]
@@ -161,5 +171,100 @@ def test_digits_clean_traffic_is_quiet_noise_raises_drift_and_skew_raises_bias(t
     order = RNG.permutation(400)
     groups = ["a"] * 200 + ["b"] * 200
     send(url, [skewed[i] for i in order], [groups[i] for i in order])
-    alerts = wait_for(lambda: [a for a in report(url)["alerts"] if a["kind"] == "bias"], 60, "a bias alert")
+    alerts = alerts_of(url, "bias")
     assert alerts[0]["name"] == "statistical_parity_difference" and alerts[0]["value"] < -0.5
+
+
+def texts(spec):
+    from steward.data.prepare import _tables
+
+    columns, tables = _tables(spec)
+    return [str(t) for role in ("validation", "test") for t in tables[role][columns.input]]
+
+
+def test_text_vocabulary_shift_raises_drift_and_feedback_labels_count(tmp_path, ports):
+    monitor = {"drift": {"min_records": 100}, "window": {"size": 250}, "push_interval_s": 0.3}
+    spec, run_dir, url = monitored(
+        tmp_path, ports, "text-transformer.yaml", monitor, "data.options.num_samples=2500", prefix="/text-watched"
+    )
+    clean = texts(spec)
+    ids = send(url, [clean[i] for i in RNG.integers(0, len(clean), 600)])
+    first = windows_closed(url, 2)
+    assert first["alerts"] == [], first["alerts"]
+    assert {"psi:text.length", "psi:text.unk_rate", "mmd:embedding"} <= {
+        c["name"] for c in first["recent"][-1]["checks"]
+    }
+
+    # Feedback for a served prediction is accepted; a label the model does not know is refused by field.
+    reply = requests.post(f"{url}/feedback", json={"request_id": ids[0], "label": spec.name and "1"}, timeout=30)
+    assert reply.status_code == 200 and reply.json()["request_id"] == ids[0]
+    bad = requests.post(f"{url}/feedback", json={"request_id": ids[0], "label": "no-such-class"}, timeout=30)
+    assert bad.status_code == 422 and bad.json()["field"] == "label"
+
+    # New vocabulary: every word replaced by one the tokenizer never saw.
+    words = ["".join(RNG.choice(list("qxzjvkw"), 7)) for _ in range(200)]
+    shifted = [
+        " ".join(RNG.choice(words, len(t.split()))) for t in (clean[i] for i in RNG.integers(0, len(clean), 600))
+    ]
+    send(url, shifted)
+    alerts = wait_for(lambda: report(url)["alerts"], 60, "a drift alert")
+    assert {a["name"] for a in alerts} & {"psi:text.unk_rate", "mmd:embedding", "psi:text.length"}, alerts
+
+
+def replica_actor(url):
+    """The Serve replica actor that answered /info."""
+    import ray
+
+    replica = requests.get(f"{url}/info", timeout=30).json()["replica"]["id"]
+    [name] = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if replica in a["name"]]
+    return ray.get_actor(name, namespace="serve")
+
+
+def test_killed_replica_and_monitor_lose_at_most_their_intervals(tmp_path, ports):
+    import ray
+
+    from steward.monitor.actor import NAMESPACE, actor_name
+
+    push, persist = 0.5, 1.0
+    monitor = {"drift": {}, "window": {"size": 1_000_000}, "push_interval_s": push, "persist_interval_s": persist}
+    spec, run_dir, url = monitored(tmp_path, ports, "quickstart.yaml", monitor, prefix="/durable")
+    images, _ = digits(spec)
+    answered: list[float] = []  # time each answered record came back
+    stop = threading.Event()
+
+    def stream():
+        while not stop.is_set():
+            try:
+                reply = requests.post(
+                    f"{url}/predict", json={"instances": [x.tolist() for x in images[:10]]}, timeout=10
+                )
+            except requests.RequestException:
+                continue
+            if reply.status_code == 200:
+                answered.extend([time.monotonic()] * 10)
+
+    sender = threading.Thread(target=stream)
+    sender.start()
+    wait_for(lambda: len(answered) > 300, 60, "traffic")
+    killed_replica = time.monotonic()
+    ray.kill(replica_actor(url), no_restart=True)
+    wait_for(lambda: answered and answered[-1] > killed_replica + 1, 120, "a new replica answering")
+    wait_for(lambda: len(answered) > 1000, 60, "more traffic")
+    killed_monitor = time.monotonic()
+    ray.kill(ray.get_actor(actor_name("durable", run_dir), namespace=NAMESPACE), no_restart=False)  # Ray restarts it
+    wait_for(lambda: answered[-1] > killed_monitor + 2, 60, "traffic after the monitor restart")
+    stop.set()
+    sender.join()
+
+    def counted():
+        before = report(url)["records"]
+        time.sleep(2 * push)
+        return report(url)["records"] == before and before  # settled: every replica has pushed
+
+    records = wait_for(counted, 30, "the monitor to settle")
+    sent = len(answered)
+    # a replica loses what it had not pushed yet; a restarted monitor loses what it had not saved yet
+    allowed = sum(killed_replica - push - 0.2 < t <= killed_replica for t in answered)
+    allowed += sum(killed_monitor - persist - push - 0.2 < t <= killed_monitor for t in answered)
+    assert sent - allowed <= records <= sent, (sent, records, allowed)
+    assert (run_dir / "monitor" / "durable" / "state.json").exists()
