@@ -1,21 +1,28 @@
-"""Monitoring overhead, side by side in one run. For now the pure parts; serving on vs off joins as another section.
+"""Monitoring overhead, side by side in one run: the maths, the per-record update, and serving with it on vs off.
 
-    PYTHONPATH=platform python benchmarks/monitor_overhead.py [--repeats 5] [--sections mmd window]
+    python benchmarks/monitor_overhead.py [--repeats 5] [--sections mmd window serving]
 
 1. mmd: `steward.monitor.drift.mmd_test` at 1,000 points per side, d = 32, 100 permutations, against a naive numpy
    implementation (kernel blocks recomputed for every permutation) on the same data and the same permutations.
    Both must return the same statistic and p-value; runs alternate (fast, naive, fast, ...), median over repeats.
 2. window: the cost of adding one record to a `WindowState`, for growing records (prediction + group; + 64 feature
    histograms; + a 32-d embedding reservoir; + a request id and its late label), and per record in batches of 64.
+3. serving: the quickstart CNN on Ray Serve with a monitor section (drift + bias) against the same run without
+   one: p50 / p99 latency and QPS at concurrency 1 and 32, one instance (with a group attribute) per request,
+   cells interleaved (off, on, off, on, ...).
 Writes benchmarks/results/monitor_overhead.json and prints the tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import socket
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -127,6 +134,98 @@ def bench_window(repeats: int, console: Console, records: int = 20_000) -> dict[
     return out
 
 
+async def load(url: str, bodies: list[dict], concurrency: int, seconds: float) -> dict[str, float]:
+    """Latency percentiles and QPS of `concurrency` looping clients over `seconds` (after a 1 s warm-up)."""
+    import aiohttp
+
+    lat: list[float] = []
+    warm, stop = time.perf_counter() + 1.0, time.perf_counter() + 1.0 + seconds
+
+    async def client(k: int, session: aiohttp.ClientSession) -> None:
+        i = k
+        while (start := time.perf_counter()) < stop:
+            async with session.post(url, json=bodies[i % len(bodies)]) as reply:
+                await reply.read()
+                if reply.status != 200:
+                    raise RuntimeError(await reply.text())
+            if start >= warm:
+                lat.append(time.perf_counter() - start)
+            i += concurrency
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        await asyncio.gather(*(client(k, session) for k in range(concurrency)))
+    return {"p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * float(np.percentile(lat, 99)),
+            "qps": len(lat) / seconds}  # fmt: skip
+
+
+def bench_serving(repeats: int, console: Console, seconds: float = 5.0) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    sys.path.insert(0, str(ROOT))
+    from tests.serving import trained_run, validation_inputs
+
+    from steward.serve.deploy import deploy
+    from steward.spec.monitor import MonitorSpec
+    from steward.spec.serve import ServeSpec
+
+    spec, run_dir = trained_run(Path(tempfile.mkdtemp(prefix="steward-monitor-bench-")), "quickstart.yaml", epochs=2)
+    bodies = [
+        {"instances": [x], "attributes": {"group": ["ab"[i % 2]]}} for i, x in enumerate(validation_inputs(spec, 64))
+    ]
+    monitor = MonitorSpec.model_validate(
+        {"drift": {}, "bias": {"group": "group", "favourable": "0", "privileged": "a"}}
+    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": (port := _free_port())})
+    urls = {}
+    for cell, watch in (("monitoring off", None), ("monitoring on", monitor)):
+        cfg = ServeSpec(route_prefix=f"/{cell.split()[1]}", name=cell.split()[1], num_replicas=1, num_cpus=0.5)
+        urls[cell] = deploy(spec.model_copy(update={"serve": cfg, "monitor": watch}), run_dir, port=port).url
+    runs: dict[str, list[dict]] = {f"{cell}, c={c}": [] for cell in urls for c in (1, 32)}
+    try:
+        for r in range(repeats):
+            for c in (1, 32):
+                for cell, url in urls.items():
+                    runs[f"{cell}, c={c}"].append(asyncio.run(load(f"{url}/predict", bodies, c, seconds)))
+            console.print(f"serving repeat {r + 1}/{repeats} done")
+        records = __import__("requests").get(f"{urls['monitoring on']}/monitor", timeout=30).json()["records"]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    out: dict[str, Any] = {cell: {k: statistics.median(x[k] for x in v) for k in v[0]} for cell, v in runs.items()}
+    out["records_monitored"] = records
+    for c in (1, 32):
+        off, on = out[f"monitoring off, c={c}"], out[f"monitoring on, c={c}"]
+        out[f"cost c={c}"] = {"p50": on["p50_ms"] / off["p50_ms"] - 1, "p99": on["p99_ms"] / off["p99_ms"] - 1,
+                              "qps": 1 - on["qps"] / off["qps"]}  # fmt: skip
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serving_table(res: dict[str, Any], console: Console) -> None:
+    table = Table(title="Serving with monitoring on vs off: quickstart CNN, 1 replica, 1 instance per request")
+    for col in ("cell", "p50 ms", "p99 ms", "QPS"):
+        table.add_column(col, justify="right")
+    for c in (1, 32):
+        for state in ("off", "on"):
+            row = res[f"monitoring {state}, c={c}"]
+            table.add_row(
+                f"monitoring {state}, c={c}", f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}", f"{row['qps']:.0f}"
+            )
+        cost = res[f"cost c={c}"]
+        table.add_row(
+            f"cost at c={c} (target <= 3%)", f"{cost['p50']:+.1%}", f"{cost['p99']:+.1%}", f"{cost['qps']:+.1%}"
+        )
+    table.caption = f"records counted by the monitor: {res['records_monitored']}"
+    console.print(table)
+
+
 def mmd_table(res: dict[str, Any], console: Console) -> None:
     table = Table(title=f"mmd_test, {res['n_per_side']}/side, d={res['dim']}, {res['permutations']} permutations")
     for col in ("implementation", "median s", "vs target 0.5 s", "statistic", "p"):
@@ -155,6 +254,7 @@ def window_table(res: dict[str, Any], console: Console) -> None:
 SECTIONS: dict[str, tuple[Callable[[int, Console], dict[str, Any]], Callable[[dict[str, Any], Console], None]]] = {
     "mmd": (bench_mmd, mmd_table),
     "window": (bench_window, window_table),
+    "serving": (bench_serving, serving_table),
 }
 
 

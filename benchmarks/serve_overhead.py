@@ -117,7 +117,7 @@ def serve_deploy(spec, run_dir: Path, port: int, prefix: str, **fields) -> str:
 
     cfg = ServeSpec.model_validate({"route_prefix": prefix, "name": prefix.strip("/"), "num_replicas": 1,
                                     "num_cpus": 0.5, **fields})  # fmt: skip
-    return deploy(spec.model_copy(update={"serve": cfg}), run_dir, port=port).url
+    return deploy(spec.model_copy(update={"serve": cfg, "monitor": None}), run_dir, port=port).url
 
 
 def inputs(spec, n: int) -> list:

@@ -73,7 +73,8 @@ def test_unshifted_traffic_false_alarm_rate(reference):
 def test_bias_checks_on_known_counts():
     spec = MonitorSpec.model_validate(
         {"bias": {"group": "g", "favourable": "1", "privileged": "a", "min_records_per_group": 50,
-                  "metrics": ["statistical_parity_difference", "disparate_impact_ratio", "equal_opportunity_difference"]}}
+                  "metrics": ["statistical_parity_difference", "disparate_impact_ratio",
+                              "equal_opportunity_difference"]}}
     )  # fmt: skip
     state = WindowState()
     for group, favourable in (("a", 50), ("b", 20)):

@@ -2,6 +2,7 @@
 and at a webhook, and how many records a killed replica or monitor loses."""
 
 import json
+import re
 import socket
 import threading
 import time
@@ -12,9 +13,11 @@ import numpy as np
 import pytest
 import requests
 
+from steward.govern import audit
 from steward.serve.deploy import deploy
 from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec
+from tests.conftest import ROOT
 from tests.serving import trained_run, wait_for
 
 pytestmark = pytest.mark.slow
@@ -152,6 +155,8 @@ def test_digits_clean_traffic_is_quiet_noise_raises_drift_and_skew_raises_bias(t
     wait_for(lambda: any(e["event"] == "alert" and e["kind"] == "drift" for e in received), 30, "the webhook call")
     events = [json.loads(line) for line in (run_dir / "monitor" / "watched" / "events.jsonl").read_text().splitlines()]
     assert any(e["name"] == "mmd:embedding" and e["event"] == "alert" for e in events)
+    logged = audit.history(audit.log_path(run_dir.parent.parent), deployment="watched")
+    assert any(e["event"] == "monitor.alert.raised" and e["name"] == "mmd:embedding" for e in logged)
     metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
     scraped = wait_for(
         lambda: (t := urllib.request.urlopen(metrics_url).read().decode()) and "ray_steward_monitor_alerts" in t and t,
@@ -173,6 +178,18 @@ def test_digits_clean_traffic_is_quiet_noise_raises_drift_and_skew_raises_bias(t
     send(url, [skewed[i] for i in order], [groups[i] for i in order])
     alerts = alerts_of(url, "bias")
     assert alerts[0]["name"] == "statistical_parity_difference" and alerts[0]["value"] < -0.5
+
+    # Every metric the shipped dashboard and alert rules query is one this deployment exports.
+    used = set()
+    for shipped in ("prometheus-alerts.yaml", "grafana-monitor.json"):
+        used |= set(re.findall(r"ray_steward_monitor_\w+", (ROOT / "serve" / shipped).read_text()))
+    assert len(used) == 6, used
+
+    def exported():
+        text = urllib.request.urlopen(metrics_url).read().decode()
+        return used <= set(re.findall(r"^(ray_steward_monitor_\w+)\{", text, re.M)) and text
+
+    wait_for(exported, 60, f"all of {sorted(used)} on the metrics endpoint")
 
 
 def texts(spec):
@@ -268,3 +285,24 @@ def test_killed_replica_and_monitor_lose_at_most_their_intervals(tmp_path, ports
     allowed += sum(killed_monitor - persist - push - 0.2 < t <= killed_monitor for t in answered)
     assert sent - allowed <= records <= sent, (sent, records, allowed)
     assert (run_dir / "monitor" / "durable" / "state.json").exists()
+
+
+def test_monitor_report_from_a_persisted_state(tmp_path, ports):
+    from typer.testing import CliRunner
+
+    from steward.cli import app
+
+    monitor = {"drift": {"min_records": 50}, "window": {"size": 100}, "persist_interval_s": 0.5, "push_interval_s": 0.2}
+    spec, run_dir, url = monitored(tmp_path, ports, "quickstart.yaml", monitor, prefix="/reported")
+    images, _ = digits(spec)
+    send(url, [np.clip(x + RNG.normal(0, 4, x.shape), 0, 16).tolist() for x in images[:300]])
+    state = run_dir / "monitor" / "reported" / "state.json"
+    wait_for(lambda: state.exists() and len(json.loads(state.read_text())["history"]) >= 2, 30, "a saved state")
+    out = CliRunner().invoke(app, ["monitor", "report", str(run_dir), "--out", str(tmp_path / "report")])
+    assert out.exit_code == 0, out.output
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "psi:prediction.class" in page and "mmd:embedding" in page
+    for image in ("drift.png", "selection_rates.png", "hist.png"):
+        assert (tmp_path / "report" / image).stat().st_size > 1000, image
+    missing = CliRunner().invoke(app, ["monitor", "report", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "no monitor state" in missing.output

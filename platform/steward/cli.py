@@ -13,13 +13,22 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from steward.govern.commands import PolicyOption, audit_app, card, policy_app
+from steward.govern.policy import PolicyViolation, admit
 from steward.spec import JobSpec, SpecError, load_job
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train, tune, serve and watch models on Ray.")
 console, errors = Console(), Console(stderr=True)
+app.command("card")(card)
+app.add_typer(audit_app, name="audit")
+app.add_typer(policy_app, name="policy")
 
 Spec = Annotated[Path, typer.Argument(help="Job spec YAML file.")]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set train.optimizer.lr=3e-4")]
+Override = Annotated[
+    str | None,
+    typer.Option(help="Deploy a run that failed its fairness gate; the REASON is recorded in the audit log."),
+]
 Address = Annotated[
     str | None, typer.Option(help="Ray address: omit for an embedded local Ray, `auto` or ray://host:port.")
 ]
@@ -46,13 +55,16 @@ def user_errors(command: Callable) -> Callable:
 
 @app.command()
 @user_errors
-def validate(specs: Annotated[list[Path], typer.Argument(help="Job spec files.")], set_: Sets = None) -> None:
-    """Validate job specs: one line per valid spec, every problem of an invalid one; exit 2 if any is invalid."""
+def validate(
+    specs: Annotated[list[Path], typer.Argument(help="Job spec files.")], set_: Sets = None, policy: PolicyOption = None
+) -> None:
+    """Validate job specs (and the policy in force): one line per valid spec, every problem; exit 2 if any fails."""
     failed = False
     for path in specs:
         try:
             spec = load_job(path, set_ or [])
-        except SpecError as err:
+            admit(spec, policy, "validate", str(path))
+        except (SpecError, PolicyViolation) as err:
             failed = True
             errors.print(str(err), markup=False)
             continue
@@ -83,9 +95,12 @@ def train(
     set_: Sets = None,
     address: Address = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this run folder from its latest checkpoint.")] = None,
+    policy: PolicyOption = None,
 ) -> None:
     """Train the spec's model; writes a run folder and prints the results table."""
-    _train(load_job(spec, set_ or []), address, resume)
+    job = load_job(spec, set_ or [])
+    admit(job, policy, "train", str(spec))
+    _train(job, address, resume)
 
 
 @app.command()
@@ -96,16 +111,19 @@ def run(
     address: Address = None,
     serve: Annotated[bool, typer.Option(help="Deploy after training when the spec has a serve section.")] = True,
     port: Annotated[int, typer.Option(help="HTTP port Serve listens on.")] = 8000,
+    policy: PolicyOption = None,
+    override_fairness_gate: Override = None,
 ) -> None:
     """Run every stage the spec declares: tune (when declared) or train, evaluate, then deploy (serve section)."""
     job = load_job(spec, set_ or [])
+    admit(job, policy, "run", str(spec))
     if serve and job.serve is not None and address in (None, "", "local"):
         from steward.serve.deploy import prefer_high_throughput
 
         prefer_high_throughput(job.serve)  # before training starts the embedded Ray that will also serve
     run_dir = _tune(job, address, None) if job.tune else _train(job, address, None)
     if serve and job.serve is not None:
-        _deploy(job, run_dir, address, "127.0.0.1", port)
+        _deploy(job, run_dir, address, "127.0.0.1", port, override_fairness_gate)
 
 
 @app.command("tune")
@@ -115,15 +133,18 @@ def tune_command(
     set_: Sets = None,
     address: Address = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this interrupted sweep's run folder.")] = None,
+    policy: PolicyOption = None,
 ) -> None:
     """Sweep the spec's `tune` section with Ray Tune; keep or retrain the best trial as its on_finish says."""
     job = load_job(spec, set_ or [])
     if job.tune is None:
         raise ValueError(f"{spec}: no `tune` section; add one (see `steward schema`) or use `steward train`")
+    admit(job, policy, "tune", str(spec))
     _tune(job, address, resume)
 
 
 def _train(job: JobSpec, address: str | None, resume: Path | None) -> Path:
+    from steward.govern.events import record_run
     from steward.runs import create_run, set_status, spec_hash
     from steward.train.launch import train_job
     from steward.train.progress import HistoryProgress
@@ -131,14 +152,17 @@ def _train(job: JobSpec, address: str | None, resume: Path | None) -> Path:
     run_dir = _resume_dir(job, resume) if resume else create_run(job)
     if resume:  # the spec's train settings may have changed: record the hash of what runs now
         set_status(run_dir, "running", spec_hash=spec_hash(job), error=None)
+    record_run("run.started", run_dir, job.output_dir, kind="train", resumed=resume is not None)
     console.print(f"run folder [bold]{run_dir}[/]")
     try:
         with HistoryProgress(run_dir / "history.jsonl", job.train.epochs, console):
             result = train_job(job, run_dir, address)
     except BaseException as err:
         set_status(run_dir, "failed", error=str(err) or type(err).__name__)
+        record_run("run.failed", run_dir, job.output_dir, kind="train", error=str(err) or type(err).__name__)
         raise
     set_status(run_dir, "succeeded", headline=result["overall"])
+    record_run("run.finished", run_dir, job.output_dir, kind="train")
     _print_metrics(result, run_dir)
     return run_dir
 
@@ -157,6 +181,7 @@ def _resume_dir(job: JobSpec, run_dir: Path, sections: tuple[str, ...] = ("data"
 
 
 def _tune(job: JobSpec, address: str | None, resume: Path | None) -> Path:
+    from steward.govern.events import record_run
     from steward.runs import create_run, set_status
     from steward.tune.finish import tune_job
     from steward.tune.launch import SweepInterrupted
@@ -164,16 +189,21 @@ def _tune(job: JobSpec, address: str | None, resume: Path | None) -> Path:
 
     assert job.tune is not None
     run_dir = _resume_dir(job, resume, sections=("data", "model", "distributed", "tune")) if resume else create_run(job)
+    record_run("run.started", run_dir, job.output_dir, kind="sweep", resumed=resume is not None)
     console.print(f"run folder [bold]{run_dir}[/]")
     try:
         result, rows, best = tune_job(job, run_dir, address, resume=resume is not None)
     except SweepInterrupted:
         set_status(run_dir, "interrupted")
+        record_run("run.interrupted", run_dir, job.output_dir, kind="sweep")
         raise
     except BaseException as err:
         set_status(run_dir, "failed", error=str(err) or type(err).__name__)
+        record_run("run.failed", run_dir, job.output_dir, kind="sweep", error=str(err) or type(err).__name__)
         raise
     set_status(run_dir, "succeeded", headline=result["overall"], best_trial=best.trial_id)
+    record_run("sweep.finished", run_dir, job.output_dir, trials=len(rows), best_trial=best.trial_id,
+               metric=job.tune.metric, best_metric=best.metric)  # fmt: skip
     console.print(results_table(rows, job.tune.metric, list(job.tune.search_space), best))
     console.print(f"best trial {best.trial_id}: {job.tune.metric} = {best.metric:.4f} -> best.yaml")
     _print_metrics(result, run_dir)
@@ -235,6 +265,45 @@ def privacy_scan(spec: Spec, set_: Sets = None) -> None:
                       f"{k['suppressed_rows']} of {k['rows']} rows suppressed", markup=False)  # fmt: skip
 
 
+@app.command()
+@user_errors
+def explain(
+    run: Annotated[Path, typer.Argument(help="A run folder (runs/<name>/<run-id>).")],
+    input_: Annotated[
+        str | None,
+        typer.Option("--input", help='Raw instances: a JSON file, or inline JSON (a list, or {"instances": [...]}).'),
+    ] = None,
+    target: Annotated[str | None, typer.Option(help="Class label to explain (default: each predicted class).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Integrated Gradients steps (default: explain.n_steps).")] = None,
+    permutation: Annotated[
+        bool, typer.Option(help="Also permutation importance on the validation split (numeric inputs).")
+    ] = False,
+) -> None:
+    """Explain a run's model: Integrated Gradients of instances, permutation importance; writes RUN/explanations/."""
+    instances = _read_instances(input_) if input_ is not None else None
+    from steward.explain.run import explain_run  # torch and captum: only once the input is known to be good
+
+    folder, files = explain_run(run, instances, target=target, n_steps=steps, permutation=permutation)
+    console.print(f"explanations: [bold]{folder}[/]")
+    for path in files:
+        console.print(f"  {path.name}", markup=False)
+
+
+def _read_instances(raw: str) -> list:
+    """Instances from a JSON file or inline JSON: a list, or an object with an `instances` list."""
+    inline = raw.lstrip().startswith(("[", "{"))
+    if not inline and not Path(raw).is_file():
+        raise ValueError(f"--input: {raw!r} is neither a JSON file nor inline JSON (a list or an object)")
+    try:
+        payload = json.loads(raw if inline else Path(raw).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--input: not valid JSON ({err}); give a JSON file or inline JSON") from None
+    instances = payload.get("instances") if isinstance(payload, dict) else payload
+    if not isinstance(instances, list) or not instances:
+        raise ValueError('--input: expected a non-empty list of instances, or {"instances": [...]}')
+    return instances
+
+
 def _print_metrics(result: dict, run_dir: Path) -> None:
     table = Table(title=f"{result['split']} split, {result['num_samples']} samples")
     names = list(result["overall"])
@@ -279,17 +348,20 @@ def serve_deploy(
     export: Annotated[
         Path | None, typer.Option(help="Write a Ray Serve config file here instead of deploying.")
     ] = None,
+    policy: PolicyOption = None,
+    override_fairness_gate: Override = None,
 ) -> None:
     """Deploy the spec's model (embedded Ray: serves until Ctrl-C; --address: returns once deployed)."""
     from steward.serve.deploy import export_config, find_run
 
     job = load_job(spec, set_ or [])
+    admit(job, policy, "serve", str(spec))
     run_dir = find_run(job, run)
     if export is not None:
-        export_config(job, run_dir, export, port=port)
+        export_config(job, run_dir, export, port=port, override_fairness_gate=override_fairness_gate)
         console.print(f"wrote [bold]{export}[/] (serve deploy {export}; or a RayService's serveConfigV2)")
         return
-    _deploy(job, run_dir, address, host, port)
+    _deploy(job, run_dir, address, host, port, override_fairness_gate)
 
 
 @serve_app.command("status")
@@ -317,20 +389,48 @@ def serve_stop(
     console.print(f"stopped [bold]{name}[/]")
 
 
-def _deploy(job: JobSpec, run_dir: Path, address: str | None, host: str, port: int) -> None:
+monitor_app = typer.Typer(no_args_is_help=True, help="What the monitors of served models saw.")
+app.add_typer(monitor_app, name="monitor")
+
+
+@monitor_app.command("report")
+@user_errors
+def monitor_report(
+    target: Annotated[Path, typer.Argument(help="Run folder, run/monitor/<deployment> folder, or deployment name.")],
+    output_dir: Annotated[Path, typer.Option(help="Folder of run folders, to find a deployment by name.")] = Path(
+        "runs"
+    ),
+    out: Annotated[Path | None, typer.Option(help="Folder for report.html (default: the monitor folder).")] = None,
+) -> None:
+    """Write an HTML page with drift over time, per-group rates and reference-vs-live histograms."""
+    from steward.monitor.report import find_monitor, write_report
+
+    page = write_report(find_monitor(target, output_dir), out)
+    console.print(f"wrote [bold]{page}[/]")
+
+
+def _deploy(
+    job: JobSpec, run_dir: Path, address: str | None, host: str, port: int, override: str | None = None
+) -> None:
     import threading
 
     from steward.serve.deploy import deploy
 
     try:
-        deployed = deploy(job, run_dir, address, host, port)
+        deployed = deploy(job, run_dir, address, host, port, override_fairness_gate=override)
     except RuntimeError as err:  # Serve's own failure to bring replicas up (its message says why)
         errors.print(f"deploy failed: {err}", style="red", markup=False)
         raise typer.Exit(1) from None
     if deployed.gate:
         console.print(f"int8 gate passed: {deployed.gate}", markup=False)
     console.print(f"serving [bold]{deployed.name}[/] from {run_dir}")
-    for route in ("POST /predict", f"POST /v2/models/{deployed.name}/infer", "GET /healthz", "GET /info"):
+    for route in (
+        "POST /predict",
+        "POST /explain",
+        f"POST /v2/models/{deployed.name}/infer",
+        "GET /healthz",
+        "GET /info",
+    ):
         method, path = route.split()
         console.print(f"  {method:4} {deployed.url}{path}", markup=False)
     if address in (None, "", "local"):  # the embedded Ray lives as long as this process

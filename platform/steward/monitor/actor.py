@@ -18,6 +18,7 @@ from typing import Any
 
 import ray
 
+from steward.govern import audit
 from steward.monitor.checks import AlertTracker, window_report
 from steward.monitor.reference import ReferenceProfile, load_reference
 from steward.monitor.window import Bins, Windows, WindowState
@@ -95,7 +96,7 @@ class Monitor:
         job = JobSpec.model_validate(spec)
         assert job.monitor is not None, "a monitor actor needs the spec's monitor section"
         self.cfg, self.deployment = job.monitor, deployment
-        self.folder = monitor_folder(run_dir, deployment)
+        self.run_dir, self.folder = Path(run_dir), monitor_folder(run_dir, deployment)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.ref = reference_for(run_dir)
         bins = self.ref.bins() if self.ref else Bins()
@@ -202,6 +203,9 @@ class Monitor:
         logger.warning("monitor %s: %s %s = %s", self.deployment, event["event"], event["name"], event["value"])
         with (self.folder / "events.jsonl").open("a") as log:
             log.write(json.dumps(event) + "\n")
+        kind = "raised" if event["event"] == "alert" else "cleared"
+        audit.record(f"monitor.alert.{kind}", log=audit.log_path(self.run_dir.parent.parent), run=self.run_dir.name,
+                     **{k: v for k, v in event.items() if k not in ("event", "time")})  # fmt: skip
         if self.cfg.alerts.webhook:
             await asyncio.to_thread(_post, self.cfg.alerts.webhook, event)
 

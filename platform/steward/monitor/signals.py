@@ -8,11 +8,10 @@ share of unknown tokens; images by their embeddings only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from steward.monitor.reference import CONFIDENCE, PREDICTED_CLASS, TEXT_LENGTH, TEXT_UNK_RATE
+from steward.monitor.reference import CONFIDENCE, TEXT_LENGTH, TEXT_UNK_RATE
 
 
 def feature_names(modality: str, input_shape: tuple[int, ...]) -> list[str]:
@@ -58,13 +57,3 @@ def record_signals(
         out.numeric[TEXT_LENGTH] = lengths
         out.numeric[TEXT_UNK_RATE] = np.divide(unknown, lengths, out=np.zeros_like(lengths), where=lengths > 0)
     return out
-
-
-def signal_categories(signals: Signals) -> list[dict[str, Any]]:
-    """The categorical signals of each record (the predicted class)."""
-    return [{PREDICTED_CLASS: label} for label in signals.predicted.tolist()]
-
-
-def as_array(value: Any) -> Any:
-    """A torch tensor or array-like as numpy (no torch import here)."""
-    return value.detach().cpu().float().numpy() if hasattr(value, "detach") else np.asarray(value)

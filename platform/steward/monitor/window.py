@@ -365,6 +365,14 @@ class Windows:
         self._panes.clear()
         self._panes.extend(WindowState.from_dict(p) for p in data["panes"])
 
+    @staticmethod
+    def current_of(data: dict[str, Any]) -> WindowState:
+        """The merge of the panes `to_dict` saved: the latest traffic, for reports."""
+        out = WindowState.from_dict(data["pane"])
+        for pane in data["panes"]:
+            out = WindowState.from_dict(pane).merge(out)
+        return out
+
     def _advance(self, t: float) -> list[WindowState]:
         if self.by != "time":
             return []

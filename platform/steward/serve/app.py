@@ -190,6 +190,16 @@ class ModelServer:
         self._monitor(output, {}, [f"{reply.id}/{i}" for i in range(len(instances))])
         return json_response(reply)
 
+    @api.post("/explain")
+    async def explain(self, request: Request) -> JSONResponse:
+        """Integrated Gradients per instance, as `steward explain`; explain.max_* cap instances and steps."""
+        from steward.serve.explain import explain_request  # here: captum loads only on replicas that explain
+
+        self._authorize(request)
+        payload = parse_body(await self._body(request), self.cfg.max_body_bytes)
+        # Off the event loop: IG runs n_steps forward and backward passes, and other requests must keep flowing.
+        return JSONResponse(await asyncio.to_thread(explain_request, self.served, payload))
+
     # -- monitoring ----------------------------------------------------------------------------------------
     @api.get("/monitor")
     async def monitor_report(self, request: Request) -> dict:

@@ -1,5 +1,6 @@
 """Driver side of serving: which run, the int8 check, deploy / status / stop on a Ray cluster, config export."""
 
+import json
 import os
 import re
 import shutil
@@ -9,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from steward.govern import audit
 from steward.runs import list_runs, read_spec
 from steward.serve.auth import load_keys
 from steward.serve.monitoring import reference_problem
@@ -59,11 +61,41 @@ def find_run(spec: JobSpec, run: Path | None = None) -> Path:
     )
 
 
+class FairnessGateFailed(ValueError):
+    """The run failed its fairness gate and no override with a reason was given."""
+
+
+def check_fairness_gate(job: JobSpec, run_dir: Path, override: str | None = None, action: str = "deploy") -> None:
+    """Refuse a run whose metrics.json says `fairness_gate: failed`, unless `override` gives the reason.
+
+    Both the refusal and the override go to the audit log, with who did it and why.
+    """
+    metrics = Path(run_dir) / "metrics.json"
+    gate = json.loads(metrics.read_text()).get("fairness_gate") if metrics.exists() else None
+    if gate != "failed":
+        return
+    fields = {**audit.run_fields(run_dir), "deployment": app_name(job), "action": action}
+    log = audit.log_path(job.output_dir)
+    if override is not None and override.strip():
+        audit.record("fairness_gate.overridden", log=log, reason=override.strip(), **fields)
+        return
+    audit.record("deployment.refused", log=log, reason="fairness gate failed", **fields)
+    raise FairnessGateFailed(
+        f"{run_dir}: this run failed its fairness gate (metrics.json: fairness_gate: failed); deploying it needs "
+        "--override-fairness-gate 'REASON' (the reason is recorded in the audit log), or mitigate and retrain"
+    )
+
+
 def serving_spec(spec: JobSpec, run_dir: Path) -> JobSpec:
-    """The run's own spec (data and model as trained) with the serve and monitor sections of `spec`."""
+    """The run's own spec (data and model as trained) with the serve and monitor sections of `spec`.
+
+    The explain section (POST /explain's settings and caps) is `spec`'s when it has one, else the run's.
+    """
     if spec.serve is None:
         raise ValueError("serve: the spec has no serve section; add one (e.g. `serve: {route_prefix: /digits}`)")
-    return read_spec(run_dir).model_copy(update={"serve": spec.serve, "monitor": spec.monitor})
+    run_spec = read_spec(run_dir)
+    explain = spec.explain or run_spec.explain
+    return run_spec.model_copy(update={"serve": spec.serve, "monitor": spec.monitor, "explain": explain})
 
 
 def check_int8(job: JobSpec, run_dir: Path) -> dict | None:
@@ -102,9 +134,17 @@ def connect(address: str | None, job: JobSpec | None = None) -> None:
 
 
 def deploy(
-    spec: JobSpec, run_dir: Path, address: str | None = None, host: str = "127.0.0.1", port: int = 8000
+    spec: JobSpec,
+    run_dir: Path,
+    address: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    override_fairness_gate: str | None = None,
 ) -> Deployed:
-    """Deploy the run's model as the spec's serve section says; returns once every replica is up."""
+    """Deploy the run's model as the spec's serve section says; returns once every replica is up.
+
+    A run that failed its fairness gate is refused unless `override_fairness_gate` gives a reason.
+    """
     from ray import serve
 
     from steward.serve.app import build_app
@@ -112,14 +152,23 @@ def deploy(
     job = serving_spec(spec, run_dir)
     if problem := reference_problem(job, run_dir):
         raise ValueError(problem)
+    check_fairness_gate(job, run_dir, override_fairness_gate)
     if address in (None, "", "local"):  # replicas of an embedded Ray see this environment: check keys up front
         load_keys(job.serve.auth if job.serve else None)
     gate = check_int8(job, run_dir)
     connect(address, job)
     serve.start(http_options={"host": host, "port": port})
     cfg = job.serve or ServeSpec()
+    existed = app_name(job) in serve.status().applications
     serve.run(build_app(job, str(run_dir), gate), name=app_name(job), route_prefix=cfg.route_prefix)
+    _record_deployment("deployment.updated" if existed else "deployment.created", job, run_dir, address)
     return Deployed(app_name(job), f"http://{host}:{port}{cfg.prefix}", run_dir, gate)
+
+
+def _record_deployment(event: str, job: JobSpec, run_dir: Path, address: str | None) -> None:
+    fields = audit.run_fields(run_dir) | {"deployment": app_name(job), "address": address or "local"}
+    model_sha256 = audit.file_hash(Path(run_dir) / "model" / "model.safetensors")
+    audit.record(event, log=audit.log_path(job.output_dir), **fields, model_sha256=model_sha256)
 
 
 def status_rows(address: str | None = "auto") -> list[dict[str, Any]]:
@@ -137,8 +186,8 @@ def status_rows(address: str | None = "auto") -> list[dict[str, Any]]:
     return rows
 
 
-def stop(name: str, address: str | None = "auto") -> None:
-    """Delete the Serve application `name` (ValueError when there is none)."""
+def stop(name: str, address: str | None = "auto", output_dir: str | Path = "runs") -> None:
+    """Delete the Serve application `name` (ValueError when there is none); audited under `output_dir`."""
     from ray import serve
 
     connect(address)
@@ -146,6 +195,7 @@ def stop(name: str, address: str | None = "auto") -> None:
         raise ValueError(f"no Serve application named {name!r}; `steward serve status` lists them")
     serve.delete(name)
     stop_monitor(name)
+    audit.record("deployment.stopped", log=audit.log_path(output_dir), deployment=name, address=address or "local")
 
 
 def stop_monitor(name: str) -> None:
@@ -162,14 +212,25 @@ def stop_monitor(name: str) -> None:
             ray.kill(handle, no_restart=True)
 
 
-def export_config(spec: JobSpec, run_dir: Path, path: Path, host: str = "0.0.0.0", port: int = 8000) -> dict:
-    """Write a Ray Serve config file (for `serve deploy`, or a KubeRay RayService's serveConfigV2) and return it."""
+def export_config(
+    spec: JobSpec,
+    run_dir: Path,
+    path: Path,
+    host: str = "0.0.0.0",
+    port: int = 8000,
+    override_fairness_gate: str | None = None,
+) -> dict:
+    """Write a Ray Serve config file (for `serve deploy`, or a KubeRay RayService's serveConfigV2) and return it.
+
+    The file deploys the run elsewhere, so the fairness gate is checked here as for `deploy`.
+    """
     from ray.serve.schema import ServeDeploySchema
 
     from steward.serve.app import DEPLOYMENT, deployment_options
     from steward.train.launch import worker_env
 
     job = serving_spec(spec, run_dir)
+    check_fairness_gate(job, run_dir, override_fairness_gate, action="export")
     cfg = job.serve or ServeSpec()
     config = {
         "http_options": {"host": host, "port": port},

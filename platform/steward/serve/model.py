@@ -153,11 +153,11 @@ def run_metadata(spec: JobSpec, run_dir: Path) -> dict[str, Any]:
     """What the model info route shows about the run: ids, hashes, training metrics, model card."""
     status_file, metrics_file = run_dir / "status.json", run_dir / "metrics.json"
     status = json.loads(status_file.read_text()) if status_file.exists() else {}
-    card = next((p for p in (run_dir / "model_card.md", run_dir / "model" / "README.md") if p.exists()), None)
+    card_file = run_dir / "model_card.json"
     return {
         "run_id": run_dir.name,
         "run_dir": str(run_dir),
         "spec_hash": status.get("spec_hash") or spec_hash(spec),
         "training_metrics": json.loads(metrics_file.read_text()) if metrics_file.exists() else None,
-        "model_card": str(card) if card else None,
+        "model_card": json.loads(card_file.read_text()) if card_file.exists() else None,
     }

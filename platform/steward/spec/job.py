@@ -4,13 +4,15 @@ import copy
 import difflib
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from steward.spec.base import Section, raise_problems, set_dotted
 from steward.spec.data import DataSpec
 from steward.spec.distributed import DistributedSpec
 from steward.spec.evaluate import EvaluateSpec
+from steward.spec.explain import ExplainSpec, baseline_problem
 from steward.spec.fairness import fairness_problems
+from steward.spec.governance import GovernanceSpec
 from steward.spec.model import ModelSpec, TransformerParams
 from steward.spec.monitor import MonitorSpec
 from steward.spec.privacy import PrivacySpec, privacy_problems
@@ -18,7 +20,6 @@ from steward.spec.serve import ServeSpec
 from steward.spec.train import TrainSpec
 from steward.spec.tune import TuneSpec, tune_problems
 
-RESERVED = ("governance",)
 UNTUNABLE = ("name", "description", "output_dir", "tune")
 
 
@@ -34,16 +35,12 @@ class JobSpec(Section):
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec, description="Evaluation after training.")
     tune: TuneSpec | None = Field(None, description="A Ray Tune sweep over fields of this spec.")
     serve: ServeSpec | None = Field(None, description="Deploy the trained model on Ray Serve.")
+    explain: ExplainSpec | None = Field(None, description="Explanations: Integrated Gradients, permutation importance.")
     monitor: MonitorSpec | None = Field(None, description="Bias and drift monitoring of the served model.")
     privacy: PrivacySpec | None = Field(None, description="PII masking and k-anonymity of the training data.")
-    governance: Any = Field(None, description="Reserved: model cards and policies (not supported yet).")
-
-    @field_validator(*RESERVED)
-    @classmethod
-    def _not_yet(cls, value: Any) -> Any:
-        if value is not None:
-            raise ValueError("this section is not supported yet in this version of steward; remove it")
-        return value
+    governance: GovernanceSpec | None = Field(
+        None, description="Owners, intended use, risk level and licences: feeds the model card and policy checks."
+    )
 
     @model_validator(mode="after")
     def _cross_section(self) -> "JobSpec":
@@ -70,8 +67,17 @@ class JobSpec(Section):
         if self.serve is not None and lm:
             problems["serve"] = "serving supports classification models; remove the serve section for causal_lm"
         problems |= fairness_problems(self) | privacy_problems(self)
+        if self.explain is not None:
+            problems |= self._explain_problems()
         raise_problems(self, problems | (self._tune_problems() if self.tune else {}))
         return self
+
+    def _explain_problems(self) -> dict[str, str]:
+        assert self.explain is not None
+        if self.model.task != "classification":
+            return {"explain": "explanations need a classification task; remove the explain section for causal_lm"}
+        problem = baseline_problem(self.explain.baseline, self.model.family)
+        return {"explain.baseline": problem} if problem else {}
 
     def reported_metrics(self) -> set[str]:
         """What the training loop reports every epoch (validation metrics need a validation split)."""

@@ -11,6 +11,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from steward.data import DataInfo, prepare_data
 from steward.data.mitigate import check_mitigation
 from steward.evaluate.run import evaluate_run
+from steward.govern.card import write_card
 from steward.models import check_fits
 from steward.spec import JobSpec
 from steward.train.curves import plot_history
@@ -124,7 +125,9 @@ def train_job(spec: JobSpec, run_dir: Path, address: str | None = None) -> dict:
     except Exception as err:  # Ray wraps worker errors; surface the worker's own message
         raise TrainingError(root_cause(err)) from err
     plot_history(run_dir / "history.jsonl", run_dir / "curves.png")
-    return evaluate_run(run_dir, spec)
+    result = evaluate_run(run_dir, spec)
+    write_card(run_dir, spec)
+    return result
 
 
 def root_cause(err: BaseException) -> str:

@@ -10,6 +10,7 @@ import yaml
 from ray import tune
 
 from steward.evaluate.run import evaluate_run
+from steward.govern.card import write_card
 from steward.spec import JobSpec
 from steward.train.curves import plot_history
 from steward.train.launch import train_job
@@ -113,4 +114,6 @@ def tune_job(
     best = best_row(rows, spec.tune.mode)
     best_spec = write_results(rows, spec, best, run_dir)
     plot_trials(rows, spec.tune.metric, run_dir / "trials.png")
-    return finish(spec, best_spec, best, run_dir, address), rows, best
+    result = finish(spec, best_spec, best, run_dir, address)
+    write_card(run_dir, best_spec)  # again after a retrain: the sweep's card says which sweep chose the model
+    return result, rows, best

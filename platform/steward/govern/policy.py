@@ -1,0 +1,331 @@
+"""Policy as code: rules an organisation sets once in a YAML file and every job spec must meet.
+
+Rules are checked on the resolved spec as a plain dict (`JobSpec.model_dump(mode="json")`), so a rule about a
+section that a given steward version does not have yet (`monitor`, `privacy`) reads it as absent rather than
+failing. The policy in force is `--policy FILE`, else $STEWARD_POLICY, else `steward.policy.yaml` in the
+working directory; with none of them there is no policy.
+"""
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from steward.spec.base import Section
+from steward.spec.governance import CARD_FIELDS
+
+if TYPE_CHECKING:
+    from steward.spec import JobSpec
+
+ENV_POLICY = "STEWARD_POLICY"
+DEFAULT_FILE = "steward.policy.yaml"
+MODEL_CARD = "model_card"  # in high_risk_requires: every governance card field filled in
+
+
+class Rules(Section):
+    max_workers: int | None = Field(None, ge=1, description="Most Ray Train workers one job (or one trial) may use.")
+    max_gpus: float | None = Field(None, ge=0, description="Most GPUs one job (or one trial) may use for training.")
+    allowed_sources: list[str] | None = Field(
+        None,
+        description="data.source must start with one of these prefixes (`builtin:`, `hf:acme/`, `file:/data/ok/`); "
+        "file: sources are matched after they are made absolute.",
+    )
+    require_governance: bool = Field(False, description="Every spec needs a governance section with owners, contact.")
+    high_risk_requires: list[str] = Field(
+        default_factory=list,
+        description="Dotted spec paths that must be set when governance.risk is high (e.g. monitor.bias, "
+        f"evaluate.fairness), and `{MODEL_CARD}` for a complete model card.",
+    )
+    text_requires_pii_masking: bool = Field(
+        False, description="Text data (a transformer, or a text source) needs a privacy section that masks PII."
+    )
+    serving_requires_auth: bool = Field(False, description="A serve section needs serve.auth (API keys).")
+    max_replicas: int | None = Field(
+        None, ge=1, description="Most Serve replicas: serve.num_replicas, or serve.autoscaling.max_replicas."
+    )
+
+
+class Policy(Section):
+    name: str = Field(description="Name of the policy, shown in violations and the audit log.")
+    version: str | int = Field(1, description="Version of the policy, bumped on every change.")
+    description: str = Field("", description="What the policy is for and who owns it.")
+    rules: Rules = Field(default_factory=Rules, description="The rules in force (unset rules are not checked).")
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken rule: which rule, which spec field, what is wrong and how to fix it."""
+
+    rule: str
+    field: str
+    message: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"policy rule `{self.rule}`: {self.field}: {self.message}; fix: {self.fix}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"rule": self.rule, "field": self.field, "message": self.message, "fix": self.fix}
+
+
+class PolicyViolation(ValueError):
+    """A spec the policy in force does not allow; carries every violation."""
+
+    def __init__(self, source: str, policy: "LoadedPolicy", violations: list[Violation]):
+        self.violations = violations
+        lines = "\n".join(f"  - {v}" for v in violations)
+        super().__init__(f"{source}: {len(violations)} violation(s) of policy {policy.label}\n{lines}")
+
+
+@dataclass(frozen=True)
+class LoadedPolicy:
+    """A validated policy, where it came from and the hash of its file (recorded with every check)."""
+
+    policy: Policy
+    path: Path
+    sha256: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.policy.name!r} v{self.policy.version} ({self.path})"
+
+
+def policy_file(option: str | Path | None = None) -> Path | None:
+    """The policy in force: the option, else $STEWARD_POLICY, else ./steward.policy.yaml, else None."""
+    chosen = option or os.environ.get(ENV_POLICY)
+    if chosen:
+        path = Path(chosen)
+        if not path.is_file():
+            raise FileNotFoundError(f"policy file {path} does not exist (from --policy or ${ENV_POLICY})")
+        return path
+    default = Path(DEFAULT_FILE)
+    return default if default.is_file() else None
+
+
+def load_policy(path: str | Path) -> LoadedPolicy:
+    """Read and validate a policy YAML; ValueError naming every bad rule."""
+    path = Path(path)
+    text = path.read_text()
+    try:
+        policy = Policy.model_validate(yaml.safe_load(text) or {})
+    except ValidationError as err:
+        problems = "\n".join(
+            f"  - {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in err.errors()
+        )
+        raise ValueError(f"{path}: not a valid policy (see cluster/policy.example.yaml)\n{problems}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: malformed YAML: {err}") from None
+    return LoadedPolicy(policy, path.resolve(), hashlib.sha256(text.encode()).hexdigest())
+
+
+# -- the rules: each takes the resolved spec as a dict and the rule's setting -------------------------------------
+
+
+def lookup(spec: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path of the spec dict, or None when any part is absent (or a section is unset)."""
+    node: Any = spec
+    for part in path.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def is_set(value: Any) -> bool:
+    """Set means present and not empty, and not explicitly switched off (`enabled: false`)."""
+    if isinstance(value, dict) and value.get("enabled") is False:
+        return False
+    return value is not None and value != {} and value != [] and value != ""
+
+
+def check_max_workers(spec: dict[str, Any], limit: int) -> list[Violation]:
+    workers = lookup(spec, "distributed.num_workers") or 1
+    if workers <= limit:
+        return []
+    return [
+        Violation(
+            "max_workers",
+            "distributed.num_workers",
+            f"{workers} workers is over the limit of {limit}",
+            f"set distributed.num_workers to {limit} or fewer",
+        )
+    ]
+
+
+def check_max_gpus(spec: dict[str, Any], limit: float) -> list[Violation]:
+    dist = spec.get("distributed") or {}
+    gpus = dist.get("num_workers", 1) * dist.get("gpus_per_worker", 1.0) if dist.get("use_gpu") else 0.0
+    if gpus <= limit:
+        return []
+    return [
+        Violation(
+            "max_gpus",
+            "distributed.gpus_per_worker",
+            f"{gpus:g} GPUs is over the limit of {limit:g}",
+            "lower distributed.num_workers or gpus_per_worker, or train on CPU (use_gpu: false)",
+        )
+    ]
+
+
+def check_allowed_sources(spec: dict[str, Any], prefixes: list[str]) -> list[Violation]:
+    source = lookup(spec, "data.source") or ""
+    if any(source.startswith(p) for p in prefixes):
+        return []
+    return [
+        Violation(
+            "allowed_sources",
+            "data.source",
+            f"{source!r} is not from an approved source",
+            f"use data that starts with one of: {', '.join(prefixes)}",
+        )
+    ]
+
+
+def check_require_governance(spec: dict[str, Any], on: bool) -> list[Violation]:
+    gov = spec.get("governance")
+    if not on or (gov and gov.get("owners") and gov.get("contact")):
+        return []
+    return [
+        Violation(
+            "require_governance",
+            "governance",
+            "every job needs named owners and a contact",
+            "add `governance: {owners: [...], contact: ..., risk: low|medium|high}`",
+        )
+    ]
+
+
+def check_high_risk(spec: dict[str, Any], required: list[str]) -> list[Violation]:
+    if lookup(spec, "governance.risk") != "high":
+        return []
+    found = []
+    for path in required:
+        if path == MODEL_CARD:
+            missing = [f for f in CARD_FIELDS if not is_set(lookup(spec, f"governance.{f}"))]
+            if missing:
+                found.append(
+                    Violation(
+                        "high_risk_requires",
+                        "governance",
+                        f"a high-risk model needs a complete model card; empty: {', '.join(missing)}",
+                        "fill in those governance fields",
+                    )
+                )
+        elif not is_set(lookup(spec, path)):
+            found.append(
+                Violation(
+                    "high_risk_requires",
+                    path,
+                    "required when governance.risk is high",
+                    f"configure {path} (see `steward schema`), or lower the risk with a reason",
+                )
+            )
+    return found
+
+
+def is_text(spec: dict[str, Any]) -> bool:
+    """Text data: a transformer reads token ids, and the synthetic text source is text."""
+    return lookup(spec, "model.family") == "transformer" or lookup(spec, "data.source") == "builtin:synthetic-text"
+
+
+def check_pii_masking(spec: dict[str, Any], on: bool) -> list[Violation]:
+    if not on or not is_text(spec) or is_set(spec.get("privacy")):
+        return []
+    return [
+        Violation(
+            "text_requires_pii_masking",
+            "privacy",
+            "text training data must have PII masked",
+            "add a privacy section that masks PII in the text column",
+        )
+    ]
+
+
+def check_serving_auth(spec: dict[str, Any], on: bool) -> list[Violation]:
+    if not on or spec.get("serve") is None or is_set(lookup(spec, "serve.auth")):
+        return []
+    return [
+        Violation(
+            "serving_requires_auth",
+            "serve.auth",
+            "a served model must require API keys",
+            "add `serve.auth: {api_keys_env: STEWARD_API_KEYS}` (or api_keys_file)",
+        )
+    ]
+
+
+def check_max_replicas(spec: dict[str, Any], limit: int) -> list[Violation]:
+    replicas = lookup(spec, "serve.autoscaling.max_replicas") or lookup(spec, "serve.num_replicas") or 1
+    if spec.get("serve") is None or replicas <= limit:
+        return []
+    field = "serve.autoscaling.max_replicas" if lookup(spec, "serve.autoscaling") else "serve.num_replicas"
+    return [
+        Violation(
+            "max_replicas",
+            field,
+            f"{replicas} replicas is over the limit of {limit}",
+            f"set {field} to {limit} or fewer",
+        )
+    ]
+
+
+CHECKS: dict[str, Callable[[dict[str, Any], Any], list[Violation]]] = {
+    "max_workers": check_max_workers,
+    "max_gpus": check_max_gpus,
+    "allowed_sources": check_allowed_sources,
+    "require_governance": check_require_governance,
+    "high_risk_requires": check_high_risk,
+    "text_requires_pii_masking": check_pii_masking,
+    "serving_requires_auth": check_serving_auth,
+    "max_replicas": check_max_replicas,
+}
+
+
+def in_force(policy: Policy) -> dict[str, Any]:
+    """The rules the policy sets (name -> setting), leaving out unset and switched-off ones."""
+    settings = policy.rules.model_dump()
+    return {name: value for name, value in settings.items() if value not in (None, False, [])}
+
+
+def check(spec: dict[str, Any], policy: Policy) -> list[Violation]:
+    """Every violation of `policy` by the resolved spec dict, in rule order."""
+    return [v for name, setting in in_force(policy).items() for v in CHECKS[name](spec, setting)]
+
+
+def explain(policy: Policy) -> list[tuple[str, Any, str]]:
+    """(rule, setting, what it means) for every rule in force."""
+    fields = Rules.model_fields
+    return [(name, value, fields[name].description or "") for name, value in in_force(policy).items()]
+
+
+def admit(spec: "JobSpec", option: str | Path | None, action: str, source: str) -> LoadedPolicy | None:
+    """Check `spec` against the policy in force before `action` (validate, train, tune, run, serve) starts.
+
+    Records `policy.violation` (and raises PolicyViolation, a ValueError: exit 2) or `spec.validated` in the
+    audit log under the spec's output_dir. Returns the policy in force, or None when there is none.
+    """
+    from steward.govern import audit
+    from steward.runs import spec_hash
+
+    path = policy_file(option)
+    loaded = load_policy(path) if path else None
+    violations = check(spec.model_dump(mode="json"), loaded.policy) if loaded else []
+    fields: dict[str, Any] = {"action": action, "spec": source, "job": spec.name, "spec_hash": spec_hash(spec)}
+    if loaded:
+        fields |= {
+            "policy": loaded.policy.name,
+            "policy_version": loaded.policy.version,
+            "policy_sha256": loaded.sha256,
+        }
+    log = audit.log_path(spec.output_dir)
+    if violations and loaded:
+        audit.record("policy.violation", log=log, **fields, violations=[v.to_dict() for v in violations])
+        raise PolicyViolation(source, loaded, violations)
+    audit.record("spec.validated", log=log, **fields)
+    return loaded
