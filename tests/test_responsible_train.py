@@ -71,7 +71,8 @@ def test_pre_processing_mitigations_shrink_the_gated_gap(runs, method):
     )
     assert data["before"]["gap"] > 0.2 and data["after"]["gap"] < 0.01
     # Seen (WordPiece training breaks vocabulary ties differently run to run, so the models differ): 3000 rows,
-    # 4 runs: baseline 0.28-0.46, reweigh 0.13-0.16, resample 0.14-0.17; 6000 rows: 0.44, 0.07, 0.09.
+    # 4 runs: baseline 0.28-0.46, reweigh 0.13-0.16, resample 0.14-0.17; 6000 rows, 3 runs: 0.44-0.47,
+    # 0.02-0.07, 0.08-0.09.
     assert baseline[GATED] - gated(metrics) > 0.05 and gated(metrics) < 0.8 * baseline[GATED]
     assert metrics["overall"]["accuracy"] > 0.7
 
