@@ -19,6 +19,8 @@ DELIBERATE = {
     "text-transformer.yaml": {"text_requires_pii_masking"},  # no privacy section in this steward version yet
     "minilm-finetune.yaml": {"text_requires_pii_masking"},
     "tiny-gpt.yaml": {"text_requires_pii_masking"},
+    # a minimal fairness demonstration: synthetic text without PII, no owners to name
+    "fair-text.yaml": {"require_governance", "text_requires_pii_masking"},
 }
 GOVERNANCE = {"owners": ["team"], "contact": "team@acme.example", "risk": "low"}
 COMPLETE = {
@@ -84,7 +86,7 @@ def test_high_risk_names_every_missing_requirement(example):
     raw = base(governance={**GOVERNANCE, "risk": "high"})
     found = violated(raw, example)
     fields = {f for r, f in found if r == "high_risk_requires"}
-    assert fields == {"monitor.bias", "monitor.drift", "evaluate.fairness", "governance"}
+    assert fields == {"monitor.bias", "monitor.drift", "evaluate.fairness.thresholds", "governance"}
     [card] = [v for v in check(JobSpec.model_validate(raw).model_dump(mode="json"), example) if v.field == "governance"]
     assert "intended_use" in card.message and "licence.model" in card.message
 
@@ -94,8 +96,8 @@ def test_high_risk_passing_side_on_the_spec_dict():
     # that sets them passes once those sections exist. Checked on the dict directly until then.
     spec = JobSpec.model_validate(base(governance=COMPLETE)).model_dump(mode="json")
     spec["monitor"] = {"bias": {"attribute": "group"}, "drift": {"signals": ["inputs"]}}
-    spec["evaluate"]["fairness"] = {"max_demographic_parity_difference": 0.1}
-    required = ["monitor.bias", "monitor.drift", "evaluate.fairness", "model_card"]
+    spec["evaluate"]["fairness"]["thresholds"] = {"demographic_parity_difference": 0.1}
+    required = ["monitor.bias", "monitor.drift", "evaluate.fairness.thresholds", "model_card"]
     assert check_high_risk(spec, required) == []
     spec["monitor"]["drift"] = {"enabled": False}
     assert [v.field for v in check_high_risk(spec, required)] == ["monitor.drift"]

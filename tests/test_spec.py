@@ -91,11 +91,6 @@ def test_malformed_yaml_gives_the_line(tmp_path):
     assert "malformed YAML" in problem.message and problem.line is not None
 
 
-def test_reserved_sections_are_refused(tmp_path):
-    [problem] = problems(write(tmp_path, {**MINIMAL, "privacy": {"pii": {}}}))
-    assert problem.path == "privacy" and "not supported yet" in problem.message
-
-
 def test_monitor_section_errors_name_the_field_and_the_fix(tmp_path):
     monitor = {"bias": {"group": "g", "favourable": "1", "thresholds": {"disparate_impact_ratio": [1.2, 0.8]}},
                "window": {"size": 100, "step": 30}, "alerts": {"webhook": "ftp://x"}}  # fmt: skip

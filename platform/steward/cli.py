@@ -246,6 +246,32 @@ def runs(
     console.print(table)
 
 
+privacy_app = typer.Typer(no_args_is_help=True, help="Privacy of training data: see what would be masked.")
+app.add_typer(privacy_app, name="privacy")
+
+
+@privacy_app.command("scan")
+@user_errors
+def privacy_scan(spec: Spec, set_: Sets = None) -> None:
+    """Count the PII the spec's privacy section would mask, per column and entity type, on a sample (no values)."""
+    from steward.data.privacy import scan
+
+    report = scan(load_job(spec, set_ or []))
+    table = Table("column", "entity type", "found", title=f"PII found in a sample of {report['rows']} rows")
+    for column, found in report["entities"].items():
+        for entity, count in sorted(found.items(), key=lambda kv: -kv[1]):
+            table.add_row(column, entity, str(count))
+        if not found:
+            table.add_row(column, "(none)", "0")
+    console.print(table)
+    if report["dropped_columns"]:
+        console.print(f"dropped columns: {', '.join(report['dropped_columns'])}")
+    if "k_anonymity" in report:
+        k = report["k_anonymity"]
+        console.print(f"k-anonymity on the sample: k={k['k']} achieved {k['achieved_k']} at levels {k['levels']}, "
+                      f"{k['suppressed_rows']} of {k['rows']} rows suppressed", markup=False)  # fmt: skip
+
+
 @app.command()
 @user_errors
 def explain(

@@ -98,7 +98,9 @@ def _summary(run_dir: Path, status_text: str, metrics_text: str | None) -> RunSu
     status = json.loads(status_text)
     headline = ""
     if metrics_text:
-        overall = json.loads(metrics_text)["overall"]
-        key = next(iter(overall))
-        headline = f"{key}={overall[key]:.4f}"
+        metrics = json.loads(metrics_text)
+        key = next(iter(metrics["overall"]))
+        headline = f"{key}={metrics['overall'][key]:.4f}"
+        if "fairness_gate" in metrics:  # set only when evaluate.fairness.thresholds are
+            headline += f" fairness_gate={metrics['fairness_gate']}"
     return RunSummary(run_dir, run_dir.parent.name, status["state"], status.get("started", 0), headline)

@@ -11,6 +11,10 @@ class DataError(ValueError):
         self.problems = [(field, message), *more]
         super().__init__("\n".join(f"{f}: {m}" for f, m in self.problems))
 
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # Ray pickles a worker's exception to the driver; the default reduce passes only the joined message.
+        return (type(self), (*self.problems[0], *self.problems[1:]))
+
     @classmethod
     def raise_all(cls, problems: list[tuple[str, str]]) -> None:
         """Raise one DataError carrying every (field, message) problem; do nothing when there are none."""

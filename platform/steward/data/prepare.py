@@ -1,6 +1,7 @@
 """The two entry points: `prepare_data` once on the driver, `load_splits` on every worker."""
 
 import dataclasses
+import json
 import tempfile
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import torch
 from steward.data.encode import check_texts, detect_modality, encode_instances, encode_labels, label_names
 from steward.data.errors import DataError
 from steward.data.info import DataInfo
-from steward.data.partition import Columns, resolve_columns, split_tables
+from steward.data.mitigate import mitigate_train
+from steward.data.partition import Columns, check_columns, parts_used, resolve_columns, split_tables
+from steward.data.privacy import REPORT_FILE, protect_source
 from steward.data.sources import load_source
 from steward.data.split import Split
 from steward.data.table import Table
@@ -17,10 +20,19 @@ from steward.data.tokenizer import pretrained_tokenizer, save_tokenizer, train_t
 from steward.spec.job import JobSpec
 
 
-def _tables(spec: JobSpec) -> tuple[Columns, dict[str, Table]]:
-    """Load the source, check its columns and cut the splits; the same rows for the same spec and seed."""
+def _tables(spec: JobSpec, report: dict | None = None) -> tuple[Columns, dict[str, Table]]:
+    """Load the source, apply the privacy section, cut the splits; the same rows for the same spec and seed.
+
+    With `report` given, what the privacy section found and did is put into it (counts, never values).
+    """
     source = load_source(spec.data, spec.seed)
     columns = resolve_columns(spec, source)
+    if spec.privacy is not None:  # before splitting and tokenizing: nothing downstream sees raw PII
+        parts = parts_used(source, spec.data.splits)
+        check_columns(source, columns, parts)
+        source, found = protect_source(source, columns, spec.privacy, list(dict.fromkeys(parts.values())))
+        if report is not None:
+            report.update(found)
     return columns, split_tables(source, columns, spec.data.splits, spec.seed)
 
 
@@ -32,7 +44,10 @@ def prepare_data(spec: JobSpec, run_dir: Path | None) -> DataInfo:
     tokenizer trained on the train split only, so validation and test text never shapes the vocabulary.
     With run_dir None the tokenizer goes to a fresh temporary folder. Raises DataError naming the spec field.
     """
-    columns, tables = _tables(spec)
+    report: dict = {}
+    columns, tables = _tables(spec, report)
+    if report and run_dir is not None:
+        (Path(run_dir) / REPORT_FILE).write_text(json.dumps(report, indent=2))
     info = _describe(spec, columns, tables["train"])
     for role, table in tables.items():
         _check_rows(table, role, columns, info)
@@ -83,7 +98,10 @@ def load_splits(spec: JobSpec, info: DataInfo) -> dict[str, Split]:
     tokenizer at info.tokenizer_dir, padded and truncated to data.max_length.
     """
     columns, tables = _tables(spec)
-    return {role: _split(table, role, columns, info, spec) for role, table in tables.items()}
+    splits = {role: _split(table, role, columns, info, spec) for role, table in tables.items()}
+    if spec.train.mitigation is not None:  # group-balanced resampling or reweighing of the training rows only
+        splits["train"] = mitigate_train(splits["train"], spec, info)
+    return splits
 
 
 def _split(table: Table, role: str, columns: Columns, info: DataInfo, spec: JobSpec) -> Split:

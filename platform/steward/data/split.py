@@ -14,12 +14,16 @@ class Split:
 
     inputs: float32 [N, H, W] (image), float32 [N, T, F] (sequence) or int64 [N, L] (text).
     labels: int64 [N] class ids, or int64 [N, L] for causal_lm (input ids with padding set to -100).
+    sample_weight: float32 [N] per-row loss weights in training (reweighing), or None for equal weights.
+    notes: what was done to the rows on the way (e.g. a mitigation's before / after label balance).
     """
 
     inputs: Tensor
     labels: Tensor
     attention_mask: Tensor | None = None
     groups: dict[str, list[str]] = field(default_factory=dict)
+    sample_weight: Tensor | None = None
+    notes: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -31,6 +35,13 @@ class Split:
             mask = torch.cat([self.attention_mask, other.attention_mask])
         groups = {name: values + other.groups[name] for name, values in self.groups.items()}
         return Split(torch.cat([self.inputs, other.inputs]), torch.cat([self.labels, other.labels]), mask, groups)
+
+    def take(self, rows: Tensor) -> "Split":
+        """The given rows (int64 indices, repeats allowed), in that order."""
+        mask = self.attention_mask[rows] if self.attention_mask is not None else None
+        weight = self.sample_weight[rows] if self.sample_weight is not None else None
+        groups = {name: [values[i] for i in rows.tolist()] for name, values in self.groups.items()}
+        return Split(self.inputs[rows], self.labels[rows], mask, groups, weight, dict(self.notes))
 
     def rows_per_rank(self, world_size: int = 1, train: bool = False) -> int:
         """Rows each rank sees: training drops the tail (n // world_size); evaluation pads (ceil)."""
@@ -66,7 +77,7 @@ class Split:
         - train=False pads the permutation by wrapping around to a multiple of world_size; padded rows get
           weight 0.0, so a weighted metric counts every real row exactly once across all ranks.
 
-        "weight" is float32 [B] (all ones in training); "index" is int64 [B] rows of this Split.
+        "weight" is float32 [B] (in training: sample_weight, or all ones); "index" is int64 [B] rows of this Split.
         """
         _check_world(rank, world_size)
         self.num_batches(batch_size)  # validates batch_size
@@ -75,6 +86,8 @@ class Split:
         positions = np.arange(per_rank * world_size)[rank::world_size]
         index = torch.from_numpy(order[positions % n] if n else positions).to(torch.int64)
         weight = torch.from_numpy(positions < n).to(torch.float32)
+        if train and self.sample_weight is not None:
+            weight = self.sample_weight[index].to(torch.float32)
         for start in range(0, per_rank, batch_size):
             rows = index[start : start + batch_size]
             batch = {

@@ -10,6 +10,10 @@
   `bias` (default 0.2, at most 0.5) times the size of group "b" of its positive labels are set to 0 (negative),
   the least warm texts first (warmth: positive words minus negative words; ties broken at random). Positive
   rates are about 0.5 in group "a" and 0.5 - bias in group "b".
+  With `bias_mode: random` the flipped positives of group "b" are picked at random instead: the label then is
+  not a function of the text, and for bias > 0.25 most positive "b" texts carry a negative label, so a model
+  predicts "b" text negative; pre-processing mitigations (reweighing, resampling) can undo that, while they
+  cannot undo the default deterministic bias (no positive label is left among the coldest "b" texts).
 - The text (sentiment words and dialect) predicts the label up to the noise and ties, so a small
   Transformer reaches about 0.9 accuracy; to get there it must learn the bias against the "b" dialect,
   which is what per-group evaluation and the monitor are meant to catch.
@@ -39,7 +43,8 @@ POSITIVE, NEGATIVE, NEUTRAL = (WORDS[kind].split() for kind in ("positive", "neg
 DIALECT = {group: WORDS[group].split() for group in ("a", "b")}
 FREQUENCIES = (1.0, 2.0, 3.0, 5.0)
 
-TEXT_OPTIONS = {"num_samples": 4000, "bias": 0.2, "noise": 0.05}
+TEXT_OPTIONS = {"num_samples": 4000, "bias": 0.2, "noise": 0.05, "bias_mode": "coldest"}
+BIAS_MODES = ("coldest", "random")
 SEQUENCE_OPTIONS = {"num_samples": 2000, "length": 32, "noise": 0.3}
 
 
@@ -54,6 +59,10 @@ def synthetic_options(name: str, options: dict) -> dict:
     merged = {**defaults, **{k: v for k, v in options.items() if k in defaults}}
     limits = {"num_samples": (10, 10_000_000), "length": (2, 100_000), "bias": (0.0, 0.5), "noise": (0.0, 1.0)}
     for key, value in merged.items():
+        if key == "bias_mode":
+            if value not in BIAS_MODES:
+                problems.append((f"data.options.{key}", f"must be one of {', '.join(BIAS_MODES)}, got {value!r}"))
+            continue
         low, high = limits[key]
         if isinstance(value, str) or not low <= value <= high:
             problems.append((f"data.options.{key}", f"must be a number between {low} and {high}, got {value!r}"))
@@ -61,7 +70,7 @@ def synthetic_options(name: str, options: dict) -> dict:
     return merged
 
 
-def synthetic_text(seed: int, num_samples: int, bias: float, noise: float) -> Table:
+def synthetic_text(seed: int, num_samples: int, bias: float, noise: float, bias_mode: str = "coldest") -> Table:
     """Sentiment sentences with group dialects and label bias against group "b" (see the module docstring)."""
     rng = np.random.default_rng([seed, 1])
     n = int(num_samples)
@@ -71,8 +80,10 @@ def synthetic_text(seed: int, num_samples: int, bias: float, noise: float) -> Ta
     labels = np.where(rng.random(n) < noise, 1 - sentiment, sentiment)
     positive_b = np.flatnonzero((groups == "b") & (labels == 1))
     flips = min(len(positive_b), round(bias * np.sum(groups == "b")))
-    coldest = np.argsort(np.asarray(warmth)[positive_b] + rng.random(len(positive_b)))[:flips]
-    labels[positive_b[coldest]] = 0
+    order = rng.random(len(positive_b))  # drawn in both modes, so "coldest" rows stay what they always were
+    if bias_mode != "random":
+        order = order + np.asarray(warmth)[positive_b]
+    labels[positive_b[np.argsort(order)[:flips]]] = 0
     return {"text": list(texts), "label": labels.astype(np.int64), "group": groups.tolist()}
 
 

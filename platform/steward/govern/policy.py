@@ -39,7 +39,7 @@ class Rules(Section):
     high_risk_requires: list[str] = Field(
         default_factory=list,
         description="Dotted spec paths that must be set when governance.risk is high (e.g. monitor.bias, "
-        f"evaluate.fairness), and `{MODEL_CARD}` for a complete model card.",
+        f"evaluate.fairness.thresholds), and `{MODEL_CARD}` for a complete model card.",
     )
     text_requires_pii_masking: bool = Field(
         False, description="Text data (a transformer, or a text source) needs a privacy section that masks PII."

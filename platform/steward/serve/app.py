@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -164,6 +165,8 @@ class ModelServer:
         body = validated(PredictRequest, parse_body(await self._body(request), self.cfg.max_body_bytes))
         self._check_count(len(body.instances), "instances")
         output = await self._probabilities(body.instances, "instances")
+        # Per-group decision thresholds (train.mitigation), if the run has them: the reply and the monitor see them.
+        output = replace(output, probabilities=self.served.decide(output.probabilities, body.attributes))
         reply = predict_response(self.served, self.name, output.probabilities)
         self._monitor(output, body.attributes, [p.request_id for p in reply.predictions])
         return json_response(reply)

@@ -13,6 +13,7 @@ from torch import nn
 
 from steward.data import DataError, DataInfo, encode_instances
 from steward.evaluate.profile import embedding_tap, penultimate_layer
+from steward.evaluate.thresholds import Thresholds, adjust_probabilities, load_thresholds
 from steward.runs import spec_hash
 from steward.serve.protocol import BadRequest
 from steward.serve.quantize import GateResult, accuracy_gate, quantize_int8
@@ -39,6 +40,7 @@ class ServedModel:
     run_dir: Path
     gate: GateResult | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    thresholds: Thresholds | None = None  # per-group decision thresholds saved with the model (train.mitigation)
 
     @cached_property
     def embedding_layer(self) -> str:
@@ -92,6 +94,20 @@ class ServedModel:
             for s, n in zip(starts, sizes, strict=True)
         ]
 
+    def decide(self, probabilities: np.ndarray, attributes: dict[str, list[Any]]) -> np.ndarray:
+        """Probabilities whose argmax is the model's per-group thresholded decision (unchanged without thresholds).
+
+        The group of each instance comes from the request's attributes; without it the decision cannot be
+        made as trained, so that is a 422 naming the attribute to send.
+        """
+        if self.thresholds is None:
+            return probabilities
+        column = self.thresholds.group_column
+        if column not in attributes:
+            raise BadRequest(422, f"attributes.{column}", "this model applies per-group decision thresholds; "
+                             f"send each instance's {column!r} in attributes")  # fmt: skip
+        return adjust_probabilities(probabilities, attributes[column], self.thresholds)
+
     def probabilities(self, instances: Any, field: str = "instances") -> np.ndarray:
         """Check and run one request's instances (the offline path the tests compare against)."""
         return self.run([self.prepare(instances, field)])[0].probabilities
@@ -129,7 +145,8 @@ def load_served_model(spec: JobSpec, run_dir: str | Path, gate: dict | None = No
         result = GateResult(**{k: v for k, v in gate.items() if k != "passed"}) if gate else None
         result = result or accuracy_gate(model, int8, info, spec)
         model = int8
-    return ServedModel(model, info, spec, run_dir, result, run_metadata(spec, run_dir))
+    thresholds = load_thresholds(run_dir / "model")
+    return ServedModel(model, info, spec, run_dir, result, run_metadata(spec, run_dir), thresholds)
 
 
 def run_metadata(spec: JobSpec, run_dir: Path) -> dict[str, Any]:

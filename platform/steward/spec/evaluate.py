@@ -5,6 +5,7 @@ from typing import Literal
 from pydantic import Field
 
 from steward.spec.base import Section
+from steward.spec.fairness import FairnessSpec
 
 Metric = Literal["accuracy", "precision", "recall", "f1_macro", "f1_weighted", "loss", "perplexity"]
 
@@ -16,3 +17,8 @@ class EvaluateSpec(Section):
         description="Metrics written to metrics.json (perplexity for language models).",
     )
     per_group: bool = Field(True, description="Also compute every metric per value of each group column.")
+    fairness: FairnessSpec = Field(
+        default_factory=FairnessSpec,
+        description="Per-group table with bootstrap intervals, fairness metrics and the fairness gate "
+        "(classification with data.group_columns).",
+    )

@@ -4,21 +4,22 @@ import copy
 import difflib
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from steward.spec.base import Section, raise_problems, set_dotted
 from steward.spec.data import DataSpec
 from steward.spec.distributed import DistributedSpec
 from steward.spec.evaluate import EvaluateSpec
 from steward.spec.explain import ExplainSpec, baseline_problem
+from steward.spec.fairness import fairness_problems
 from steward.spec.governance import GovernanceSpec
 from steward.spec.model import ModelSpec, TransformerParams
 from steward.spec.monitor import MonitorSpec
+from steward.spec.privacy import PrivacySpec, privacy_problems
 from steward.spec.serve import ServeSpec
 from steward.spec.train import TrainSpec
 from steward.spec.tune import TuneSpec, tune_problems
 
-RESERVED = ("privacy",)
 UNTUNABLE = ("name", "description", "output_dir", "tune")
 
 
@@ -36,17 +37,10 @@ class JobSpec(Section):
     serve: ServeSpec | None = Field(None, description="Deploy the trained model on Ray Serve.")
     explain: ExplainSpec | None = Field(None, description="Explanations: Integrated Gradients, permutation importance.")
     monitor: MonitorSpec | None = Field(None, description="Bias and drift monitoring of the served model.")
-    privacy: Any = Field(None, description="Reserved: PII masking (not supported yet).")
+    privacy: PrivacySpec | None = Field(None, description="PII masking and k-anonymity of the training data.")
     governance: GovernanceSpec | None = Field(
         None, description="Owners, intended use, risk level and licences: feeds the model card and policy checks."
     )
-
-    @field_validator(*RESERVED)
-    @classmethod
-    def _not_yet(cls, value: Any) -> Any:
-        if value is not None:
-            raise ValueError("this section is not supported yet in this version of steward; remove it")
-        return value
 
     @model_validator(mode="after")
     def _cross_section(self) -> "JobSpec":
@@ -72,6 +66,7 @@ class JobSpec(Section):
             problems["monitor"] = "monitoring watches classification models; remove the monitor section for causal_lm"
         if self.serve is not None and lm:
             problems["serve"] = "serving supports classification models; remove the serve section for causal_lm"
+        problems |= fairness_problems(self) | privacy_problems(self)
         if self.explain is not None:
             problems |= self._explain_problems()
         raise_problems(self, problems | (self._tune_problems() if self.tune else {}))

@@ -98,7 +98,16 @@ def resolve_paths(spec: JobSpec, base_dir: Path, source: str = "spec") -> JobSpe
             model = model.model_copy(update={"params": params})
     if problems:
         raise SpecError(source, problems)
-    return spec.model_copy(update={"data": data, "model": model, "serve": _resolve_keys_file(spec, base_dir)})
+    serve, privacy = _resolve_keys_file(spec, base_dir), _resolve_hash_key_file(spec, base_dir)
+    return spec.model_copy(update={"data": data, "model": model, "serve": serve, "privacy": privacy})
+
+
+def _resolve_hash_key_file(spec: JobSpec, base_dir: Path) -> Any:
+    """privacy.hash_key_file made absolute against the spec folder; read (and checked) when the data is loaded."""
+    if spec.privacy is None or spec.privacy.hash_key_file is None:
+        return spec.privacy
+    path = Path(spec.privacy.hash_key_file).expanduser()
+    return spec.privacy.model_copy(update={"hash_key_file": str(path if path.is_absolute() else base_dir / path)})
 
 
 def _resolve_keys_file(spec: JobSpec, base_dir: Path) -> Any:

@@ -5,6 +5,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from steward.spec.base import Section
+from steward.spec.fairness import MitigationSpec
 
 
 class OptimizerSpec(Section):
@@ -47,6 +48,9 @@ class TrainSpec(Section):
     log_every_steps: int = Field(50, ge=1, description="Report training loss every N optimizer steps.")
     include_validation: bool = Field(
         False, description="Train on train + validation (a retrain after a sweep); no validation metrics then."
+    )
+    mitigation: MitigationSpec | None = Field(
+        None, description="Bias mitigation for evaluate.fairness.group_column: resample, reweigh or thresholds."
     )
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from steward.data import DataInfo, prepare_data
+from steward.data.mitigate import check_mitigation
 from steward.evaluate.run import evaluate_run
 from steward.govern.card import write_card
 from steward.models import check_fits
@@ -28,7 +29,10 @@ def worker_env(spec: JobSpec) -> dict[str, str]:
     # Each ray.train.report waits for the controller's next poll of the workers (2 s by default). Polling costs
     # CPU the workers would use (~10% of a core at 0.2 s, measured here), so 1 s is the compromise.
     env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.0")
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS"):
+    # Workers mask the data again as they load it, so a hash key named by privacy.hash_key_env must reach them
+    # (through Ray's runtime environment, never through the spec or the run folder).
+    key_env = spec.privacy.hash_key_env if spec.privacy else None
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS", *([key_env] if key_env else [])):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
@@ -76,6 +80,7 @@ def resource_problem(spec: JobSpec, have: dict[str, float]) -> str | None:
 def prepare(spec: JobSpec, run_dir: Path) -> DataInfo:
     """Everything checkable before a worker starts: data, model fit, DeepSpeed config."""
     info = prepare_data(spec, run_dir)
+    check_mitigation(spec, info)  # a positive label the data has, two classes for thresholds: before any worker
     (run_dir / "data_info.json").write_text(json.dumps(info.to_dict(), indent=2))  # checkpoints rebuild from it
     problems = check_fits(spec.model, info)
     if problems:

@@ -85,7 +85,9 @@ def run_epoch(engine, spec: JobSpec, split: Split, epoch: int, rank: int, world:
                             rank=rank, world_size=world, train=True)  # fmt: skip
     for batch in batches:
         logits = engine(batch["inputs"], batch.get("attention_mask"))
-        loss = task_loss(spec.model.task, logits.float(), batch["labels"])
+        # Reweighing (train.mitigation) gives rows their own weights; otherwise the plain mean, as before.
+        weight = batch["weight"] if split.sample_weight is not None else None
+        loss = task_loss(spec.model.task, logits.float(), batch["labels"], weight)
         stepped = engine.backward_step(loss)
         total, count, samples = total + loss.item(), count + 1, samples + len(batch["labels"])
         if stepped and engine.global_step % spec.train.log_every_steps == 0:
