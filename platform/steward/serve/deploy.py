@@ -150,9 +150,9 @@ def deploy(
     from steward.serve.app import build_app
 
     job = serving_spec(spec, run_dir)
+    check_fairness_gate(job, run_dir, override_fairness_gate)
     if problem := reference_problem(job, run_dir):
         raise ValueError(problem)
-    check_fairness_gate(job, run_dir, override_fairness_gate)
     if address in (None, "", "local"):  # replicas of an embedded Ray see this environment: check keys up front
         load_keys(job.serve.auth if job.serve else None)
     gate = check_int8(job, run_dir)
