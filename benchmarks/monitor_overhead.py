@@ -176,6 +176,10 @@ def bench_serving(repeats: int, console: Console, seconds: float = 5.0) -> dict[
     monitor = MonitorSpec.model_validate(
         {"drift": {}, "bias": {"group": "group", "favourable": "0", "privileged": "a"}}
     )
+    from steward.serve.deploy import prefer_high_throughput
+
+    # the proxy `steward serve` picks for fixed replicas (HAProxy when installed): the smallest per-request base
+    proxy = "haproxy" if prefer_high_throughput(ServeSpec(num_replicas=1)) else "default"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": (port := _free_port())})
     urls = {}
@@ -194,7 +198,7 @@ def bench_serving(repeats: int, console: Console, seconds: float = 5.0) -> dict[
         serve.shutdown()
         ray.shutdown()
     out: dict[str, Any] = {cell: {k: statistics.median(x[k] for x in v) for k in v[0]} for cell, v in runs.items()}
-    out["records_monitored"] = records
+    out["records_monitored"], out["proxy"] = records, proxy
     for c in (1, 32):
         off, on = out[f"monitoring off, c={c}"], out[f"monitoring on, c={c}"]
         out[f"cost c={c}"] = {"p50": on["p50_ms"] / off["p50_ms"] - 1, "p99": on["p99_ms"] / off["p99_ms"] - 1,
@@ -222,7 +226,7 @@ def serving_table(res: dict[str, Any], console: Console) -> None:
         table.add_row(
             f"cost at c={c} (target <= 3%)", f"{cost['p50']:+.1%}", f"{cost['p99']:+.1%}", f"{cost['qps']:+.1%}"
         )
-    table.caption = f"records counted by the monitor: {res['records_monitored']}"
+    table.caption = f"records counted by the monitor: {res['records_monitored']}; proxy: {res['proxy']}"
     console.print(table)
 
 

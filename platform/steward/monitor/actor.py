@@ -110,10 +110,9 @@ class Monitor:
         self._ticker: asyncio.Task | None = None
 
     # -- what replicas and the HTTP routes call --------------------------------------------------------------
-    async def push(self, delta: dict) -> int:
+    async def push(self, state: WindowState) -> int:
         """Merge one replica's delta; judge every window it closes. Returns the records seen so far."""
         self._start_ticker()
-        state = WindowState.from_dict(delta)
         self.records += state.n
         if state.n:
             self.exporter.records.inc(float(state.n))

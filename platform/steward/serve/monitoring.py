@@ -84,7 +84,7 @@ class ReplicaMonitor:
         if not (self.state.n or self.state.pending_labels):
             return
         delta, self.state = self.state, WindowState(self.bins)
-        await self.actor.push.remote(delta.to_dict())
+        await self.actor.push.remote(delta)  # pickled with its numpy arrays as they are: no list conversion
 
     async def _push_forever(self) -> None:
         while True:
