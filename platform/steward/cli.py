@@ -2,29 +2,28 @@
 
 import contextlib
 import json
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Annotated
 
 import typer
 import yaml
-from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from steward.cluster.commands import jobs_app, k8s, submit
+from steward.commands import Sets, Spec, console, errors, user_errors
 from steward.govern.commands import PolicyOption, audit_app, card, policy_app
 from steward.govern.policy import PolicyViolation, admit
 from steward.spec import JobSpec, SpecError, load_job
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train, tune, serve and watch models on Ray.")
-console, errors = Console(), Console(stderr=True)
 app.command("card")(card)
 app.add_typer(audit_app, name="audit")
 app.add_typer(policy_app, name="policy")
+app.command()(submit)
+app.command()(k8s)
+app.add_typer(jobs_app, name="jobs")
 
-Spec = Annotated[Path, typer.Argument(help="Job spec YAML file.")]
-Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set train.optimizer.lr=3e-4")]
 Override = Annotated[
     str | None,
     typer.Option(help="Deploy a run that failed its fairness gate; the REASON is recorded in the audit log."),
@@ -32,29 +31,6 @@ Override = Annotated[
 Address = Annotated[
     str | None, typer.Option(help="Ray address: omit for an embedded local Ray, `auto` or ray://host:port.")
 ]
-
-
-def user_errors(command: Callable) -> Callable:
-    """Turn the errors a user can fix into a message and exit code 2; a failed run into exit code 1."""
-
-    @wraps(command)
-    def wrapper(*args, **kwargs):
-        from steward.cluster.jobs import JobFailed
-        from steward.train.launch import TrainingError
-
-        try:
-            return command(*args, **kwargs)
-        except TrainingError as err:
-            errors.print(f"training failed: {err}", style="red", markup=False)  # worker text may hold [brackets]
-            raise typer.Exit(1) from None
-        except JobFailed as err:
-            errors.print(str(err), style="red", markup=False)
-            raise typer.Exit(1) from None
-        except (ValueError, FileNotFoundError) as err:
-            errors.print(f"error: {err}", style="red", markup=False)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 @app.command()
@@ -323,131 +299,6 @@ def _print_metrics(result: dict, run_dir: Path) -> None:
             table.add_row(f"{column}={value} (n={metrics['count']})", *(f"{metrics[n]:.4f}" for n in names))
     console.print(table)
     console.print(f"artifacts: [bold]{run_dir}[/] (model/, metrics.json, history.jsonl, curves.png, spec.yaml)")
-
-
-JobsAddress = Annotated[
-    str | None, typer.Option(help="Jobs API of the cluster: http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS).")
-]
-
-
-@app.command()
-@user_errors
-def submit(
-    spec: Spec,
-    set_: Sets = None,
-    stage: Annotated[str, typer.Option(help="train, tune, serve or run (every stage the spec declares).")] = "run",
-    address: JobsAddress = None,
-    storage: Annotated[str | None, typer.Option(help="Shared folder for run folders (sets output_dir).")] = None,
-    deps: Annotated[
-        str,
-        typer.Option(help="pip: install steward's pinned requirements in the job; preinstalled: the cluster has them."),
-    ] = "pip",
-    port: Annotated[int, typer.Option(help="HTTP port Serve listens on (serve and run stages).")] = 8000,
-    wait: Annotated[bool, typer.Option(help="Follow the job's log until it ends (exit 1 if it fails).")] = True,
-    policy: PolicyOption = None,
-) -> None:
-    """Validate the spec (and the policy in force) here, then run it on a Ray cluster through the Ray Jobs API."""
-    from steward.cluster.jobs import follow, raise_if_failed
-    from steward.cluster.jobs import submit as submit_job
-
-    if stage not in ("train", "tune", "serve", "run") or deps not in ("pip", "preinstalled"):
-        raise ValueError(f"--stage {stage} --deps {deps}: stage is train|tune|serve|run, deps is pip|preinstalled")
-    job = load_job(spec, [*(set_ or []), *([f"output_dir={storage}"] if storage else [])])
-    admit(job, policy, "submit", str(spec))
-    done = submit_job(job, stage, address, deps, port)  # type: ignore[arg-type]
-    console.print(f"submitted [bold]{done.job_id}[/] ({done.package_bytes / 1024:.0f} KiB package)")
-    console.print(f"dashboard {done.dashboard_url}", markup=False)
-    if wait:
-        raise_if_failed(done.address, follow(done.address, done.job_id, _write))
-        console.print(f"[green]{done.job_id} succeeded[/]; run folders under {job.output_dir}")
-
-
-def _write(text: str) -> None:
-    console.out(text, end="", highlight=False)
-
-
-jobs_app = typer.Typer(
-    no_args_is_help=True, help="Jobs on a Ray cluster (any cluster's Jobs API): list, status, logs, stop."
-)
-app.add_typer(jobs_app, name="jobs")
-JobId = Annotated[str, typer.Argument(help="Submission id (as `steward submit` printed) or Ray job id.")]
-
-
-@jobs_app.command("list")
-@user_errors
-def jobs_list(address: JobsAddress = None) -> None:
-    """Every job on the cluster, newest first."""
-    from steward.cluster.jobs import list_jobs
-
-    jobs = list_jobs(address)
-    ids = [job.submission_id or job.job_id or "" for job in jobs]
-    table = Table("status", "stage", "entrypoint")
-    table.add_column("id", no_wrap=True, min_width=max(map(len, ids), default=2))  # an id must stay copyable
-    for job, job_id in zip(jobs, ids, strict=True):
-        meta = job.metadata or {}
-        stage = f"{meta.get('steward_job', '')} {meta.get('steward_stage', '')}".strip()
-        table.add_row(str(job.status), stage, job.entrypoint[:60], job_id)
-    console.print(table)
-
-
-@jobs_app.command("status")
-@user_errors
-def jobs_status(job_id: JobId, address: JobsAddress = None) -> None:
-    """One job's status; a failed job's reason and last log lines (exit 1)."""
-    from steward.cluster.jobs import job_info, raise_if_failed
-
-    info = job_info(address, job_id)
-    console.print(f"{job_id}: {info.status}" + (f" - {info.message}" if info.message else ""), markup=False)
-    raise_if_failed(address, info)
-
-
-@jobs_app.command("logs")
-@user_errors
-def jobs_logs(
-    job_id: JobId,
-    address: JobsAddress = None,
-    follow_: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
-) -> None:
-    """Print a job's log."""
-    from steward.cluster.jobs import follow, logs
-
-    if follow_:
-        follow(address, job_id, _write)
-    else:
-        _write(logs(address, job_id))
-
-
-@jobs_app.command("stop")
-@user_errors
-def jobs_stop(job_id: JobId, address: JobsAddress = None) -> None:
-    """Stop a running job."""
-    from steward.cluster.jobs import stop
-
-    console.print(f"stopping {job_id}" if stop(address, job_id) else f"{job_id} had already ended", markup=False)
-
-
-@app.command()
-@user_errors
-def k8s(
-    spec: Spec,
-    set_: Sets = None,
-    kind: Annotated[str, typer.Option(help="rayjob (train, or tune when declared) or rayservice (serve).")] = "rayjob",
-    image: Annotated[str, typer.Option(help="Image with steward installed (cluster/Dockerfile).")] = "steward:0.1.0",
-    run: Annotated[str | None, typer.Option(help="rayservice: run folder on the runs volume to serve.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Write the manifests here instead of printing them.")] = None,
-) -> None:
-    """Write KubeRay manifests for the spec: a RayJob (with its spec ConfigMap) or a RayService."""
-    from steward.cluster.k8s import dump, manifests
-
-    if kind not in ("rayjob", "rayservice"):
-        raise ValueError(f"--kind {kind}: use rayjob or rayservice")
-    text = dump(manifests(load_job(spec, set_ or []), kind, image, run))  # type: ignore[arg-type]
-    if out is None:
-        print(text, end="")
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    console.print(f"wrote [bold]{out}[/] (kubectl apply -f {out})")
 
 
 class _DeployByDefault(TyperGroup):
