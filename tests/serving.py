@@ -5,12 +5,10 @@ import shutil
 import time
 from dataclasses import replace
 
-import numpy as np
 import requests
 import torch
 
-from steward.data import load_splits, prepare_data
-from steward.data.prepare import _tables
+from steward.data import load_splits, prepare_data, raw_inputs
 from steward.evaluate.run import evaluate_run, load_servable
 from steward.models import build_model, save_model, task_loss
 from steward.runs import create_run, set_status
@@ -72,9 +70,7 @@ def serve_it(runs, port, family, **serve_fields):
 
 def validation_inputs(spec, n):
     """The first n raw validation instances, exactly as a client would send them (JSON-able)."""
-    columns, tables = _tables(spec)
-    raw = tables["validation"][columns.input][:n]
-    return [r.tolist() if isinstance(r, np.ndarray) else r for r in raw]
+    return raw_inputs(spec, "validation", n)
 
 
 def offline_probabilities(run_dir, spec, instances, int8=False):

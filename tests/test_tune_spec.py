@@ -79,7 +79,7 @@ def test_conflicting_tune_settings_are_refused(tmp_path, extra, path, fragment):
 
 def test_untunable_fields_and_sections_are_refused(tmp_path):
     found = problems(tmp_path, space(output_dir={"choice": ["a", "b"]}))
-    assert "output_dir cannot be searched" in found["tune.search_space.output_dir"]
+    assert "output_dir cannot be varied" in found["tune.search_space.output_dir"]
 
 
 def test_a_search_space_path_can_be_overridden_with_set():

@@ -8,10 +8,10 @@ from typing import Annotated
 import typer
 import yaml
 from rich.table import Table
-from typer.core import TyperGroup
 
+from steward.bench.commands import bench_app
 from steward.cluster.commands import jobs_app, k8s, submit
-from steward.commands import Sets, Spec, console, errors, user_errors
+from steward.commands import Sets, Spec, console, default_command, errors, user_errors
 from steward.govern.commands import PolicyOption, audit_app, card, policy_app
 from steward.govern.policy import PolicyViolation, admit
 from steward.spec import JobSpec, SpecError, load_job
@@ -23,6 +23,7 @@ app.add_typer(policy_app, name="policy")
 app.command()(submit)
 app.command()(k8s)
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(bench_app, name="bench")
 
 Override = Annotated[
     str | None,
@@ -301,17 +302,8 @@ def _print_metrics(result: dict, run_dir: Path) -> None:
     console.print(f"artifacts: [bold]{run_dir}[/] (model/, metrics.json, history.jsonl, curves.png, spec.yaml)")
 
 
-class _DeployByDefault(TyperGroup):
-    """`steward serve SPEC ...` means `steward serve deploy SPEC ...`; `status` and `stop` are subcommands."""
-
-    def parse_args(self, ctx, args: list[str]) -> list[str]:  # type: ignore[no-untyped-def]
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
-            args = ["deploy", *args]
-        return super().parse_args(ctx, args)
-
-
 serve_app = typer.Typer(
-    cls=_DeployByDefault,
+    cls=default_command("deploy"),
     no_args_is_help=True,
     help="Serve a trained model on Ray Serve: `steward serve SPEC` deploys; `status` and `stop NAME` manage.",
 )

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 console, errors = Console(), Console(stderr=True)
 Spec = Annotated[Path, typer.Argument(help="Job spec YAML file.")]
@@ -34,3 +35,15 @@ def user_errors(command: Callable) -> Callable:
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def default_command(name: str) -> type[TyperGroup]:
+    """A command group where `steward GROUP ARGS` means `steward GROUP name ARGS` unless ARGS names a subcommand."""
+
+    class Group(TyperGroup):
+        def parse_args(self, ctx, args: list[str]) -> list[str]:  # type: ignore[no-untyped-def]
+            if args and args[0] not in self.commands and not args[0].startswith("-"):
+                args = [name, *args]
+            return super().parse_args(ctx, args)
+
+    return Group

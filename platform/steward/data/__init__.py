@@ -7,7 +7,7 @@ every worker and returns tensors; `encode_instances` encodes raw requests exactl
 from steward.data.encode import encode_instances
 from steward.data.errors import DataError
 from steward.data.info import DataInfo
-from steward.data.prepare import load_splits, prepare_data
+from steward.data.prepare import load_splits, prepare_data, raw_inputs
 from steward.data.split import Split
 
-__all__ = ["DataError", "DataInfo", "Split", "encode_instances", "load_splits", "prepare_data"]
+__all__ = ["DataError", "DataInfo", "Split", "encode_instances", "load_splits", "prepare_data", "raw_inputs"]

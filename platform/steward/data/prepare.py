@@ -36,6 +36,12 @@ def _tables(spec: JobSpec, report: dict | None = None) -> tuple[Columns, dict[st
     return columns, split_tables(source, columns, spec.data.splits, spec.seed)
 
 
+def raw_inputs(spec: JobSpec, split: str, n: int) -> list:
+    """The first n raw instances of a split, exactly as a client would send them to the served model (JSON-able)."""
+    columns, tables = _tables(spec)
+    return [r.tolist() if hasattr(r, "tolist") else r for r in tables[split][columns.input][:n]]
+
+
 def prepare_data(spec: JobSpec, run_dir: Path | None) -> DataInfo:
     """Check the data against the spec and describe it; for text, save a tokenizer under run_dir/"tokenizer".
 

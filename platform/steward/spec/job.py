@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 
 from steward.spec.base import Section, raise_problems, set_dotted
+from steward.spec.bench import BenchSpec
 from steward.spec.data import DataSpec
 from steward.spec.distributed import DistributedSpec
 from steward.spec.evaluate import EvaluateSpec
@@ -20,7 +21,8 @@ from steward.spec.serve import ServeSpec
 from steward.spec.train import TrainSpec
 from steward.spec.tune import TuneSpec, tune_problems
 
-UNTUNABLE = ("name", "description", "output_dir", "tune")
+UNTUNABLE = ("name", "description", "output_dir", "tune", "bench")
+MAX_CELLS = 256
 
 
 class JobSpec(Section):
@@ -41,10 +43,11 @@ class JobSpec(Section):
     governance: GovernanceSpec | None = Field(
         None, description="Owners, intended use, risk level and licences: feeds the model card and policy checks."
     )
+    bench: BenchSpec | None = Field(None, description="A benchmark matrix over fields of this spec (`steward bench`).")
 
     @model_validator(mode="after")
     def _cross_section(self) -> "JobSpec":
-        problems = {}
+        problems: dict[str, str] = {}
         lm = self.model.task == "causal_lm"
         if self.train.precision == "fp16" and not self.distributed.use_gpu:
             problems["train.precision"] = "fp16 needs distributed.use_gpu: true; use bf16 or fp32 on CPU"
@@ -69,7 +72,10 @@ class JobSpec(Section):
         problems |= fairness_problems(self) | privacy_problems(self)
         if self.explain is not None:
             problems |= self._explain_problems()
-        raise_problems(self, problems | (self._tune_problems() if self.tune else {}))
+        found: dict[str | tuple, str] = {key: value for key, value in problems.items()}
+        found.update(self._tune_problems() if self.tune else {})
+        found.update(self._bench_problems() if self.bench else {})
+        raise_problems(self, found)
         return self
 
     def _explain_problems(self) -> dict[str, str]:
@@ -89,7 +95,7 @@ class JobSpec(Section):
 
     def _tune_problems(self) -> dict[str | tuple, str]:
         assert self.tune is not None
-        base = self.model_dump(mode="json", exclude={"tune"})
+        base = self.model_dump(mode="json", exclude={"tune", "bench"})
         problems: dict[str | tuple, str] = dict(tune_problems(self.tune, base, self.reported_metrics()))
         for path, dist in self.tune.search_space.items():
             problem = _path_problem(base, path) or _candidate_problem(base, path, dist.candidates)
@@ -97,11 +103,45 @@ class JobSpec(Section):
                 problems[("tune", "search_space", path)] = problem
         return problems
 
+    def _bench_problems(self) -> dict[str | tuple, str]:
+        """Every matrix path names a field, and every cell is a valid spec: refused before anything runs."""
+        assert self.bench is not None
+        base = self.model_dump(mode="json", exclude={"tune", "bench"})
+        problems: dict[str | tuple, str] = {}
+        for path in self.bench.matrix:
+            if problem := _path_problem(base, path):
+                problems[("bench", "matrix", path)] = problem
+        cells = self.bench.combinations()
+        if len(cells) > MAX_CELLS:
+            problems[("bench", "matrix")] = f"{len(cells)} cells; at most {MAX_CELLS}: list a subset in bench.cells"
+        if problems:
+            return problems
+        if self.serve is None and any(m.startswith("serve_") for m in self.bench.measure):
+            problems[("bench", "measure")] = "serve measures need a serve section; add one or measure training"
+        for i, cell in enumerate(cells):
+            if problem := _variant_problem(base, cell):
+                problems[("bench", "cells" if self.bench.cells else "matrix", str(i))] = f"cell {cell}: {problem}"
+        return problems
+
+
+def _variant_problem(spec: dict, values: dict[str, Any]) -> str | None:
+    """Why the spec with these values at these dotted paths is invalid (`field: message`), or None."""
+    variant = copy.deepcopy(spec)
+    for path, value in values.items():
+        set_dotted(variant, path, value)
+    try:
+        JobSpec.model_validate(variant)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if p not in ("cnn", "lstm", "transformer"))  # union tags
+        return f"{where}: {first['msg'].removeprefix('Value error, ')}"
+    return None
+
 
 def _path_problem(spec: dict, path: str) -> str | None:
     """Why `path` names no field of this spec, or None."""
     if path.split(".")[0] in UNTUNABLE:
-        return f"{path.split('.')[0]} cannot be searched"
+        return f"{path.split('.')[0]} cannot be varied"
     node: Any = spec
     for depth, part in enumerate(path.split(".")):
         if not isinstance(node, dict) or part not in node:
@@ -117,12 +157,6 @@ def _path_problem(spec: dict, path: str) -> str | None:
 def _candidate_problem(spec: dict, path: str, values: list[Any]) -> str | None:
     """Validate the spec with each bounding value at `path`, so a bad range fails before any trial starts."""
     for value in values:
-        trial = copy.deepcopy(spec)
-        set_dotted(trial, path, value)
-        try:
-            JobSpec.model_validate(trial)
-        except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"] if p not in ("cnn", "lstm", "transformer"))  # union tags
-            return f"value {value!r} makes the spec invalid: {where}: {first['msg'].removeprefix('Value error, ')}"
+        if problem := _variant_problem(spec, {path: value}):
+            return f"value {value!r} makes the spec invalid: {problem}"
     return None

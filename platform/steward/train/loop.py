@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import resource
 import shutil
 import sys
 import time
@@ -19,6 +18,7 @@ from steward.models import build_model, save_model, task_loss
 from steward.spec import JobSpec
 from steward.train.checkpoint import checkpoint_dir, restore
 from steward.train.curves import read_history
+from steward.train.probe import StepProbe, peak_memory_mb
 from steward.train.strategy import build_engine
 
 
@@ -47,6 +47,8 @@ def train_loop(config: dict) -> None:
     state = restore(engine, config.get("initial_checkpoint")) or {"epoch": 0, "best": None, "stale": 0}
     engine.apply_optimizer_settings(spec)  # a resume or a PBT exploit may come with a changed learning rate
     history = History(run_dir / "history.jsonl") if rank == 0 else None
+    bench = spec.bench
+    probe = StepProbe(bench.warmup_steps, bench.steps, base_memory) if bench else None  # `steward bench` cells
     if history:  # a fresh start, a --resume, a restart after a worker failure, or a copied trial (PBT)
         history.rewind(state["epoch"])
         history.write({"kind": "start", "epoch": state["epoch"], "workers": world, "from": state.get("source")})
@@ -55,7 +57,7 @@ def train_loop(config: dict) -> None:
         # Dropout's randomness, like the data order, is a function of (seed, epoch, rank): a resumed epoch replays.
         torch.manual_seed(spec.seed + 7919 * (epoch + 1) + rank)
         started = time.perf_counter()
-        train_loss, samples = run_epoch(engine, spec, train, epoch, rank, world, history)
+        train_loss, samples = run_epoch(engine, spec, train, epoch, rank, world, history, probe)
         seconds = time.perf_counter() - started
         metrics = {"epoch": epoch + 1, "step": engine.global_step, "train_loss": train_loss, "lr": engine.lr}
         metrics |= {"samples_per_s": samples * world / seconds, "epoch_seconds": seconds}
@@ -63,7 +65,9 @@ def train_loop(config: dict) -> None:
         if "validation" in splits:
             metrics |= evaluate_split(engine, spec, splits["validation"], rank, world, prefix="val_")
         state = {"epoch": epoch + 1, **early_stopping(spec, metrics, state)}
-        done = state["stop"] or epoch + 1 == spec.train.epochs or engine.global_step >= total
+        done = (
+            state["stop"] or epoch + 1 == spec.train.epochs or engine.global_step >= total or bool(probe and probe.done)
+        )
         metrics["final"] = done  # a Tune trial stopped at its final epoch still finishes (exports its model)
         if history:
             history.write({"kind": "epoch", **metrics})
@@ -74,12 +78,20 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics)
         if done:
             break
+    if probe:
+        measured = probe.summary(world)
+        if history:
+            history.write({"kind": "probe", **measured})
     export_model(engine, spec, info, run_dir, rank)
 
 
-def run_epoch(engine, spec: JobSpec, split: Split, epoch: int, rank: int, world: int, history) -> tuple[float, int]:
+def run_epoch(
+    engine, spec: JobSpec, split: Split, epoch: int, rank: int, world: int, history, probe: StepProbe | None = None
+) -> tuple[float, int]:
     """One pass over this worker's shard; returns the mean loss and the samples this worker saw."""
     engine.train()
+    if probe:
+        probe.pause()
     total, count, samples = 0.0, 0, 0
     batches = split.batches(spec.data.batch_size, shuffle=spec.data.shuffle, seed=spec.seed, epoch=epoch,
                             rank=rank, world_size=world, train=True)  # fmt: skip
@@ -90,11 +102,13 @@ def run_epoch(engine, spec: JobSpec, split: Split, epoch: int, rank: int, world:
         loss = task_loss(spec.model.task, logits.float(), batch["labels"], weight)
         stepped = engine.backward_step(loss)
         total, count, samples = total + loss.item(), count + 1, samples + len(batch["labels"])
+        if probe:
+            probe.batch(batch, stepped)
         if stepped and engine.global_step % spec.train.log_every_steps == 0:
             metrics = {"epoch": epoch + 1, "step": engine.global_step, "loss": loss.item(), "lr": engine.lr}
             if history:  # not ray.train.report: a Train V2 report is a barrier on the controller's poll
                 history.write({"kind": "step", **metrics})
-        if spec.train.max_steps and engine.global_step >= spec.train.max_steps:
+        if (spec.train.max_steps and engine.global_step >= spec.train.max_steps) or (probe and probe.done):
             break
     return _mean_across_ranks(total, count), samples
 
@@ -151,11 +165,6 @@ def export_model(engine, spec: JobSpec, info: DataInfo, run_dir: Path, rank: int
     save_model(staging, engine.module, state, spec.model, exported)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
-
-
-def peak_memory_mb() -> float:
-    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _max_across_ranks(value: float) -> float:

@@ -1,0 +1,74 @@
+"""`steward bench SPEC` and `steward bench compare A.json B.json`: thin, like cli.py."""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from steward.commands import Sets, Spec, console, default_command, errors, user_errors
+from steward.govern.commands import PolicyOption
+from steward.govern.policy import admit
+from steward.spec import load_job
+
+bench_app = typer.Typer(cls=default_command("run"), no_args_is_help=True, help="Benchmark a matrix of spec variants.")
+Result = Annotated[Path, typer.Argument(help="A bench.json that `steward bench` wrote.")]
+
+
+@bench_app.command("run")
+@user_errors
+def run(
+    spec: Spec,
+    set_: Sets = None,
+    address: Annotated[str | None, typer.Option(help="Ray to use: none starts an embedded one; auto joins.")] = None,
+    policy: PolicyOption = None,
+) -> None:
+    """Run the spec's bench matrix, interleaved and repeated; writes bench.json, bench.md and plots."""
+    from steward.bench.run import bench_job
+    from steward.runs import create_run, set_status
+
+    job = load_job(spec, set_ or [])
+    if job.bench is None:
+        raise ValueError(
+            f"{spec}: no `bench` section; add one, e.g. `bench: {{matrix: {{distributed.zero_stage: [0, 2]}}}}`"
+        )
+    admit(job, policy, "bench", str(spec))
+    run_dir = create_run(job)
+    console.print(f"run folder [bold]{run_dir}[/]")
+    try:
+        bench_job(job, run_dir, address, console)
+    except BaseException as err:
+        set_status(run_dir, "failed", error=str(err) or type(err).__name__)
+        raise
+    set_status(run_dir, "succeeded")
+    console.print(f"results: {run_dir / 'bench.json'}, {run_dir / 'bench.md'}, plots in {run_dir}", markup=False)
+
+
+@bench_app.command("compare")
+@user_errors
+def compare(a: Result, b: Result) -> None:
+    """B's numbers over A's, cell by cell; warns where the two were measured on different machines or versions."""
+    from steward.bench.report import compare as ratios
+
+    rows, warnings = ratios(_read(a), _read(b))
+    for warning in warnings:
+        errors.print(f"warning: machines differ: {warning}", style="yellow", markup=False)
+    if not rows:
+        raise ValueError(f"{a} and {b} share no cell with measurements; compare results of the same matrix")
+    table = Table(title=f"B / A   (A: {a}, B: {b})")
+    for header in ("cell", "metric", "A", "B", "B/A"):
+        table.add_column(header, justify="left" if header in ("cell", "metric") else "right")
+    for row in rows:
+        table.add_row(row["cell"], row["metric"], f"{row['a']:.4g}", f"{row['b']:.4g}", f"{row['ratio']:.3f}")
+    console.print(table)
+
+
+def _read(path: Path) -> dict:
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable bench.json ({err})") from None
+    if not isinstance(result, dict) or not {"manifest", "cells"} <= set(result):
+        raise ValueError(f"{path}: not a bench result (no manifest and cells); pass a bench.json from steward bench")
+    return result

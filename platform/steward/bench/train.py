@@ -1,0 +1,84 @@
+"""One training cell: run the spec variant on Ray Train with the step probe on; count the FLOPs of one step."""
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from steward.bench.memory import zero_model_state_bytes
+from steward.data import DataInfo, load_splits
+from steward.models import build_model, count_parameters, task_loss
+from steward.runs import create_run, set_status
+from steward.spec import JobSpec
+from steward.train.curves import read_history
+from steward.train.launch import TrainingError, build_trainer, check_resources, prepare, root_cause
+
+
+class BenchError(ValueError):
+    """A cell that cannot be measured as asked; says which setting to change."""
+
+
+def step_cost(spec: JobSpec, info: DataInfo) -> dict:
+    """FLOPs per training sample, counted by torch's FlopCounterMode over one forward + backward.
+
+    For Transformers the 6·N·tokens rule (N: parameters outside embeddings, tokens: padded positions) is given
+    alongside: the usual back-of-envelope figure the counted one can be checked against.
+    """
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, info)
+    batch = next(iter(load_splits(spec, info)["train"].batches(spec.data.batch_size, train=True)))
+    with FlopCounterMode(display=False) as counter:
+        logits = model(batch["inputs"], batch.get("attention_mask"))
+        task_loss(spec.model.task, logits.float(), batch["labels"], None).backward()
+    samples = len(batch["labels"])
+    cost = {"parameters": count_parameters(model), "flops_per_sample": counter.get_total_flops() / samples}
+    if spec.model.family == "transformer":
+        embedded = sum(p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
+        positions = batch["inputs"].shape[1]
+        cost["flops_per_sample_6n"] = 6.0 * (cost["parameters"] - embedded) * positions
+    return cost
+
+
+def run_train_cell(spec: JobSpec) -> dict:
+    """Train one cell until its probe has timed `bench.steps` steps; its throughput, memory and FLOP/s."""
+    run_dir = create_run(spec)
+    info = prepare(spec, run_dir)
+    check_resources(spec)
+    cost = step_cost(spec, info)
+    launched = time.time()
+    try:
+        build_trainer(spec, run_dir, info).fit()
+    except Exception as err:
+        set_status(run_dir, "failed", error=root_cause(err))
+        raise TrainingError(root_cause(err)) from err
+    set_status(run_dir, "succeeded")
+    return train_measures(spec, run_dir, cost, launched)
+
+
+def train_measures(spec: JobSpec, run_dir: Path, cost: dict, launched: float) -> dict:
+    """The probe's record, turned into the numbers a bench result holds."""
+    probe = next((r for r in read_history(run_dir / "history.jsonl") if r["kind"] == "probe"), None)
+    if probe is None or not probe["samples_per_s"]:
+        raise BenchError(
+            f"{spec.name}: no training step was timed after the warm-up; use more data or fewer "
+            "bench.warmup_steps (every epoch's first step is not timed: it follows evaluation)"
+        )
+    dist = spec.distributed
+    stage = dist.zero_stage if dist.strategy == "deepspeed" else 0
+    formula = zero_model_state_bytes(cost["parameters"], stage, dist.num_workers, spec.train.precision) / 2**20
+    measured = {
+        "samples_per_s": probe["samples_per_s"],
+        "tokens_per_s": probe["tokens_per_s"],
+        "time_to_first_step_s": probe["first_step_at"] - launched,
+        "timed_steps": probe["timed_steps"],
+        "peak_memory_mb": max(probe["peak_memory_mb"]),
+        "peak_memory_mb_per_worker": probe["peak_memory_mb"],
+        "memory_added_mb": max(probe["memory_added_mb"]),
+        "memory_formula_mb": formula,
+        "flops_per_s": cost["flops_per_sample"] * probe["samples_per_s"],
+    }
+    if "flops_per_sample_6n" in cost:
+        measured["flops_per_s_6n"] = cost["flops_per_sample_6n"] * probe["samples_per_s"]
+    return measured | {"run_dir": str(run_dir)}
