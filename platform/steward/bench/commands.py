@@ -69,6 +69,6 @@ def _read(path: Path) -> dict:
         result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a readable bench.json ({err})") from None
-    if not isinstance(result, dict) or not {"manifest", "cells"} <= set(result):
-        raise ValueError(f"{path}: not a bench result (no manifest and cells); pass a bench.json from steward bench")
+    if not isinstance(result, dict) or not {"manifest", "ceiling", "baseline", "cells"} <= set(result):
+        raise ValueError(f"{path}: not a bench result (no manifest, ceiling, baseline and cells); pass a bench.json")
     return result

@@ -14,9 +14,10 @@ from steward.bench.machine import COMPARED  # noqa: E402
 
 SKIPPED = ("started", "timed_steps", "run_dir")
 TRAIN_COLUMNS = [("samples_per_s", "samples/s", "{:.0f}"), ("tokens_per_s", "tokens/s", "{:.0f}"),
-                 ("time_to_first_step_s", "first step s", "{:.1f}"), ("memory_added_mb", "mem MB", "{:.0f}"),
-                 ("memory_formula_mb", "ZeRO formula MB", "{:.0f}"), ("flops_per_s", "GFLOP/s", "{:.2e}"),
-                 ("ceiling_fraction", "of ceiling", "{:.1%}")]  # fmt: skip
+                 ("time_to_first_step_s", "1st step s", "{:.1f}"), ("memory_added_mb", "mem MB", "{:.0f}"),
+                 ("memory_formula_mb", "formula MB", "{:.0f}"), ("flops_per_s", "GFLOP/s", "{:.3g}"),
+                 ("ceiling_fraction", "of peak", "{:.1%}")]  # fmt: skip
+SCALE = {"flops_per_s": 1e-9}
 
 
 def metrics(run: dict, ceiling: float) -> dict[str, float]:
@@ -62,25 +63,39 @@ def columns(result: dict) -> list[tuple[str, str, str]]:
     return shown
 
 
-def cell_rows(result: dict) -> list[list[str]]:
-    """Each cell: its label, runs done, then each column as `median (ratio to baseline)`."""
+def cell_rows(result: dict, ratios_apart: bool = False) -> list[list[str]]:
+    """Each cell: its label, runs done, then each column's median and its ratio to the baseline.
+
+    The ratio follows the number in brackets, or (`ratios_apart`, for narrow terminals) fills a row of its own.
+    """
     rows = []
     for cell in result["cells"]:
-        row = [cell["label"] + (" (baseline)" if cell["label"] == result["baseline"] else ""), str(len(cell["runs"]))]
+        values, ratios = [], []
         for name, _, fmt in columns(result):
             s, ratio = cell.get("summary", {}).get(name), cell.get("ratios", {}).get(name)
-            row.append("" if s is None else fmt.format(s["median"]) + (f" ({ratio:.2f}x)" if ratio else ""))
-        rows.append(row)
+            values.append("" if s is None else fmt.format(s["median"] * SCALE.get(name, 1)))
+            ratios.append(f"{ratio:.2f}x" if ratio else "")
+        label = cell["label"] + (" (baseline)" if cell["label"] == result["baseline"] else "")
+        if ratios_apart:
+            rows += [[label, str(len(cell["runs"])), *values], ["", "", *ratios]]
+        else:
+            rows.append(
+                [
+                    label,
+                    str(len(cell["runs"])),
+                    *(f"{v} ({r})" if r else v for v, r in zip(values, ratios, strict=True)),
+                ]
+            )
     return rows
 
 
 def live_table(result: dict, planned: int) -> Table:
     done = sum(len(c["runs"]) for c in result["cells"])
-    table = Table(title=f"bench {result['name']}: {done}/{planned} runs (median, ratio to baseline)")
+    table = Table(title=f"bench {result['name']}: {done}/{planned} runs (medians; ratios to the baseline below)")
     for header in ["cell", "runs", *(h for _, h, _ in columns(result))]:
         table.add_column(header, justify="left" if header == "cell" else "right")
-    for row in cell_rows(result):
-        table.add_row(*row)
+    for i, row in enumerate(cell_rows(result, ratios_apart=True)):
+        table.add_row(*row, style="dim" if i % 2 else None, end_section=bool(i % 2))
     return table
 
 
@@ -142,7 +157,12 @@ def write_report(result: dict, run_dir: Path) -> None:
 
 
 def compare(a: dict, b: dict) -> tuple[list[dict], list[str]]:
-    """B's median over A's for every metric of every cell both hold; and where their machines differ."""
+    """B's median over A's for every metric of every cell both hold; and where their machines differ.
+
+    Medians are recomputed from each file's runs, so both sides are summarised the same way.
+    """
+    summarise(a)
+    summarise(b)
     warnings = [
         f"{key} differs: {a['manifest'].get(key)} vs {b['manifest'].get(key)}"
         for key in COMPARED
