@@ -16,7 +16,6 @@ Writes benchmarks/results/monitor_overhead.json and prints the tables.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import socket
@@ -134,30 +133,6 @@ def bench_window(repeats: int, console: Console, records: int = 20_000) -> dict[
     return out
 
 
-async def load(url: str, bodies: list[dict], concurrency: int, seconds: float) -> dict[str, float]:
-    """Latency percentiles and QPS of `concurrency` looping clients over `seconds` (after a 1 s warm-up)."""
-    import aiohttp
-
-    lat: list[float] = []
-    warm, stop = time.perf_counter() + 1.0, time.perf_counter() + 1.0 + seconds
-
-    async def client(k: int, session: aiohttp.ClientSession) -> None:
-        i = k
-        while (start := time.perf_counter()) < stop:
-            async with session.post(url, json=bodies[i % len(bodies)]) as reply:
-                await reply.read()
-                if reply.status != 200:
-                    raise RuntimeError(await reply.text())
-            if start >= warm:
-                lat.append(time.perf_counter() - start)
-            i += concurrency
-
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-        await asyncio.gather(*(client(k, session) for k in range(concurrency)))
-    return {"p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * float(np.percentile(lat, 99)),
-            "qps": len(lat) / seconds}  # fmt: skip
-
-
 def bench_serving(repeats: int, console: Console, seconds: float = 5.0) -> dict[str, Any]:
     import ray
     from ray import serve
@@ -165,7 +140,9 @@ def bench_serving(repeats: int, console: Console, seconds: float = 5.0) -> dict[
     sys.path.insert(0, str(ROOT))
     from tests.serving import trained_run, validation_inputs
 
+    from steward.bench.load import generate
     from steward.serve.deploy import deploy
+    from steward.spec.bench import LoadSpec
     from steward.spec.monitor import MonitorSpec
     from steward.spec.serve import ServeSpec
 
@@ -191,7 +168,8 @@ def bench_serving(repeats: int, console: Console, seconds: float = 5.0) -> dict[
         for r in range(repeats):
             for c in (1, 32):
                 for cell, url in urls.items():
-                    runs[f"{cell}, c={c}"].append(asyncio.run(load(f"{url}/predict", bodies, c, seconds)))
+                    load = LoadSpec(concurrency=[c], seconds=seconds)
+                    runs[f"{cell}, c={c}"].append(generate(f"{url}/predict", bodies, load)[0])
             console.print(f"serving repeat {r + 1}/{repeats} done")
         records = __import__("requests").get(f"{urls['monitoring on']}/monitor", timeout=30).json()["records"]
     finally:

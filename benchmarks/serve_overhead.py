@@ -15,7 +15,6 @@ Writes benchmarks/results/serve_overhead.json and prints the ratios.
 """
 
 import argparse
-import asyncio
 import json
 import os
 import socket
@@ -29,15 +28,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.serving: the fast trained-run helper the serve tests use
 
-import aiohttp  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from steward.data.prepare import _tables  # noqa: E402
+from steward.bench.load import generate  # noqa: E402
+from steward.data import raw_inputs  # noqa: E402
 from steward.serve.model import load_served_model  # noqa: E402
 from steward.serve.quantize import quantize_int8  # noqa: E402
+from steward.spec.bench import LoadSpec  # noqa: E402
 from steward.spec.serve import ServeSpec  # noqa: E402
 
 BERT = ["model.params.hidden_size=256", "model.params.num_layers=4", "model.params.num_heads=4",
@@ -51,49 +50,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def latencies(url: str, body: dict, n: int) -> list[float]:
-    """Seconds per request, sequential, one keep-alive connection (after 20 warm-up requests)."""
-    out = []
-    async with aiohttp.ClientSession() as session:
-        for i in range(n + 20):
-            start = time.perf_counter()
-            async with session.post(url, json=body) as reply:
-                await reply.read()
-                assert reply.status == 200, await reply.text()
-            if i >= 20:
-                out.append(time.perf_counter() - start)
-    return out
-
-
-async def throughput(url: str, bodies: list[dict], concurrency: int, seconds: float) -> float:
-    """Completed requests per second with `concurrency` clients looping for `seconds` (after a 1 s warm-up)."""
-    done, counting, stop = [0], [False], time.perf_counter() + 1.0 + seconds
-
-    async def client(k: int, session: aiohttp.ClientSession) -> None:
-        i = k
-        while time.perf_counter() < stop:
-            async with session.post(url, json=bodies[i % len(bodies)]) as reply:
-                await reply.read()
-                assert reply.status == 200, await reply.text()
-            done[0] += counting[0]
-            i += concurrency
-
-    async def start_counting() -> None:
-        await asyncio.sleep(1.0)
-        counting[0] = True
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        await asyncio.gather(start_counting(), *(client(k, session) for k in range(concurrency)))
-    return done[0] / seconds
-
-
 def measure(url: str, bodies: list[dict], args: argparse.Namespace, latency: bool) -> dict:
-    out: dict = {"qps_c32": asyncio.run(throughput(url, bodies, 32, args.seconds))}
+    """Most requests/s at concurrency 32; with `latency`, p50 / p99 of sequential requests (steward bench's loader)."""
+    out = {"qps_c32": qps(url, bodies, args.seconds)}
     if latency:
-        lat = asyncio.run(latencies(url, bodies[0], args.requests))
-        out |= {"p50_ms": 1000 * statistics.median(lat), "p99_ms": 1000 * float(np.percentile(lat, 99))}
+        [level] = generate(url, bodies, LoadSpec(concurrency=[1], seconds=120, max_requests=args.requests))
+        out |= {"p50_ms": level["p50_ms"], "p99_ms": level["p99_ms"]}
     return out
+
+
+def qps(url: str, bodies: list[dict], seconds: float) -> float:
+    return generate(url, bodies, LoadSpec(concurrency=[32], seconds=seconds))[0]["qps"]
 
 
 def bare_server(run_dir: Path) -> tuple[subprocess.Popen, str]:
@@ -120,12 +87,6 @@ def serve_deploy(spec, run_dir: Path, port: int, prefix: str, **fields) -> str:
     return deploy(spec.model_copy(update={"serve": cfg, "monitor": None}), run_dir, port=port).url
 
 
-def inputs(spec, n: int) -> list:
-    columns, tables = _tables(spec)
-    raw = tables["validation"][columns.input][:n]
-    return [r.tolist() if isinstance(r, np.ndarray) else r for r in raw]
-
-
 def offline_models(spec, run_dir: Path) -> dict:
     """The served model in fp32 and int8, in this process, for the offline cells."""
     fp32 = load_served_model(spec.model_copy(update={"serve": None}), run_dir)
@@ -146,7 +107,7 @@ def offline(served, texts: list, seconds: float) -> float:
 
 def overhead(cnn, args, port: int) -> dict:
     spec, run_dir = cnn
-    bodies = [{"instances": [x]} for x in inputs(spec, 64)]
+    bodies = [{"instances": [x]} for x in raw_inputs(spec, "validation", 64)]
     proc, bare_url = bare_server(run_dir)
     serve_url = serve_deploy(spec, run_dir, port, "/cnn", batching=None)
     cells: dict[str, list[dict]] = {"bare FastAPI": [], "steward on Serve": []}
@@ -162,7 +123,7 @@ def overhead(cnn, args, port: int) -> dict:
 
 def batching_and_int8(bert, args, port: int) -> dict:
     spec, run_dir = bert
-    bodies = [{"instances": [x]} for x in inputs(spec, 64)]
+    bodies = [{"instances": [x]} for x in raw_inputs(spec, "validation", 64)]
     batching = {"max_batch_size": 16, "batch_wait_timeout_ms": 5}
     urls = {
         "fp32 batching off": serve_deploy(spec, run_dir, port, "/off", batching=None),
@@ -170,12 +131,12 @@ def batching_and_int8(bert, args, port: int) -> dict:
         "int8 batching on": serve_deploy(spec, run_dir, port, "/int8", batching=batching, quantize="int8"),
     }
     torch.set_num_threads(1)
-    models, texts = offline_models(spec, run_dir), inputs(spec, 16)
+    models, texts = offline_models(spec, run_dir), raw_inputs(spec, "validation", 16)
     served: dict[str, list[float]] = {cell: [] for cell in urls}
     alone: dict[str, list[float]] = {f"{kind} batch {b}": [] for kind in models for b in (1, 16)}
     for _ in range(args.repeats):  # served and offline cells interleaved: the machine's drift hits them alike
         for cell, url in urls.items():
-            served[cell].append(asyncio.run(throughput(f"{url}/predict", bodies, 32, args.seconds)))
+            served[cell].append(qps(f"{url}/predict", bodies, args.seconds))
         for cell in alone:
             kind, batch = cell.split()[0], int(cell.split()[-1])
             alone[cell].append(offline(models[kind], texts[:batch], args.seconds))
