@@ -33,7 +33,13 @@ test: lint
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
 
+# Every benchmark, each side by side with its baseline; results (JSON, and tables for the steward bench jobs) land
+# in benchmarks/results/. About 30 minutes on 2 cores; benchmarks/README.md has the latest numbers.
 bench: setup
+	$(BIN)/steward bench jobs/bench-zero.yaml --set output_dir=benchmarks/runs
+	$(BIN)/steward bench jobs/bench-serve.yaml --set output_dir=benchmarks/runs
+	for job in bench-zero bench-serve; do latest=$$(ls -d benchmarks/runs/$$job/*/ | tail -1); \
+		cp $$latest/bench.json benchmarks/results/$$job.json; cp $$latest/bench.md benchmarks/results/$$job.md; done
 	$(BIN)/python benchmarks/train_overhead.py
 	$(BIN)/python benchmarks/tune_efficiency.py
 	$(BIN)/python benchmarks/monitor_overhead.py

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from steward.bench.commands import bench_app
 from steward.cluster.commands import jobs_app, k8s, submit
-from steward.commands import Sets, Spec, console, default_command, errors, user_errors
+from steward.commands import Address, Sets, Spec, console, default_command, errors, user_errors
 from steward.govern.commands import PolicyOption, audit_app, card, policy_app
 from steward.govern.policy import PolicyViolation, admit
 from steward.spec import JobSpec, SpecError, load_job
@@ -28,9 +28,6 @@ app.add_typer(bench_app, name="bench")
 Override = Annotated[
     str | None,
     typer.Option(help="Deploy a run that failed its fairness gate; the REASON is recorded in the audit log."),
-]
-Address = Annotated[
-    str | None, typer.Option(help="Ray address: omit for an embedded local Ray, `auto` or ray://host:port.")
 ]
 
 

@@ -11,6 +11,9 @@ from typer.core import TyperGroup
 
 console, errors = Console(), Console(stderr=True)
 Spec = Annotated[Path, typer.Argument(help="Job spec YAML file.")]
+Address = Annotated[
+    str | None, typer.Option(help="Ray address: omit for an embedded local Ray, `auto` or ray://host:port.")
+]
 Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set train.optimizer.lr=3e-4")]
 
 

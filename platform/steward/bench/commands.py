@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from steward.commands import Sets, Spec, console, default_command, errors, user_errors
+from steward.commands import Address, Sets, Spec, console, default_command, errors, user_errors
 from steward.govern.commands import PolicyOption
 from steward.govern.policy import admit
 from steward.spec import load_job
@@ -21,7 +21,7 @@ Result = Annotated[Path, typer.Argument(help="A bench.json that `steward bench` 
 def run(
     spec: Spec,
     set_: Sets = None,
-    address: Annotated[str | None, typer.Option(help="Ray to use: none starts an embedded one; auto joins.")] = None,
+    address: Address = None,
     policy: PolicyOption = None,
 ) -> None:
     """Run the spec's bench matrix, interleaved and repeated; writes bench.json, bench.md and plots."""
