@@ -46,10 +46,11 @@ def run_train_cell(spec: JobSpec) -> dict:
     run_dir = create_run(spec)
     info = prepare(spec, run_dir)
     check_resources(spec)
-    cost = step_cost(spec, info)
+    cost, bench = step_cost(spec, info), spec.bench
+    assert bench is not None
     launched = time.time()
     try:
-        build_trainer(spec, run_dir, info).fit()
+        build_trainer(spec, run_dir, info, probe={"warmup": bench.warmup_steps, "steps": bench.steps}).fit()
     except Exception as err:
         set_status(run_dir, "failed", error=root_cause(err))
         raise TrainingError(root_cause(err)) from err

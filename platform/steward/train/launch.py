@@ -96,18 +96,20 @@ def build_trainer(
     name: str = "train",
     initial_checkpoint: str | None = None,
     callbacks: list | None = None,
+    probe: dict | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer for this spec; its storage is the run folder, so resuming is re-running into it.
 
     `initial_checkpoint` is a checkpoint folder to start from when the run has none of its own (a Tune trial
-    restored or copied by PBT); `callbacks` are Ray Train callbacks (Tune's bridge).
+    restored or copied by PBT); `callbacks` are Ray Train callbacks (Tune's bridge); `probe` ({warmup, steps})
+    times steps for `steward bench` and ends training once they are timed.
     """
     dist = spec.distributed
     resources = {"CPU": dist.cpus_per_worker} | ({"GPU": dist.gpus_per_worker} if dist.use_gpu else {})
     config = {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "data_info": info.to_dict()}
     return TorchTrainer(
         train_loop,
-        train_loop_config=config | {"initial_checkpoint": initial_checkpoint},
+        train_loop_config=config | {"initial_checkpoint": initial_checkpoint, "probe": probe},
         scaling_config=ScalingConfig(
             num_workers=dist.num_workers, use_gpu=dist.use_gpu, resources_per_worker=resources
         ),

@@ -47,8 +47,8 @@ def train_loop(config: dict) -> None:
     state = restore(engine, config.get("initial_checkpoint")) or {"epoch": 0, "best": None, "stale": 0}
     engine.apply_optimizer_settings(spec)  # a resume or a PBT exploit may come with a changed learning rate
     history = History(run_dir / "history.jsonl") if rank == 0 else None
-    bench = spec.bench
-    probe = StepProbe(bench.warmup_steps, bench.steps, base_memory) if bench else None  # `steward bench` cells
+    asked = config.get("probe")  # `steward bench` cells
+    probe = StepProbe(asked["warmup"], asked["steps"], base_memory) if asked else None
     if history:  # a fresh start, a --resume, a restart after a worker failure, or a copied trial (PBT)
         history.rewind(state["epoch"])
         history.write({"kind": "start", "epoch": state["epoch"], "workers": world, "from": state.get("source")})
