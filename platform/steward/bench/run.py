@@ -17,8 +17,6 @@ from steward.bench.train import run_train_cell
 from steward.runs import create_run, set_status
 from steward.spec import JobSpec
 
-SERVE_MEASURES = ("serve_latency", "serve_throughput")
-
 
 def bench_job(spec: JobSpec, run_dir: Path, address: str | None, console: Console) -> dict:
     """Measure every cell `bench.repeats` times in interleaved order; bench.json, bench.md and plots in run_dir.
@@ -30,8 +28,7 @@ def bench_job(spec: JobSpec, run_dir: Path, address: str | None, console: Consol
 
     assert spec.bench is not None
     cells = matrix_cells(spec)
-    serving = any(m in SERVE_MEASURES for m in spec.bench.measure)
-    if serving:
+    if spec.bench.serving:
         prefer_high_throughput(spec.serve)  # before the embedded Ray starts, as `steward serve` does
     result: dict[str, Any] = {
         "name": spec.name,
@@ -46,7 +43,7 @@ def bench_job(spec: JobSpec, run_dir: Path, address: str | None, console: Consol
         "complete": False,
     }
     connect(address, spec)
-    runner = CellRunner(spec, run_dir, serving)
+    runner = CellRunner(spec, run_dir)
     plan = schedule(cells, spec.bench.repeats)
     with Live(live_table(result, len(plan)), console=console, refresh_per_second=2) as live:
         for repeat, cell in plan:
@@ -63,11 +60,11 @@ def bench_job(spec: JobSpec, run_dir: Path, address: str | None, console: Consol
 class CellRunner:
     """Runs one cell once: a training measurement, a serving measurement, or both."""
 
-    def __init__(self, spec: JobSpec, run_dir: Path, serving: bool):
+    def __init__(self, spec: JobSpec, run_dir: Path):
         assert spec.bench is not None
         self.spec, self.cells_dir = spec, str(run_dir / "cells")
-        self.training = "train_throughput" in spec.bench.measure
-        self.serving, self.port = serving, _free_port() if serving else 0
+        self.training, self.serving = spec.bench.training, spec.bench.serving
+        self.port = _free_port() if self.serving else 0
         self.trained: dict[str, Path] = {}  # serving cells that differ only in serving share one trained model
 
     def run(self, cell: Cell) -> dict:

@@ -60,6 +60,14 @@ class BenchSpec(Section):
         raise_problems(self, problems)
         return self
 
+    @property
+    def training(self) -> bool:
+        return "train_throughput" in self.measure
+
+    @property
+    def serving(self) -> bool:
+        return any(m.startswith("serve_") for m in self.measure)
+
     def combinations(self) -> list[dict[str, Any]]:
         """The cells to run, each a mapping from matrix path to value, in matrix order."""
         if self.cells is not None:

@@ -116,7 +116,7 @@ class JobSpec(Section):
             problems[("bench", "matrix")] = f"{len(cells)} cells; at most {MAX_CELLS}: list a subset in bench.cells"
         if problems:
             return problems
-        if self.serve is None and any(m.startswith("serve_") for m in self.bench.measure):
+        if self.serve is None and self.bench.serving:
             problems[("bench", "measure")] = "serve measures need a serve section; add one or measure training"
         for i, cell in enumerate(cells):
             if problem := _variant_problem(base, cell):
