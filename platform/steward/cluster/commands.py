@@ -22,7 +22,9 @@ def submit(
     set_: Sets = None,
     stage: Annotated[str, typer.Option(help="train, tune, serve or run (every stage the spec declares).")] = "run",
     address: JobsAddress = None,
-    storage: Annotated[str | None, typer.Option(help="Shared folder for run folders (sets output_dir).")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="Shared folder or s3:// / gs:// URI for run folders (sets output_dir).")
+    ] = None,
     deps: Annotated[
         str,
         typer.Option(help="pip: install steward's pinned requirements in the job; preinstalled: the cluster has them."),

@@ -10,11 +10,14 @@ from typing import Any, Literal
 
 from steward.cluster.package import Deps, package_job
 from steward.spec import JobSpec
+from steward.storage import check_sweep_storage
 from steward.train.launch import resource_problem
 
 Stage = Literal["train", "tune", "serve", "run"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TAIL_LINES = 20  # log lines shown with a failed job
+RAY_NOISE = ("[state-dump]",)
+STEWARD_ERRORS = ("error: ", "training failed: ", "deploy failed: ")  # what steward.commands prints, one line each
 
 
 class JobFailed(RuntimeError):
@@ -64,6 +67,8 @@ def check_stage(spec: JobSpec, stage: Stage) -> None:
     """Refuse a stage the spec has no section for, before anything is uploaded."""
     if stage == "tune" and spec.tune is None:
         raise ValueError("--stage tune: the spec has no `tune` section; add one or submit --stage train")
+    if stage == "tune" or (stage == "run" and spec.tune is not None):
+        check_sweep_storage(spec.output_dir)
     if stage == "serve" and spec.serve is None:
         raise ValueError("--stage serve: the spec has no `serve` section; add one (e.g. serve: {route_prefix: /x})")
 
@@ -145,11 +150,15 @@ def follow(address: str | None, job_id: str, write: Callable[[str], None], every
 
 
 def failure(info: Any, log_text: str) -> JobFailed:
-    """A JobFailed carrying Ray's reason and the last lines of the job's log."""
-    tail = [line for line in log_text.rstrip().splitlines() if line.strip()][-TAIL_LINES:]
-    shown = "\n".join(f"  | {line}" for line in tail) or "  | (no output)"
-    reason = (info.message or "").strip() or str(info.status)
-    return JobFailed(f"job {info.submission_id or info.job_id} {info.status}: {reason}\nlast log lines:\n{shown}")
+    """A JobFailed carrying the reason (steward's own error line when the job printed one, else Ray's) and the last
+    lines of the job's log, without Ray's internal `[state-dump]` lines (a dying raylet floods the log with them)."""
+    lines = [line for line in log_text.rstrip().splitlines() if line.strip() and not line.startswith(RAY_NOISE)]
+    shown = "\n".join(f"  | {line}" for line in lines[-TAIL_LINES:]) or "  | (no output)"
+    # Ray's message repeats the log's tail after the reason; the tail is shown below, on its own lines.
+    reason = (info.message or "").split(", last available logs")[0].strip() or str(info.status)
+    ours = next((line for line in reversed(lines) if line.startswith(STEWARD_ERRORS)), None)
+    headline = f"{ours} ({reason})" if ours else reason
+    return JobFailed(f"job {info.submission_id or info.job_id} {info.status}: {headline}\nlast log lines:\n{shown}")
 
 
 def raise_if_failed(address: str | None, info: Any) -> None:
