@@ -50,7 +50,7 @@ def open_uri(uri: str, field: str) -> tuple[Any, str]:
 
     try:
         return pafs.FileSystem.from_uri(uri)
-    except (pafs.ArrowInvalid, OSError) as err:  # type: ignore[attr-defined]
+    except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
         raise ValueError(
             f"{field} {uri}: cannot open it ({_first_line(err)}); use s3://bucket/path, gs://bucket/path "
             "(with ?endpoint_override=host:port&scheme=http for an S3-compatible server) or a shared folder"
