@@ -16,7 +16,8 @@ from steward.train.launch import resource_problem
 Stage = Literal["train", "tune", "serve", "run"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TAIL_LINES = 20  # log lines shown with a failed job
-RAY_NOISE = ("[state-dump]",)
+# Ray's own internals in a job's log (a dying raylet floods it with its state dump and event lines).
+RAY_NOISE = re.compile(r"^(\[state-dump\]|\[\d{4}-\d\d-\d\d [\d:,]+ \w \d+ \d+\] \((raylet|gcs_server)\))")
 STEWARD_ERRORS = ("error: ", "training failed: ", "deploy failed: ")  # what steward.commands prints, one line each
 
 
@@ -151,14 +152,18 @@ def follow(address: str | None, job_id: str, write: Callable[[str], None], every
 
 def failure(info: Any, log_text: str) -> JobFailed:
     """A JobFailed carrying the reason (steward's own error line when the job printed one, else Ray's) and the last
-    lines of the job's log, without Ray's internal `[state-dump]` lines (a dying raylet floods the log with them)."""
-    lines = [line for line in log_text.rstrip().splitlines() if line.strip() and not line.startswith(RAY_NOISE)]
+    lines of the job's log, without Ray's internal lines (RAY_NOISE)."""
+    lines = [line for line in log_text.rstrip().splitlines() if line.strip() and not RAY_NOISE.match(line)]
     shown = "\n".join(f"  | {line}" for line in lines[-TAIL_LINES:]) or "  | (no output)"
-    # Ray's message repeats the log's tail after the reason; the tail is shown below, on its own lines.
-    reason = (info.message or "").split(", last available logs")[0].strip() or str(info.status)
+    reason = ray_reason(info) or str(info.status)
     ours = next((line for line in reversed(lines) if line.startswith(STEWARD_ERRORS)), None)
     headline = f"{ours} ({reason})" if ours else reason
     return JobFailed(f"job {info.submission_id or info.job_id} {info.status}: {headline}\nlast log lines:\n{shown}")
+
+
+def ray_reason(info: Any) -> str:
+    """Ray's reason for the job's state, without the copy of the log's tail Ray appends to it (shown apart)."""
+    return (info.message or "").split(", last available logs")[0].strip()
 
 
 def raise_if_failed(address: str | None, info: Any) -> None:

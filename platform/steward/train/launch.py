@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import ray
@@ -150,16 +151,18 @@ def train_job(spec: JobSpec, run_dir: Path, address: str | None = None) -> dict:
     return result
 
 
-# What Ray raises when a worker's process or node goes away (not an error in the training code).
+# What Ray raises when a worker's process or node goes away (not an error in the training code), and what the
+# surviving workers' collectives say when their peer vanished mid-step (seen: gloo's "Connection reset by peer").
 LOST_WORKER = {"ActorDiedError", "RayActorError", "ActorUnavailableError", "NodeDiedError", "OwnerDiedError",
                "WorkerHealthCheckFailedError", "WorkerHealthCheckTimeoutError", "WorkerCrashedError"}  # fmt: skip
+PEER_LOST = re.compile(r"connection (reset|closed) by peer|remote process exited|peer .* (closed|disconnected)", re.I)
 
 
 def explain_failure(err: BaseException, spec: JobSpec) -> str:
     """The message for a failed fit: a lost worker with no restarts left says so and how to recover; else the root
     cause. (Ray restarts the workers from the last checkpoint up to distributed.max_failures times first.)"""
     cause = root_cause(err)
-    if not _chain_names(err) & LOST_WORKER:
+    if not (_chain_names(err) & LOST_WORKER or PEER_LOST.search(cause)):
         return cause
     allowed = spec.distributed.max_failures
     budget = f"its {allowed} restart(s) were all used" if allowed else "allows no restart"
