@@ -145,7 +145,8 @@ def _train(job: JobSpec, address: str | None, resume: Path | None) -> Path:
     except BaseException as err:
         set_status(run_dir, "failed", error=str(err) or type(err).__name__)
         record_run("run.failed", run_dir, job.output_dir, kind="train", error=str(err) or type(err).__name__)
-        publish(job, run_dir)
+        with contextlib.suppress(ValueError):  # storage that cannot take the failure must not hide its cause
+            publish(job, run_dir)
         raise
     set_status(run_dir, "succeeded", headline=result["overall"])
     record_run("run.finished", run_dir, job.output_dir, kind="train")

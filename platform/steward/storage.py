@@ -100,14 +100,20 @@ def upload(local: Path, uri: str, names: list[str] | None = None) -> None:
     fs, root = open_uri(uri, "output_dir")
     chosen = names if names is not None else [p.name for p in local.iterdir() if p.name not in NOT_COPIED]
     present = [n for n in chosen if (local / n).exists()]
-    for name in sorted(present, key=lambda n: n == STATUS):
-        source, target = local / name, f"{root}/{name}"
-        if source.is_dir():
-            fs.create_dir(target)
-            pafs.copy_files(str(source), target, destination_filesystem=fs)
-        else:
-            with open(source, "rb") as data, fs.open_output_stream(target) as out:
-                shutil.copyfileobj(data, out)
+    try:
+        for name in sorted(present, key=lambda n: n == STATUS):
+            source, target = local / name, f"{root}/{name}"
+            if source.is_dir():
+                fs.create_dir(target)
+                pafs.copy_files(str(source), target, destination_filesystem=fs)
+            else:
+                with open(source, "rb") as data, fs.open_output_stream(target) as out:
+                    shutil.copyfileobj(data, out)
+    except OSError as err:
+        raise ValueError(
+            f"output_dir {uri}: cannot write there ({_first_line(err)}); check that the credentials in the "
+            "environment may write to the bucket"
+        ) from None
 
 
 def download(uri: str, local: Path, names: list[str] | None = None) -> None:
