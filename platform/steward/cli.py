@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 import yaml
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -138,7 +139,8 @@ def _train(job: JobSpec, address: str | None, resume: Path | None) -> Path:
         set_status(run_dir, "running", spec_hash=spec_hash(job), error=None)
     record_run("run.started", run_dir, job.output_dir, kind="train", resumed=resume is not None)
     uri = run_uri(job, run_dir)
-    console.print(f"run folder [bold]{uri or run_dir}[/]" + (f" (staged in {run_dir})" if uri else ""), markup=False)
+    staged = f" (staged in {escape(str(run_dir))})" if uri else ""
+    console.print(f"run folder [bold]{escape(uri or str(run_dir))}[/]{staged}")
     try:
         with HistoryProgress(run_dir / "history.jsonl", job.train.epochs, console):
             result = train_job(job, run_dir, address)

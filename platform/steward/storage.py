@@ -129,6 +129,7 @@ def download(uri: str, local: Path, names: list[str] | None = None) -> None:
             continue
         if info.type == pafs.FileType.Directory:
             shutil.rmtree(local / name, ignore_errors=True)
+            (local / name).mkdir()  # copy_files creates the folders below, not the target itself
             pafs.copy_files(info.path, str(local / name), source_filesystem=fs)
         else:
             with fs.open_input_stream(info.path) as data, open(local / name, "wb") as out:
