@@ -161,11 +161,12 @@ PEER_LOST = re.compile(r"connection (reset|closed) by peer|remote process exited
 def explain_failure(err: BaseException, spec: JobSpec) -> str:
     """The message for a failed fit: a lost worker with no restarts left says so and how to recover; else the root
     cause. (Ray restarts the workers from the last checkpoint up to distributed.max_failures times first.)"""
-    cause = root_cause(err)
-    if not (_chain_names(err) & LOST_WORKER or PEER_LOST.search(cause)):
+    cause, chain = root_cause(err), _chain(err)
+    lost = {type(e).__name__ for e in chain} & LOST_WORKER or any(PEER_LOST.search(str(e)) for e in chain)
+    if not lost:
         return cause
     allowed = spec.distributed.max_failures
-    budget = f"its {allowed} restart(s) were all used" if allowed else "allows no restart"
+    budget = "restarts were all used" if allowed else "allows no restart"
     return (
         f"a worker was lost (its process or node died: {cause}) and distributed.max_failures={allowed} {budget}; "
         "raise distributed.max_failures (e.g. 3) so Ray restarts the workers from the last checkpoint "
@@ -173,18 +174,18 @@ def explain_failure(err: BaseException, spec: JobSpec) -> str:
     )
 
 
-def _chain_names(err: BaseException) -> set[str]:
-    """Class names of every exception in a (Ray-wrapped) chain, per-rank failures included."""
-    names: set[str] = set()
+def _chain(err: BaseException) -> list[BaseException]:
+    """Every exception in a (Ray-wrapped) chain, each rank's failure included."""
+    found: list[BaseException] = []
     todo: list = [err]
     while todo:
         seen = todo.pop()
-        if not isinstance(seen, BaseException) or type(seen).__name__ in names:
+        if not isinstance(seen, BaseException) or any(seen is f for f in found):
             continue
-        names.add(type(seen).__name__)
+        found.append(seen)
         todo += [getattr(seen, "cause", None), seen.__cause__, getattr(seen, "health_check_failure", None)]
         todo += list((getattr(seen, "worker_failures", None) or {}).values())
-    return names
+    return found
 
 
 def root_cause(err: BaseException) -> str:
