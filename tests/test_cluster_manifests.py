@@ -80,6 +80,10 @@ def test_rayjob_for_training_is_valid_and_sized_from_the_spec():
     assert group["template"]["spec"]["containers"][0]["image"] == "registry.example/steward:1"
     # run folders go to the shared volume, not into the pod's own disk
     assert yaml.safe_load(config_map["data"]["spec.yaml"])["output_dir"] == "/mnt/steward/runs"
+    # a bucket URI is cluster storage already: kept, query parameters and all
+    uri = "s3://bucket/runs?region=eu-west-1"
+    config_map, _ = manifests(load_job(JOBS / "quickstart.yaml", [f"output_dir={uri}"]), "rayjob")
+    assert yaml.safe_load(config_map["data"]["spec.yaml"])["output_dir"] == uri
 
 
 @needs_crds

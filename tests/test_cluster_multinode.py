@@ -49,7 +49,12 @@ def cluster(tmp_path_factory):
     env = cluster_env(temp)
     try:
         subprocess.run([ROOT / "cluster" / "local-up.sh"], env=env, check=True, capture_output=True, timeout=180)
-        yield {"env": env, "storage": tmp_path_factory.mktemp("cluster-runs")}
+        # worker_port: the node manager port of the worker node now up (a node-loss test replaces it).
+        yield {
+            "env": env,
+            "storage": tmp_path_factory.mktemp("cluster-runs"),
+            "worker_port": PORTS["STEWARD_WORKER_PORTS"],
+        }
     finally:
         subprocess.run([ROOT / "cluster" / "local-down.sh"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)  # session logs; kept until here for a failed test's post-mortem
@@ -148,6 +153,15 @@ def worker_raylet(temp, node_manager_port):
     return pids[0]
 
 
+def replace_worker_node(cluster, name, port, before_back=lambda: None):
+    """SIGKILL the worker node's raylet (the node is gone, mid-training), call `before_back`, then start `name`."""
+    os.kill(worker_raylet(cluster["env"]["STEWARD_CLUSTER_TEMP"], cluster["worker_port"]), signal.SIGKILL)
+    before_back()
+    up = [ROOT / "cluster" / "local-up.sh", "worker", name, port]
+    subprocess.run(up, env=cluster["env"], check=True, capture_output=True, timeout=180)
+    cluster["worker_port"] = port
+
+
 def history(run):
     path = run / "history.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -162,16 +176,36 @@ def test_losing_the_worker_node_mid_training_recovers_from_the_checkpoint(cluste
     status = wait_for(lambda: set(run_folders(cluster, "quickstart")) - before, 120, "the job's run folder").pop()
     run = status.parent
     wait_for(lambda: any(r["kind"] == "epoch" and r["epoch"] >= 2 for r in history(run)), 240, "two epochs")
-    temp = cluster["env"]["STEWARD_CLUSTER_TEMP"]
-    os.kill(worker_raylet(temp, PORTS["STEWARD_WORKER_PORTS"]), signal.SIGKILL)  # the node is gone, mid-training
-    up = [ROOT / "cluster" / "local-up.sh", "worker", "worker2", "13800"]
-    subprocess.run(up, env=cluster["env"], check=True, capture_output=True, timeout=180)  # a node comes back
+    replace_worker_node(cluster, "worker2", "13800")
     final = wait_for(lambda: (i := job_info(API, job_id)).status.is_terminal() and i, 420, "the job to end")
     logs = client(API).get_job_logs(job_id)
     assert str(final.status) == "SUCCEEDED", logs[-3000:]
     starts = [r for r in history(run) if r["kind"] == "start"]
     assert len(starts) == 2 and starts[1]["epoch"] >= 2 and "checkpoint_" in starts[1]["from"]
     assert max(r["epoch"] for r in history(run) if r["kind"] == "epoch") == 30
+
+
+def test_losing_a_worker_node_with_no_restarts_left_fails_with_the_fix(cluster):
+    argv = ["--stage", "train", "--set", "train.epochs=30", "--set", "train.early_stopping=null",
+            "--set", "distributed.max_failures=0", "--no-wait", *TORCH_ADAM]  # fmt: skip
+    before = set(run_folders(cluster, "quickstart"))
+    code, output, job_id = submit(cluster, "quickstart.yaml", *argv)
+    assert code == 0, output
+    status = wait_for(lambda: set(run_folders(cluster, "quickstart")) - before, 120, "the job's run folder").pop()
+    wait_for(lambda: any(r["kind"] == "epoch" for r in history(status.parent)), 240, "an epoch")
+
+    def job_ended():
+        final = wait_for(lambda: (i := job_info(API, job_id)).status.is_terminal() and i, 300, "the job to end")
+        assert str(final.status) == "FAILED", client(API).get_job_logs(job_id)[-3000:]
+
+    replace_worker_node(cluster, "worker3", "14000", before_back=job_ended)  # the next tests get two nodes again
+    shown = CliRunner().invoke(app, ["jobs", "status", job_id, "--address", API])
+    text = flat(shown.output)
+    assert shown.exit_code == 1, text
+    assert "training failed: a worker was lost" in text and "distributed.max_failures=0" in text, text
+    assert "raise distributed.max_failures" in text and "Traceback" not in text, text
+    failed = json.loads(status.read_text())
+    assert failed["state"] == "failed" and "distributed.max_failures=0" in failed["error"]
 
 
 def test_serve_on_the_cluster_scales_replicas_across_nodes(cluster, trained):

@@ -131,3 +131,36 @@ def test_runs_lists_cluster_storage_through_a_uri(tmp_path):
 def test_help(command):
     out = invoke(*command, "--help")
     assert out.exit_code == 0 and "Usage" in out.output
+
+
+def test_a_lost_worker_with_no_restarts_left_names_max_failures_and_the_fix():
+    from ray.train import WorkerGroupError
+
+    from steward.train.launch import explain_failure
+
+    # What the surviving rank reported when its peer's node died (seen on the two-node cluster).
+    reset = RuntimeError("[pair.cc:537] Read error [127.0.0.1]:47786: Connection reset by peer.")
+    lost = WorkerGroupError(f"RuntimeError: {reset}", {0: reset})  # Ray's message carries the rank's error
+    spec = load_job(JOBS / "quickstart.yaml", ["distributed.max_failures=2"])
+    message = explain_failure(lost, spec)
+    assert message.startswith("a worker was lost (its process or node died: WorkerGroupError: RuntimeError: [pair")
+    assert "distributed.max_failures=2 restarts were all used" in message
+    assert "raise distributed.max_failures" in message
+    bug = WorkerGroupError("ValueError: shapes do not match", {0: ValueError("shapes do not match")})
+    assert explain_failure(bug, spec) == "WorkerGroupError: ValueError: shapes do not match"  # a bug stays itself
+
+
+def test_a_failed_job_leads_with_stewards_own_error_line_not_rays_noise():
+    from types import SimpleNamespace
+
+    from steward.cluster.jobs import failure
+
+    log = "\n".join(["epoch 1", "training failed: a worker was lost (...)", "[state-dump] Pull - 1 total",
+                     "[2026-11-22 20:01:11,952 I 1487 1487] (raylet) worker_pool.cc:564: Started worker"])  # fmt: skip
+    reason = "Job entrypoint command failed with exit code 1"
+    info = SimpleNamespace(submission_id="steward-q-train-1", job_id=None, status="FAILED",
+                           message=f"{reason}, last available logs (truncated): [state-dump] x")  # fmt: skip
+    text = str(failure(info, log))
+    first = text.splitlines()[0]
+    assert first == f"job steward-q-train-1 FAILED: training failed: a worker was lost (...) ({reason})"
+    assert "state-dump" not in text and "(raylet)" not in text and "  | epoch 1" in text

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 import yaml
+from rich.markup import escape
 from rich.table import Table
 
 from steward.bench.commands import bench_app
@@ -15,6 +16,7 @@ from steward.commands import Address, Sets, Spec, console, default_command, erro
 from steward.govern.commands import PolicyOption, audit_app, card, policy_app
 from steward.govern.policy import PolicyViolation, admit
 from steward.spec import JobSpec, SpecError, load_job
+from steward.storage import check_sweep_storage, is_uri
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train, tune, serve and watch models on Ray.")
 app.command("card")(card)
@@ -123,24 +125,32 @@ def tune_command(
 
 def _train(job: JobSpec, address: str | None, resume: Path | None) -> Path:
     from steward.govern.events import record_run
-    from steward.runs import create_run, set_status, spec_hash
+    from steward.runs import create_run, publish, run_uri, set_status, spec_hash
     from steward.train.launch import train_job
     from steward.train.progress import HistoryProgress
 
+    if resume and is_uri(job.output_dir):
+        raise ValueError(f"--resume with output_dir {job.output_dir}: resuming a run in cluster storage is not "
+                         "supported yet; train it again, or use a shared folder as output_dir")  # fmt: skip
     run_dir = _resume_dir(job, resume) if resume else create_run(job)
     if resume:  # the spec's train settings may have changed: record the hash of what runs now
         set_status(run_dir, "running", spec_hash=spec_hash(job), error=None)
     record_run("run.started", run_dir, job.output_dir, kind="train", resumed=resume is not None)
-    console.print(f"run folder [bold]{run_dir}[/]")
+    uri = run_uri(job, run_dir)
+    staged = f" (staged in {escape(str(run_dir))})" if uri else ""
+    console.print(f"run folder [bold]{escape(uri or str(run_dir))}[/]{staged}")
     try:
         with HistoryProgress(run_dir / "history.jsonl", job.train.epochs, console):
             result = train_job(job, run_dir, address)
     except BaseException as err:
         set_status(run_dir, "failed", error=str(err) or type(err).__name__)
         record_run("run.failed", run_dir, job.output_dir, kind="train", error=str(err) or type(err).__name__)
+        with contextlib.suppress(ValueError):  # storage that cannot take the failure must not hide its cause
+            publish(job, run_dir)
         raise
     set_status(run_dir, "succeeded", headline=result["overall"])
     record_run("run.finished", run_dir, job.output_dir, kind="train")
+    publish(job, run_dir)  # status.json last: a run cut short while uploading never reads as succeeded
     _print_metrics(result, run_dir)
     return run_dir
 
@@ -166,6 +176,7 @@ def _tune(job: JobSpec, address: str | None, resume: Path | None) -> Path:
     from steward.tune.report import results_table
 
     assert job.tune is not None
+    check_sweep_storage(job.output_dir)
     run_dir = _resume_dir(job, resume, sections=("data", "model", "distributed", "tune")) if resume else create_run(job)
     record_run("run.started", run_dir, job.output_dir, kind="sweep", resumed=resume is not None)
     console.print(f"run folder [bold]{run_dir}[/]")
@@ -193,19 +204,23 @@ def _tune(job: JobSpec, address: str | None, resume: Path | None) -> Path:
 @user_errors
 def evaluate(
     target: Annotated[
-        Path, typer.Argument(help="A run folder, its model/ folder, or a checkpoint in its train/ folder.")
+        str,
+        typer.Argument(help="A run folder (or its URI in cluster storage), its model/ folder, or a checkpoint."),
     ],
     data: Annotated[Path | None, typer.Option(help="Evaluate on this spec's data instead of the run's.")] = None,
     split: Annotated[str | None, typer.Option(help="validation or test (default: the spec's evaluate.split).")] = None,
 ) -> None:
     """Evaluate a saved model: a run folder, its model/ folder, or one of its checkpoints."""
     from steward.evaluate import evaluate_target
+    from steward.storage import fetch_run
 
-    result, run_dir = evaluate_target(target, load_job(data) if data else None, split)
+    folder = fetch_run(target, "evaluate") if is_uri(target) else Path(target)
+    result, run_dir = evaluate_target(folder, load_job(data) if data else None, split)
     _print_metrics(result, run_dir)
 
 
 @app.command()
+@user_errors
 def runs(
     output_dir: Annotated[Path, typer.Option(help="Folder holding run folders.")] = Path("runs"),
     storage: Annotated[str | None, typer.Option(help="Cluster storage instead: a shared folder or a URI.")] = None,
@@ -313,7 +328,9 @@ ClusterAddress = Annotated[str, typer.Option(help="Ray address of the cluster se
 def serve_deploy(
     spec: Spec,
     set_: Sets = None,
-    run: Annotated[Path | None, typer.Option(help="Run folder to serve (default: the newest succeeded run).")] = None,
+    run: Annotated[
+        str | None, typer.Option(help="Run folder or its URI to serve (default: the newest succeeded run).")
+    ] = None,
     address: Address = None,
     host: Annotated[str, typer.Option(help="HTTP host Serve listens on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port Serve listens on.")] = 8000,
@@ -325,10 +342,11 @@ def serve_deploy(
 ) -> None:
     """Deploy the spec's model (embedded Ray: serves until Ctrl-C; --address: returns once deployed)."""
     from steward.serve.deploy import export_config, find_run
+    from steward.storage import fetch_run
 
     job = load_job(spec, set_ or [])
     admit(job, policy, "serve", str(spec))
-    run_dir = find_run(job, run)
+    run_dir = find_run(job, (fetch_run(run, "--run") if is_uri(run) else Path(run)) if run else None)
     if export is not None:
         export_config(job, run_dir, export, port=port, override_fairness_gate=override_fairness_gate)
         console.print(f"wrote [bold]{export}[/] (serve deploy {export}; or a RayService's serveConfigV2)")
@@ -391,7 +409,7 @@ def _deploy(
     try:
         deployed = deploy(job, run_dir, address, host, port, override_fairness_gate=override)
     except RuntimeError as err:  # Serve's own failure to bring replicas up (its message says why)
-        errors.print(f"deploy failed: {err}", style="red", markup=False)
+        errors.print(f"deploy failed: {err}", style="red", markup=False, soft_wrap=True)
         raise typer.Exit(1) from None
     if deployed.gate:
         console.print(f"int8 gate passed: {deployed.gate}", markup=False)

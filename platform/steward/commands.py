@@ -18,7 +18,11 @@ Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a field:
 
 
 def user_errors(command: Callable) -> Callable:
-    """Turn the errors a user can fix into a message and exit code 2; a failed run into exit code 1."""
+    """Turn the errors a user can fix into a message and exit code 2; a failed run into exit code 1.
+
+    Each message is one line, never wrapped (soft_wrap), so a cluster job's log shows it whole and
+    `steward jobs status` can find it there.
+    """
 
     @wraps(command)
     def wrapper(*args, **kwargs):
@@ -28,13 +32,15 @@ def user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except TrainingError as err:
-            errors.print(f"training failed: {err}", style="red", markup=False)  # worker text may hold [brackets]
+            errors.print(
+                f"training failed: {err}", style="red", markup=False, soft_wrap=True
+            )  # worker text may hold [brackets]
             raise typer.Exit(1) from None
         except JobFailed as err:
-            errors.print(str(err), style="red", markup=False)
+            errors.print(str(err), style="red", markup=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except (ValueError, FileNotFoundError) as err:
-            errors.print(f"error: {err}", style="red", markup=False)
+            errors.print(f"error: {err}", style="red", markup=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

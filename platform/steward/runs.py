@@ -1,8 +1,11 @@
-"""Run folders: `runs/<name>/<run-id>/` with the resolved spec first, a status file, and everything a run wrote."""
+"""Run folders: `runs/<name>/<run-id>/` with the resolved spec first, a status file, and everything a run wrote.
+
+With a URI output_dir (s3://, gs://) the run folder is staged locally and published to the URI (steward.storage
+says how and when); `run_uri` names where a staged run goes.
+"""
 
 import hashlib
 import json
-import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -10,9 +13,10 @@ from pathlib import Path
 
 import yaml
 
+from steward import storage
 from steward.spec import JobSpec
 
-STATUS = "status.json"
+STATUS = storage.STATUS
 
 
 def spec_hash(spec: JobSpec) -> str:
@@ -22,13 +26,30 @@ def spec_hash(spec: JobSpec) -> str:
 
 
 def create_run(spec: JobSpec) -> Path:
-    """A fresh run folder holding the resolved spec and a `running` status."""
+    """A fresh run folder holding the resolved spec and a `running` status (staged and published for a URI)."""
+    uri = storage.is_uri(spec.output_dir)
+    if uri:
+        storage.check_reachable(spec.output_dir, "output_dir")
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
-    run_dir = (Path(spec.output_dir) / spec.name / run_id).resolve()
+    root = storage.staging_dir(spec.output_dir) if uri else Path(spec.output_dir)
+    run_dir = (root / spec.name / run_id).resolve()
     run_dir.mkdir(parents=True)
     (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     set_status(run_dir, "running", spec_hash=spec_hash(spec))
+    publish(spec, run_dir)
     return run_dir
+
+
+def run_uri(spec: JobSpec, run_dir: Path) -> str | None:
+    """Where a run staged in run_dir is published: <output_dir URI>/<name>/<run-id>; None for a folder output_dir."""
+    return storage.join(spec.output_dir, spec.name, run_dir.name) if storage.is_uri(spec.output_dir) else None
+
+
+def publish(spec: JobSpec, run_dir: Path) -> None:
+    """Copy the staged run folder to its URI, status.json last (nothing to do for a folder output_dir)."""
+    uri = run_uri(spec, run_dir)
+    if uri is not None:
+        storage.upload(run_dir, uri)
 
 
 def set_status(run_dir: Path, state: str, **fields) -> None:
@@ -57,8 +78,8 @@ class RunSummary:
 
 def list_runs(output_dir: Path | str) -> list[RunSummary]:
     """Every run folder under output_dir (a folder, or a URI such as s3://bucket/runs), newest first."""
-    if isinstance(output_dir, str) and re.match(r"^[a-z][a-z0-9+.-]*://", output_dir):
-        return _list_uri(output_dir)
+    if storage.is_uri(output_dir):
+        return _list_uri(str(output_dir))
     runs = []
     for status_file in Path(output_dir).glob(f"*/*/{STATUS}"):
         metrics_file = status_file.parent / "metrics.json"
@@ -71,10 +92,8 @@ def _list_uri(uri: str) -> list[RunSummary]:
     """Run folders in cluster storage Ray can write to (s3://, gs://, file://), read through pyarrow's filesystems."""
     import pyarrow.fs as pafs
 
-    try:
-        fs, root = pafs.FileSystem.from_uri(uri)
-    except (pafs.ArrowInvalid, OSError) as err:  # type: ignore[attr-defined]
-        raise ValueError(f"--storage {uri}: cannot open it ({err})") from None
+    storage.check_reachable(uri, "--storage")
+    fs, root = storage.open_uri(uri, "--storage")
 
     def folders(path: str) -> list[str]:
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))

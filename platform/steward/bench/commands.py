@@ -11,6 +11,7 @@ from steward.commands import Address, Sets, Spec, console, default_command, erro
 from steward.govern.commands import PolicyOption
 from steward.govern.policy import admit
 from steward.spec import load_job
+from steward.storage import is_uri
 
 bench_app = typer.Typer(cls=default_command("run"), no_args_is_help=True, help="Benchmark a matrix of spec variants.")
 Result = Annotated[Path, typer.Argument(help="A bench.json that `steward bench` wrote.")]
@@ -33,6 +34,8 @@ def run(
         raise ValueError(
             f"{spec}: no `bench` section; add one, e.g. `bench: {{matrix: {{distributed.zero_stage: [0, 2]}}}}`"
         )
+    if is_uri(job.output_dir):  # cells deploy and read back what they trained: they need a folder
+        raise ValueError(f"output_dir {job.output_dir}: steward bench writes to a folder; pass --set output_dir=DIR")
     admit(job, policy, "bench", str(spec))
     run_dir = create_run(job)
     console.print(f"run folder [bold]{run_dir}[/]")

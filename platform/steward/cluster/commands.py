@@ -22,7 +22,9 @@ def submit(
     set_: Sets = None,
     stage: Annotated[str, typer.Option(help="train, tune, serve or run (every stage the spec declares).")] = "run",
     address: JobsAddress = None,
-    storage: Annotated[str | None, typer.Option(help="Shared folder for run folders (sets output_dir).")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="Shared folder or s3:// / gs:// URI for run folders (sets output_dir).")
+    ] = None,
     deps: Annotated[
         str,
         typer.Option(help="pip: install steward's pinned requirements in the job; preinstalled: the cluster has them."),
@@ -78,10 +80,11 @@ def jobs_list(address: JobsAddress = None) -> None:
 @user_errors
 def jobs_status(job_id: JobId, address: JobsAddress = None) -> None:
     """One job's status; a failed job's reason and last log lines (exit 1)."""
-    from steward.cluster.jobs import job_info, raise_if_failed
+    from steward.cluster.jobs import job_info, raise_if_failed, ray_reason
 
     info = job_info(address, job_id)
-    console.print(f"{job_id}: {info.status}" + (f" - {info.message}" if info.message else ""), markup=False)
+    reason = ray_reason(info)
+    console.print(f"{job_id}: {info.status}" + (f" - {reason}" if reason else ""), markup=False)
     raise_if_failed(address, info)
 
 

@@ -10,11 +10,15 @@ from typing import Any, Literal
 
 from steward.cluster.package import Deps, package_job
 from steward.spec import JobSpec
+from steward.storage import check_sweep_storage
 from steward.train.launch import resource_problem
 
 Stage = Literal["train", "tune", "serve", "run"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TAIL_LINES = 20  # log lines shown with a failed job
+# Ray's own internals in a job's log (a dying raylet floods it with its state dump and event lines).
+RAY_NOISE = re.compile(r"^(\[state-dump\]|\[\d{4}-\d\d-\d\d [\d:,]+ \w \d+ \d+\] \((raylet|gcs_server)\))")
+STEWARD_ERRORS = ("error: ", "training failed: ", "deploy failed: ")  # what steward.commands prints, one line each
 
 
 class JobFailed(RuntimeError):
@@ -64,6 +68,8 @@ def check_stage(spec: JobSpec, stage: Stage) -> None:
     """Refuse a stage the spec has no section for, before anything is uploaded."""
     if stage == "tune" and spec.tune is None:
         raise ValueError("--stage tune: the spec has no `tune` section; add one or submit --stage train")
+    if stage == "tune" or (stage == "run" and spec.tune is not None):
+        check_sweep_storage(spec.output_dir)
     if stage == "serve" and spec.serve is None:
         raise ValueError("--stage serve: the spec has no `serve` section; add one (e.g. serve: {route_prefix: /x})")
 
@@ -145,11 +151,19 @@ def follow(address: str | None, job_id: str, write: Callable[[str], None], every
 
 
 def failure(info: Any, log_text: str) -> JobFailed:
-    """A JobFailed carrying Ray's reason and the last lines of the job's log."""
-    tail = [line for line in log_text.rstrip().splitlines() if line.strip()][-TAIL_LINES:]
-    shown = "\n".join(f"  | {line}" for line in tail) or "  | (no output)"
-    reason = (info.message or "").strip() or str(info.status)
-    return JobFailed(f"job {info.submission_id or info.job_id} {info.status}: {reason}\nlast log lines:\n{shown}")
+    """A JobFailed carrying the reason (steward's own error line when the job printed one, else Ray's) and the last
+    lines of the job's log, without Ray's internal lines (RAY_NOISE)."""
+    lines = [line for line in log_text.rstrip().splitlines() if line.strip() and not RAY_NOISE.match(line)]
+    shown = "\n".join(f"  | {line}" for line in lines[-TAIL_LINES:]) or "  | (no output)"
+    reason = ray_reason(info) or str(info.status)
+    ours = next((line for line in reversed(lines) if line.startswith(STEWARD_ERRORS)), None)
+    headline = f"{ours} ({reason})" if ours else reason
+    return JobFailed(f"job {info.submission_id or info.job_id} {info.status}: {headline}\nlast log lines:\n{shown}")
+
+
+def ray_reason(info: Any) -> str:
+    """Ray's reason for the job's state, without the copy of the log's tail Ray appends to it (shown apart)."""
+    return (info.message or "").split(", last available logs")[0].strip()
 
 
 def raise_if_failed(address: str | None, info: Any) -> None:

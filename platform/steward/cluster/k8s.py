@@ -1,7 +1,8 @@
 """KubeRay manifests from a spec: a RayJob (train or sweep) or a RayService (Serve), sized from the spec.
 
 Pods run an image with steward installed (cluster/Dockerfile); run folders live on a ReadWriteMany volume claim
-mounted at RUNS on every pod, so a RayService can serve what a RayJob trained.
+mounted at RUNS on every pod, so a RayService can serve what a RayJob trained; a URI output_dir (s3://, gs://) is
+kept as it is (steward.storage).
 """
 
 import math
@@ -11,6 +12,7 @@ from typing import Any, Literal
 import yaml
 
 from steward.spec import JobSpec
+from steward.storage import is_uri
 
 Kind = Literal["rayjob", "rayservice"]
 RAY_VERSION = "2.60.0"
@@ -25,9 +27,8 @@ MEMORY_PER_CPU_GI = 4
 def manifests(spec: JobSpec, kind: Kind, image: str = DEFAULT_IMAGE, run_dir: str | None = None) -> list[dict]:
     """The Kubernetes objects to `kubectl apply`: a RayJob with its spec ConfigMap, or a RayService."""
     name = _k8s_name(spec.name)
-    cluster_spec = spec.model_copy(
-        update={"output_dir": spec.output_dir if Path(spec.output_dir).is_absolute() else RUNS}
-    )
+    kept = is_uri(spec.output_dir) or Path(spec.output_dir).is_absolute()
+    cluster_spec = spec.model_copy(update={"output_dir": spec.output_dir if kept else RUNS})
     if kind == "rayservice":
         return [ray_service(cluster_spec, name, image, run_dir)]
     return [spec_config_map(cluster_spec, name), ray_job(cluster_spec, name, image)]

@@ -19,6 +19,7 @@ import yaml
 
 import steward
 from steward.spec import JobSpec
+from steward.storage import is_uri, open_uri
 
 Deps = Literal["pip", "preinstalled"]
 INPUTS = "inputs"  # the working_dir folder that local inputs are copied into
@@ -69,17 +70,16 @@ def package_job(spec: JobSpec, deps: Deps = "pip", env_vars: dict[str, str] | No
 
 
 def check_output_dir(spec: JobSpec) -> None:
-    """A cluster job's run folder must outlive the job: a shared folder, not the job's temporary working_dir."""
+    """A cluster job's run folder must outlive the job: a URI (s3://, gs://) or a shared folder, not the job's
+    temporary working_dir. A URI is opened here, so a scheme pyarrow lacks is refused before anything uploads."""
     out = spec.output_dir
-    if re.match(r"^[a-z][a-z0-9+.-]*://", out):
-        raise ValueError(
-            f"output_dir {out!r}: run folders are written through the filesystem; mount the bucket on every node "
-            "(s3fs, gcsfuse) and give that path, or use a shared folder (NFS, EFS, Filestore)"
-        )
+    if is_uri(out):
+        open_uri(out, "output_dir")
+        return
     if not Path(out).is_absolute():
         raise ValueError(
             f"output_dir {out!r} is relative: on the cluster it would land in the job's temporary working_dir and "
-            "vanish with it; pass --storage /shared/runs (a folder every node mounts) or --set output_dir=/shared/runs"
+            "vanish with it; pass --storage /shared/runs (a folder every node mounts) or --storage s3://bucket/runs"
         )
 
 

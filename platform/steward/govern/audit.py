@@ -23,6 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from steward import storage
+
 ENV_LOG = "STEWARD_AUDIT_LOG"
 LOG_NAME = "audit.jsonl"
 GENESIS = "0" * 64
@@ -34,9 +36,18 @@ class AuditError(RuntimeError):
 
 
 def log_path(output_dir: str | Path = "runs") -> Path:
-    """Where events go: $STEWARD_AUDIT_LOG, else `<output_dir>/audit.jsonl`."""
+    """Where events go: $STEWARD_AUDIT_LOG, else `<output_dir>/audit.jsonl`.
+
+    For a URI output_dir (s3://, gs://) the log stays in its local staging folder (steward.storage): object stores
+    cannot append, and one log rewritten by many machines would lose events; point $STEWARD_AUDIT_LOG at a shared
+    file to gather them.
+    """
     env = os.environ.get(ENV_LOG)
-    return Path(env) if env else Path(output_dir) / LOG_NAME
+    if env:
+        return Path(env)
+    if storage.is_uri(output_dir):
+        return storage.staging_dir(str(output_dir)) / LOG_NAME
+    return Path(output_dir) / LOG_NAME
 
 
 def who() -> str:

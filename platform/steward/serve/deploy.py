@@ -16,6 +16,7 @@ from steward.serve.auth import load_keys
 from steward.serve.monitoring import reference_problem
 from steward.spec import JobSpec
 from steward.spec.serve import ServeSpec
+from steward.storage import fetch_run, is_uri, join
 
 APP_BUILDER = "steward.serve.app:app_builder"
 # Ray's high-throughput Serve mode: HAProxy as the ingress and requests sent straight to replicas. Measured here it
@@ -46,15 +47,24 @@ def prefer_high_throughput(cfg: ServeSpec | None) -> bool:
 
 
 def find_run(spec: JobSpec, run: Path | None = None) -> Path:
-    """`run` when given (checked), else the newest succeeded run of this spec's name under its output_dir."""
+    """`run` when given (checked), else the newest succeeded run of this spec's name under its output_dir.
+
+    With a URI output_dir (cluster storage) the newest succeeded run there is downloaded to its local staging
+    folder first (steward.storage.fetch_run).
+    """
     if spec.serve is None:
         raise ValueError("serve: the spec has no serve section; add one (e.g. `serve: {route_prefix: /digits}`)")
     if run is not None:
         if not (Path(run) / "model" / "model.json").exists():
             raise ValueError(f"--run {run}: not a finished run folder (no model/model.json); pass runs/<name>/<id>")
         return Path(run).resolve()
-    for summary in list_runs(Path(spec.output_dir)):
-        if summary.name == spec.name and summary.state == "succeeded" and (summary.path / "model").is_dir():
+    uri = is_uri(spec.output_dir)
+    for summary in list_runs(spec.output_dir if uri else Path(spec.output_dir)):
+        if summary.name != spec.name or summary.state != "succeeded":
+            continue
+        if uri:
+            return fetch_run(join(spec.output_dir, spec.name, summary.path.name), "output_dir")
+        if (summary.path / "model").is_dir():
             return summary.path.resolve()
     raise ValueError(
         f"no succeeded run of {spec.name!r} under {spec.output_dir}/; train it first (steward run SPEC) or pass --run"

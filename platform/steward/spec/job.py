@@ -29,7 +29,11 @@ class JobSpec(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Run name: letters, digits, _ . -")
     description: str = Field("", description="What this job is for.")
     seed: int = Field(0, ge=0, description="Seeds data splits, shuffling and initialisation.")
-    output_dir: str = Field("runs", description="Folder that run folders are created under.")
+    output_dir: str = Field(
+        "runs",
+        description="Folder that run folders are created under, or cluster storage: s3://bucket/path, "
+        "gs://bucket/path (train; sweeps need a shared folder).",
+    )
     data: DataSpec = Field(description="Data source, columns, splits and batching.")
     model: ModelSpec = Field(description="Model family, task and parameters.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation and checkpoints.")

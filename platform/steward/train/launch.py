@@ -2,20 +2,23 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from steward import storage
 from steward.data import DataInfo, prepare_data
 from steward.data.mitigate import check_mitigation
 from steward.evaluate.run import evaluate_run
 from steward.govern.card import write_card
 from steward.models import check_fits
+from steward.runs import publish, run_uri
 from steward.spec import JobSpec
 from steward.train.curves import plot_history
-from steward.train.loop import train_loop
+from steward.train.loop import HISTORY, train_loop
 from steward.train.strategy import StrategyError, validate_deepspeed
 
 
@@ -96,27 +99,29 @@ def build_trainer(
     name: str = "train",
     initial_checkpoint: str | None = None,
     callbacks: list | None = None,
+    run_uri: str | None = None,
     probe: dict | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer for this spec; its storage is the run folder, so resuming is re-running into it.
 
     `initial_checkpoint` is a checkpoint folder to start from when the run has none of its own (a Tune trial
-    restored or copied by PBT); `callbacks` are Ray Train callbacks (Tune's bridge); `probe` ({warmup, steps})
-    times steps for `steward bench` and ends training once they are timed.
+    restored or copied by PBT); `callbacks` are Ray Train callbacks (Tune's bridge). With `run_uri` (cluster
+    storage) Ray writes checkpoints to that URI and rank 0 publishes its files there (steward.storage).
+    `probe` ({warmup, steps}) times steps for `steward bench` and ends training once they are timed.
     """
     dist = spec.distributed
     resources = {"CPU": dist.cpus_per_worker} | ({"GPU": dist.gpus_per_worker} if dist.use_gpu else {})
     config = {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "data_info": info.to_dict()}
     return TorchTrainer(
         train_loop,
-        train_loop_config=config | {"initial_checkpoint": initial_checkpoint, "probe": probe},
+        train_loop_config=config | {"initial_checkpoint": initial_checkpoint, "run_uri": run_uri, "probe": probe},
         scaling_config=ScalingConfig(
             num_workers=dist.num_workers, use_gpu=dist.use_gpu, resources_per_worker=resources
         ),
         torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
-            storage_path=str(run_dir),
+            storage_path=run_uri or str(run_dir),
             callbacks=callbacks,
             failure_config=FailureConfig(max_failures=dist.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.checkpoint.keep),
@@ -125,18 +130,64 @@ def build_trainer(
 
 
 def train_job(spec: JobSpec, run_dir: Path, address: str | None = None) -> dict:
-    """Train the spec into run_dir (new or resumed), then evaluate the consolidated model; return metrics.json."""
+    """Train the spec into run_dir (new or resumed), then evaluate the consolidated model; return metrics.json.
+
+    For a URI output_dir, run_dir is the local staging folder: what workers read is published before they start,
+    and what rank 0 wrote (history.jsonl, model/) is fetched back from the URI before evaluating.
+    """
     info = prepare(spec, run_dir)
     connect(address, spec)
     check_resources(spec)
+    uri = run_uri(spec, run_dir)
+    if uri:
+        publish(spec, run_dir)  # data_info.json, tokenizer/: rank 0 may run on another node
     try:
-        build_trainer(spec, run_dir, info).fit()
+        build_trainer(spec, run_dir, info, run_uri=uri).fit()
     except Exception as err:  # Ray wraps worker errors; surface the worker's own message
-        raise TrainingError(root_cause(err)) from err
-    plot_history(run_dir / "history.jsonl", run_dir / "curves.png")
+        raise TrainingError(explain_failure(err, spec)) from err
+    if uri:
+        storage.download(uri, run_dir, [HISTORY, "model"])
+    plot_history(run_dir / HISTORY, run_dir / "curves.png")
     result = evaluate_run(run_dir, spec)
     write_card(run_dir, spec)
     return result
+
+
+# What Ray raises when a worker's process or node goes away (not an error in the training code), and what the
+# surviving workers' collectives say when their peer vanished mid-step (seen: gloo's "Connection reset by peer").
+LOST_WORKER = {"ActorDiedError", "RayActorError", "ActorUnavailableError", "NodeDiedError", "OwnerDiedError",
+               "WorkerHealthCheckFailedError", "WorkerHealthCheckTimeoutError", "WorkerCrashedError"}  # fmt: skip
+PEER_LOST = re.compile(r"connection (reset|closed) by peer|remote process exited|peer .* (closed|disconnected)", re.I)
+
+
+def explain_failure(err: BaseException, spec: JobSpec) -> str:
+    """The message for a failed fit: a lost worker with no restarts left says so and how to recover; else the root
+    cause. (Ray restarts the workers from the last checkpoint up to distributed.max_failures times first.)"""
+    cause, chain = root_cause(err), _chain(err)
+    lost = {type(e).__name__ for e in chain} & LOST_WORKER or any(PEER_LOST.search(str(e)) for e in chain)
+    if not lost:
+        return cause
+    allowed = spec.distributed.max_failures
+    budget = "restarts were all used" if allowed else "allows no restart"
+    return (
+        f"a worker was lost (its process or node died: {cause}) and distributed.max_failures={allowed} {budget}; "
+        "raise distributed.max_failures (e.g. 3) so Ray restarts the workers from the last checkpoint "
+        "(train.checkpoint.every_epochs) once the cluster has room for them again"
+    )
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """Every exception in a (Ray-wrapped) chain, each rank's failure included."""
+    found: list[BaseException] = []
+    todo: list = [err]
+    while todo:
+        seen = todo.pop()
+        if not isinstance(seen, BaseException) or any(seen is f for f in found):
+            continue
+        found.append(seen)
+        todo += [getattr(seen, "cause", None), seen.__cause__, getattr(seen, "health_check_failure", None)]
+        todo += list((getattr(seen, "worker_failures", None) or {}).values())
+    return found
 
 
 def root_cause(err: BaseException) -> str:

@@ -1,5 +1,6 @@
 """The per-worker training loop: runs inside every Ray Train worker, driven only by the spec dict it is given."""
 
+import contextlib
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from steward import storage
 from steward.data import DataInfo, Split, load_splits
 from steward.models import build_model, save_model, task_loss
 from steward.spec import JobSpec
@@ -21,13 +23,18 @@ from steward.train.curves import read_history
 from steward.train.probe import StepProbe, peak_memory_mb
 from steward.train.strategy import build_engine
 
+HISTORY = "history.jsonl"
+
 
 def train_loop(config: dict) -> None:
     """Train one worker's share: re-validate the spec, build data, model and engine, then epochs until done."""
     spec = JobSpec.model_validate(config["spec"])
     run_dir, info = Path(config["run_dir"]), DataInfo.from_dict(config["data_info"])
+    run_uri = config.get("run_uri")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if run_uri:
+        fetch_run_files(run_uri, run_dir, info, rank)
     torch.set_num_threads(max(1, int(spec.distributed.cpus_per_worker)))
     # Ray runs this loop in a thread beside the actor's own; CPython's default 5 ms GIL switch interval made the two
     # trade the GIL so often that steps ran ~20% slower than under torchrun here. 100 ms measured at parity.
@@ -46,7 +53,7 @@ def train_loop(config: dict) -> None:
     engine = build_engine(build_model(spec.model, info), spec, int(total))
     state = restore(engine, config.get("initial_checkpoint")) or {"epoch": 0, "best": None, "stale": 0}
     engine.apply_optimizer_settings(spec)  # a resume or a PBT exploit may come with a changed learning rate
-    history = History(run_dir / "history.jsonl") if rank == 0 else None
+    history = History(run_dir / HISTORY, run_uri) if rank == 0 else None
     asked = config.get("probe")  # `steward bench` cells
     probe = StepProbe(asked["warmup"], asked["steps"], base_memory) if asked else None
     if history:  # a fresh start, a --resume, a restart after a worker failure, or a copied trial (PBT)
@@ -83,6 +90,25 @@ def train_loop(config: dict) -> None:
         if history:
             history.write({"kind": "probe", **measured})
     export_model(engine, spec, info, run_dir, rank)
+    if run_uri and rank == 0:
+        storage.upload(run_dir, run_uri, ["model"])
+
+
+def fetch_run_files(run_uri: str, run_dir: Path, info: DataInfo, rank: int) -> None:
+    """Cluster storage: bring what this worker reads from the run folder to its node (the driver may be elsewhere).
+
+    Every rank needs the tokenizer; rank 0 continues the history an earlier attempt (on any node) published.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if info.tokenizer_dir and not Path(info.tokenizer_dir).exists():
+        # Ranks on one node race for the folder: each downloads its own copy and the first rename wins.
+        partial = Path(f"{info.tokenizer_dir}.{rank}.partial")
+        storage.download(run_uri, partial, ["tokenizer"])
+        with contextlib.suppress(OSError):
+            os.rename(partial / "tokenizer", info.tokenizer_dir)
+        shutil.rmtree(partial, ignore_errors=True)
+    if rank == 0:  # the published history is the latest whichever node wrote it (absent on a first start)
+        storage.download(run_uri, run_dir, [HISTORY])
 
 
 def run_epoch(
@@ -182,10 +208,14 @@ def _mean_across_ranks(total: float, count: int) -> float:
 
 
 class History:
-    """Rank 0's append-only metrics log (Train V2 keeps only checkpointed metrics, so we keep the history)."""
+    """Rank 0's append-only metrics log (Train V2 keeps only checkpointed metrics, so we keep the history).
 
-    def __init__(self, path: Path):
-        self.path = path
+    With `uri` (cluster storage) the log is published there after every record but step records, so a restart
+    on another node, and the driver, find it.
+    """
+
+    def __init__(self, path: Path, uri: str | None = None):
+        self.path, self.uri = path, uri
 
     def rewind(self, epoch: int) -> None:
         """Drop what an interrupted attempt logged after the checkpoint being resumed (epoch `epoch`)."""
@@ -195,3 +225,5 @@ class History:
     def write(self, record: dict) -> None:
         with self.path.open("a") as out:
             out.write(json.dumps({"time": time.time(), **record}) + "\n")
+        if self.uri and record["kind"] != "step":
+            storage.upload(self.path.parent, self.uri, [self.path.name])
