@@ -31,7 +31,7 @@ def penultimate_layer(model: nn.Module) -> str:
 
 
 @contextmanager
-def embedding_tap(model: nn.Module, layer: str) -> Iterator[list[torch.Tensor]]:
+def embedding_tap(layer: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Collect the input of `layer` on every forward pass (pooled over tokens when it has a sequence axis)."""
     seen: list[torch.Tensor] = []
 
@@ -39,7 +39,7 @@ def embedding_tap(model: nn.Module, layer: str) -> Iterator[list[torch.Tensor]]:
         x = args[0].detach().float()
         seen.append(x.mean(dim=1) if x.ndim > 2 else x)
 
-    handle = dict(model.named_modules())[layer].register_forward_pre_hook(hook)
+    handle = layer.register_forward_pre_hook(hook)
     try:
         yield seen
     finally:
@@ -60,7 +60,7 @@ def capture_reference(model: nn.Module, info: DataInfo, spec: JobSpec, out_dir: 
     role = "validation" if "validation" in splits else spec.evaluate.split if spec.evaluate.split in splits else "train"
     data, unk = splits[role], unknown_token_id(info)
     collected: dict[str, list[Any]] = {"inputs": [], "mask": [], "probs": [], "emb": [], "labels": []}
-    with embedding_tap(model, penultimate_layer(model)) as seen:
+    with embedding_tap(dict(model.named_modules())[penultimate_layer(model)]) as seen:
         for batch in data.batches(256):
             mask = batch.get("attention_mask")
             collected["probs"].append(torch.softmax(model(batch["inputs"], mask).float(), -1).numpy())

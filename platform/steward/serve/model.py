@@ -3,7 +3,6 @@
 import json
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +41,13 @@ class ServedModel:
     metadata: dict[str, Any] = field(default_factory=dict)
     thresholds: Thresholds | None = None  # per-group decision thresholds saved with the model (train.mitigation)
 
-    @cached_property
-    def embedding_layer(self) -> str:
-        return penultimate_layer(self.model)
+    _tapped: tuple[nn.Module, nn.Module] | None = field(default=None, init=False, repr=False)
+
+    def embedding_module(self) -> nn.Module:
+        """The layer whose input is the record's embedding; looked up once per model (not on every request)."""
+        if self._tapped is None or self._tapped[0] is not self.model:  # int8 serving swaps the model in
+            self._tapped = (self.model, dict(self.model.named_modules())[penultimate_layer(self.model)])
+        return self._tapped[1]
 
     @property
     def version(self) -> str:
@@ -80,7 +83,7 @@ class ServedModel:
         else:
             inputs, mask = torch.cat(prepared), None
         with ExitStack() as stack:
-            seen = stack.enter_context(embedding_tap(self.model, self.embedding_layer)) if embed else []
+            seen = stack.enter_context(embedding_tap(self.embedding_module())) if embed else []
             out = torch.softmax(self.model(inputs, mask).float(), dim=-1).numpy()
         embeddings = torch.cat(seen).numpy() if seen else None
         starts = np.cumsum([0, *sizes[:-1]])
