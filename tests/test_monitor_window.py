@@ -99,10 +99,17 @@ def test_json_round_trip_then_merge():
 def test_add_batch_equals_single_adds():
     data, bins = random_stream(4), make_bins()
     one, batch = WindowState(bins), WindowState(bins)
-    for i in range(len(data["y_pred"])):
-        one.add(data["y_pred"][i], data["groups"][i], data["x"][i], t=1.0)
-    batch.add_batch(data["y_pred"], data["groups"], data["x"], t=1.0)
+    n = len(data["y_pred"])
+    for i in range(n):
+        one.add(data["y_pred"][i], data["groups"][i], data["x"][i], {"colour": data["colour"][i]}, request_id=i,
+                t=1.0 + i)  # fmt: skip
+    batch.add_batch(data["y_pred"], data["groups"], data["x"], t=(1.0, float(n)), categories={"colour": data["colour"]},
+                    request_ids=range(n))  # fmt: skip
     assert one.predicted == batch.predicted and (one.histograms == batch.histograms).all()
+    assert (one.categorical["colour"] == batch.categorical["colour"]).all() and one.n == batch.n == n
+    assert one.pending_predictions == batch.pending_predictions and (one.start, one.end) == (batch.start, batch.end)
+    for state in (one, batch):  # a late label finds its prediction either way
+        assert state.add_feedback(3, data["y_pred"][3])
 
 
 def test_merge_refuses_other_bins_and_pending_is_bounded():

@@ -148,25 +148,36 @@ class WindowState:
         groups: Any = None,
         features: Any = None,
         samples: dict[str, Any] | None = None,
-        t: float | None = None,
+        t: float | tuple[float, float] | None = None,
+        categories: dict[str, Any] | None = None,
+        request_ids: Sequence[Any] | None = None,
     ) -> None:
-        """Count many records at once (vectorised histograms); for batched serving without request ids.
-        `features` is (n, F) in `bins.names` order; `samples` maps a reservoir name to (n, d) rows."""
-        preds = np.asarray(predictions).ravel()
-        grps = np.full(preds.shape, None, dtype=object) if groups is None else np.asarray(groups).ravel()
-        for g, p in zip(grps.tolist(), preds.tolist(), strict=True):
-            self.predicted[(g, p)] = self.predicted.get((g, p), 0) + 1
+        """Count many records at once (vectorised histograms), as `add` would one by one.
+
+        `features` is (n, F) in `bins.names` order; `samples` maps a reservoir name to (n, d) rows; `categories`
+        maps a categorical signal to n values; `t` is one time or the (first, last) record times.
+        """
+        preds = [_plain(p) for p in np.asarray(predictions, dtype=object).ravel().tolist()]
+        grps = [None] * len(preds) if groups is None else [_plain(g) for g in groups]
+        for key in zip(grps, preds, strict=True):
+            self.predicted[key] = self.predicted.get(key, 0) + 1
         if features is not None:
             idx = self.bins.index(np.asarray(features, dtype=float).reshape(len(preds), -1))
             flat = (self.bins._rows * self.histograms.shape[1] + idx).ravel()
             self.histograms += np.bincount(flat, minlength=self.histograms.size).reshape(self.histograms.shape)
+        for name, values in (categories or {}).items():
+            index = self.bins.category_index[name]
+            np.add.at(self.categorical[name], [index.get(_plain(v), len(index)) for v in values], 1)
         for name, rows in (samples or {}).items():
             rows = np.asarray(rows).reshape(len(preds), -1)
             self._reservoir(name, rows.shape[1]).add_batch(rows)
-        t = time.time() if t is None else t
-        self.start = t if self.start is None else min(self.start, t)
-        self.end = t if self.end is None else max(self.end, t)
+        first, last = t if isinstance(t, tuple) else (time.time() if t is None else t,) * 2
+        self.start = first if self.start is None else min(self.start, first)
+        self.end = last if self.end is None else max(self.end, last)
         self.n += len(preds)
+        for request_id, group, prediction in zip(request_ids or [], grps, preds, strict=False):
+            self._pend(self.pending_predictions, _plain(request_id), (group, prediction))
+            self._match(_plain(request_id))
 
     def add_feedback(self, request_id: Any, label: Any) -> bool:
         """Record a late label; True if its prediction is in this state and was counted now."""

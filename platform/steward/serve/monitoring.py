@@ -1,13 +1,17 @@
 """A replica's side of monitoring: count each answered record into a window state, push it to the monitor actor.
 
-Counting runs after the response is handed back (scheduled on the event loop, never awaited by the request), and
-pushes go out every monitor.push_interval_s, so the request path pays neither.
+A request only queues its outputs, after the response is handed back (scheduled on the event loop, never awaited by
+the request); the queue is counted in one vectorised pass and pushed every monitor.push_interval_s (or a quarter
+count window), so the request path pays neither.
 """
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from steward.evaluate.profile import unknown_token_id
 from steward.monitor.actor import monitor_actor, reference_for
@@ -39,38 +43,51 @@ class ReplicaMonitor:
         self.group = self.cfg.bias.group if self.cfg.bias else None
         self.actor = monitor_actor(job.model_dump(mode="json"), str(served.run_dir), deployment)
         self.pusher: asyncio.Task | None = None
+        self.queue: list[tuple[Output, list[Any] | None, list[str], float]] = []
+        self.queued = 0
         # Count windows close at the first delta that fills them: pushing every quarter window keeps them near size.
         window = self.cfg.window
         self.push_at = (window.step or window.size) / 4 if window.by == "count" else float("inf")
 
     def record(self, output: Output, attributes: dict[str, list[Any]], request_ids: list[str]) -> None:
-        """Count one request's records (statistics only: the payload is not kept)."""
-        info = self.served.info
+        """Queue one request's outputs until the next push counts them; from then on only statistics are kept."""
         assert output.inputs is not None, "the replica runs the model with embed=True when monitored"
-        signals = record_signals(
-            info.modality, output.inputs, output.probabilities, info.label_names, output.embeddings,
-            output.attention_mask, self.unk,
-        )  # fmt: skip
-        rows = signals.rows(self.bins.names)
-        groups = attributes.get(self.group or "", [None] * len(request_ids))
-        for i, request_id in enumerate(request_ids):
-            samples = {}
-            if signals.embeddings is not None:
-                samples["embedding"] = signals.embeddings[i]
-            if signals.features is not None:
-                samples["features"] = signals.features[i]
-            self.state.add(
-                signals.predicted[i], None if groups[i] is None else str(groups[i]), rows[i],
-                {PREDICTED_CLASS: signals.predicted[i]}, samples, request_id,
-            )  # fmt: skip
+        self.queue.append((output, attributes.get(self.group or ""), request_ids, time.time()))
+        self.queued += len(request_ids)
         loop = asyncio.get_running_loop()
         if self.pusher is None:
             self.pusher = loop.create_task(self._push_forever())
-        if self.state.n >= self.push_at:
+        if self.queued >= self.push_at:
             loop.create_task(self.flush())
+
+    def count(self) -> None:
+        """Count every queued record into the window state in one vectorised pass (a request at a time cost
+        ~20 us a record in Python; a pass over a push's worth costs a few)."""
+        queue, self.queue, self.queued = self.queue, [], 0
+        if not queue:
+            return
+        info = self.served.info
+
+        def joined(name: str) -> Any:
+            parts = [getattr(output, name) for output, *_ in queue]
+            return None if parts[0] is None else np.concatenate(parts)
+
+        signals = record_signals(
+            info.modality, joined("inputs"), joined("probabilities"), info.label_names, joined("embeddings"),
+            joined("attention_mask"), self.unk,
+        )  # fmt: skip
+        groups = [None if g is None else str(g) for _, gs, ids, _ in queue for g in (gs or [None] * len(ids))]
+        samples = {"embedding": signals.embeddings} if signals.embeddings is not None else {}
+        if signals.features is not None:
+            samples["features"] = signals.features
+        self.state.add_batch(
+            signals.predicted, groups, signals.rows(self.bins.names), samples, t=(queue[0][3], queue[-1][3]),
+            categories={PREDICTED_CLASS: signals.predicted}, request_ids=[r for _, _, ids, _ in queue for r in ids],
+        )  # fmt: skip
 
     async def feedback(self, request_id: str, label: str) -> bool:
         """A late label: counted here if this replica still holds the prediction, else matched by the monitor."""
+        self.count()
         if self.state.add_feedback(request_id, label):
             return True
         return await self.actor.feedback.remote(request_id, label)
@@ -81,6 +98,7 @@ class ReplicaMonitor:
 
     async def flush(self) -> None:
         """Send what was counted since the last push (a replica that dies loses at most one interval)."""
+        self.count()
         if not (self.state.n or self.state.pending_labels):
             return
         delta, self.state = self.state, WindowState(self.bins)
