@@ -113,7 +113,8 @@ def trial_trainable(spec: JobSpec, run_dir: Path) -> type:
 
     Tune stops a trial (ASHA, median stopping, a PBT exploit, the time budget) by telling the function to stop and
     ending the actor almost at once. The Train run inside would die with it and leave its workers' placement group
-    behind, starving the next trials; so cleanup first gives run_trial up to STOP_GRACE_S to abort it.
+    behind, starving the next trials; so cleanup (or reset_config, when Tune reuses the actor for the next trial)
+    first gives run_trial up to STOP_GRACE_S to abort it.
     """
     assert spec.tune is not None
     base, section = spec.model_dump(mode="json", exclude={"tune"}), spec.tune.model_dump(mode="json")
@@ -121,12 +122,23 @@ def trial_trainable(spec: JobSpec, run_dir: Path) -> type:
 
     class Trial(wrap_function(function)):  # type: ignore[misc]
         def cleanup(self) -> None:
-            session = get_session()
-            if session is not None and session.training_started:
-                session.finish(timeout=STOP_GRACE_S)
+            _finish_previous()
             super().cleanup()
 
+        def reset_config(self, new_config: dict) -> bool:
+            # Tune reuses this actor only once the last trial's thread has ended (it waits 2 s, then fails the new
+            # trial); a stopped trial first aborts its Train run, which takes longer.
+            _finish_previous()
+            return super().reset_config(new_config)
+
     return Trial
+
+
+def _finish_previous() -> None:
+    """Give the trial function up to STOP_GRACE_S to abort its Train run (see trial_trainable)."""
+    session = get_session()
+    if session is not None and session.training_started:
+        session.finish(timeout=STOP_GRACE_S)
 
 
 def build_tuner(spec: JobSpec, run_dir: Path, callbacks: list, resume: bool = False) -> tune.Tuner:
@@ -152,7 +164,9 @@ def build_tuner(spec: JobSpec, run_dir: Path, callbacks: list, resume: bool = Fa
             scheduler=scheduler(t, spec.train.epochs),
             num_samples=t.samples,
             time_budget_s=t.time_budget_s,
-            reuse_actors=False,  # a reused trial actor would keep the previous trial's Train run alive
+            # A trial actor imports torch and steward (seconds each time); reusing it is safe because reset_config
+            # waits, like cleanup, for the previous trial's Train run to end.
+            reuse_actors=True,
             trial_dirname_creator=lambda trial: trial.trial_id,  # tune/<trial id>, as trials/<trial id>
         ),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(run_dir), callbacks=callbacks, verbose=0),
