@@ -2,10 +2,11 @@
 
     python benchmarks/tune_efficiency.py [--bookkeeping-trials 30] [--trials 8] [--budget 9] [--target 0.98]
 
-(a) Bookkeeping, as Ray's own scalability test measures it: N trials of a fixed 1 s workload (10 reports of 0.1 s)
-    at concurrency 2, through raw Ray Tune with actors reused; observed wall time / ideal (N x 1 s / 2). Cells run
-    interleaved with the same sweep plus steward's live trial table (the one Tune callback steward adds), so the
-    table's own cost shows as the difference.
+(a) Bookkeeping, as Ray's own scalability test measures it (release/tune_tests/scalability_tests, "bookkeeping
+    overhead": trials of 1 s reporting once, actors reused): N such trials at concurrency 2 through raw Ray Tune;
+    observed wall time / ideal (N x 1 s / 2). Interleaved with two harder cells: 10 reports of 0.1 s per trial
+    (each report is a round trip through Tune's controller), and the same with steward's Tune-side setup (its
+    live trial table, its result loggers), so steward's own share shows as the difference.
     A steward trial is not a function but a whole Ray Train run (a controller and worker actors), so steward's path
     is measured as well: N trials of 1 digits-CNN epoch through steward's sweep; its fixed cost per trial is the
     wall time per slot minus the epoch's own training time.
@@ -16,6 +17,7 @@ Writes benchmarks/results/tune_efficiency.json and prints the table.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -31,7 +33,7 @@ from steward.runs import create_run
 from steward.spec import load_job
 from steward.train.curves import read_history
 from steward.train.launch import connect
-from steward.tune.launch import TRIALS, sweep
+from steward.tune.launch import TRIALS, sweep, tune_callbacks, tune_environment
 from steward.tune.report import LiveTable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,23 +42,29 @@ ASHA = "{name: asha, grace_period: 1, reduction_factor: 3}"
 
 
 def sleeper(config: dict) -> None:
-    for step in range(10):
-        time.sleep(0.1)
+    for step in range(config["reports"]):
+        time.sleep(1 / config["reports"])
         tune.report({"step": step})
 
 
-def bookkeeping(trials: int, tmp: Path, live: bool) -> float:
-    """Wall time of `trials` 1 s trials at concurrency 2 / the ideal trials x 1 s / 2; `live`: with steward's table."""
-    callbacks = [LiveTable("step", ["i"])] if live else []
+# (a)'s cells: reports per 1 s trial, and whether Tune runs with steward's Tune-side setup (its callbacks/loggers)
+CELLS = {"ray's test: 1 report/trial": (1, False), "10 reports/trial": (10, False),
+         "10 reports/trial, steward's tune setup": (10, True)}  # fmt: skip
+
+
+def bookkeeping(trials: int, tmp: Path, reports: int, steward: bool) -> float:
+    """Wall time of `trials` 1 s trials at concurrency 2 / the ideal trials x 1 s / 2."""
+    callbacks = tune_callbacks([LiveTable("step", ["i"])]) if steward else []
     tuner = tune.Tuner(
         sleeper,
-        param_space={"i": tune.grid_search(list(range(trials)))},
+        param_space={"i": tune.grid_search(list(range(trials))), "reports": reports},
         tune_config=tune.TuneConfig(max_concurrent_trials=2, reuse_actors=True),
         run_config=tune.RunConfig(storage_path=str(tmp), name=f"bookkeeping-{time.time_ns()}", verbose=0,
                                   callbacks=callbacks),
     )  # fmt: skip
     started = time.monotonic()
-    tuner.fit()
+    with tune_environment() if steward else contextlib.nullcontext():
+        tuner.fit()
     return (time.monotonic() - started) / (trials / 2)
 
 
@@ -117,10 +125,10 @@ def main() -> None:
     started, load = time.monotonic(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="steward-tune-bench-") as folder:
         tmp = Path(folder)
-        cells: dict[str, list[float]] = {"raw tune": [], "tune + steward live table": []}
-        for _ in range(args.repeats):  # interleaved: drift of a shared machine hits both cells alike
+        cells: dict[str, list[float]] = {cell: [] for cell in CELLS}
+        for _ in range(args.repeats):  # interleaved: drift of a shared machine hits every cell alike
             for cell, ratios in cells.items():
-                ratios.append(bookkeeping(args.bookkeeping_trials, tmp, live=cell != "raw tune"))
+                ratios.append(bookkeeping(args.bookkeeping_trials, tmp, *CELLS[cell]))
         Console().print(f"bookkeeping wall / ideal: {cells}")
         cost = steward_trial_cost(tmp, args.steward_trials)
         Console().print(f"steward trial: {cost}")

@@ -13,6 +13,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from ray import tune
 from ray.train import Checkpoint
 from ray.train._internal.session import get_session
 from ray.train.v2.api.callback import UserCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.trainable.function_trainable import wrap_function
 from ray.util.queue import Queue
 
@@ -180,9 +182,37 @@ def _fitting_trials(spec: JobSpec) -> int:
     return max(1, math.floor(ray.cluster_resources().get(kind, 0) / (per * dist.num_workers)))
 
 
+def tune_callbacks(callbacks: list) -> list:
+    """The Tune callbacks of a sweep: the given ones, and the result files steward reads (CSV and JSON).
+
+    Tune would add a TensorBoard writer per trial too; nothing of steward reads its files (the run folder has its
+    own curves), so tune_environment turns Tune's automatic loggers off.
+    """
+    return [*callbacks, CSVLoggerCallback(), JsonLoggerCallback()]
+
+
+@contextlib.contextmanager
+def tune_environment() -> Iterator[None]:
+    """Tune's settings for a sweep, which it reads from the environment when the sweep starts."""
+    saved = {key: os.environ.get(key) for key in TUNE_ENV}
+    os.environ.update({key: os.environ.get(key, value) for key, value in TUNE_ENV.items()})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
+TUNE_ENV = {
+    "RAY_AIR_NEW_OUTPUT": "0",  # with verbose=0: Tune prints nothing, the live table is ours
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # tune_callbacks names the loggers steward needs
+}
+
+
 def sweep(spec: JobSpec, run_dir: Path, address: str | None, callbacks: list, resume: bool = False) -> tune.ResultGrid:
     """Run (or continue) the sweep; per-trial checks happen inside each trial."""
     connect(address, spec)
     check_resources(spec)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing, the live table is ours
-    return build_tuner(spec, run_dir, callbacks, resume).fit()
+    with tune_environment():
+        return build_tuner(spec, run_dir, tune_callbacks(callbacks), resume).fit()
