@@ -13,6 +13,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from ray import tune
 from ray.train import Checkpoint
 from ray.train._internal.session import get_session
 from ray.train.v2.api.callback import UserCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.trainable.function_trainable import wrap_function
 from ray.util.queue import Queue
 
@@ -113,7 +115,8 @@ def trial_trainable(spec: JobSpec, run_dir: Path) -> type:
 
     Tune stops a trial (ASHA, median stopping, a PBT exploit, the time budget) by telling the function to stop and
     ending the actor almost at once. The Train run inside would die with it and leave its workers' placement group
-    behind, starving the next trials; so cleanup first gives run_trial up to STOP_GRACE_S to abort it.
+    behind, starving the next trials; so cleanup (or reset_config, when Tune reuses the actor for the next trial)
+    first gives run_trial up to STOP_GRACE_S to abort it.
     """
     assert spec.tune is not None
     base, section = spec.model_dump(mode="json", exclude={"tune"}), spec.tune.model_dump(mode="json")
@@ -121,12 +124,23 @@ def trial_trainable(spec: JobSpec, run_dir: Path) -> type:
 
     class Trial(wrap_function(function)):  # type: ignore[misc]
         def cleanup(self) -> None:
-            session = get_session()
-            if session is not None and session.training_started:
-                session.finish(timeout=STOP_GRACE_S)
+            _finish_previous()
             super().cleanup()
 
+        def reset_config(self, new_config: dict) -> bool:
+            # Tune reuses this actor only once the last trial's thread has ended (it waits 2 s, then fails the new
+            # trial); a stopped trial first aborts its Train run, which takes longer.
+            _finish_previous()
+            return super().reset_config(new_config)
+
     return Trial
+
+
+def _finish_previous() -> None:
+    """Give the trial function up to STOP_GRACE_S to abort its Train run (see trial_trainable)."""
+    session = get_session()
+    if session is not None and session.training_started:
+        session.finish(timeout=STOP_GRACE_S)
 
 
 def build_tuner(spec: JobSpec, run_dir: Path, callbacks: list, resume: bool = False) -> tune.Tuner:
@@ -152,7 +166,9 @@ def build_tuner(spec: JobSpec, run_dir: Path, callbacks: list, resume: bool = Fa
             scheduler=scheduler(t, spec.train.epochs),
             num_samples=t.samples,
             time_budget_s=t.time_budget_s,
-            reuse_actors=False,  # a reused trial actor would keep the previous trial's Train run alive
+            # A trial actor imports torch and steward (seconds each time); reusing it is safe because reset_config
+            # waits, like cleanup, for the previous trial's Train run to end.
+            reuse_actors=True,
             trial_dirname_creator=lambda trial: trial.trial_id,  # tune/<trial id>, as trials/<trial id>
         ),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(run_dir), callbacks=callbacks, verbose=0),
@@ -166,9 +182,37 @@ def _fitting_trials(spec: JobSpec) -> int:
     return max(1, math.floor(ray.cluster_resources().get(kind, 0) / (per * dist.num_workers)))
 
 
+def tune_callbacks(callbacks: list) -> list:
+    """The Tune callbacks of a sweep: the given ones, and the result files steward reads (CSV and JSON).
+
+    Tune would add a TensorBoard writer per trial too; nothing of steward reads its files (the run folder has its
+    own curves), so tune_environment turns Tune's automatic loggers off.
+    """
+    return [*callbacks, CSVLoggerCallback(), JsonLoggerCallback()]
+
+
+@contextlib.contextmanager
+def tune_environment() -> Iterator[None]:
+    """Tune's settings for a sweep, which it reads from the environment when the sweep starts."""
+    saved = {key: os.environ.get(key) for key in TUNE_ENV}
+    os.environ.update({key: os.environ.get(key, value) for key, value in TUNE_ENV.items()})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
+TUNE_ENV = {
+    "RAY_AIR_NEW_OUTPUT": "0",  # with verbose=0: Tune prints nothing, the live table is ours
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # tune_callbacks names the loggers steward needs
+}
+
+
 def sweep(spec: JobSpec, run_dir: Path, address: str | None, callbacks: list, resume: bool = False) -> tune.ResultGrid:
     """Run (or continue) the sweep; per-trial checks happen inside each trial."""
     connect(address, spec)
     check_resources(spec)
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: Tune prints nothing, the live table is ours
-    return build_tuner(spec, run_dir, callbacks, resume).fit()
+    with tune_environment():
+        return build_tuner(spec, run_dir, tune_callbacks(callbacks), resume).fit()

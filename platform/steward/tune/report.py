@@ -31,55 +31,64 @@ class TrialRow:
 
 
 class LiveTable(tune.Callback):
-    """A rich table of trials (state, config, iteration, latest metric), redrawn on every trial event.
+    """A rich table of trials (state, config, iteration, latest metric), kept current while the sweep runs.
 
+    Tune calls back on every result (hundreds a second with short trials), but a person sees the table at most
+    REFRESH_HZ times a second; so events only note the trials, and the table is built when rich redraws it, in
+    rich's own thread rather than Tune's control loop.
     Tune pickles its callbacks with the experiment, so the console and live display are made lazily and never
     pickled: a resumed sweep draws a fresh table.
     """
 
+    REFRESH_HZ = 4
+
     def __init__(self, metric: str, paths: list[str]):
         self.metric, self.paths = metric, paths
         self._live: Live | None = None
+        self._trials: list = []
 
     def __getstate__(self) -> dict:
-        return {"metric": self.metric, "paths": self.paths, "_live": None}
+        return {"metric": self.metric, "paths": self.paths, "_live": None, "_trials": []}
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        self._draw(trials)
+        self._note(trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._draw(trials)
+        self._note(trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._draw(trials)
+        self._note(trials)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._draw(trials)
+        self._note(trials)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self._draw(trials)
+        self._note(trials)
         self.stop()
 
     def stop(self) -> None:
         if self._live:
-            self._live.stop()
+            self._live.stop()  # draws the table a last time
             self._live = None
 
-    def _draw(self, trials: list) -> None:
+    def _note(self, trials: list) -> None:
+        self._trials = trials
+        if self._live is None:
+            self._live = Live(console=Console(), refresh_per_second=self.REFRESH_HZ, get_renderable=self.table)
+            self._live.start()
+
+    def table(self) -> Table:
+        """The table of the trials last noted."""
         table = Table(title=f"Trials ({self.metric})")
         for column in ("trial", "state", *headers(self.paths), "epoch", self.metric):
             table.add_column(column, justify="left" if column in ("trial", "state") else "right")
-        for trial in trials:
+        for trial in list(self._trials):  # a copy: Tune may add trials while rich draws
             last = trial.last_result or {}
             values = [_short(trial.config.get(p)) for p in self.paths]
             metric = last.get(self.metric)
             shown = "" if metric is None else f"{metric:.4f}"
             table.add_row(trial.trial_id, trial.status.lower(), *values, str(last.get(TIME_ATTR, "")), shown)
-        if self._live is None:
-            self._live = Live(table, console=Console(), refresh_per_second=4)
-            self._live.start()
-        else:
-            self._live.update(table)
+        return table
 
 
 def results_table(rows: list[TrialRow], metric: str, paths: list[str], best: TrialRow | None) -> Table:
