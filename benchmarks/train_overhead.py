@@ -1,11 +1,17 @@
 """Training overhead, side by side in one run: steward vs plain torchrun, ZeRO stages vs DDP, memory vs the ZeRO paper.
 
-    python benchmarks/train_overhead.py [--repeats 3] [--epochs 12]
+    python benchmarks/train_overhead.py             # ~8 min on 2 cores: quickstart CNN and BERT 4x256, 2 repeats
+    python benchmarks/train_overhead.py --long      # every model, 3 repeats, longer epochs
+    python benchmarks/train_overhead.py --models "bert 4x256" --cells "steward ddp" "steward zero-2"
 
-1. Throughput: CNNs on digits (the quickstart's and a wider one) and a 4-layer BERT on synthetic text, 2 workers x
-   1 thread, same seed, data and step.
+1. Throughput: CNNs on digits (the quickstart's and a wider one) and a 4-layer, 256-wide BERT on synthetic text,
+   2 workers x 1 thread, same seed, data and step (gradient clipping at the spec's default 1.0 in every cell).
    Cells run interleaved (A B C ... A B C ...) so slow drift of the machine hits every cell alike; each cell's
    number is the median over repeats of its steady-state samples/s (median over epochs after the first).
+   The targets (steward/torchrun >= 0.95, ZeRO-1/2 >= 0.9 of DDP) are judged on BERT 4x256: its step (~0.2 s of
+   compute a rank) is the size of step ZeRO is for. The quickstart CNN's step is ~6 ms, so what it shows is
+   DeepSpeed's fixed per-step cost (two extra blocking collectives: the gradient-norm all-reduce for clipping and
+   the parameter all-gather, plus Python around them), not sharding's cost; it is reported, not judged.
 2. Memory: a 4-layer, 512-wide BERT (~13 M parameters) for a few steps under ZeRO 0-3; the peak resident memory
    a rank adds from just before the model is built (libraries already loaded), against the ZeRO paper's
    model-state formula for fp32 Adam:
@@ -21,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -42,9 +49,7 @@ CELLS = {
     "steward zero-2": ["distributed.zero_stage=2"],
     "steward zero-3": ["distributed.zero_stage=3"],
 }
-# Per-step compute grows down the list: the quickstart CNN takes ~6 ms a step here, so fixed per-step costs show
-# most there (ZeRO-1/2 add two collectives a step to DDP's one: DeepSpeed's gradient-norm all-reduce and the
-# parameter all-gather).
+# Per-step compute grows down the list; each model's own overrides come after the run's (theirs win).
 MODELS = {
     "quickstart cnn": (QUICKSTART, []),
     "wide cnn": (QUICKSTART, ["model.params.channels=[64,128]", "model.params.hidden_size=512"]),
@@ -55,15 +60,30 @@ MODELS = {
             "model.params.num_layers=4",
             "model.params.num_heads=4",
             "model.params.intermediate_size=1024",
-            "data.options.num_samples=2000",
-            "train.epochs=4",
         ],
     ),
+}
+# What a run measures: the default fits `make bench`'s budget (~8 min here), --long trades time for less noise.
+RUNS = {
+    "default": {
+        "repeats": 2,
+        "models": ["quickstart cnn", "bert 4x256"],
+        "epochs": {"quickstart cnn": 8, "wide cnn": 6, "bert 4x256": 3},
+        "bert_samples": 1500,
+    },
+    "long": {
+        "repeats": 3,
+        "models": list(MODELS),
+        "epochs": {"quickstart cnn": 12, "wide cnn": 12, "bert 4x256": 5},
+        "bert_samples": 2000,
+    },
 }
 BIG_BERT = ["model.params.hidden_size=512", "model.params.num_layers=4", "model.params.num_heads=8",
             "model.params.intermediate_size=2048", "train.max_steps=4", "train.epochs=1", "data.batch_size=8",
             "data.options.num_samples=800"]  # fmt: skip
 MB = 2**20
+JUDGED_ON = "bert 4x256"  # see the docstring: the model whose step is the size ZeRO is for
+TARGETS = {"steward ddp": 0.95, "steward zero-1": 0.9, "steward zero-2": 0.9}
 
 
 def steward_run(job: Path, overrides: list[str], out: Path) -> list[dict]:
@@ -90,23 +110,26 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def throughput(repeats: int, epochs: int, tmp: Path, console: Console) -> dict[str, dict[str, list[float]]]:
+def throughput(run: dict, cells: list[str], tmp: Path, console: Console) -> dict[str, dict[str, list[float]]]:
     """samples/s per model and cell; repeats interleave every cell of every model."""
-    common = [f"train.epochs={epochs}", "train.early_stopping=null", "seed=0"]
-    samples: dict[str, dict[str, list[float]]] = {model: {name: [] for name in CELLS} for model in MODELS}
-    for repeat in range(repeats):
-        for model, (job, sizes) in MODELS.items():
-            for name, extra in CELLS.items():
+    samples: dict[str, dict[str, list[float]]] = {model: {name: [] for name in cells} for model in run["models"]}
+    for repeat in range(run["repeats"]):
+        for model in run["models"]:
+            job, sizes = MODELS[model]
+            overrides = [f"train.epochs={run['epochs'][model]}", "train.early_stopping=null", "seed=0", *sizes]
+            if job == TEXT:
+                overrides.append(f"data.options.num_samples={run['bert_samples']}")
+            for name in cells:
                 out = tmp / f"{model}-{name}-{repeat}".replace(" ", "-")
                 out.mkdir(parents=True)
-                overrides = common + sizes
+                extra = CELLS[name]
                 if extra is None:
                     records = torchrun_run(job, overrides, out)
                 else:
                     records = steward_run(job, overrides + extra, out)
                 steady = statistics.median(r["samples_per_s"] for r in records[1:])
                 samples[model][name].append(steady)
-                console.print(f"repeat {repeat + 1}/{repeats}  {model:14s} {name:15s} {steady:9.0f} samples/s")
+                console.print(f"repeat {repeat + 1}/{run['repeats']}  {model:14s} {name:15s} {steady:9.0f} samples/s")
     return samples
 
 
@@ -141,18 +164,19 @@ def zero_model_state_bytes(params: int, stage: int, workers: int) -> float:
     return p + g + o
 
 
-def throughput_table(model: str, samples: dict[str, list[float]], console: Console) -> dict[str, float]:
+def throughput_table(model: str, samples: dict[str, list[float]], console: Console) -> dict[str, float | None]:
     """Print one model's cells with ratios: steward DDP against torchrun, each ZeRO stage against steward DDP."""
     median = {name: statistics.median(values) for name, values in samples.items()}
     table = Table(title=f"Training throughput, {model}, 2 workers x 1 thread (median over repeats)")
-    for column in ("cell", "samples/s", "min", "max", "ratio", "vs"):
+    for column in ("cell", "samples/s", "min", "max", "ratio", "vs", "target"):
         table.add_column(column, justify="left" if column in ("cell", "vs") else "right")
-    ratios = {}
+    ratios: dict[str, float | None] = {}
     for name, values in samples.items():
         base = {"torchrun ddp": name, "steward ddp": "torchrun ddp"}.get(name, "steward ddp")
-        ratios[name] = median[name] / median[base]
-        row = (f"{median[name]:.0f}", f"{min(values):.0f}", f"{max(values):.0f}", f"{ratios[name]:.3f}", base)
-        table.add_row(name, *row)
+        ratios[name] = median[name] / median[base] if base in median else None
+        ratio = "-" if ratios[name] is None else f"{ratios[name]:.3f}"
+        target = f">= {TARGETS[name]}" if name in TARGETS and model == JUDGED_ON else ""
+        table.add_row(name, f"{median[name]:.0f}", f"{min(values):.0f}", f"{max(values):.0f}", ratio, base, target)
     console.print(table)
     return ratios
 
@@ -170,21 +194,31 @@ def memory_table(mem: list[dict], console: Console) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--long", action="store_true", help="every model, 3 repeats, longer epochs (~25 min)")
+    parser.add_argument("--repeats", type=int, help="override the run's number of interleaved repeats")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="only these models")
+    parser.add_argument("--cells", nargs="+", choices=list(CELLS), default=list(CELLS), help="only these cells")
+    parser.add_argument("--no-memory", action="store_true", help="skip the ZeRO memory measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_overhead.json")
     args = parser.parse_args()
+    run = dict(RUNS["long" if args.long else "default"])
+    run["repeats"] = args.repeats or run["repeats"]
+    run["models"] = args.models or run["models"]
     console = Console()
     connect(None, load_job(QUICKSTART))  # the same embedded local Ray `steward train` starts
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="steward-bench-") as tmp:
-        samples = throughput(args.repeats, args.epochs, Path(tmp), console)
-        mem = memory(Path(tmp), console)
+        samples = throughput(run, args.cells, Path(tmp), console)
+        mem = [] if args.no_memory else memory(Path(tmp), console)
     ratios = {model: throughput_table(model, cells, console) for model, cells in samples.items()}
-    memory_table(mem, console)
-    result = {"samples_per_s": samples, "ratios": ratios, "memory": mem}
+    if mem:
+        memory_table(mem, console)
+    minutes = (time.perf_counter() - started) / 60
+    result = {"run": run, "judged_on": JUDGED_ON, "targets": TARGETS, "minutes": minutes}
+    result |= {"samples_per_s": samples, "ratios": ratios, "memory": mem}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    console.print(f"wrote {args.out}")
+    console.print(f"wrote {args.out} after {minutes:.1f} min")
 
 
 if __name__ == "__main__":

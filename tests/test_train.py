@@ -47,21 +47,24 @@ def test_zero_stages_train_and_the_loss_goes_down(ray_local, tmp_path, stage):
     assert result["overall"]["accuracy"] > 0.5
 
 
-def test_zero3_follows_ddp_on_the_same_seed_and_data(ray_local, tmp_path):
+# ZeRO-2 runs without clipping: DeepSpeed then skips the gradient norm, and its own default (clip at 1.0) must not
+# come back when the spec says grad_clip: null.
+@pytest.mark.parametrize(("stage", "clip"), [(3, []), (2, ["train.grad_clip=null"])], ids=["zero-3", "zero-2-noclip"])
+def test_zero_follows_ddp_on_the_same_seed_and_data(ray_local, tmp_path, stage, clip):
     # SGD, not Adam: Adam's first updates are ~lr * sign(grad), so a weight whose gradient is ~0 moves by +-lr on
     # 1e-7 of reduction-order noise, which hides whether sharding is exact. SGD's update is linear in the gradient.
     common = [*SMALL, "model.params.dropout=0", "train.max_steps=15", "train.epochs=1", "train.optimizer.name=sgd"]
-    common += ["train.optimizer.lr=0.1"]
+    common += ["train.optimizer.lr=0.1", *clip]
     _, _, _, ddp = train(tmp_path, "quickstart.yaml", *common, "distributed.strategy=ddp", "distributed.zero_stage=0")
-    _, _, _, zero3 = train(tmp_path, "quickstart.yaml", *common, "distributed.zero_stage=3")
-    a, b = step_losses(ddp), step_losses(zero3)
+    _, _, _, zero = train(tmp_path, "quickstart.yaml", *common, f"distributed.zero_stage={stage}")
+    a, b = step_losses(ddp), step_losses(zero)
     assert len(a) == len(b) == 15
     assert a[-1] < 0.7 * a[0]
     # The same maths in a different order: ZeRO-3 reduce-scatters and all-gathers where DDP all-reduces, so fp32
     # rounding (~1e-7 relative) differs and compounds over steps; 1e-4 relative leaves room for that and none for
     # a wrong gradient, a missed shard or a skipped step (each moves the loss by percents here).
     for step, (x, y) in enumerate(zip(a, b, strict=True)):
-        assert math.isclose(x, y, rel_tol=1e-4), f"step {step + 1}: ddp {x:.6f} vs zero-3 {y:.6f}\n{a}\n{b}"
+        assert math.isclose(x, y, rel_tol=1e-4), f"step {step + 1}: ddp {x:.6f} vs zero-{stage} {y:.6f}\n{a}\n{b}"
 
 
 def test_resume_continues_from_the_checkpoint_with_the_same_losses(ray_local, tmp_path):

@@ -1,0 +1,33 @@
+"""Fast tier: the DeepSpeed config steward derives from a spec, checked by DeepSpeed's own config parser."""
+
+import pytest
+
+from steward.spec import load_job
+from steward.train.strategy import deepspeed_config, validate_deepspeed
+from tests.conftest import JOBS
+
+
+def config(*overrides):
+    spec = load_job(JOBS / "quickstart.yaml", list(overrides))
+    validate_deepspeed(spec)  # DeepSpeed accepts it
+    return deepspeed_config(spec)
+
+
+def test_no_clipping_is_said_explicitly_since_deepspeed_defaults_to_clipping_at_one():
+    assert config("train.grad_clip=null")["gradient_clipping"] == 0.0
+    assert config("train.grad_clip=0.5")["gradient_clipping"] == 0.5
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_1_2_skip_the_gradient_norm_only_when_nothing_reads_it(stage):
+    unclipped = config(f"distributed.zero_stage={stage}", "train.grad_clip=null")
+    assert unclipped["zero_optimization"]["compute_grad_norm"] is False
+    assert "compute_grad_norm" not in config(f"distributed.zero_stage={stage}")["zero_optimization"]  # clipping
+    offload = config(f"distributed.zero_stage={stage}", "train.grad_clip=null", "distributed.offload_optimizer=cpu")
+    assert "compute_grad_norm" not in offload["zero_optimization"]
+
+
+def test_the_norm_stays_where_deepspeed_needs_it():
+    assert "compute_grad_norm" not in config("distributed.zero_stage=3", "train.grad_clip=null")["zero_optimization"]
+    bf16 = config("distributed.zero_stage=1", "train.grad_clip=null", "train.precision=bf16")
+    assert "compute_grad_norm" not in bf16["zero_optimization"]
