@@ -33,6 +33,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from steward.bench.memory import zero_model_state_bytes
 from steward.models import build_model, count_parameters
 from steward.runs import create_run
 from steward.spec import load_job
@@ -150,18 +151,6 @@ def _param_count(spec) -> int:
     from steward.data import prepare_data
 
     return count_parameters(build_model(spec.model, prepare_data(spec, None)))
-
-
-def zero_model_state_bytes(params: int, stage: int, workers: int) -> float:
-    """Model states per rank for fp32 Adam (ZeRO paper, Rajbhandari et al. 2020, with K=8 and 4-byte params)."""
-    p, g, o = 4.0 * params, 4.0 * params, 8.0 * params
-    if stage >= 1:
-        o /= workers
-    if stage >= 2:
-        g /= workers
-    if stage >= 3:
-        p /= workers
-    return p + g + o
 
 
 def throughput_table(model: str, samples: dict[str, list[float]], console: Console) -> dict[str, float | None]:
