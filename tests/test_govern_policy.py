@@ -21,6 +21,9 @@ DELIBERATE = {
     "tiny-gpt.yaml": {"text_requires_pii_masking"},
     # a minimal fairness demonstration: synthetic text without PII, no owners to name
     "fair-text.yaml": {"require_governance", "text_requires_pii_masking"},
+    # benchmarks: synthetic text without PII, measured on this machine and never used for anything
+    "bench-zero.yaml": {"require_governance", "text_requires_pii_masking"},
+    "bench-serve.yaml": {"require_governance", "text_requires_pii_masking", "serving_requires_auth"},
 }
 GOVERNANCE = {"owners": ["team"], "contact": "team@acme.example", "risk": "low"}
 COMPLETE = {
