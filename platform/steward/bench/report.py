@@ -93,7 +93,7 @@ def live_table(result: dict, planned: int) -> Table:
     done = sum(len(c["runs"]) for c in result["cells"])
     table = Table(title=f"bench {result['name']}: {done}/{planned} runs (medians; ratios to the baseline below)")
     for header in ["cell", "runs", *(h for _, h, _ in columns(result))]:
-        table.add_column(header, justify="left" if header == "cell" else "right")
+        table.add_column(header, justify="left" if header == "cell" else "right", overflow="fold")
     for i, row in enumerate(cell_rows(result, ratios_apart=True)):
         table.add_row(*row, style="dim" if i % 2 else None, end_section=bool(i % 2))
     return table
