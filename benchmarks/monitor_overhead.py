@@ -32,8 +32,9 @@ from rich.console import Console
 from rich.table import Table
 from scipy.spatial.distance import pdist
 
+from steward.monitor.bins import Bins
 from steward.monitor.drift import mmd_test, quantile_edges
-from steward.monitor.window import Bins, WindowState
+from steward.monitor.window import WindowState
 
 ROOT = Path(__file__).resolve().parent.parent
 MMD_N, MMD_D, MMD_B = 1000, 32, 100

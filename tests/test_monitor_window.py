@@ -9,9 +9,10 @@ import pytest
 from scipy import stats
 
 from steward.monitor import bias
+from steward.monitor.bins import Bins
 from steward.monitor.drift import bin_counts, quantile_edges
 from steward.monitor.reservoir import Reservoir
-from steward.monitor.window import Bins, Windows, WindowState
+from steward.monitor.window import Windows, WindowState
 
 N_FEATURES = 3
 

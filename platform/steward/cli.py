@@ -12,9 +12,10 @@ from rich.table import Table
 
 from steward.bench.commands import bench_app
 from steward.cluster.commands import jobs_app, k8s, submit
-from steward.commands import Address, Sets, Spec, console, default_command, errors, user_errors
+from steward.commands import Address, Sets, Spec, console, errors, user_errors
 from steward.govern.commands import PolicyOption, audit_app, card, policy_app
 from steward.govern.policy import PolicyViolation, admit
+from steward.serve.commands import Override, deploy_and_wait, serve_app
 from steward.spec import JobSpec, SpecError, load_job
 from steward.storage import check_sweep_storage, is_uri
 
@@ -26,11 +27,7 @@ app.command()(submit)
 app.command()(k8s)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(bench_app, name="bench")
-
-Override = Annotated[
-    str | None,
-    typer.Option(help="Deploy a run that failed its fairness gate; the REASON is recorded in the audit log."),
-]
+app.add_typer(serve_app, name="serve")
 
 
 @app.command()
@@ -103,7 +100,7 @@ def run(
         prefer_high_throughput(job.serve)  # before training starts the embedded Ray that will also serve
     run_dir = _tune(job, address, None) if job.tune else _train(job, address, None)
     if serve and job.serve is not None:
-        _deploy(job, run_dir, address, "127.0.0.1", port, override_fairness_gate)
+        deploy_and_wait(job, run_dir, address, "127.0.0.1", port, override_fairness_gate)
 
 
 @app.command("tune")
@@ -314,71 +311,6 @@ def _print_metrics(result: dict, run_dir: Path) -> None:
     console.print(f"artifacts: [bold]{run_dir}[/] (model/, metrics.json, history.jsonl, curves.png, spec.yaml)")
 
 
-serve_app = typer.Typer(
-    cls=default_command("deploy"),
-    no_args_is_help=True,
-    help="Serve a trained model on Ray Serve: `steward serve SPEC` deploys; `status` and `stop NAME` manage.",
-)
-app.add_typer(serve_app, name="serve")
-ClusterAddress = Annotated[str, typer.Option(help="Ray address of the cluster serving (auto, ray://..., host:port).")]
-
-
-@serve_app.command("deploy")
-@user_errors
-def serve_deploy(
-    spec: Spec,
-    set_: Sets = None,
-    run: Annotated[
-        str | None, typer.Option(help="Run folder or its URI to serve (default: the newest succeeded run).")
-    ] = None,
-    address: Address = None,
-    host: Annotated[str, typer.Option(help="HTTP host Serve listens on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port Serve listens on.")] = 8000,
-    export: Annotated[
-        Path | None, typer.Option(help="Write a Ray Serve config file here instead of deploying.")
-    ] = None,
-    policy: PolicyOption = None,
-    override_fairness_gate: Override = None,
-) -> None:
-    """Deploy the spec's model (embedded Ray: serves until Ctrl-C; --address: returns once deployed)."""
-    from steward.serve.deploy import export_config, find_run
-    from steward.storage import fetch_run
-
-    job = load_job(spec, set_ or [])
-    admit(job, policy, "serve", str(spec))
-    run_dir = find_run(job, (fetch_run(run, "--run") if is_uri(run) else Path(run)) if run else None)
-    if export is not None:
-        export_config(job, run_dir, export, port=port, override_fairness_gate=override_fairness_gate)
-        console.print(f"wrote [bold]{export}[/] (serve deploy {export}; or a RayService's serveConfigV2)")
-        return
-    _deploy(job, run_dir, address, host, port, override_fairness_gate)
-
-
-@serve_app.command("status")
-@user_errors
-def serve_status(address: ClusterAddress = "auto") -> None:
-    """List the Serve applications on the cluster with their state and replicas."""
-    from steward.serve.deploy import status_rows
-
-    table = Table("name", "status", "replicas", "message")
-    for row in status_rows(address):
-        replicas = ", ".join(f"{state.lower()}={n}" for state, n in row["replicas"].items())
-        table.add_row(row["name"], row["status"], replicas, row["message"])
-    console.print(table)
-
-
-@serve_app.command("stop")
-@user_errors
-def serve_stop(
-    name: Annotated[str, typer.Argument(help="Serve application name.")], address: ClusterAddress = "auto"
-) -> None:
-    """Delete one Serve application and its replicas."""
-    from steward.serve.deploy import stop
-
-    stop(name, address)
-    console.print(f"stopped [bold]{name}[/]")
-
-
 monitor_app = typer.Typer(no_args_is_help=True, help="What the monitors of served models saw.")
 app.add_typer(monitor_app, name="monitor")
 
@@ -397,32 +329,6 @@ def monitor_report(
 
     page = write_report(find_monitor(target, output_dir), out)
     console.print(f"wrote [bold]{page}[/]")
-
-
-def _deploy(
-    job: JobSpec, run_dir: Path, address: str | None, host: str, port: int, override: str | None = None
-) -> None:
-    import threading
-
-    from steward.serve.deploy import deploy
-
-    try:
-        deployed = deploy(job, run_dir, address, host, port, override_fairness_gate=override)
-    except RuntimeError as err:  # Serve's own failure to bring replicas up (its message says why)
-        errors.print(f"deploy failed: {err}", style="red", markup=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    if deployed.gate:
-        console.print(f"int8 gate passed: {deployed.gate}", markup=False)
-    console.print(f"serving [bold]{deployed.name}[/] from {run_dir}")
-    monitored = ("GET /monitor", "POST /feedback") if job.monitor else ()
-    for route in ("POST /predict", "POST /explain", f"POST /v2/models/{deployed.name}/infer", *monitored,
-                  "GET /healthz", "GET /info"):  # fmt: skip
-        method, path = route.split()
-        console.print(f"  {method:4} {deployed.url}{path}", markup=False)
-    if address in (None, "", "local"):  # the embedded Ray lives as long as this process
-        console.print("embedded Ray: serving until Ctrl-C")
-        with contextlib.suppress(KeyboardInterrupt):
-            threading.Event().wait()
 
 
 def main() -> None:

@@ -19,9 +19,10 @@ from typing import Any
 import ray
 
 from steward.govern import audit
+from steward.monitor.bins import Bins
 from steward.monitor.checks import AlertTracker, window_report
 from steward.monitor.reference import ReferenceProfile, load_reference
-from steward.monitor.window import Bins, Windows, WindowState
+from steward.monitor.window import Windows, WindowState
 from steward.spec import JobSpec
 
 NAMESPACE = "steward"

@@ -20,8 +20,8 @@ from typing import Any, Literal
 import numpy as np
 
 from steward.monitor.bias import group_counts
+from steward.monitor.bins import Bins
 from steward.monitor.drift import bin_counts, category_counts, quantile_edges
-from steward.monitor.window import Bins
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 CONFIDENCE, PREDICTED_CLASS = "prediction.confidence", "prediction.class"

@@ -15,9 +15,10 @@ import numpy as np
 
 from steward.evaluate.profile import unknown_token_id
 from steward.monitor.actor import monitor_actor, reference_for
+from steward.monitor.bins import Bins
 from steward.monitor.reference import PREDICTED_CLASS
 from steward.monitor.signals import record_signals
-from steward.monitor.window import Bins, WindowState
+from steward.monitor.window import WindowState
 from steward.serve.model import Output, ServedModel
 from steward.spec import JobSpec
 
