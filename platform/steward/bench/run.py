@@ -66,12 +66,13 @@ class CellRunner:
         self.training, self.serving = spec.bench.training, spec.bench.serving
         self.port = _free_port() if self.serving else 0
         self.trained: dict[str, Path] = {}  # serving cells that differ only in serving share one trained model
+        self.costs: dict[str, dict] = {}  # a cell's FLOPs per sample, counted on its first run
 
     def run(self, cell: Cell) -> dict:
         measured: dict = {"started": time.time()}
         if self.training:
             variant = cell_spec(self.spec, cell, self.cells_dir, training=True)
-            measured |= run_train_cell(variant)
+            measured |= run_train_cell(variant, self.costs)
         if self.serving:
             variant = cell_spec(self.spec, cell, self.cells_dir, training=False)
             measured |= run_serve_cell(variant, self._trained_run(variant), self.port)

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from steward.bench.memory import zero_model_state_bytes
 from steward.data import DataInfo, load_splits
 from steward.models import build_model, count_parameters, task_loss
-from steward.runs import create_run, set_status
+from steward.runs import create_run, set_status, spec_hash
 from steward.spec import JobSpec
 from steward.train.curves import read_history
 from steward.train.launch import TrainingError, build_trainer, check_resources, prepare, root_cause
@@ -41,12 +41,18 @@ def step_cost(spec: JobSpec, info: DataInfo) -> dict:
     return cost
 
 
-def run_train_cell(spec: JobSpec) -> dict:
-    """Train one cell until its probe has timed `bench.steps` steps; its throughput, memory and FLOP/s."""
+def run_train_cell(spec: JobSpec, costs: dict[str, dict]) -> dict:
+    """Train one cell until its probe has timed `bench.steps` steps; its throughput, memory and FLOP/s.
+
+    `costs` keeps each cell's step cost (by spec hash) across repeats: it is counted once, not every run.
+    """
     run_dir = create_run(spec)
     info = prepare(spec, run_dir)
     check_resources(spec)
-    cost, bench = step_cost(spec, info), spec.bench
+    key = spec_hash(spec)
+    if key not in costs:
+        costs[key] = step_cost(spec, info)
+    cost, bench = costs[key], spec.bench
     assert bench is not None
     launched = time.time()
     try:
