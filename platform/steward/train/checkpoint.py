@@ -25,13 +25,12 @@ def checkpoint_dir(engine: Any, rank: int, loop_state: dict):
         yield ray.train.Checkpoint.from_directory(folder)
 
 
-def restore(engine: Any, initial: str | None = None) -> dict | None:
+def restore(engine: Any, checkpoint: ray.train.Checkpoint | None, initial: str | None = None) -> dict | None:
     """Load the checkpoint to continue from and return its loop state (with `source`: where it came from).
 
-    Ray's own latest checkpoint of this run wins (a restart after a worker failure); otherwise `initial`, a
-    checkpoint folder handed in from outside (a --resume, a Tune trial restored or copied by PBT).
+    `checkpoint`, Ray's own latest checkpoint of this run, wins (a restart after a worker failure); otherwise
+    `initial`, a checkpoint folder handed in from outside (a --resume, a Tune trial restored or copied by PBT).
     """
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and initial is None:
         return None
     source: str = checkpoint.path if checkpoint else initial  # type: ignore[assignment]

@@ -3,11 +3,6 @@
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 
 def read_history(path: Path) -> list[dict]:
     """Every record of a history.jsonl file (empty when there is none yet)."""
@@ -18,6 +13,11 @@ def read_history(path: Path) -> list[dict]:
 
 def plot_history(history: Path, out: Path) -> Path | None:
     """Loss per step on the left, validation metrics per epoch on the right."""
+    import matplotlib  # here: every Train worker imports this module (for read_history), none of them plots
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     records = read_history(history)
     epochs = [r for r in records if r["kind"] == "epoch"]
     if not epochs:

@@ -45,15 +45,19 @@ def connect(address: str | None, spec: JobSpec) -> None:
     """Use the current Ray connection, else start an embedded local Ray (None) or join `auto` / `ray://host:port`."""
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": worker_env(spec)}
-    os.environ.update(runtime_env["env_vars"])  # the local Ray's controller inherits the driver's environment
+    local = address in (None, "", "local")
+    env = worker_env(spec)
+    if local:  # Train's preemption watcher, an actor (a process start) per run, only logs drains of other nodes
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.update(env)  # the local Ray's controller inherits the driver's environment
     try:
-        if address in (None, "", "local"):
+        if local:
             # The dashboard serves Ray's state API, which Train's placement-group cleaner needs to free a stopped
             # run's workers (a trial stopped by a Tune scheduler), and `serve status` / `serve deploy` use.
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=True, log_to_driver=False, runtime_env=runtime_env)
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=True, log_to_driver=False,
+                     runtime_env={"env_vars": env})  # fmt: skip
         else:
-            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+            ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env})
     except ConnectionError as err:
         raise StrategyError(f"--address {address}: cannot reach a Ray cluster there ({err})") from None
 
@@ -111,10 +115,9 @@ def build_trainer(
     """
     dist = spec.distributed
     resources = {"CPU": dist.cpus_per_worker} | ({"GPU": dist.gpus_per_worker} if dist.use_gpu else {})
-    config = {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "data_info": info.to_dict()}
     return TorchTrainer(
         train_loop,
-        train_loop_config=config | {"initial_checkpoint": initial_checkpoint, "run_uri": run_uri, "probe": probe},
+        train_loop_config=loop_config(spec, run_dir, info, initial_checkpoint, run_uri) | {"probe": probe},
         scaling_config=ScalingConfig(
             num_workers=dist.num_workers, use_gpu=dist.use_gpu, resources_per_worker=resources
         ),
@@ -127,6 +130,14 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=spec.train.checkpoint.keep),
         ),
     )
+
+
+def loop_config(
+    spec: JobSpec, run_dir: Path, info: DataInfo, initial_checkpoint: str | None = None, run_uri: str | None = None
+) -> dict:
+    """What `train_loop` is given: the spec as a plain dict, where to write, the data's description, where from."""
+    return {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "data_info": info.to_dict(),
+            "initial_checkpoint": initial_checkpoint, "run_uri": run_uri}  # fmt: skip
 
 
 def train_job(spec: JobSpec, run_dir: Path, address: str | None = None) -> dict:

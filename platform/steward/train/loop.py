@@ -10,7 +10,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import ray.train
 import torch
 import torch.distributed as dist
 
@@ -21,18 +20,22 @@ from steward.spec import JobSpec
 from steward.train.checkpoint import checkpoint_dir, restore
 from steward.train.curves import read_history
 from steward.train.probe import StepProbe, peak_memory_mb
+from steward.train.session import Session, train_session
 from steward.train.strategy import build_engine
 
 HISTORY = "history.jsonl"
 
 
-def train_loop(config: dict) -> None:
-    """Train one worker's share: re-validate the spec, build data, model and engine, then epochs until done."""
+def train_loop(config: dict, session: Session | None = None) -> None:
+    """Train one worker's share: re-validate the spec, build data, model and engine, then epochs until done.
+
+    Ray Train calls it with the config alone (a Train worker's session); a one-worker Tune trial passes its own.
+    """
     spec = JobSpec.model_validate(config["spec"])
     run_dir, info = Path(config["run_dir"]), DataInfo.from_dict(config["data_info"])
     run_uri = config.get("run_uri")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    session = session or train_session()
+    rank, world = session.rank, session.world
     if run_uri:
         fetch_run_files(run_uri, run_dir, info, rank)
     torch.set_num_threads(max(1, int(spec.distributed.cpus_per_worker)))
@@ -50,8 +53,12 @@ def train_loop(config: dict) -> None:
     if spec.distributed.strategy == "deepspeed":
         import deepspeed  # noqa: F401  (its libraries are not model state: load them before the baseline)
     base_memory = peak_memory_mb()
-    engine = build_engine(build_model(spec.model, info), spec, int(total))
-    state = restore(engine, config.get("initial_checkpoint")) or {"epoch": 0, "best": None, "stale": 0}
+    engine = build_engine(build_model(spec.model, info), spec, int(total), session.prepare_model)
+    state = restore(engine, session.latest_checkpoint(), config.get("initial_checkpoint")) or {
+        "epoch": 0,
+        "best": None,
+        "stale": 0,
+    }
     engine.apply_optimizer_settings(spec)  # a resume or a PBT exploit may come with a changed learning rate
     history = History(run_dir / HISTORY, run_uri) if rank == 0 else None
     asked = config.get("probe")  # `steward bench` cells
@@ -80,9 +87,9 @@ def train_loop(config: dict) -> None:
             history.write({"kind": "epoch", **metrics})
         if done or (epoch + 1) % spec.train.checkpoint.every_epochs == 0:
             with checkpoint_dir(engine, rank, state) as checkpoint:
-                ray.train.report(metrics, checkpoint=checkpoint)
+                session.report(metrics, checkpoint=checkpoint)
         else:
-            ray.train.report(metrics)
+            session.report(metrics)
         if done:
             break
     if probe:

@@ -5,6 +5,7 @@ Both wrappers expose the same small surface, so the training loop never branches
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +103,13 @@ def lr_lambda(spec: JobSpec, total_steps: int):
     return factor
 
 
-def build_engine(model: nn.Module, spec: JobSpec, total_steps: int) -> "DDPEngine | DeepSpeedEngine":
-    """Wrap `model` according to spec.distributed.strategy."""
+def build_engine(
+    model: nn.Module, spec: JobSpec, total_steps: int, prepare: Callable[[nn.Module], nn.Module]
+) -> "DDPEngine | DeepSpeedEngine":
+    """Wrap `model` according to spec.distributed.strategy; `prepare` places it (and wraps it in DDP under Train)."""
     if spec.distributed.strategy == "deepspeed":
         return DeepSpeedEngine(model, spec, total_steps)
-    return DDPEngine(model, spec, total_steps)
+    return DDPEngine(prepare(model), spec, total_steps)
 
 
 class DeepSpeedEngine:
@@ -186,11 +189,9 @@ class DDPEngine:
 
     every_rank_saves = False  # replicas are identical: rank 0's state is the state
 
-    def __init__(self, model: nn.Module, spec: JobSpec, total_steps: int):
-        import ray.train.torch
-
-        self.module = model
-        self.ddp = ray.train.torch.prepare_model(model)
+    def __init__(self, ddp: nn.Module, spec: JobSpec, total_steps: int):
+        model = ddp.module if isinstance(ddp, nn.parallel.DistributedDataParallel) else ddp
+        self.module, self.ddp = model, ddp
         opt = spec.train.optimizer
         self.optimizer: torch.optim.Optimizer
         if opt.name == "adamw":

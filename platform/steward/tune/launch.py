@@ -1,9 +1,10 @@
-"""Driver side of a sweep: spec.tune -> a Ray Tune Tuner whose trials each run `steward train`'s own TorchTrainer.
+"""Driver side of a sweep: spec.tune -> a Ray Tune Tuner whose trials each run `steward train`'s training loop.
 
-A trial is a small function on the Tune side (0 CPUs) that validates its spec, then starts the same TorchTrainer
-as `steward train`, with the trial's ScalingConfig (so a trial can be a multi-worker DeepSpeed job). A Train
-callback passes every epoch's metrics and checkpoint back to the trial, which reports them to Tune: schedulers
-see every epoch, and PBT can copy checkpoints between trials.
+A trial validates its spec, then trains. A one-worker trial runs the loop in the trial's own process, holding
+that worker's resources (steward.train.session says why). A multi-worker trial (0 CPUs on the Tune side) starts
+the same TorchTrainer as `steward train`, with the trial's ScalingConfig, so it can be a multi-worker DeepSpeed
+job; a Train callback passes every epoch's metrics and checkpoint back to the trial. Either way Tune sees every
+epoch's report: schedulers judge each epoch, and PBT can copy checkpoints between trials.
 """
 
 import contextlib
@@ -13,7 +14,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,20 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.trainable.function_trainable import wrap_function
 from ray.util.queue import Queue
 
+from steward.data import DataInfo
 from steward.spec import JobSpec
 from steward.spec.tune import TuneSpec
-from steward.train.launch import TrainingError, build_trainer, check_resources, connect, prepare, root_cause
+from steward.train.launch import (
+    TrainingError,
+    build_trainer,
+    check_resources,
+    connect,
+    loop_config,
+    prepare,
+    root_cause,
+)  # fmt: skip
+from steward.train.loop import train_loop
+from steward.train.session import trial_session
 from steward.tune.space import param_space, scheduler, search_algorithm, trial_spec
 
 EXPERIMENT = "tune"  # the Tune experiment folder inside the run folder
@@ -57,19 +69,33 @@ class _Bridge(UserCallback):
 
 
 def run_trial(config: dict[str, Any], base: dict[str, Any], tune_section: dict[str, Any], sweep_dir: str) -> None:
-    """One Tune trial: the trial's spec, trained by a TorchTrainer, each epoch reported to Tune with its checkpoint."""
+    """One Tune trial: the trial's spec, trained here or by a TorchTrainer, each epoch reported to Tune."""
     spec = trial_spec(base, config, TuneSpec.model_validate(tune_section))
     trial_dir = Path(sweep_dir) / TRIALS / tune.get_context().get_trial_id()
     trial_dir.mkdir(parents=True, exist_ok=True)
     info = prepare(spec, trial_dir)
     start = tune.get_checkpoint()  # a restored trial, or a PBT copy of another trial's checkpoint
+    source = start.path if start else None
     with (trial_dir / "starts.jsonl").open("a") as log:  # PBT's exploits, visible per trial
-        log.write(json.dumps({"time": time.time(), "config": config, "from": start.path if start else None}) + "\n")
+        log.write(json.dumps({"time": time.time(), "config": config, "from": source}) + "\n")
+    if in_trial_process(spec):
+        with trial_session(spec.distributed.use_gpu) as session:
+            train_loop(loop_config(spec, trial_dir, info, source), session)
+    else:
+        train_in_trial(spec, trial_dir, info, source)
+    (trial_dir / COMPLETED).touch()
+
+
+def in_trial_process(spec: JobSpec) -> bool:
+    """A one-worker trial trains in the trial's process; more workers need a Ray Train run (train/session.py)."""
+    return spec.distributed.num_workers == 1
+
+
+def train_in_trial(spec: JobSpec, trial_dir: Path, info: DataInfo, start: str | None) -> None:
+    """A Ray Train run for the trial; a Train callback passes each epoch's report back to Tune."""
     queue: Queue = Queue(actor_options={"num_cpus": 0})
     # A fresh Train run name per start: Train V2 would otherwise resume its own latest checkpoint, not `start`.
-    trainer = build_trainer(
-        spec, trial_dir, info, f"train-{secrets.token_hex(3)}", start.path if start else None, [_Bridge(queue)]
-    )
+    trainer = build_trainer(spec, trial_dir, info, f"train-{secrets.token_hex(3)}", start, [_Bridge(queue)])
     failure: list[BaseException] = []
     fit = threading.Thread(target=_fit, args=(trainer, queue, failure), daemon=True)
     fit.start()
@@ -86,7 +112,6 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], tune_section: dict[s
     fit.join()
     if failure:
         raise TrainingError(root_cause(failure[0]))
-    (trial_dir / COMPLETED).touch()
 
 
 END = (None, None, None)
@@ -146,11 +171,7 @@ def _finish_previous() -> None:
 def build_tuner(spec: JobSpec, run_dir: Path, callbacks: list, resume: bool = False) -> tune.Tuner:
     """The Tuner for spec.tune, storing into run_dir/tune; `resume` restores an interrupted one from there."""
     assert spec.tune is not None
-    trainable = tune.with_resources(
-        trial_trainable(spec, run_dir),
-        # No CPU: the TorchTrainer inside the trial asks for its workers itself. (Tune refuses an empty request.)
-        {"cpu": 0, "memory": 2**20},
-    )
+    trainable = tune.with_resources(trial_trainable(spec, run_dir), trial_resources(spec))
     if resume:
         return tune.Tuner.restore(str(run_dir / EXPERIMENT), trainable, resume_unfinished=True, resume_errored=True)
     t = spec.tune
@@ -173,6 +194,25 @@ def build_tuner(spec: JobSpec, run_dir: Path, callbacks: list, resume: bool = Fa
         ),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(run_dir), callbacks=callbacks, verbose=0),
     )
+
+
+def trial_resources(spec: JobSpec) -> Callable[[dict], dict]:
+    """What Tune reserves for a trial: its one worker's resources when it trains in the trial process, else none
+    (the TorchTrainer inside asks for its workers itself; Tune refuses an empty request, hence the 1 MiB)."""
+    assert spec.tune is not None
+    base, section = spec.model_dump(mode="json", exclude={"tune"}), spec.tune
+
+    def resources(config: dict) -> dict:
+        try:
+            trial = trial_spec(base, config, section)
+        except ValueError:  # the trial itself reports its spec's problems, with the usual message
+            return {"cpu": 0, "memory": 2**20}
+        dist = trial.distributed
+        if not in_trial_process(trial):
+            return {"cpu": 0, "memory": 2**20}
+        return {"cpu": dist.cpus_per_worker} | ({"gpu": dist.gpus_per_worker} if dist.use_gpu else {})
+
+    return resources
 
 
 def _fitting_trials(spec: JobSpec) -> int:

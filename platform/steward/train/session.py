@@ -1,0 +1,70 @@
+"""Where the training loop runs: a Ray Train worker, or the process of a one-worker Tune trial.
+
+A sweep's one-worker trials skip Ray Train: a Train run starts a controller and worker actors (new processes that
+import torch and steward, ~15 s here), which dwarfs a small model's epochs and so every scheduler's savings. Such a
+trial runs the same loop in Tune's own (reused) trial process instead, as Ray recommends for non-distributed
+trials; multi-worker trials keep Ray Train.
+"""
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Session:
+    """What the loop asks of its runner: its rank, reporting, Ray's own checkpoint of a restarted run, the model."""
+
+    rank: int
+    world: int
+    report: Callable[..., None]  # (metrics, checkpoint=None)
+    latest_checkpoint: Callable[[], Any]  # a restarted run's latest checkpoint (ray.train.Checkpoint) or None
+    prepare_model: Callable[[nn.Module], nn.Module]  # device placement, and DDP across workers
+
+
+def train_session() -> Session:
+    """The session of a Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    return Session(
+        ctx.get_world_rank(), ctx.get_world_size(), ray.train.report, ray.train.get_checkpoint,
+        ray.train.torch.prepare_model,
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def trial_session(use_gpu: bool) -> Iterator[Session]:
+    """A one-worker Tune trial's session, with a one-process gloo group for what expects one (DeepSpeed).
+
+    The group is torn down when the trial ends, so Tune can reuse the process for the next trial.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # torchrun's variables, which DeepSpeed reads to join the group
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    device = torch.device("cuda" if use_gpu else "cpu")
+    try:
+        yield Session(0, 1, _report_to_tune, lambda: None, lambda model: model.to(device))
+    finally:
+        dist.destroy_process_group()
+
+
+def _report_to_tune(metrics: dict, checkpoint: Any = None) -> None:
+    from ray import tune
+
+    try:
+        tune.report(metrics, checkpoint=checkpoint)
+    except SystemExit:  # the scheduler stopped the trial; one stopped at its final epoch still exports its model
+        if not metrics.get("final"):
+            raise
