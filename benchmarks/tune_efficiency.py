@@ -1,18 +1,20 @@
 """Sweep efficiency, side by side in one run: Tune's bookkeeping overhead, and ASHA against random search.
 
-    python benchmarks/tune_efficiency.py [--bookkeeping-trials 30] [--trials 8] [--budget 9] [--target 0.98]
+    python benchmarks/tune_efficiency.py [--bookkeeping-trials 30] [--trials 16] [--budget 9] [--seeds 0 1 2]
 
 (a) Bookkeeping, as Ray's own scalability test measures it (release/tune_tests/scalability_tests, "bookkeeping
     overhead": trials of 1 s reporting once, actors reused): N such trials at concurrency 2 through raw Ray Tune;
     observed wall time / ideal (N x 1 s / 2). Interleaved with two harder cells: 10 reports of 0.1 s per trial
     (each report is a round trip through Tune's controller), and the same with steward's Tune-side setup (its
     live trial table, its result loggers), so steward's own share shows as the difference.
-    A steward trial is not a function but a whole Ray Train run (a controller and worker actors), so steward's path
-    is measured as well: N trials of 1 digits-CNN epoch through steward's sweep; its fixed cost per trial is the
-    wall time per slot minus the epoch's own training time.
-(b) ASHA vs random search on the digits CNN (jobs/tune-digits-asha.yaml): the same seeded trials (the same sampled
-    configs), 2 at a time, each allowed --budget epochs; ASHA (grace 1, reduction 3) stops the weakest at epochs
-    1 and 3. Measured: wall time until any trial first reports --target validation accuracy, and the whole sweep.
+    Steward's own trials are measured too: N trials of 1 digits-CNN epoch through steward's sweep, with one worker
+    (trained in Tune's trial process) and with two (a Ray Train run per trial); a trial's fixed cost is the wall
+    time per slot minus the epoch's own training time.
+(b) ASHA vs random search on the digits CNN (jobs/tune-digits-asha.yaml), over a realistic search space: learning
+    rate over four decades (1e-5 to 1e-1), width 16-128, dropout 0-0.5, so some configs are poor. For each seed,
+    both sweeps run the same seeded configs in the same order, 2 at a time, each allowed --budget epochs; ASHA
+    (grace 1, reduction 3) stops the weakest at epochs 1 and 3. Measured per seed: wall time until any trial first
+    reports each --targets validation accuracy, and the whole sweep; ratios random / ASHA, medians over seeds.
 Writes benchmarks/results/tune_efficiency.json and prints the table.
 """
 
@@ -39,6 +41,10 @@ from steward.tune.report import LiveTable
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ROOT / "jobs" / "tune-digits-asha.yaml"
 ASHA = "{name: asha, grace_period: 1, reduction_factor: 3}"
+SPACE = (
+    "tune.search_space={train.optimizer.lr: {loguniform: [1.0e-5, 1.0e-1]}, "
+    "model.params.hidden_size: {choice: [16, 32, 64, 128]}, model.params.dropout: {uniform: [0.0, 0.5]}}"
+)
 
 
 def sleeper(config: dict) -> None:
@@ -83,15 +89,17 @@ def steward_sweep(tmp: Path, name: str, overrides: list[str]) -> tuple[float, li
     return wall, reports, run_dir
 
 
-def steward_trial_cost(tmp: Path, trials: int) -> dict:
+def steward_trial_cost(tmp: Path, trials: int, workers: int) -> dict:
     """Steward's fixed cost per trial: wall time per slot of 1-epoch trials, less the epoch's own training time."""
-    common = ["train.epochs=1", f"tune.num_samples={trials}", "tune.max_concurrent_trials=2"]
-    wall, _, run_dir = steward_sweep(tmp, "start", [*common, "tune.scheduler={name: fifo}"])
+    slots = 2 // workers  # trials at a time on 2 cores
+    common = ["train.epochs=1", f"tune.num_samples={trials}", f"tune.max_concurrent_trials={slots}",
+              f"distributed.num_workers={workers}"]  # fmt: skip
+    wall, _, run_dir = steward_sweep(tmp, f"start-{workers}", [*common, "tune.scheduler={name: fifo}"])
     epochs = [r["epoch_seconds"] for h in (run_dir / TRIALS).glob("*/history.jsonl") for r in read_history(h)
               if r["kind"] == "epoch"]  # fmt: skip
-    per_slot = wall / (trials / 2)
-    return {"trials": trials, "wall_s": wall, "per_slot_s": per_slot, "epoch_s": statistics.mean(epochs),
-            "fixed_cost_s": per_slot - statistics.mean(epochs)}  # fmt: skip
+    per_slot = wall / (trials / slots)
+    return {"trials": trials, "workers": workers, "wall_s": wall, "per_slot_s": per_slot,
+            "epoch_s": statistics.mean(epochs), "fixed_cost_s": per_slot - statistics.mean(epochs)}  # fmt: skip
 
 
 def time_to(reports: list[dict], target: float) -> float | None:
@@ -99,26 +107,32 @@ def time_to(reports: list[dict], target: float) -> float | None:
     return min(hits) if hits else None
 
 
-def asha_vs_random(tmp: Path, trials: int, budget: int, target: float) -> dict:
-    """Both sweeps over the same seeded configs; wall time to `target` and in all, and each trial's best accuracy."""
-    common = [f"train.epochs={budget}", f"tune.num_samples={trials}", "tune.max_concurrent_trials=2"]
+def asha_vs_random(tmp: Path, trials: int, budget: int, targets: list[float], seed: int) -> dict:
+    """Both sweeps over the same seeded configs: wall time to each target and in all, and the best accuracy."""
+    common = [f"train.epochs={budget}", f"tune.num_samples={trials}", "tune.max_concurrent_trials=2", SPACE,
+              f"tune.seed={seed}"]  # fmt: skip
     runs = {}
     for name, scheduler in (("random", "{name: fifo}"), ("asha", ASHA)):
-        wall, reports, _ = steward_sweep(tmp, name, [*common, f"tune.scheduler={scheduler}"])
-        runs[name] = {"wall_s": wall, "time_to_target_s": time_to(reports, target), "reports": len(reports),
-                      "best_val_accuracy": max(r["val_accuracy"] for r in reports)}  # fmt: skip
-        Console().print(f"{name}: {runs[name]}")
+        wall, reports, _ = steward_sweep(tmp, f"{name}-{seed}", [*common, f"tune.scheduler={scheduler}"])
+        best = max(r["val_accuracy"] for r in reports)
+        runs[name] = {"wall_s": wall, "reports": len(reports), "best_val_accuracy": best,
+                      "time_to_s": {str(t): time_to(reports, t) for t in targets}}  # fmt: skip
+    runs["speedup_whole_sweep"] = runs["random"]["wall_s"] / runs["asha"]["wall_s"]
+    runs["speedup_to"] = {str(t): _ratio(runs["random"]["time_to_s"][str(t)], runs["asha"]["time_to_s"][str(t)])
+                          for t in targets}  # fmt: skip
+    Console().print(f"seed {seed}: {runs}")
     return runs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bookkeeping-trials", type=int, default=30, help="1 s trials for (a)")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of (a)'s two cells")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of (a)'s cells")
     parser.add_argument("--steward-trials", type=int, default=6, help="1-epoch steward trials for the fixed cost")
-    parser.add_argument("--trials", type=int, default=8, help="trials of the ASHA / random budget")
+    parser.add_argument("--trials", type=int, default=16, help="trials of the ASHA / random budget")
     parser.add_argument("--budget", type=int, default=9, help="epochs a trial may run")
-    parser.add_argument("--target", type=float, default=0.98, help="validation accuracy to reach")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.98, 0.99], help="validation accuracies")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search seeds (config orders)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tune_efficiency.json")
     args = parser.parse_args()
     connect(None, load_job(JOB))
@@ -130,17 +144,17 @@ def main() -> None:
             for cell, ratios in cells.items():
                 ratios.append(bookkeeping(args.bookkeeping_trials, tmp, *CELLS[cell]))
         Console().print(f"bookkeeping wall / ideal: {cells}")
-        cost = steward_trial_cost(tmp, args.steward_trials)
-        Console().print(f"steward trial: {cost}")
-        runs = asha_vs_random(tmp, args.trials, args.budget, args.target)
+        costs = [steward_trial_cost(tmp, args.steward_trials // workers, workers) for workers in (1, 2)]
+        Console().print(f"steward trials: {costs}")
+        seeds = {str(seed): asha_vs_random(tmp, args.trials, args.budget, args.targets, seed) for seed in args.seeds}
+    speedups = {str(t): [r["speedup_to"][str(t)] for r in seeds.values()] for t in args.targets}
     result = {
         "bookkeeping": {"trials": args.bookkeeping_trials, "ratios": cells,
                         "median": {c: statistics.median(r) for c, r in cells.items()}},
-        "steward_trial": cost,
-        "target_val_accuracy": args.target,
-        "sweeps": {"trials": args.trials, "budget_epochs": args.budget, "asha": ASHA, **runs},
-        "asha_speedup_to_target": _ratio(runs["random"]["time_to_target_s"], runs["asha"]["time_to_target_s"]),
-        "asha_speedup_whole_sweep": runs["random"]["wall_s"] / runs["asha"]["wall_s"],
+        "steward_trials": costs,
+        "sweeps": {"trials": args.trials, "budget_epochs": args.budget, "asha": ASHA, "space": SPACE, "seeds": seeds},
+        "asha_speedup_to": {t: _median(v) for t, v in speedups.items()},
+        "asha_speedup_whole_sweep": statistics.median(r["speedup_whole_sweep"] for r in seeds.values()),
         "load_average_at_start": load,
         "benchmark_s": time.monotonic() - started,
     }  # fmt: skip
@@ -151,7 +165,7 @@ def main() -> None:
 
 
 def summary(result: dict) -> Table:
-    book, cost, sweeps = result["bookkeeping"], result["steward_trial"], result["sweeps"]
+    book, sweeps = result["bookkeeping"], result["sweeps"]
     table = Table(title=f"Sweep efficiency (2 trials at a time; load average {result['load_average_at_start']:.1f})")
     table.add_column("measure")
     table.add_column("value", justify="right")
@@ -159,16 +173,29 @@ def summary(result: dict) -> Table:
         runs = ", ".join(f"{r:.3f}" for r in book["ratios"][cell])
         table.add_row(f"(a) {cell}, {book['trials']} x 1 s trials: wall / ideal (target <= 1.10)",
                       f"{median:.3f} ({runs})")  # fmt: skip
-    table.add_row(f"    steward trial (a Ray Train run): fixed cost per trial, s ({cost['trials']} trials)",
-                  f"{cost['fixed_cost_s']:.1f}")  # fmt: skip
-    for name in ("random", "asha"):
-        run, reach = sweeps[name], sweeps[name]["time_to_target_s"]
-        table.add_row(f"(b) {name}: whole sweep s / to val_accuracy {result['target_val_accuracy']} s",
-                      f"{run['wall_s']:.0f} / {'never' if reach is None else f'{reach:.0f}'}")  # fmt: skip
-    speedup = result["asha_speedup_to_target"]
-    table.add_row("    ASHA speed-up to target (target >= 2)", "n/a" if speedup is None else f"{speedup:.2f}x")
-    table.add_row("    ASHA speed-up, whole sweep", f"{result['asha_speedup_whole_sweep']:.2f}x")
+    for cost in result["steward_trials"]:
+        where = "in Tune's trial process" if cost["workers"] == 1 else "a Ray Train run each"
+        label = f"{cost['workers']} worker(s), {where}, {cost['trials']} trials, epoch {cost['epoch_s']:.2f} s"
+        table.add_row(f"    steward trial, {label}: fixed cost per trial, s", f"{cost['fixed_cost_s']:.1f}")
+    for seed, runs in sweeps["seeds"].items():
+        to = {name: runs[name]["time_to_s"] for name in ("random", "asha")}
+        reach = ", ".join(f"{t}: {_seconds(to['random'][t])} / {_seconds(to['asha'][t])}" for t in runs["speedup_to"])
+        table.add_row(f"(b) seed {seed}, {sweeps['trials']} trials: random / ASHA, whole sweep; to val_accuracy",
+                      f"{runs['random']['wall_s']:.0f} / {runs['asha']['wall_s']:.0f} s; {reach}")  # fmt: skip
+    for target, speedup in result["asha_speedup_to"].items():
+        table.add_row(f"    ASHA speed-up to val_accuracy {target}, median over seeds (target >= 2)",
+                      "n/a" if speedup is None else f"{speedup:.2f}x")  # fmt: skip
+    table.add_row("    ASHA speed-up, whole sweep, median over seeds", f"{result['asha_speedup_whole_sweep']:.2f}x")
     return table
+
+
+def _seconds(value: float | None) -> str:
+    return "never" if value is None else f"{value:.0f} s"
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def _ratio(slow: float | None, fast: float | None) -> float | None:

@@ -55,16 +55,20 @@ def trial_session(use_gpu: bool) -> Iterator[Session]:
     dist.init_process_group("gloo", rank=0, world_size=1)
     device = torch.device("cuda" if use_gpu else "cpu")
     try:
-        yield Session(0, 1, _report_to_tune, lambda: None, lambda model: model.to(device))
+        yield Session(0, 1, tune_report, lambda: None, lambda model: model.to(device))
     finally:
         dist.destroy_process_group()
 
 
-def _report_to_tune(metrics: dict, checkpoint: Any = None) -> None:
+def tune_report(metrics: dict, checkpoint: Any = None) -> None:
+    """tune.report; a trial the scheduler stops at its final epoch carries on, to export its model."""
     from ray import tune
+    from ray.train._internal.session import get_session
 
     try:
         tune.report(metrics, checkpoint=checkpoint)
-    except SystemExit:  # the scheduler stopped the trial; one stopped at its final epoch still exports its model
+    except SystemExit:  # tune.report's way of saying the scheduler stopped this trial
         if not metrics.get("final"):
             raise
+        # Tune no longer listens to this trial: its closing report would wait out Tune's 60 s grace, then fail
+        get_session().pause_reporting()

@@ -40,7 +40,7 @@ from steward.train.launch import (
     root_cause,
 )  # fmt: skip
 from steward.train.loop import train_loop
-from steward.train.session import trial_session
+from steward.train.session import trial_session, tune_report
 from steward.tune.space import param_space, scheduler, search_algorithm, trial_spec
 
 EXPERIMENT = "tune"  # the Tune experiment folder inside the run folder
@@ -99,16 +99,15 @@ def train_in_trial(spec: JobSpec, trial_dir: Path, info: DataInfo, start: str | 
     failure: list[BaseException] = []
     fit = threading.Thread(target=_fit, args=(trainer, queue, failure), daemon=True)
     fit.start()
-    controller, metrics = None, {}
+    controller = None
     try:
         while (item := queue.get()) != END:
             metrics, path, controller = item
-            tune.report(metrics, checkpoint=Checkpoint.from_directory(path) if path else None)
-    except SystemExit:  # tune.report's way of saying the scheduler stopped this trial
-        if not metrics.get("final"):  # stopped early: free the workers now (at its final epoch: let it export)
-            _abort(controller)
-            fit.join(timeout=STOP_GRACE_S)
-            raise
+            tune_report(metrics, Checkpoint.from_directory(path) if path else None)
+    except SystemExit:  # the scheduler stopped this trial before its final epoch: free the workers now
+        _abort(controller)
+        fit.join(timeout=STOP_GRACE_S)
+        raise
     fit.join()
     if failure:
         raise TrainingError(root_cause(failure[0]))
