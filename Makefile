@@ -34,13 +34,15 @@ test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
 
 # Every benchmark, each side by side with its baseline; results (JSON, and tables for the steward bench jobs) land
-# in benchmarks/results/. About 30 minutes on 2 cores; benchmarks/README.md has the latest numbers.
+# in benchmarks/results/. About 30 minutes on 2 cores; benchmarks/README.md has the latest numbers. train_overhead
+# runs its judged cells only: ZeRO-3, and memory per worker against the ZeRO formula, come from bench-zero.
 bench: setup
 	$(BIN)/steward bench jobs/bench-zero.yaml --set output_dir=benchmarks/runs
 	$(BIN)/steward bench jobs/bench-serve.yaml --set output_dir=benchmarks/runs
 	for job in bench-zero bench-serve; do latest=$$(ls -d benchmarks/runs/$$job/*/ | tail -1); \
 		cp $$latest/bench.json benchmarks/results/$$job.json; cp $$latest/bench.md benchmarks/results/$$job.md; done
-	$(BIN)/python benchmarks/train_overhead.py
+	$(BIN)/python benchmarks/train_overhead.py --models "bert 4x256" --no-memory \
+		--cells "torchrun ddp" "steward ddp" "steward zero-1" "steward zero-2"
 	$(BIN)/python benchmarks/tune_efficiency.py
 	$(BIN)/python benchmarks/monitor_overhead.py
 	$(BIN)/python benchmarks/serve_overhead.py
