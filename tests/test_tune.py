@@ -42,6 +42,8 @@ def test_asha_stops_trials_early_and_best_yaml_retrains_to_the_reported_metric(r
     pruned = [r for r in rows if r.status == "pruned"]
     assert len(rows) == 4 and pruned, [(r.status, r.iterations) for r in rows]
     assert all(r.iterations < 4 for r in pruned) and best.iterations == 4
+    # one-worker trials train in Tune's trial process: no Ray Train run (its folder train-<id>) in any trial
+    assert not list((run_dir / TRIALS).glob("*/train-*"))
     assert {r.trial_id for r in rows} == {row["trial_id"] for row in csv.DictReader((run_dir / "results.csv").open())}
     for artifact in ("trials.png", "best.yaml", "model/model.safetensors", "metrics.json", "curves.png"):
         assert (run_dir / artifact).exists(), artifact
@@ -68,6 +70,7 @@ def test_grid_over_zero_stage_runs_two_worker_deepspeed_trials(ray_local, tmp_pa
     for row in rows:
         history = read_history(run_dir / TRIALS / row.trial_id / "history.jsonl")
         assert history[0]["kind"] == "start" and history[0]["workers"] == 2
+        assert list((run_dir / TRIALS / row.trial_id).glob("train-*")), "a two-worker trial is a Ray Train run"
 
 
 def test_optuna_with_median_stopping_then_retrain_best_on_train_and_validation(ray_local, tmp_path):
