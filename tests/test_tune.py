@@ -73,6 +73,18 @@ def test_grid_over_zero_stage_runs_two_worker_deepspeed_trials(ray_local, tmp_pa
         assert list((run_dir / TRIALS / row.trial_id).glob("train-*")), "a two-worker trial is a Ray Train run"
 
 
+def test_one_worker_deepspeed_trials_train_one_after_another_in_a_reused_trial_process(ray_local, tmp_path):
+    spec, run_dir, result, rows, best = sweep(
+        tmp_path, "tune-digits-asha.yaml", "train.epochs=1", "distributed.strategy=deepspeed", "tune.search=grid",
+        "tune.num_samples=1", "tune.max_concurrent_trials=1", "tune.scheduler={name: fifo}",
+        "tune.search_space={distributed.zero_stage: {grid: [1, 2]}}",
+    )  # fmt: skip
+    # the second trial joins the process group (and DeepSpeed's hold on it) that the first one left behind
+    assert sorted(r.config["distributed.zero_stage"] for r in rows) == [1, 2]
+    assert all(r.status == "completed" for r in rows), [(r.status, r.error) for r in rows]
+    assert not list((run_dir / TRIALS).glob("*/train-*"))
+
+
 def test_optuna_with_median_stopping_then_retrain_best_on_train_and_validation(ray_local, tmp_path):
     spec, run_dir, result, rows, best = sweep(
         tmp_path, "tune-digits-asha.yaml", "train.epochs=3", "tune.num_samples=4", "tune.search=optuna",

@@ -6,10 +6,9 @@ trial runs the same loop in Tune's own (reused) trial process instead, as Ray re
 trials; multi-worker trials keep Ray Train.
 """
 
-import contextlib
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,23 +40,21 @@ def train_session() -> Session:
     )  # fmt: skip
 
 
-@contextlib.contextmanager
-def trial_session(use_gpu: bool) -> Iterator[Session]:
-    """A one-worker Tune trial's session, with a one-process gloo group for what expects one (DeepSpeed).
+def trial_session(use_gpu: bool) -> Session:
+    """A one-worker Tune trial's session, in a process with a one-process gloo group for what expects one.
 
-    The group is torn down when the trial ends, so Tune can reuse the process for the next trial.
+    The group is made once per process and kept: Tune reuses the process for the next trial, and DeepSpeed keeps
+    hold of the group it first saw.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # torchrun's variables, which DeepSpeed reads to join the group
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        # torchrun's variables, which DeepSpeed reads to join the group
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=0, world_size=1)
     device = torch.device("cuda" if use_gpu else "cpu")
-    try:
-        yield Session(0, 1, tune_report, lambda: None, lambda model: model.to(device))
-    finally:
-        dist.destroy_process_group()
+    return Session(0, 1, tune_report, lambda: None, lambda model: model.to(device))
 
 
 def tune_report(metrics: dict, checkpoint: Any = None) -> None:

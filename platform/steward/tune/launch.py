@@ -79,8 +79,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], tune_section: dict[s
     with (trial_dir / "starts.jsonl").open("a") as log:  # PBT's exploits, visible per trial
         log.write(json.dumps({"time": time.time(), "config": config, "from": source}) + "\n")
     if in_trial_process(spec):
-        with trial_session(spec.distributed.use_gpu) as session:
-            train_loop(loop_config(spec, trial_dir, info, source), session)
+        train_loop(loop_config(spec, trial_dir, info, source), trial_session(spec.distributed.use_gpu))
     else:
         train_in_trial(spec, trial_dir, info, source)
     (trial_dir / COMPLETED).touch()
