@@ -54,7 +54,7 @@ def train_loop(config: dict, session: Session | None = None) -> None:
         import deepspeed  # noqa: F401  (its libraries are not model state: load them before the baseline)
     base_memory = peak_memory_mb()
     engine = build_engine(build_model(spec.model, info), spec, int(total), session.prepare_model)
-    fresh = {"epoch": 0, "best": None, "stale": 0}
+    fresh: dict = {"epoch": 0, "best": None, "stale": 0}
     state = restore(engine, session.latest_checkpoint(), config.get("initial_checkpoint")) or fresh
     engine.apply_optimizer_settings(spec)  # a resume or a PBT exploit may come with a changed learning rate
     history = History(run_dir / HISTORY, run_uri) if rank == 0 else None

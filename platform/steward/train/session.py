@@ -68,4 +68,6 @@ def tune_report(metrics: dict, checkpoint: Any = None) -> None:
         if not metrics.get("final"):
             raise
         # Tune no longer listens to this trial: its closing report would wait out Tune's 60 s grace, then fail
-        get_session().pause_reporting()
+        session = get_session()
+        assert session is not None, "tune.report ran, so this is a Tune trial"
+        session.pause_reporting()

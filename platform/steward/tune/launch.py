@@ -23,6 +23,7 @@ from ray import tune
 from ray.train import Checkpoint
 from ray.train._internal.session import get_session
 from ray.train.v2.api.callback import UserCallback
+from ray.tune.execution.placement_groups import PlacementGroupFactory
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.trainable.function_trainable import wrap_function
 from ray.util.queue import Queue
@@ -194,21 +195,23 @@ def build_tuner(spec: JobSpec, run_dir: Path, callbacks: list, resume: bool = Fa
     )
 
 
-def trial_resources(spec: JobSpec) -> Callable[[dict], dict]:
+def trial_resources(spec: JobSpec) -> Callable[[dict], PlacementGroupFactory]:
     """What Tune reserves for a trial: its one worker's resources when it trains in the trial process, else none
     (the TorchTrainer inside asks for its workers itself; Tune refuses an empty request, hence the 1 MiB)."""
     assert spec.tune is not None
     base, section = spec.model_dump(mode="json", exclude={"tune"}), spec.tune
 
-    def resources(config: dict) -> dict:
+    def resources(config: dict) -> PlacementGroupFactory:
         try:
             trial = trial_spec(base, config, section)
         except ValueError:  # the trial itself reports its spec's problems, with the usual message
-            return {"cpu": 0, "memory": 2**20}
+            trial = None
+        if trial is None or not in_trial_process(trial):
+            return PlacementGroupFactory([{"CPU": 0, "memory": 2**20}])
         dist = trial.distributed
-        if not in_trial_process(trial):
-            return {"cpu": 0, "memory": 2**20}
-        return {"cpu": dist.cpus_per_worker} | ({"gpu": dist.gpus_per_worker} if dist.use_gpu else {})
+        return PlacementGroupFactory(
+            [{"CPU": dist.cpus_per_worker} | ({"GPU": dist.gpus_per_worker} if dist.use_gpu else {})]
+        )
 
     return resources
 
