@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from steward import storage
@@ -97,14 +97,14 @@ def build_trainer(
     run_dir: Path,
     info: DataInfo,
     name: str = "train",
-    initial_checkpoint: str | None = None,
+    initial_checkpoint: Checkpoint | None = None,
     callbacks: list | None = None,
     run_uri: str | None = None,
     probe: dict | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer for this spec; its storage is the run folder, so resuming is re-running into it.
 
-    `initial_checkpoint` is a checkpoint folder to start from when the run has none of its own (a Tune trial
+    `initial_checkpoint` is a checkpoint to start from when the run has none of its own (a Tune trial
     restored or copied by PBT); `callbacks` are Ray Train callbacks (Tune's bridge). With `run_uri` (cluster
     storage) Ray writes checkpoints to that URI and rank 0 publishes its files there (steward.storage).
     `probe` ({warmup, steps}) times steps for `steward bench` and ends training once they are timed.
