@@ -73,7 +73,7 @@ def test_a_sweep_writes_trials_results_and_model_to_s3(s3, swept):
 
 
 @pytest.mark.slow
-def test_runs_lists_the_sweep_and_evaluate_reads_its_model_from_s3(s3, swept):
+def test_runs_lists_the_sweep_and_evaluate_and_serve_read_its_model_from_s3(s3, swept, tmp_path):
     _, run_id = swept
     metrics = json.loads(read(s3, f"runs/tune-digits-asha/{run_id}/metrics.json"))
     out = steward(s3, "runs", "--storage", s3["uri"])
@@ -86,6 +86,11 @@ def test_runs_lists_the_sweep_and_evaluate_reads_its_model_from_s3(s3, swept):
     staged = s3["cache"] / "runs" / "s3" / "steward-runs" / "runs" / "tune-digits-asha" / run_id
     assert (staged / "model" / "model.json").exists()
     assert not (staged / "tune").exists() and not (staged / "trials").exists()  # checkpoints stay in the bucket
+    exported = tmp_path / "serve.yaml"
+    out = steward(s3, "serve", JOBS / "tune-digits-asha.yaml", "--set", "serve={route_prefix: /digits}",
+                  "--run", join(s3["uri"], "tune-digits-asha", run_id), "--export", exported)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert str(staged) in exported.read_text()  # the sweep's model, downloaded to serve
 
 
 @pytest.mark.slow
