@@ -1,7 +1,9 @@
-"""Shared fixtures: the environment every test needs, and one local Ray per module that asks for it."""
+"""Shared fixtures: the environment every test needs, one local Ray per module that asks for it, and an S3 server."""
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,56 @@ def _delete_serve_apps_after(request):
 
         for name in list(serve.status().applications):
             serve.delete(name)
+
+
+STEWARD = [sys.executable, "-m", "steward"]
+BUCKET = "steward-runs"
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """moto's S3 server on a free loopback port with one bucket; the URI, the CLI's environment, a pyarrow fs."""
+    from moto.server import ThreadedMotoServer
+    from pyarrow.fs import S3FileSystem
+
+    saved = {k: os.environ.get(k) for k in AWS}
+    os.environ.update(AWS)  # this process reads the bucket too (pyarrow, like the CLI, takes keys from the env)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        fs = S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True)
+        fs.create_dir(BUCKET)
+        query = f"?endpoint_override=127.0.0.1:{port}&scheme=http"
+        cache = tmp_path_factory.mktemp("steward-cache")
+        env = {**os.environ, **AWS, "STEWARD_CACHE": str(cache), "COLUMNS": "250"}
+        yield {"uri": f"s3://{BUCKET}/runs{query}", "query": query, "port": port, "env": env, "fs": fs, "cache": cache}
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.update({key: value})
+
+
+def steward(s3, *args, timeout=900):
+    return subprocess.run([*STEWARD, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=s3["env"])  # fmt: skip
+
+
+def stored(s3, prefix):
+    """Every object path under bucket/prefix in the S3 server."""
+    from pyarrow.fs import FileSelector, FileType
+
+    infos = s3["fs"].get_file_info(FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
+    return {i.path.removeprefix(f"{BUCKET}/{prefix}/") for i in infos if i.type == FileType.File}
+
+
+def read(s3, path):
+    with s3["fs"].open_input_stream(f"{BUCKET}/{path}") as stream:
+        return stream.read().decode()

@@ -2,14 +2,11 @@
 
 Training writes its run to s3://, Ray Train its checkpoints; `steward runs --storage`, `steward evaluate` and
 `steward serve --export` read it back; a bucket that is missing or unreachable is refused with the field named.
+Sweeps and --resume in cluster storage: test_cluster_storage_tune.py.
 """
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,65 +15,14 @@ import yaml
 from steward.cluster.package import package_job
 from steward.spec import load_job
 from steward.storage import join
-from tests.conftest import JOBS, ROOT
+from tests.conftest import BUCKET, JOBS, ROOT, free_port, read, steward, stored
 
-STEWARD = [sys.executable, "-m", "steward"]
-BUCKET = "steward-runs"
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
 # One epoch of the quickstart, torch's AdamW inside ZeRO-2 (DeepSpeed's CPU Adam is a minutes-long JIT build).
 SMALL = [
     "train.epochs=1",
     "train.early_stopping=null",
     "distributed.deepspeed_overrides.optimizer.params.torch_adam=true",
 ]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """moto's S3 server on a free loopback port with one bucket; the URI, the CLI's environment, a pyarrow fs."""
-    from moto.server import ThreadedMotoServer
-    from pyarrow.fs import S3FileSystem
-
-    saved = {k: os.environ.get(k) for k in AWS}
-    os.environ.update(AWS)  # this process reads the bucket too (pyarrow, like the CLI, takes keys from the env)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        fs = S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True)
-        fs.create_dir(BUCKET)
-        query = f"?endpoint_override=127.0.0.1:{port}&scheme=http"
-        cache = tmp_path_factory.mktemp("steward-cache")
-        env = {**os.environ, **AWS, "STEWARD_CACHE": str(cache), "COLUMNS": "250"}
-        yield {"uri": f"s3://{BUCKET}/runs{query}", "query": query, "port": port, "env": env, "fs": fs, "cache": cache}
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.update({key: value})
-
-
-def steward(s3, *args, timeout=900):
-    return subprocess.run([*STEWARD, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=s3["env"])  # fmt: skip
-
-
-def stored(s3, prefix):
-    """Every object path under bucket/prefix in the S3 server."""
-    from pyarrow.fs import FileSelector, FileType
-
-    infos = s3["fs"].get_file_info(FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
-    return {i.path.removeprefix(f"{BUCKET}/{prefix}/") for i in infos if i.type == FileType.File}
-
-
-def read(s3, path):
-    with s3["fs"].open_input_stream(f"{BUCKET}/{path}") as stream:
-        return stream.read().decode()
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +105,6 @@ def test_missing_or_unreachable_storage_is_refused_naming_the_field(s3):
     out = steward(s3, "runs", "--storage", "nosuch://bucket/runs")
     assert out.returncode == 2 and "--storage nosuch://bucket/runs: cannot open it" in out.stderr
     assert "Traceback" not in out.stderr
-
-
-def test_a_sweep_into_a_uri_is_refused_with_the_fix(s3):
-    out = steward(s3, "tune", JOBS / "tune-digits-asha.yaml", "--set", f"output_dir={s3['uri']}")
-    assert out.returncode == 2 and "shared folder" in out.stderr and "URI output_dir works for train" in out.stderr
 
 
 def test_a_uri_output_dir_is_packaged_for_the_cluster_as_is(s3):

@@ -17,7 +17,7 @@ from steward.govern.commands import PolicyOption, audit_app, card, policy_app
 from steward.govern.policy import PolicyViolation, admit
 from steward.serve.commands import Override, deploy_and_wait, serve_app
 from steward.spec import JobSpec, SpecError, load_job
-from steward.storage import check_sweep_storage, is_uri
+from steward.storage import is_uri
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train, tune, serve and watch models on Ray.")
 app.command("card")(card)
@@ -71,7 +71,9 @@ def train(
     spec: Spec,
     set_: Sets = None,
     address: Address = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue this run folder from its latest checkpoint.")] = None,
+    resume: Annotated[
+        str | None, typer.Option(help="Continue this run folder (or its URI in cluster storage) from its checkpoint.")
+    ] = None,
     policy: PolicyOption = None,
 ) -> None:
     """Train the spec's model; writes a run folder and prints the results table."""
@@ -109,7 +111,9 @@ def tune_command(
     spec: Spec,
     set_: Sets = None,
     address: Address = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue this interrupted sweep's run folder.")] = None,
+    resume: Annotated[
+        str | None, typer.Option(help="Continue this interrupted sweep's run folder (or its URI in cluster storage).")
+    ] = None,
     policy: PolicyOption = None,
 ) -> None:
     """Sweep the spec's `tune` section with Ray Tune; keep or retrain the best trial as its on_finish says."""
@@ -120,30 +124,25 @@ def tune_command(
     _tune(job, address, resume)
 
 
-def _train(job: JobSpec, address: str | None, resume: Path | None) -> Path:
+def _train(job: JobSpec, address: str | None, resume: str | None) -> Path:
     from steward.govern.events import record_run
-    from steward.runs import create_run, publish, run_uri, set_status, spec_hash
+    from steward.runs import create_run, publish, resume_run, run_uri, set_status, spec_hash
     from steward.train.launch import train_job
     from steward.train.progress import HistoryProgress
 
-    if resume and is_uri(job.output_dir):
-        raise ValueError(f"--resume with output_dir {job.output_dir}: resuming a run in cluster storage is not "
-                         "supported yet; train it again, or use a shared folder as output_dir")  # fmt: skip
-    run_dir = _resume_dir(job, resume) if resume else create_run(job)
+    job, run_dir = resume_run(job, resume, "train") if resume else (job, create_run(job))
     if resume:  # the spec's train settings may have changed: record the hash of what runs now
         set_status(run_dir, "running", spec_hash=spec_hash(job), error=None)
+        publish(job, run_dir)
     record_run("run.started", run_dir, job.output_dir, kind="train", resumed=resume is not None)
-    uri = run_uri(job, run_dir)
-    staged = f" (staged in {escape(str(run_dir))})" if uri else ""
-    console.print(f"run folder [bold]{escape(uri or str(run_dir))}[/]{staged}")
+    _print_run_folder(run_dir, run_uri(job, run_dir))
     try:
         with HistoryProgress(run_dir / "history.jsonl", job.train.epochs, console):
             result = train_job(job, run_dir, address)
     except BaseException as err:
         set_status(run_dir, "failed", error=str(err) or type(err).__name__)
         record_run("run.failed", run_dir, job.output_dir, kind="train", error=str(err) or type(err).__name__)
-        with contextlib.suppress(ValueError):  # storage that cannot take the failure must not hide its cause
-            publish(job, run_dir)
+        _publish_ending(job, run_dir)
         raise
     set_status(run_dir, "succeeded", headline=result["overall"])
     record_run("run.finished", run_dir, job.output_dir, kind="train")
@@ -152,44 +151,49 @@ def _train(job: JobSpec, address: str | None, resume: Path | None) -> Path:
     return run_dir
 
 
-def _resume_dir(job: JobSpec, run_dir: Path, sections: tuple[str, ...] = ("data", "model", "distributed")) -> Path:
-    from steward.runs import read_spec
-
-    if not (run_dir / "spec.yaml").exists():
-        raise ValueError(f"--resume {run_dir}: not a run folder (no spec.yaml); pass runs/<name>/<run-id>")
-    before = read_spec(run_dir)
-    changed = [s for s in sections if getattr(before, s) != getattr(job, s)]
-    if changed:
-        raise ValueError(f"--resume {run_dir}: the spec's {', '.join(changed)} differ from the run's; "
-                         "only train settings (e.g. train.epochs) may change when resuming")  # fmt: skip
-    return run_dir.resolve()
+def _print_run_folder(run_dir: Path, uri: str | None) -> None:
+    staged = f" (staged in {escape(str(run_dir))})" if uri else ""
+    console.print(f"run folder [bold]{escape(uri or str(run_dir))}[/]{staged}")
 
 
-def _tune(job: JobSpec, address: str | None, resume: Path | None) -> Path:
+def _publish_ending(job: JobSpec, run_dir: Path) -> None:
+    """Publish a run that failed or was interrupted; storage that cannot take it must not hide why it ended."""
+    from steward.runs import publish
+
+    with contextlib.suppress(ValueError):
+        publish(job, run_dir)
+
+
+def _tune(job: JobSpec, address: str | None, resume: str | None) -> Path:
     from steward.govern.events import record_run
-    from steward.runs import create_run, set_status
+    from steward.runs import create_run, publish, resume_run, run_uri, set_status, spec_hash
     from steward.tune.finish import tune_job
     from steward.tune.launch import SweepInterrupted
     from steward.tune.report import results_table
 
+    job, run_dir = resume_run(job, resume, "sweep") if resume else (job, create_run(job))
     assert job.tune is not None
-    check_sweep_storage(job.output_dir)
-    run_dir = _resume_dir(job, resume, sections=("data", "model", "distributed", "tune")) if resume else create_run(job)
+    if resume:
+        set_status(run_dir, "running", spec_hash=spec_hash(job), error=None)
+        publish(job, run_dir)
     record_run("run.started", run_dir, job.output_dir, kind="sweep", resumed=resume is not None)
-    console.print(f"run folder [bold]{run_dir}[/]")
+    _print_run_folder(run_dir, run_uri(job, run_dir))
     try:
         result, rows, best = tune_job(job, run_dir, address, resume=resume is not None)
     except SweepInterrupted:
         set_status(run_dir, "interrupted")
         record_run("run.interrupted", run_dir, job.output_dir, kind="sweep")
+        _publish_ending(job, run_dir)
         raise
     except BaseException as err:
         set_status(run_dir, "failed", error=str(err) or type(err).__name__)
         record_run("run.failed", run_dir, job.output_dir, kind="sweep", error=str(err) or type(err).__name__)
+        _publish_ending(job, run_dir)
         raise
     set_status(run_dir, "succeeded", headline=result["overall"], best_trial=best.trial_id)
     record_run("sweep.finished", run_dir, job.output_dir, trials=len(rows), best_trial=best.trial_id,
                metric=job.tune.metric, best_metric=best.metric)  # fmt: skip
+    publish(job, run_dir)  # status.json last, as for training
     console.print(results_table(rows, job.tune.metric, list(job.tune.search_space), best))
     console.print(f"best trial {best.trial_id}: {job.tune.metric} = {best.metric:.4f} -> best.yaml")
     _print_metrics(result, run_dir)

@@ -1,15 +1,18 @@
 """Run folders: `runs/<name>/<run-id>/` with the resolved spec first, a status file, and everything a run wrote.
 
 With a URI output_dir (s3://, gs://) the run folder is staged locally and published to the URI (steward.storage
-says how and when); `run_uri` names where a staged run goes.
+says how and when); `run_uri` names where a staged run goes. `resume_run` checks a run that `--resume` names
+(downloading it to its staging folder when it is a URI).
 """
 
 import hashlib
 import json
 import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -17,6 +20,8 @@ from steward import storage
 from steward.spec import JobSpec
 
 STATUS = storage.STATUS
+# What a run needs to be continued: the checkpoint list Ray Train keeps (train/), the state Ray Tune keeps (tune/).
+RESUMABLE = {"train": "train/checkpoint_manager_snapshot.json", "sweep": "tune/tuner.pkl"}
 
 
 def spec_hash(spec: JobSpec) -> str:
@@ -50,6 +55,55 @@ def publish(spec: JobSpec, run_dir: Path) -> None:
     uri = run_uri(spec, run_dir)
     if uri is not None:
         storage.upload(run_dir, uri)
+
+
+def resume_run(job: JobSpec, target: str, kind: str) -> tuple[JobSpec, Path]:
+    """The run folder `--resume target` continues (a train or a sweep `kind` run) and the spec to continue it with.
+
+    A URI (cluster storage) is downloaded to its staging folder, checkpoints left behind (Ray reads them from the
+    URI), and the spec's output_dir becomes the storage holding the run, so what the run writes next is published
+    there again. Raises ValueError naming --resume and the fix when the run cannot be continued.
+    """
+    uri = storage.is_uri(target)
+    if uri:
+        job = job.model_copy(update={"output_dir": _storage_of(target, job.name)})
+    run_dir = _stage_for_resume(target) if uri else Path(target)
+    if not (run_dir / "spec.yaml").exists():
+        raise ValueError(f"--resume {target}: not a run folder (no spec.yaml); pass <output_dir>/<name>/<run-id>")
+    sections = ("data", "model", "distributed", "tune") if kind == "sweep" else ("data", "model", "distributed")
+    before = read_spec(run_dir)
+    changed = [s for s in sections if getattr(before, s) != getattr(job, s)]
+    if changed:
+        raise ValueError(f"--resume {target}: the spec's {', '.join(changed)} differ from the run's; "
+                         "only train settings (e.g. train.epochs) may change when resuming")  # fmt: skip
+    marker = RESUMABLE[kind]
+    found = storage.exists(storage.join(target, marker), "--resume") if uri else (run_dir / marker).exists()
+    if not found:
+        what, verb = ("no checkpoint", "train") if kind == "train" else ("no saved sweep state", "tune")
+        raise ValueError(f"--resume {target}: {what} to continue from ({marker} is missing); start a new run "
+                         f"instead (`steward {verb} SPEC` without --resume)")  # fmt: skip
+    return job, run_dir.resolve()
+
+
+def _storage_of(uri: str, name: str) -> str:
+    """The output_dir URI holding the run at `uri` (<output_dir>/<name>/<run-id>), its query kept."""
+    split = urlsplit(uri)
+    parts = split.path.rstrip("/").split("/")
+    if len(parts) < 2 or not parts[-1] or parts[-2] != name:
+        raise ValueError(f"--resume {uri}: not a run of this spec's `{name}`; pass <output_dir>/{name}/<run-id> "
+                         "(`steward runs --storage URI` lists the runs there)")  # fmt: skip
+    return urlunsplit(split._replace(path="/".join(parts[:-2])))
+
+
+def _stage_for_resume(uri: str) -> Path:
+    """Download the run folder at `uri` (no checkpoints) to a fresh staging folder; ValueError if there is no run."""
+    storage.check_reachable(uri, "--resume")
+    if storage.read_text(storage.join(uri, STATUS), "--resume") is None:
+        raise ValueError(f"--resume {uri}: no run there (no {STATUS}); `steward runs --storage URI` lists the runs")
+    local = storage.staging_dir(uri)
+    shutil.rmtree(local, ignore_errors=True)  # a stale copy must not mix with the run as stored now
+    storage.download(uri, local)
+    return local
 
 
 def set_status(run_dir: Path, state: str, **fields) -> None:

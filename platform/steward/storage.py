@@ -9,10 +9,16 @@ The design, in one place:
   URI at well-defined points: when the run starts (spec and a `running` status), before the workers start (what
   they read: data_info.json, tokenizer/), by rank 0 after each epoch (history.jsonl) and at the end (model/), and
   by the driver when the run ends.
+- A sweep (Ray Tune) gets the sweep's URI as its storage_path: Tune syncs its experiment state and every trial's
+  checkpoints there itself, so `--resume` restores it from any machine. Each trial's own run folder
+  (`trials/<trial id>/`) is staged on the node that runs the trial and published to `<run URI>/trials/<trial id>`
+  like a training run's (the trial's Train checkpoints go beside it, in `train-<hex>/`). The driver downloads the
+  trial folders (checkpoints left behind) once the sweep ends, and publishes the sweep's own files as for training.
 - status.json is uploaded last, after every other file, so a run whose upload was cut short still says `running`
   (or `failed`) and never looks succeeded.
 - A run read back from a URI (`steward evaluate URI`, `steward serve --run URI`) is downloaded to the same
-  cache folder first, and only when its status says `succeeded`.
+  cache folder first, and only when its status says `succeeded`. A `--resume URI` downloads it there too and
+  continues from the checkpoints Ray wrote to the URI.
 
 Query parameters of the URI (`?endpoint_override=host:port&scheme=http`, `?region=...`) are kept on every path
 derived from it: pyarrow and Ray both read them. Credentials come from the environment, as the AWS / Google
@@ -28,8 +34,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
 STATUS = "status.json"
-# Never copied with a run folder: Ray Train writes checkpoints to the URI itself, and a read-back needs none.
-NOT_COPIED = {"train", "trials"}
+# Never copied with a run folder: Ray Train (train/, a trial's train-<hex>/) and Ray Tune (tune/) write their
+# checkpoints to the URI themselves, and a read-back needs none; trials/ is published by each trial itself.
+NOT_COPIED = {"train", "trials", "tune"}
+TRIAL_TRAIN_RUN = "train-"  # the prefix of a trial's Train run folders (one per start of the trial)
 
 
 def is_uri(path: str | Path) -> bool:
@@ -57,13 +65,18 @@ def open_uri(uri: str, field: str) -> tuple[Any, str]:
         ) from None
 
 
-def check_sweep_storage(output_dir: str) -> None:
-    """Sweeps need a shared folder: each trial writes its own run folder from whichever node runs it."""
-    if is_uri(output_dir):
-        raise ValueError(
-            f"output_dir {output_dir}: a sweep's trials write their run folders from every node, which needs a "
-            "shared folder (NFS, EFS, Filestore) as output_dir; a URI output_dir works for train"
-        )
+def copied(name: str) -> bool:
+    """Whether a run folder's entry `name` is copied with it (checkpoint folders Ray writes to the URI are not)."""
+    return name not in NOT_COPIED and not name.startswith(TRIAL_TRAIN_RUN)
+
+
+def folders(uri: str, field: str) -> list[str]:
+    """The names of the folders directly inside the URI folder (none when it does not exist)."""
+    import pyarrow.fs as pafs
+
+    fs, root = open_uri(uri, field)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return sorted(i.path.rsplit("/", 1)[-1] for i in infos if i.type == pafs.FileType.Directory)
 
 
 def check_reachable(uri: str, field: str) -> None:
@@ -98,7 +111,7 @@ def upload(local: Path, uri: str, names: list[str] | None = None) -> None:
     import pyarrow.fs as pafs
 
     fs, root = open_uri(uri, "output_dir")
-    chosen = names if names is not None else [p.name for p in local.iterdir() if p.name not in NOT_COPIED]
+    chosen = names if names is not None else [p.name for p in local.iterdir() if copied(p.name)]
     present = [n for n in chosen if (local / n).exists()]
     try:
         for name in sorted(present, key=lambda n: n == STATUS):
@@ -125,7 +138,7 @@ def download(uri: str, local: Path, names: list[str] | None = None) -> None:
     local.mkdir(parents=True, exist_ok=True)
     for info in infos:
         name = info.path.rsplit("/", 1)[-1]
-        if (names is not None and name not in names) or (names is None and name in NOT_COPIED):
+        if (names is not None and name not in names) or (names is None and not copied(name)):
             continue
         if info.type == pafs.FileType.Directory:
             shutil.rmtree(local / name, ignore_errors=True)
@@ -134,6 +147,14 @@ def download(uri: str, local: Path, names: list[str] | None = None) -> None:
         else:
             with fs.open_input_stream(info.path) as data, open(local / name, "wb") as out:
                 shutil.copyfileobj(data, out)
+
+
+def exists(uri: str, field: str) -> bool:
+    """True when there is a file at `uri`."""
+    import pyarrow.fs as pafs
+
+    fs, path = open_uri(uri, field)
+    return bool(fs.get_file_info(path).type == pafs.FileType.File)
 
 
 def read_text(uri: str, field: str) -> str | None:

@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 from steward.cluster.package import Deps, package_job
 from steward.spec import JobSpec
-from steward.storage import check_sweep_storage
 from steward.train.launch import resource_problem
 
 Stage = Literal["train", "tune", "serve", "run"]
@@ -68,8 +67,6 @@ def check_stage(spec: JobSpec, stage: Stage) -> None:
     """Refuse a stage the spec has no section for, before anything is uploaded."""
     if stage == "tune" and spec.tune is None:
         raise ValueError("--stage tune: the spec has no `tune` section; add one or submit --stage train")
-    if stage == "tune" or (stage == "run" and spec.tune is not None):
-        check_sweep_storage(spec.output_dir)
     if stage == "serve" and spec.serve is None:
         raise ValueError("--stage serve: the spec has no `serve` section; add one (e.g. serve: {route_prefix: /x})")
 

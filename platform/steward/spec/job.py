@@ -32,7 +32,7 @@ class JobSpec(Section):
     output_dir: str = Field(
         "runs",
         description="Folder that run folders are created under, or cluster storage: s3://bucket/path, "
-        "gs://bucket/path (train; sweeps need a shared folder).",
+        "gs://bucket/path (add ?endpoint_override=host:port&scheme=http for an S3-compatible server).",
     )
     data: DataSpec = Field(description="Data source, columns, splits and batching.")
     model: ModelSpec = Field(description="Model family, task and parameters.")

@@ -2,7 +2,7 @@
 
 import json
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +25,21 @@ def checkpoint_dir(engine: Any, rank: int, loop_state: dict):
         yield ray.train.Checkpoint.from_directory(folder)
 
 
-def restore(engine: Any, checkpoint: ray.train.Checkpoint | None, initial: str | None = None) -> dict | None:
+def restore(
+    engine: Any, latest: ray.train.Checkpoint | None, initial: ray.train.Checkpoint | None = None
+) -> dict | None:
     """Load the checkpoint to continue from and return its loop state (with `source`: where it came from).
 
-    `checkpoint`, Ray's own latest checkpoint of this run, wins (a restart after a worker failure); otherwise
-    `initial`, a checkpoint folder handed in from outside (a --resume, a Tune trial restored or copied by PBT).
+    `latest`, Ray's own latest checkpoint of this run, wins (a restart after a worker failure, a --resume);
+    otherwise `initial`, a checkpoint handed in from outside (a Tune trial restored or copied by PBT), local or in
+    cluster storage (as_directory downloads it).
     """
-    if checkpoint is None and initial is None:
+    checkpoint = latest or initial
+    if checkpoint is None:
         return None
-    source: str = checkpoint.path if checkpoint else initial  # type: ignore[assignment]
-    with checkpoint.as_directory() if checkpoint else nullcontext(source) as folder:
+    with checkpoint.as_directory() as folder:
         engine.load(Path(folder))
-        return json.loads((Path(folder) / STATE_FILE).read_text()) | {"source": source}
+        return json.loads((Path(folder) / STATE_FILE).read_text()) | {"source": checkpoint.path}
 
 
 def consolidate_checkpoint(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from steward import storage
@@ -101,14 +101,14 @@ def build_trainer(
     run_dir: Path,
     info: DataInfo,
     name: str = "train",
-    initial_checkpoint: str | None = None,
+    initial_checkpoint: Checkpoint | None = None,
     callbacks: list | None = None,
     run_uri: str | None = None,
     probe: dict | None = None,
 ) -> TorchTrainer:
     """The TorchTrainer for this spec; its storage is the run folder, so resuming is re-running into it.
 
-    `initial_checkpoint` is a checkpoint folder to start from when the run has none of its own (a Tune trial
+    `initial_checkpoint` is a checkpoint to start from when the run has none of its own (a Tune trial
     restored or copied by PBT); `callbacks` are Ray Train callbacks (Tune's bridge). With `run_uri` (cluster
     storage) Ray writes checkpoints to that URI and rank 0 publishes its files there (steward.storage).
     `probe` ({warmup, steps}) times steps for `steward bench` and ends training once they are timed.
@@ -133,7 +133,11 @@ def build_trainer(
 
 
 def loop_config(
-    spec: JobSpec, run_dir: Path, info: DataInfo, initial_checkpoint: str | None = None, run_uri: str | None = None
+    spec: JobSpec,
+    run_dir: Path,
+    info: DataInfo,
+    initial_checkpoint: Checkpoint | None = None,
+    run_uri: str | None = None,
 ) -> dict:
     """What `train_loop` is given: the spec as a plain dict, where to write, the data's description, where from."""
     return {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "data_info": info.to_dict(),

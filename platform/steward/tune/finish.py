@@ -8,9 +8,13 @@ from pathlib import Path
 
 import yaml
 from ray import tune
+from ray.tune import ExperimentAnalysis
+from ray.tune.experiment import Trial
 
+from steward import storage
 from steward.evaluate.run import evaluate_run
 from steward.govern.card import write_card
+from steward.runs import run_uri
 from steward.spec import JobSpec
 from steward.train.curves import plot_history
 from steward.train.launch import train_job
@@ -91,6 +95,23 @@ def finish(spec: JobSpec, best_spec: JobSpec, best: TrialRow, run_dir: Path, add
     return evaluate_run(run_dir, best_spec)
 
 
+def unfinished_trials(grid: tune.ResultGrid) -> int:
+    """Trials that had not finished when the sweep stopped, by the state Tune saved (to run_dir/tune or the URI).
+
+    The grid cannot tell: after Ctrl+C Tune saves its state, then stops the running trials and marks them
+    terminated, like the trials that ended.
+    """
+    saved = ExperimentAnalysis(grid.experiment_path, storage_filesystem=grid.filesystem)
+    return sum(trial.status not in (Trial.TERMINATED, Trial.ERROR) for trial in saved.trials)
+
+
+def fetch_trials(sweep_uri: str, run_dir: Path) -> None:
+    """Cluster storage: every trial's run folder as its node published it, checkpoints left behind, into run_dir."""
+    trials = storage.join(sweep_uri, TRIALS)
+    for trial_id in storage.folders(trials, "output_dir"):
+        storage.download(storage.join(trials, trial_id), run_dir / TRIALS / trial_id)
+
+
 def tune_job(
     spec: JobSpec, run_dir: Path, address: str | None = None, resume: bool = False
 ) -> tuple[dict, list[TrialRow], TrialRow]:
@@ -105,12 +126,16 @@ def tune_job(
         grid = sweep(spec, run_dir, address, [live], resume)
     finally:
         live.stop()
+    uri = run_uri(spec, run_dir)
+    if uri:
+        fetch_trials(uri, run_dir)
     rows = trial_rows(grid, spec.tune.metric, run_dir)
     # Ctrl+C leaves trials unfinished, or not yet created (Tune creates trials as slots free up).
     out_of_time = spec.tune.time_budget_s is not None and time.monotonic() - started >= spec.tune.time_budget_s
     missing = len(grid) < spec.tune.num_trials and not out_of_time
-    if missing or grid.num_terminated + grid.num_errors < len(grid):
-        raise SweepInterrupted(f"sweep interrupted; continue it with: steward tune SPEC --resume {run_dir}")
+    stopped = not out_of_time and unfinished_trials(grid) > 0
+    if missing or stopped or grid.num_terminated + grid.num_errors < len(grid):
+        raise SweepInterrupted(f"sweep interrupted; continue it with: steward tune SPEC --resume {uri or run_dir}")
     best = best_row(rows, spec.tune.mode)
     best_spec = write_results(rows, spec, best, run_dir)
     plot_trials(rows, spec.tune.metric, run_dir / "trials.png")

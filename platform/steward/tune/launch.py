@@ -5,6 +5,9 @@ that worker's resources (steward.train.session says why). A multi-worker trial (
 the same TorchTrainer as `steward train`, with the trial's ScalingConfig, so it can be a multi-worker DeepSpeed
 job; a Train callback passes every epoch's metrics and checkpoint back to the trial. Either way Tune sees every
 epoch's report: schedulers judge each epoch, and PBT can copy checkpoints between trials.
+
+With a URI output_dir (cluster storage) Tune keeps the experiment and the trials' checkpoints at the sweep's URI,
+and each trial publishes its own run folder to `<sweep URI>/trials/<trial id>` from its node (steward.storage).
 """
 
 import contextlib
@@ -28,7 +31,9 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.trainable.function_trainable import wrap_function
 from ray.util.queue import Queue
 
+from steward import storage
 from steward.data import DataInfo
+from steward.runs import run_uri
 from steward.spec import JobSpec
 from steward.spec.tune import TuneSpec
 from steward.train.launch import (
@@ -40,13 +45,14 @@ from steward.train.launch import (
     prepare,
     root_cause,
 )  # fmt: skip
-from steward.train.loop import train_loop
+from steward.train.loop import HISTORY, train_loop
 from steward.train.session import trial_session, tune_report
 from steward.tune.space import param_space, scheduler, search_algorithm, trial_spec
 
 EXPERIMENT = "tune"  # the Tune experiment folder inside the run folder
 TRIALS = "trials"  # each trial's own run folder (history, data info, model) inside the run folder
 COMPLETED = "completed"  # marks a trial that ran to its end (Tune marks a stopped trial's last result done too)
+STARTS = "starts.jsonl"  # each start of a trial: its config and the checkpoint it started from
 STOP_GRACE_S = 60.0  # how long a stopped trial may take to abort its Train run
 
 
@@ -66,24 +72,35 @@ class _Bridge(UserCallback):
 
     def after_report(self, run_context, metrics: list[dict], checkpoint: Checkpoint | None) -> None:
         controller = ray.get_runtime_context().current_actor  # so a stopped trial can abort its Train run
-        self.queue.put((metrics[0], checkpoint.path if checkpoint else None, controller))
+        self.queue.put((metrics[0], checkpoint, controller))
 
 
-def run_trial(config: dict[str, Any], base: dict[str, Any], tune_section: dict[str, Any], sweep_dir: str) -> None:
+def run_trial(
+    config: dict[str, Any], base: dict[str, Any], tune_section: dict[str, Any], sweep_dir: str, sweep_uri: str | None
+) -> None:
     """One Tune trial: the trial's spec, trained here or by a TorchTrainer, each epoch reported to Tune."""
     spec = trial_spec(base, config, TuneSpec.model_validate(tune_section))
-    trial_dir = Path(sweep_dir) / TRIALS / tune.get_context().get_trial_id()
+    trial_id = tune.get_context().get_trial_id()
+    trial_uri = storage.join(sweep_uri, TRIALS, trial_id) if sweep_uri else None
+    # Staged on this trial's node for cluster storage (the same folder as the driver's when they share a node).
+    trial_dir = storage.staging_dir(trial_uri) if trial_uri else Path(sweep_dir) / TRIALS / trial_id
     trial_dir.mkdir(parents=True, exist_ok=True)
+    if trial_uri:  # a restored trial's earlier starts, logged on whichever node ran them
+        storage.download(trial_uri, trial_dir, [STARTS])
     info = prepare(spec, trial_dir)
     start = tune.get_checkpoint()  # a restored trial, or a PBT copy of another trial's checkpoint
-    source = start.path if start else None
-    with (trial_dir / "starts.jsonl").open("a") as log:  # PBT's exploits, visible per trial
-        log.write(json.dumps({"time": time.time(), "config": config, "from": source}) + "\n")
+    with (trial_dir / STARTS).open("a") as log:  # PBT's exploits, visible per trial
+        log.write(json.dumps({"time": time.time(), "config": config, "from": start.path if start else None}) + "\n")
+    if trial_uri:  # what the workers read (data_info.json, tokenizer/), before they start; rank 0 writes the rest
+        names = [p.name for p in trial_dir.iterdir() if storage.copied(p.name) and p.name not in RANK0_FILES]
+        storage.upload(trial_dir, trial_uri, names)
     if in_trial_process(spec):
-        train_loop(loop_config(spec, trial_dir, info, source), trial_session(spec.distributed.use_gpu))
+        train_loop(loop_config(spec, trial_dir, info, start, trial_uri), trial_session(spec.distributed.use_gpu))
     else:
-        train_in_trial(spec, trial_dir, info, source)
+        train_in_trial(spec, trial_dir, info, start, trial_uri)
     (trial_dir / COMPLETED).touch()
+    if trial_uri:
+        storage.upload(trial_dir, trial_uri, [COMPLETED])
 
 
 def in_trial_process(spec: JobSpec) -> bool:
@@ -91,19 +108,22 @@ def in_trial_process(spec: JobSpec) -> bool:
     return spec.distributed.num_workers == 1
 
 
-def train_in_trial(spec: JobSpec, trial_dir: Path, info: DataInfo, start: str | None) -> None:
+def train_in_trial(
+    spec: JobSpec, trial_dir: Path, info: DataInfo, start: Checkpoint | None, trial_uri: str | None
+) -> None:
     """A Ray Train run for the trial; a Train callback passes each epoch's report back to Tune."""
     queue: Queue = Queue(actor_options={"num_cpus": 0})
     # A fresh Train run name per start: Train V2 would otherwise resume its own latest checkpoint, not `start`.
-    trainer = build_trainer(spec, trial_dir, info, f"train-{secrets.token_hex(3)}", start, [_Bridge(queue)])
+    name = f"{storage.TRIAL_TRAIN_RUN}{secrets.token_hex(3)}"
+    trainer = build_trainer(spec, trial_dir, info, name, start, [_Bridge(queue)], run_uri=trial_uri)
     failure: list[BaseException] = []
     fit = threading.Thread(target=_fit, args=(trainer, queue, failure), daemon=True)
     fit.start()
     controller = None
     try:
         while (item := queue.get()) != END:
-            metrics, path, controller = item
-            tune_report(metrics, Checkpoint.from_directory(path) if path else None)
+            metrics, checkpoint, controller = item
+            tune_report(metrics, checkpoint)  # Tune copies it into the trial's own storage
     except SystemExit:  # the scheduler stopped this trial before its final epoch: free the workers now
         _abort(controller)
         fit.join(timeout=STOP_GRACE_S)
@@ -114,6 +134,7 @@ def train_in_trial(spec: JobSpec, trial_dir: Path, info: DataInfo, start: str | 
 
 
 END = (None, None, None)
+RANK0_FILES = {HISTORY, "model"}  # a trial's files its Train run's rank 0 publishes
 
 
 def _fit(trainer, queue: Queue, failure: list[BaseException]) -> None:
@@ -144,7 +165,9 @@ def trial_trainable(spec: JobSpec, run_dir: Path) -> type:
     """
     assert spec.tune is not None
     base, section = spec.model_dump(mode="json", exclude={"tune"}), spec.tune.model_dump(mode="json")
-    function = tune.with_parameters(run_trial, base=base, tune_section=section, sweep_dir=str(run_dir))
+    function = tune.with_parameters(
+        run_trial, base=base, tune_section=section, sweep_dir=str(run_dir), sweep_uri=run_uri(spec, run_dir)
+    )
 
     class Trial(wrap_function(function)):  # type: ignore[misc]
         def cleanup(self) -> None:
@@ -168,11 +191,13 @@ def _finish_previous() -> None:
 
 
 def build_tuner(spec: JobSpec, run_dir: Path, callbacks: list, resume: bool = False) -> tune.Tuner:
-    """The Tuner for spec.tune, storing into run_dir/tune; `resume` restores an interrupted one from there."""
+    """The Tuner for spec.tune, storing into <run>/tune (run_dir, or the run's URI); `resume` restores it from there."""
     assert spec.tune is not None
     trainable = tune.with_resources(trial_trainable(spec, run_dir), trial_resources(spec))
+    uri = run_uri(spec, run_dir)  # Tune syncs its state and the trials' checkpoints to a URI itself
     if resume:
-        return tune.Tuner.restore(str(run_dir / EXPERIMENT), trainable, resume_unfinished=True, resume_errored=True)
+        experiment = storage.join(uri, EXPERIMENT) if uri else str(run_dir / EXPERIMENT)
+        return tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
     t = spec.tune
     return tune.Tuner(
         trainable,
@@ -191,7 +216,7 @@ def build_tuner(spec: JobSpec, run_dir: Path, callbacks: list, resume: bool = Fa
             reuse_actors=True,
             trial_dirname_creator=lambda trial: trial.trial_id,  # tune/<trial id>, as trials/<trial id>
         ),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=str(run_dir), callbacks=callbacks, verbose=0),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=uri or str(run_dir), callbacks=callbacks, verbose=0),
     )
 
 
