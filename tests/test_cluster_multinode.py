@@ -132,7 +132,8 @@ def test_sweep_runs_trials_on_both_nodes(cluster):
     code, output, job_id = submit(cluster, "tune-digits-asha.yaml", "--stage", "tune", "--set", "tune.num_samples=2",
                                   "--set", "train.epochs=2", "--set", "tune.scheduler={name: fifo}")  # fmt: skip
     assert code == 0, output[-3000:]
-    assert len(actor_nodes(job_id, "RayTrainWorker")) == 2  # one single-worker trial per node, side by side
+    # one single-worker trial per node, side by side: each trains in its Tune trial actor (1 CPU, one per node)
+    assert len(actor_nodes(job_id, "ResourceTrainable")) == 2
     (status,) = run_folders(cluster, "tune-digits-asha")
     rows = (status.parent / "results.csv").read_text().splitlines()[1:]
     assert len(rows) == 2 and all(",completed," in row for row in rows)
