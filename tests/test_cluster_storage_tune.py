@@ -59,11 +59,10 @@ def test_a_sweep_writes_trials_results_and_model_to_s3(s3, swept):
     assert json.loads(read(s3, f"runs/tune-digits-asha/{run_id}/status.json"))["state"] == "succeeded"
     rows = list(csv.DictReader(io.StringIO(read(s3, f"runs/tune-digits-asha/{run_id}/results.csv"))))
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
-    for row in rows:  # each trial's own run folder, published by the trial; its checkpoints by Ray Train and Tune
+    for row in rows:  # each trial's own run folder, published by the trial; its checkpoints by Tune
         trial = f"trials/{row['trial_id']}"
         for name in ("history.jsonl", "starts.jsonl", "completed", "data_info.json", "model/model.safetensors"):
             assert f"{trial}/{name}" in files, (trial, name, sorted(files))
-        assert any(f.startswith(f"{trial}/train-") and "/checkpoint_" in f for f in files), sorted(files)
         assert any(f.startswith(f"tune/{row['trial_id']}/checkpoint_") for f in files), sorted(files)
         epochs = history(s3, f"tune-digits-asha/{run_id}/{trial}")
         assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2]
@@ -137,9 +136,15 @@ def test_an_interrupted_sweep_in_s3_resumes_without_rerunning_finished_trials(s3
     rows = list(csv.DictReader(io.StringIO(read(s3, f"runs/{name}/{run_id}/results.csv"))))
     assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
     assert json.loads(read(s3, f"runs/{name}/{run_id}/status.json"))["state"] == "succeeded"
-    for trial_id in done:  # a finished trial was not trained again
-        starts = read(s3, f"runs/{name}/{run_id}/trials/{trial_id}/starts.jsonl").splitlines()
-        assert len(starts) == 1, starts
+    for trial_id in done:  # a finished trial trained no epoch again
+        epochs = history(s3, f"{name}/{run_id}/trials/{trial_id}")
+        assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2], epochs
+        # Ctrl+C can land after a trial finished but before Tune recorded it: Tune then restores it from its own
+        # final checkpoint, and it only exports its model again
+        starts = [
+            json.loads(line) for line in read(s3, f"runs/{name}/{run_id}/trials/{trial_id}/starts.jsonl").splitlines()
+        ]
+        assert all(f"/tune/{trial_id}/checkpoint_" in s["from"] for s in starts[1:]), starts
 
 
 def put(s3, run, name, text):
