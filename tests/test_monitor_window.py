@@ -87,6 +87,40 @@ def test_merge_is_exact_and_order_free(seed):
     assert left.pending_labels == {} and len(left.pending_predictions) == (~lab).sum()
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_update_in_place_equals_merge_and_leaves_the_delta_alone(seed):
+    data, bins = random_stream(seed), make_bins()
+    s1, s2, s3 = feed_replicas(data, 3, seed, bins)
+    expected = s1.merge(s2).merge(s3)
+    before = s2.to_dict()
+    running = s1.copy()
+    assert running.update(s2).update(s3) is running
+    assert_same_counts(running, expected)
+    assert s2.to_dict() == before and running.reservoirs["emb"] is not s2.reservoirs["emb"]
+
+
+@pytest.mark.parametrize("max_pending", [3, 5, 1000])
+@pytest.mark.parametrize("waiting_label", [6, 99])  # 6: a label waits for an id of the batch; 99: none does
+def test_add_batch_pending_equals_single_adds_at_the_cap(max_pending, waiting_label):
+    """Repeated ids, ids already pending, labels waiting for some ids, and a cap that evicts mid-batch: the batch
+    path must leave the same pending maps, confusion counts and eviction count as adding one by one."""
+    ids = [1, 2, 3, 2, 4, 5, 6, 1, 7]
+    one, batch = WindowState(max_pending=max_pending), WindowState(max_pending=max_pending)
+    for state in (one, batch):
+        state.add(0, "a", request_id=2)
+        state.add_feedback(waiting_label, 1)
+    for i, rid in enumerate(ids):
+        one.add(i % 2, "b", request_id=rid)
+    batch.add_batch([i % 2 for i in range(len(ids))], ["b"] * len(ids), request_ids=ids)
+    assert one.pending_predictions == batch.pending_predictions and list(one.pending_predictions) == list(
+        batch.pending_predictions
+    )
+    assert (one.pending_labels, one.confusion, one.evicted) == (batch.pending_labels, batch.confusion, batch.evicted)
+    unique = WindowState(max_pending=4)  # the bulk path: fresh ids only, evicting mid-batch
+    unique.add_batch([0] * 6, request_ids=range(6))
+    assert list(unique.pending_predictions) == [2, 3, 4, 5] and unique.evicted == 2
+
+
 def test_json_round_trip_then_merge():
     data, bins = random_stream(3), make_bins()
     s1, s2 = feed_replicas(data, 2, 3, bins)
