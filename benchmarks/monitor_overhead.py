@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import socket
 import statistics
 import sys
@@ -234,6 +235,7 @@ def bench_replica(repeats: int, console: Console, run_dir: Path | None = None, r
         "forward, monitored (embed)": lambda: _cpu_us(lambda: served.run([prepared[0]], True), requests),
         "queue (record)": lambda: _cpu_us(queue_push, requests // push, push),
         "queue + count (push)": lambda: _cpu_us(count_push, requests // push, push),
+        "push: pickle + unpickle the delta": lambda: _cpu_us(lambda: pickle.loads(pickle.dumps(deltas[0])), 50, push),
         "actor: merge deltas": lambda: (merge_all(), merged[-1] / requests * 1e6)[1],
         "actor: judge windows, BLAS threads as numpy starts": lambda: _cpu_us(judge, 1, records_judged),
         "actor: judge windows, 1 BLAS thread": lambda: _cpu_us(judge_one_thread, 1, records_judged),
@@ -255,7 +257,8 @@ def bench_replica(repeats: int, console: Console, run_dir: Path | None = None, r
     out["replica total"] = {"us_per_request": statistics.median(replica), "min_us": min(replica), "target_us": 15.0}
     actor = [m + j for m, j in zip(per["actor: merge deltas"], per["actor: judge windows, 1 BLAS thread"], strict=True)]
     out["actor total (1 BLAS thread)"] = {"us_per_request": statistics.median(actor), "min_us": min(actor)}
-    out["run_dir"] = str(run_dir)
+    # Ray sends a call's arguments inline up to 100 KB; a larger push goes through the object store
+    out["push_bytes"], out["run_dir"] = len(pickle.dumps(deltas[0])), str(run_dir)
     return out
 
 
@@ -357,8 +360,8 @@ def replica_table(res: dict[str, Any], console: Console) -> None:
     for name, row in res.items():
         if isinstance(row, dict):
             table.add_row(name, f"{row['us_per_request']:.2f}", f"{row['min_us']:.2f}" if "min_us" in row else "")
-    table.caption = ("replica total = embed + queue + count (target <= 15 us); "
-                     "actor total = merge + judge, on the same cores")  # fmt: skip
+    table.caption = (f"replica total = embed + queue + count (target <= 15 us); actor total = merge + judge, on "
+                     f"the same cores; one push pickles to {res['push_bytes'] / 1000:.0f} KB")  # fmt: skip
     console.print(table)
 
 

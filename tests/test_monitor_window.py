@@ -2,6 +2,7 @@
 and reservoir uniformity (a chi-squared check that can fail, and does fail for a naive merge)."""
 
 import json
+import pickle
 import time
 
 import numpy as np
@@ -226,6 +227,18 @@ def test_reservoir_is_uniform_within_and_across_merges():
         merged.append(m)
     assert all(m.seen == 60 and len(m.sample) == cap for m in merged)
     assert inclusion_pvalue(merged, 60) > 1e-3
+
+
+def test_reservoir_pickles_only_its_kept_rows_and_continues_alike():
+    r = Reservoir(1000, 128, seed=0)
+    r.add_batch(np.random.default_rng(0).normal(size=(125, 128)))
+    copy = pickle.loads(pickle.dumps(r))
+    assert len(pickle.dumps(r)) < 125 * 128 * 4 + 10_000  # not the 1000-row buffer
+    assert copy.seen == 125 and (copy.sample == r.sample).all() and copy._rows.shape == (1000, 128)
+    more = np.random.default_rng(1).normal(size=(2000, 128))
+    r.add_batch(more)
+    copy.add_batch(more)  # the random generator travelled too: the same choices
+    assert copy.seen == r.seen and (copy.sample == r.sample).all()
 
 
 def test_the_uniformity_check_catches_a_naive_merge():
