@@ -82,7 +82,7 @@ class ServedModel:
             texts = [text for p in prepared for text in p]
             inputs, mask = encode_instances(texts, self.info, self.spec.data.max_length)
         else:
-            inputs, mask = torch.cat(prepared), None
+            inputs, mask = (prepared[0] if len(prepared) == 1 else torch.cat(prepared)), None
         tap = self.embedding_tap() if embed else None
         if tap is not None:
             tap.start()

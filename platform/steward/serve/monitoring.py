@@ -1,8 +1,7 @@
 """A replica's side of monitoring: count each answered record into a window state, push it to the monitor actor.
 
-A request only queues its outputs, after the response is handed back (scheduled on the event loop, never awaited by
-the request); the queue is counted in one vectorised pass and pushed every monitor.push_interval_s (or a quarter
-count window), so the request path pays neither.
+A request only queues its outputs (an append; the request awaits nothing); the queue is counted in one vectorised
+pass and pushed every monitor.push_interval_s (or a quarter count window), so the request path pays neither.
 """
 
 import asyncio
@@ -50,11 +49,10 @@ class ReplicaMonitor:
     def record(self, output: Output, attributes: dict[str, list[Any]], request_ids: list[str]) -> None:
         """Queue one request's outputs until the next push counts them; from then on only statistics are kept."""
         self.queue.append(output, attributes, request_ids)
-        loop = asyncio.get_running_loop()
         if self.pusher is None:
-            self.pusher = loop.create_task(self._push_forever())
+            self.pusher = asyncio.get_running_loop().create_task(self._push_forever())
         if self.queue.queued >= self.push_at:
-            loop.create_task(self.flush())
+            asyncio.get_running_loop().create_task(self.flush())
 
     def count(self) -> None:
         """Count every queued record into the window state."""
