@@ -229,6 +229,17 @@ def test_reservoir_is_uniform_within_and_across_merges():
     assert inclusion_pvalue(merged, 60) > 1e-3
 
 
+@pytest.mark.parametrize("sizes", [[7, 30, 13], [60], [3, 4, 5]])  # crossing capacity 10 mid-batch, or never
+def test_reservoir_add_batch_equals_adds_one_by_one(sizes):
+    rows = np.random.default_rng(0).normal(size=(sum(sizes), 2))
+    one, batch = Reservoir(10, 2, seed=3), Reservoir(10, 2, seed=3)
+    for row in rows:
+        one.add(row)
+    for part in np.split(rows, np.cumsum(sizes)[:-1]):
+        batch.add_batch(part)
+    assert one.seen == batch.seen and (one.sample == batch.sample).all()
+
+
 def test_reservoir_pickles_only_its_kept_rows_and_continues_alike():
     r = Reservoir(1000, 128, seed=0)
     r.add_batch(np.random.default_rng(0).normal(size=(125, 128)))

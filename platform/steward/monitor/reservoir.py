@@ -40,8 +40,17 @@ class Reservoir:
             self._rows[j] = row
 
     def add_batch(self, rows: Any) -> None:
-        for row in np.asarray(rows, dtype=np.float32).reshape(-1, self.dim):
-            self.add(row)
+        """`add` each row in order, with the same random draws, but the rows copied in two numpy writes (a row at a
+        time cost ~0.7 us; a replica's push fills its fresh reservoir with one slice)."""
+        rows = np.asarray(rows, dtype=np.float32).reshape(-1, self.dim)
+        fill = min(max(self.capacity - self.seen, 0), len(rows))
+        self._rows[self.seen : self.seen + fill] = rows[:fill]
+        first, self.seen = self.seen + fill + 1, self.seen + len(rows)
+        draws = (self._rng.randrange(seen) for seen in range(first, self.seen + 1))
+        # a later row drawn into the same slot replaces the earlier one, as one by one: the dict keeps the last
+        slots = {j: i for i, j in enumerate(draws, start=fill) if j < self.capacity}
+        if slots:
+            self._rows[list(slots)] = rows[list(slots.values())]
 
     def merge(self, other: Reservoir) -> Reservoir:
         """A uniform sample of the union of both streams.

@@ -108,8 +108,10 @@ class RecordQueue:
             return
         info = self.served.info
 
+        outputs = [item[0] for item in queue]
+
         def joined(name: str) -> Any:
-            parts = [getattr(output, name) for output, *_ in queue]
+            parts = [getattr(output, name) for output in outputs]
             return None if parts[0] is None else np.concatenate(parts)
 
         signals = record_signals(
