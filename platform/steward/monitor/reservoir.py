@@ -6,6 +6,7 @@ its own reservoir; `merge` combines two so the result is again a uniform sample 
 
 from __future__ import annotations
 
+import base64
 import random
 from typing import Any
 
@@ -95,14 +96,21 @@ class Reservoir:
         self._rows[: len(kept)] = kept
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data; the random generator is not kept (a restored reservoir is reseeded, still uniform)."""
-        return {"capacity": self.capacity, "dim": self.dim, "seen": self.seen, "rows": self.sample.tolist()}
+        """Plain data; the random generator is not kept (a restored reservoir is reseeded, still uniform).
+
+        The rows are their float32 bytes in base64: exact, and the monitor saves two full reservoirs every
+        persist_interval_s, which as JSON number lists (1000 x 128) cost ~60 ms of CPU each time against ~1 ms.
+        """
+        rows = base64.b64encode(np.ascontiguousarray(self.sample, dtype="<f4").tobytes()).decode("ascii")
+        return {"capacity": self.capacity, "dim": self.dim, "seen": self.seen, "rows": rows}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], seed: int | None = None) -> Reservoir:
         out = cls(int(data["capacity"]), int(data["dim"]), seed=seed)
         out.seen = int(data["seen"])
-        rows = np.asarray(data["rows"], dtype=np.float32).reshape(-1, out.dim)
+        rows = data["rows"]  # base64 float32 bytes, or a list of rows (states saved before that)
+        rows = np.frombuffer(base64.b64decode(rows), "<f4") if isinstance(rows, str) else np.asarray(rows, np.float32)
+        rows = rows.reshape(-1, out.dim)
         if len(rows) != min(out.seen, out.capacity):
             raise ValueError(f"reservoir dict holds {len(rows)} rows but seen={out.seen}, capacity={out.capacity}")
         out._rows[: len(rows)] = rows
