@@ -8,9 +8,11 @@
 2. window: the cost of adding one record to a `WindowState`, for growing records (prediction + group; + 64 feature
    histograms; + a 32-d embedding reservoir; + a request id and its late label), and per record in batches of 64.
 3. replica: per request of one instance, offline (no Ray), the CPU time monitoring adds in the replica and the
-   actor: the quickstart CNN's forward pass without and with the embedding tap, queueing a request's outputs,
-   counting a push's worth of queued requests into a `WindowState`, and in the actor merging the pushed deltas into
-   windows and judging each closed window (`checks.window_report`). `--run-dir` reuses a trained quickstart run.
+   actor: the quickstart CNN's forward pass without and with the embedding tap (alternating call by call),
+   queueing a request's outputs, counting a push's worth of queued requests into a `WindowState`, pickling the
+   push, and in the actor merging the pushed deltas into windows (max_pending predictions waiting for labels),
+   saving its state, and judging each closed window (`checks.window_report`) with one BLAS thread and with numpy's
+   default. `--run-dir` reuses a trained quickstart run (else one is trained, ~30 s).
 4. serving: the quickstart CNN on Ray Serve with a monitor section (drift + bias) against the same run without
    one: p50 / p99 latency and QPS at concurrency 1 and 32, one instance (with a group attribute) per request,
    cells interleaved (off, on, off, on, ...).
