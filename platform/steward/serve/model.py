@@ -91,7 +91,7 @@ class ServedModel:
         finally:
             seen = tap.stop() if tap is not None else []
         # one conversion each, then numpy slices (views): a torch slice per request costs ~1 us more
-        embeddings = (seen[0] if len(seen) == 1 else torch.cat(seen)).numpy() if embed else None
+        embeddings = (seen[0] if len(seen) == 1 else torch.cat(seen)).numpy() if seen else None
         x = inputs.numpy() if embed else None
         m = mask.numpy() if embed and mask is not None else None
         starts = np.cumsum([0, *sizes[:-1]])
