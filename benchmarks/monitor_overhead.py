@@ -1,13 +1,19 @@
 """Monitoring overhead, side by side in one run: the maths, the per-record update, and serving with it on vs off.
 
-    python benchmarks/monitor_overhead.py [--repeats 5] [--sections mmd window serving]
+    python benchmarks/monitor_overhead.py [--repeats 5] [--sections mmd window replica serving] [--run-dir DIR]
 
 1. mmd: `steward.monitor.drift.mmd_test` at 1,000 points per side, d = 32, 100 permutations, against a naive numpy
    implementation (kernel blocks recomputed for every permutation) on the same data and the same permutations.
    Both must return the same statistic and p-value; runs alternate (fast, naive, fast, ...), median over repeats.
 2. window: the cost of adding one record to a `WindowState`, for growing records (prediction + group; + 64 feature
    histograms; + a 32-d embedding reservoir; + a request id and its late label), and per record in batches of 64.
-3. serving: the quickstart CNN on Ray Serve with a monitor section (drift + bias) against the same run without
+3. replica: per request of one instance, offline (no Ray), the CPU time monitoring adds in the replica and the
+   actor: the quickstart CNN's forward pass without and with the embedding tap (alternating call by call),
+   queueing a request's outputs, counting a push's worth of queued requests into a `WindowState`, pickling the
+   push, and in the actor merging the pushed deltas into windows (max_pending predictions waiting for labels),
+   saving its state, and judging each closed window (`checks.window_report`) with one BLAS thread and with numpy's
+   default. `--run-dir` reuses a trained quickstart run (else one is trained, ~30 s).
+4. serving: the quickstart CNN on Ray Serve with a monitor section (drift + bias) against the same run without
    one: p50 / p99 latency and QPS at concurrency 1 and 32, one instance (with a group attribute) per request,
    cells interleaved (off, on, off, on, ...).
 Writes benchmarks/results/monitor_overhead.json and prints the tables.
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import socket
 import statistics
 import sys
@@ -134,6 +141,153 @@ def bench_window(repeats: int, console: Console, records: int = 20_000) -> dict[
     return out
 
 
+def _quickstart_run(run_dir: Path | None) -> tuple[Any, Path]:
+    """(spec, run folder) of a trained quickstart run with a monitor section (drift + bias): `run_dir`'s, or one
+    trained here in seconds as the serving tests do."""
+    sys.path.insert(0, str(ROOT))
+    from tests.serving import trained_run
+
+    from steward.spec import load_job
+    from steward.spec.monitor import MonitorSpec
+
+    if run_dir is None:
+        folder = Path(tempfile.mkdtemp(prefix="steward-monitor-bench-"))
+        spec, run_dir = trained_run(folder, "quickstart.yaml", epochs=2)
+    else:
+        spec = load_job(run_dir / "spec.yaml")
+    bias = {"group": "group", "favourable": "0", "privileged": "a"}
+    monitor = MonitorSpec.model_validate({"drift": {}, "bias": bias})
+    return spec.model_copy(update={"monitor": monitor}), run_dir
+
+
+def _cpu_us(fn: Callable[[], Any], calls: int, per: int = 1) -> float:
+    """CPU microseconds (this process, all threads) per unit of work: `calls` calls of `fn`, each doing `per` units."""
+    t0 = time.process_time()
+    for _ in range(calls):
+        fn()
+    return (time.process_time() - t0) / (calls * per) * 1e6
+
+
+def bench_replica(repeats: int, console: Console, run_dir: Path | None = None, requests: int = 4000) -> dict[str, Any]:
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from steward.monitor.actor import reference_for
+    from steward.monitor.checks import window_report
+    from steward.monitor.window import Windows
+    from steward.serve.model import load_served_model
+    from steward.serve.monitoring import RecordQueue
+
+    spec, run_dir = _quickstart_run(run_dir)
+    torch.set_num_threads(1)  # as a replica runs it (serve.torch_threads)
+    # two copies of the model: a monitored replica's (embeds every request) and an unmonitored one's
+    served, plain = load_served_model(spec, run_dir), load_served_model(spec, run_dir)
+    ref = reference_for(run_dir)
+    assert ref is not None and spec.monitor is not None
+    bins, cfg = ref.bins(), spec.monitor
+    sys.path.insert(0, str(ROOT))
+    from tests.serving import validation_inputs
+
+    prepared = [served.prepare([x]) for x in validation_inputs(spec, 64)]
+    push = int(cfg.window.size / 4)  # a replica pushes every quarter count window
+    outputs = [served.run([prepared[i % 64]], True)[0] for i in range(push)]
+    attributes = [{"group": ["ab"[i % 2]]} for i in range(push)]
+    ids = [[f"{i:032x}"] for i in range(push)]
+
+    def queue_push() -> RecordQueue:
+        queue = RecordQueue(served, bins, "group")
+        for i in range(push):
+            queue.append(outputs[i], attributes[i], ids[i])
+        return queue
+
+    def count_push() -> WindowState:
+        state = WindowState(bins)
+        queue_push().count_into(state)
+        return state
+
+    deltas = [count_push() for _ in range(requests // push)]
+
+    def merge_all() -> Windows:
+        """The deltas merged into windows as the actor does, in its steady state without late labels: the open pane
+        holds max_pending predictions still waiting for a label."""
+        windows = Windows(lambda: WindowState(bins), cfg.window.size, cfg.window.step, cfg.window.by)
+        windows.pane.pending_predictions = {f"old{i}": ("a", "0") for i in range(windows.pane.max_pending)}
+        t0 = time.process_time()
+        for delta in deltas:
+            windows.add_state(delta, t=1.0)
+        merged.append(time.process_time() - t0)
+        return windows
+
+    def save_state() -> float:
+        """The actor's periodic save (`Monitor._snapshot`) in the steady state of merge_all, as CPU us per request
+        at ~1,500 requests/s and the default persist_interval_s (5 s)."""
+        windows = merge_all()
+        t0 = time.process_time()
+        json.dumps({"windows": windows.to_dict()})
+        return (time.process_time() - t0) * 1e6 / (cfg.persist_interval_s * 1500)
+
+    merged: list[float] = []
+    closed: list[WindowState] = []
+    windows = Windows(lambda: WindowState(bins), cfg.window.size, cfg.window.step, cfg.window.by)
+    for delta in deltas:
+        closed += windows.add_state(delta, t=1.0)
+    records_judged = int(cfg.window.size) * len(closed)
+
+    def judge() -> list[dict]:
+        return [window_report(w, ref, cfg, i) for i, w in enumerate(closed)]
+
+    def judge_one_thread() -> list[dict]:
+        with threadpool_limits(1):  # the monitor actor runs with one BLAS thread
+            return judge()
+
+    forward: dict[str, list[float]] = {"off": [], "on": []}
+
+    def forward_pairs() -> float:
+        """Unmonitored and monitored forward passes alternating call by call, each side's CPU summed: they differ
+        by a few us out of ~100, and load from other processes changes faster than a block of calls lasts."""
+        spent = {"off": 0.0, "on": 0.0}
+        calls = {"off": lambda x: plain.run([x], False), "on": lambda x: served.run([x], True)}
+        for i in range(requests):
+            for side in ("off", "on") if i % 2 else ("on", "off"):  # the second of a pair runs on warmer caches
+                t0 = time.process_time()
+                calls[side](prepared[i % 64])
+                spent[side] += time.process_time() - t0
+        for side, total in spent.items():
+            forward[side].append(total / requests * 1e6)
+        return forward["off"][-1]
+
+    cases: dict[str, Callable[[], float]] = {
+        "forward, unmonitored model": forward_pairs,
+        "forward, monitored (embed)": lambda: forward["on"][-1],
+        "queue (record)": lambda: _cpu_us(queue_push, requests // push, push),
+        "queue + count (push)": lambda: _cpu_us(count_push, requests // push, push),
+        "push: pickle + unpickle the delta": lambda: _cpu_us(lambda: pickle.loads(pickle.dumps(deltas[0])), 50, push),
+        "actor: merge deltas": lambda: (merge_all(), merged[-1] / requests * 1e6)[1],
+        "actor: save the state (5 s at 1,500/s)": save_state,
+        "actor: judge windows, BLAS threads as numpy starts": lambda: _cpu_us(judge, 1, records_judged),
+        "actor: judge windows, 1 BLAS thread": lambda: _cpu_us(judge_one_thread, 1, records_judged),
+    }
+    for fn in cases.values():  # warm up torch, numpy and the caches before timing
+        fn()
+    per: dict[str, list[float]] = {name: [] for name in cases}
+    for r in range(repeats):  # interleaved, so load from other processes hits every case alike
+        for name, fn in cases.items():
+            per[name].append(fn())
+        console.print(f"replica repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in per.items()))
+    out: dict[str, Any] = {name: {"us_per_request": statistics.median(v), "min_us": min(v), "all_us": v}
+                           for name, v in per.items()}  # fmt: skip
+    embed = [a - b for a, b in zip(forward["on"][-repeats:], forward["off"][-repeats:], strict=True)]
+    out["embed (monitored - unmonitored)"] = {"us_per_request": statistics.median(embed), "min_us": min(embed)}
+    replica = [e + c for e, c in zip(embed, per["queue + count (push)"], strict=True)]
+    out["replica total"] = {"us_per_request": statistics.median(replica), "min_us": min(replica), "target_us": 15.0}
+    actor = [m + j + v for m, j, v in zip(per["actor: merge deltas"], per["actor: judge windows, 1 BLAS thread"],
+                                          per["actor: save the state (5 s at 1,500/s)"], strict=True)]  # fmt: skip
+    out["actor total (1 BLAS thread)"] = {"us_per_request": statistics.median(actor), "min_us": min(actor)}
+    # Ray sends a call's arguments inline up to 100 KB; a larger push goes through the object store
+    out["push_bytes"], out["run_dir"] = len(pickle.dumps(deltas[0])), str(run_dir)
+    return out
+
+
 def bench_serving(repeats: int, console: Console, seconds: float = 5.0) -> dict[str, Any]:
     import ray
     from ray import serve
@@ -224,6 +378,19 @@ def mmd_table(res: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
+def replica_table(res: dict[str, Any], console: Console) -> None:
+    table = Table(title="Monitoring CPU per request of one instance, offline: quickstart CNN, 1 torch thread")
+    table.add_column("step")
+    table.add_column("median us / request", justify="right")
+    table.add_column("min", justify="right")
+    for name, row in res.items():
+        if isinstance(row, dict):
+            table.add_row(name, f"{row['us_per_request']:.2f}", f"{row['min_us']:.2f}" if "min_us" in row else "")
+    table.caption = (f"replica total = embed + queue + count (target <= 15 us); actor total = merge + judge + save, on "
+                     f"the same cores; one push pickles to {res['push_bytes'] / 1000:.0f} KB")  # fmt: skip
+    console.print(table)
+
+
 def window_table(res: dict[str, Any], console: Console) -> None:
     table = Table(title="WindowState update cost (median over repeats)")
     table.add_column("record holds")
@@ -237,6 +404,7 @@ def window_table(res: dict[str, Any], console: Console) -> None:
 SECTIONS: dict[str, tuple[Callable[[int, Console], dict[str, Any]], Callable[[dict[str, Any], Console], None]]] = {
     "mmd": (bench_mmd, mmd_table),
     "window": (bench_window, window_table),
+    "replica": (bench_replica, replica_table),
     "serving": (bench_serving, serving_table),
 }
 
@@ -245,6 +413,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--run-dir", type=Path, help="a trained quickstart run for the replica section")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "monitor_overhead.json")
     args = parser.parse_args()
     console = Console()
@@ -252,7 +421,8 @@ def main() -> None:
     result: dict[str, Any] = {"repeats": args.repeats, "loadavg_before": os.getloadavg(), "cpus": os.cpu_count()}
     for name in args.sections:
         run, _ = SECTIONS[name]
-        result[name] = run(args.repeats, console)
+        replica = name == "replica"
+        result[name] = bench_replica(args.repeats, console, args.run_dir) if replica else run(args.repeats, console)
     for name in args.sections:
         SECTIONS[name][1](result[name], console)
     result["loadavg_after"] = os.getloadavg()

@@ -2,6 +2,7 @@
 and reservoir uniformity (a chi-squared check that can fail, and does fail for a naive merge)."""
 
 import json
+import pickle
 import time
 
 import numpy as np
@@ -87,12 +88,50 @@ def test_merge_is_exact_and_order_free(seed):
     assert left.pending_labels == {} and len(left.pending_predictions) == (~lab).sum()
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_update_in_place_equals_merge_and_leaves_the_delta_alone(seed):
+    data, bins = random_stream(seed), make_bins()
+    s1, s2, s3 = feed_replicas(data, 3, seed, bins)
+    expected = s1.merge(s2).merge(s3)
+    before = s2.to_dict()
+    running = s1.copy()
+    assert running.update(s2).update(s3) is running
+    assert_same_counts(running, expected)
+    assert s2.to_dict() == before and running.reservoirs["emb"] is not s2.reservoirs["emb"]
+
+
+@pytest.mark.parametrize("max_pending", [3, 5, 1000])
+@pytest.mark.parametrize("waiting_label", [6, 99])  # 6: a label waits for an id of the batch; 99: none does
+def test_add_batch_pending_equals_single_adds_at_the_cap(max_pending, waiting_label):
+    """Repeated ids, ids already pending, labels waiting for some ids, and a cap that evicts mid-batch: the batch
+    path must leave the same pending maps, confusion counts and eviction count as adding one by one."""
+    ids = [1, 2, 3, 2, 4, 5, 6, 1, 7]
+    one, batch = WindowState(max_pending=max_pending), WindowState(max_pending=max_pending)
+    for state in (one, batch):
+        state.add(0, "a", request_id=2)
+        state.add_feedback(waiting_label, 1)
+    for i, rid in enumerate(ids):
+        one.add(i % 2, "b", request_id=rid)
+    batch.add_batch([i % 2 for i in range(len(ids))], ["b"] * len(ids), request_ids=ids)
+    assert one.pending_predictions == batch.pending_predictions and list(one.pending_predictions) == list(
+        batch.pending_predictions
+    )
+    assert (one.pending_labels, one.confusion, one.evicted) == (batch.pending_labels, batch.confusion, batch.evicted)
+    unique = WindowState(max_pending=4)  # the bulk path: fresh ids only, evicting mid-batch
+    unique.add_batch([0] * 6, request_ids=range(6))
+    assert list(unique.pending_predictions) == [2, 3, 4, 5] and unique.evicted == 2
+
+
 def test_json_round_trip_then_merge():
     data, bins = random_stream(3), make_bins()
     s1, s2 = feed_replicas(data, 2, 3, bins)
     restored = WindowState.from_dict(json.loads(json.dumps(s1.to_dict())))
     assert restored.to_dict() == s1.to_dict()
     assert_same_counts(restored.merge(s2), s1.merge(s2))
+    by_row = {**s1.to_dict(), "pending_predictions": [[r, g, p] for r, (g, p) in s1.pending_predictions.items()],
+              "pending_labels": [[r, y] for r, y in s1.pending_labels.items()]}  # fmt: skip
+    assert s1.pending_predictions and s1.pending_labels  # states saved by row (before columns) still load
+    assert_same_counts(WindowState.from_dict(by_row), s1)
     with pytest.raises(ValueError, match="version"):
         WindowState.from_dict({**s1.to_dict(), "version": 99})
 
@@ -192,6 +231,39 @@ def test_reservoir_is_uniform_within_and_across_merges():
         merged.append(m)
     assert all(m.seen == 60 and len(m.sample) == cap for m in merged)
     assert inclusion_pvalue(merged, 60) > 1e-3
+
+
+@pytest.mark.parametrize("sizes", [[7, 30, 13], [60], [3, 4, 5]])  # crossing capacity 10 mid-batch, or never
+def test_reservoir_add_batch_equals_adds_one_by_one(sizes):
+    rows = np.random.default_rng(0).normal(size=(sum(sizes), 2))
+    one, batch = Reservoir(10, 2, seed=3), Reservoir(10, 2, seed=3)
+    for row in rows:
+        one.add(row)
+    for part in np.split(rows, np.cumsum(sizes)[:-1]):
+        batch.add_batch(part)
+    assert one.seen == batch.seen and (one.sample == batch.sample).all()
+
+
+def test_reservoir_dict_is_exact_through_json_and_reads_the_older_list_format():
+    r = Reservoir(10, 3, seed=0)
+    r.add_batch(np.random.default_rng(0).normal(size=(7, 3)))
+    back = Reservoir.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert back.seen == 7 and back.sample.dtype == np.float32 and (back.sample == r.sample).all()
+    older = {**r.to_dict(), "rows": r.sample.tolist()}
+    assert (Reservoir.from_dict(older).sample == r.sample).all()
+    assert Reservoir.from_dict(Reservoir(10, 3).to_dict()).sample.shape == (0, 3)
+
+
+def test_reservoir_pickles_only_its_kept_rows_and_continues_alike():
+    r = Reservoir(1000, 128, seed=0)
+    r.add_batch(np.random.default_rng(0).normal(size=(125, 128)))
+    copy = pickle.loads(pickle.dumps(r))
+    assert len(pickle.dumps(r)) < 125 * 128 * 4 + 10_000  # not the 1000-row buffer
+    assert copy.seen == 125 and (copy.sample == r.sample).all() and copy._rows.shape == (1000, 128)
+    more = np.random.default_rng(1).normal(size=(2000, 128))
+    r.add_batch(more)
+    copy.add_batch(more)  # the random generator travelled too: the same choices
+    assert copy.seen == r.seen and (copy.sample == r.sample).all()
 
 
 def test_the_uniformity_check_catches_a_naive_merge():

@@ -3,6 +3,7 @@
 Serving computes the same signals per request (`monitor.signals.record_signals`) and compares them with this.
 """
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,20 +31,52 @@ def penultimate_layer(model: nn.Module) -> str:
     return names[-1]
 
 
+def _embedding(layer_input: torch.Tensor) -> torch.Tensor:
+    """A record's embedding from the input of the embedding layer: pooled over tokens when it has a sequence axis."""
+    x = layer_input.detach().float()
+    return x.mean(dim=1) if x.ndim > 2 else x
+
+
 @contextmanager
 def embedding_tap(layer: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Collect the input of `layer` on every forward pass (pooled over tokens when it has a sequence axis)."""
     seen: list[torch.Tensor] = []
 
     def hook(module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().float()
-        seen.append(x.mean(dim=1) if x.ndim > 2 else x)
+        seen.append(_embedding(args[0]))
 
     handle = layer.register_forward_pre_hook(hook)
     try:
         yield seen
     finally:
         handle.remove()
+
+
+class EmbeddingTap:
+    """`embedding_tap` for a served model: the hook stays on the layer, and collects only for a thread between its
+    `start` and `stop`.
+
+    Registering and removing a hook on every request cost ~2 us of the replica's CPU; a hook that is always there
+    costs a check. Per thread, because a replica may run a forward pass for /explain in a worker thread while
+    the event loop runs one for /predict: each must see only its own embeddings.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        self._local = threading.local()
+        layer.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        seen = getattr(self._local, "seen", None)
+        if seen is not None:
+            seen.append(_embedding(args[0]))
+
+    def start(self) -> None:
+        self._local.seen = []
+
+    def stop(self) -> list[torch.Tensor]:
+        """The embeddings of the forward passes since `start`, in order; collecting stops."""
+        seen, self._local.seen = self._local.seen, None
+        return seen
 
 
 def unknown_token_id(info: DataInfo) -> int | None:

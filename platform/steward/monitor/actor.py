@@ -26,6 +26,11 @@ from steward.monitor.window import Windows, WindowState
 from steward.spec import JobSpec
 
 NAMESPACE = "steward"
+# One BLAS thread: a window's kernel matrices are a few hundred rows, too small to gain from a second thread, and on
+# cores shared with the replicas an idle OpenBLAS thread spins. Measured offline on the quickstart's windows: judging
+# cost 45 us a record with numpy's default two threads on a loaded machine, 18 us with one. Set in the actor's
+# environment because OpenBLAS reads it once, when numpy loads.
+ACTOR_ENV = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 logger = logging.getLogger("steward.monitor")
 
 
@@ -49,7 +54,7 @@ def monitor_actor(spec: dict, run_dir: str, deployment: str) -> Any:
     """The deployment's monitor actor: found by name, or started (detached, restarted by Ray if it dies)."""
     return Monitor.options(  # type: ignore[attr-defined]
         name=actor_name(deployment, run_dir), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_restarts=-1, max_task_retries=3,
+        num_cpus=0, max_restarts=-1, max_task_retries=3, runtime_env={"env_vars": ACTOR_ENV},
     ).remote(spec, run_dir, deployment)  # fmt: skip
 
 

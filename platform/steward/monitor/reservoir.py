@@ -6,6 +6,7 @@ its own reservoir; `merge` combines two so the result is again a uniform sample 
 
 from __future__ import annotations
 
+import base64
 import random
 from typing import Any
 
@@ -40,8 +41,17 @@ class Reservoir:
             self._rows[j] = row
 
     def add_batch(self, rows: Any) -> None:
-        for row in np.asarray(rows, dtype=np.float32).reshape(-1, self.dim):
-            self.add(row)
+        """`add` each row in order, with the same random draws, but the rows copied in two numpy writes (a row at a
+        time cost ~0.7 us; a replica's push fills its fresh reservoir with one slice)."""
+        rows = np.asarray(rows, dtype=np.float32).reshape(-1, self.dim)
+        fill = min(max(self.capacity - self.seen, 0), len(rows))
+        self._rows[self.seen : self.seen + fill] = rows[:fill]
+        first, self.seen = self.seen + fill + 1, self.seen + len(rows)
+        draws = (self._rng.randrange(seen) for seen in range(first, self.seen + 1))
+        # a later row drawn into the same slot replaces the earlier one, as one by one: the dict keeps the last
+        slots = {j: i for i, j in enumerate(draws, start=fill) if j < self.capacity}
+        if slots:
+            self._rows[list(slots)] = rows[list(slots.values())]
 
     def merge(self, other: Reservoir) -> Reservoir:
         """A uniform sample of the union of both streams.
@@ -73,15 +83,34 @@ class Reservoir:
         out.seen, out._rows[:] = self.seen, self._rows
         return out
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (a replica's push to the monitor) with the kept rows only, not the capacity-sized buffer: a push
+        of 125 records with 128-d embeddings was 522 KB, over Ray's 100 KB limit for arguments sent inline with the
+        call, so every push went through the object store; with the kept rows only it is ~70 KB."""
+        return {**self.__dict__, "_rows": self.sample}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        kept = state.pop("_rows")
+        self.__dict__.update(state)
+        self._rows = np.empty((self.capacity, self.dim), dtype=np.float32)
+        self._rows[: len(kept)] = kept
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain data; the random generator is not kept (a restored reservoir is reseeded, still uniform)."""
-        return {"capacity": self.capacity, "dim": self.dim, "seen": self.seen, "rows": self.sample.tolist()}
+        """Plain data; the random generator is not kept (a restored reservoir is reseeded, still uniform).
+
+        The rows are their float32 bytes in base64: exact, and the monitor saves two full reservoirs every
+        persist_interval_s, which as JSON number lists (1000 x 128) cost ~60 ms of CPU each time against ~1 ms.
+        """
+        rows = base64.b64encode(np.ascontiguousarray(self.sample, dtype="<f4").tobytes()).decode("ascii")
+        return {"capacity": self.capacity, "dim": self.dim, "seen": self.seen, "rows": rows}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], seed: int | None = None) -> Reservoir:
         out = cls(int(data["capacity"]), int(data["dim"]), seed=seed)
         out.seen = int(data["seen"])
-        rows = np.asarray(data["rows"], dtype=np.float32).reshape(-1, out.dim)
+        rows = data["rows"]  # base64 float32 bytes, or a list of rows (states saved before that)
+        rows = np.frombuffer(base64.b64decode(rows), "<f4") if isinstance(rows, str) else np.asarray(rows, np.float32)
+        rows = rows.reshape(-1, out.dim)
         if len(rows) != min(out.seen, out.capacity):
             raise ValueError(f"reservoir dict holds {len(rows)} rows but seen={out.seen}, capacity={out.capacity}")
         out._rows[: len(rows)] = rows

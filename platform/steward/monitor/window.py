@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Literal
 
@@ -119,17 +119,18 @@ class WindowState:
         `features` is (n, F) in `bins.names` order; `samples` maps a reservoir name to (n, d) rows; `categories`
         maps a categorical signal to n values; `t` is one time or the (first, last) record times.
         """
-        preds = [_plain(p) for p in np.asarray(predictions, dtype=object).ravel().tolist()]
-        grps = [None] * len(preds) if groups is None else [_plain(g) for g in groups]
-        for key in zip(grps, preds, strict=True):
-            self.predicted[key] = self.predicted.get(key, 0) + 1
+        preds = list(map(_plain, np.asarray(predictions, dtype=object).ravel().tolist()))
+        grps = [None] * len(preds) if groups is None else list(map(_plain, groups))
+        keys = list(zip(grps, preds, strict=True))
+        _add_counts(self.predicted, Counter(keys))  # Counter counts in C: no dict update per record in Python
         if features is not None:
             idx = self.bins.index(np.asarray(features, dtype=float).reshape(len(preds), -1))
             flat = (self.bins._rows * self.histograms.shape[1] + idx).ravel()
             self.histograms += np.bincount(flat, minlength=self.histograms.size).reshape(self.histograms.shape)
         for name, values in (categories or {}).items():
-            index = self.bins.category_index[name]
-            np.add.at(self.categorical[name], [index.get(_plain(v), len(index)) for v in values], 1)
+            index, cells = self.bins.category_index[name], self.categorical[name]
+            for value, count in Counter(map(_plain, values)).items():
+                cells[index.get(value, len(index))] += count
         for name, rows in (samples or {}).items():
             rows = np.asarray(rows).reshape(len(preds), -1)
             self._reservoir(name, rows.shape[1]).add_batch(rows)
@@ -137,9 +138,24 @@ class WindowState:
         self.start = first if self.start is None else min(self.start, first)
         self.end = last if self.end is None else max(self.end, last)
         self.n += len(preds)
-        for request_id, group, prediction in zip(request_ids or [], grps, preds, strict=False):
-            self._pend(self.pending_predictions, _plain(request_id), (group, prediction))
-            self._match(_plain(request_id))
+        if request_ids is not None:
+            self._pend_predictions(list(map(_plain, request_ids)), keys)
+
+    def _pend_predictions(self, request_ids: list[Hashable], keys: list[tuple[Hashable, Hashable]]) -> None:
+        """`_pend` then `_match` for each (request id, (group, prediction)) in order; in one dict update when that
+        gives the same state: no label waits for these ids, and nothing can be evicted out of turn (a repeated id
+        would be re-inserted after an eviction one by one, but updated in place in bulk)."""
+        pending = self.pending_predictions
+        fits = len(pending) + len(request_ids) <= self.max_pending
+        if self.pending_labels.keys().isdisjoint(request_ids) and (
+            fits or (pending.keys().isdisjoint(request_ids) and len(set(request_ids)) == len(request_ids))
+        ):
+            pending.update(zip(request_ids, keys, strict=False))
+            self._trim(pending)
+            return
+        for request_id, key in zip(request_ids, keys, strict=False):
+            self._pend(pending, request_id, key)
+            self._match(request_id)
 
     def add_feedback(self, request_id: Any, label: Any) -> bool:
         """Record a late label; True if its prediction is in this state and was counted now."""
@@ -172,29 +188,47 @@ class WindowState:
 
     def merge(self, other: WindowState) -> WindowState:
         """The state of both streams together: counts and histograms add, reservoirs merge uniformly, pending
-        predictions and labels from either side are matched."""
-        if self.bins != other.bins:
-            raise ValueError("cannot merge window states built on different reference bins")
+        predictions and labels from either side are matched. A new state; neither side changes."""
+        return self.copy().update(other)
+
+    def copy(self) -> WindowState:
         out = WindowState(self.bins, self.reservoir_capacity, self.max_pending, self.seed)
-        out.n, out.evicted = self.n + other.n, self.evicted + other.evicted
+        out.n, out.evicted, out.start, out.end = self.n, self.evicted, self.start, self.end
+        out.predicted, out.confusion = dict(self.predicted), dict(self.confusion)
+        out.histograms = self.histograms.copy()
+        out.categorical = {k: v.copy() for k, v in self.categorical.items()}
+        out.reservoirs = {k: r.copy() for k, r in self.reservoirs.items()}
+        out.pending_predictions, out.pending_labels = dict(self.pending_predictions), dict(self.pending_labels)
+        return out
+
+    def update(self, other: WindowState) -> WindowState:
+        """Add `other`'s stream into this state, in place (as `merge`, which calls it); returns self.
+
+        The monitor's open pane takes every pushed delta this way: its cost follows the delta, not the up to
+        `max_pending` predictions waiting here for a label (copying those on every push cost ~5 us a record).
+        """
+        if other.bins is not self.bins and self.bins != other.bins:
+            raise ValueError("cannot merge window states built on different reference bins")
+        self.n, self.evicted = self.n + other.n, self.evicted + other.evicted
         starts = [s for s in (self.start, other.start) if s is not None]
         ends = [e for e in (self.end, other.end) if e is not None]
-        out.start, out.end = (min(starts) if starts else None), (max(ends) if ends else None)
-        _add_counts(out.predicted, self.predicted, other.predicted)
-        _add_counts(out.confusion, self.confusion, other.confusion)
-        out.histograms = self.histograms + other.histograms
-        out.categorical = {k: v + other.categorical[k] for k, v in self.categorical.items()}
-        for name in self.reservoirs.keys() | other.reservoirs.keys():
-            mine, theirs = self.reservoirs.get(name), other.reservoirs.get(name)
-            out.reservoirs[name] = mine.merge(theirs) if mine and theirs else (mine or theirs).copy()  # type: ignore[union-attr]
-        # match across the two sides before bounding, so the cap never drops a pair that could meet
-        out.pending_predictions = {**self.pending_predictions, **other.pending_predictions}
-        out.pending_labels = {**self.pending_labels, **other.pending_labels}
-        for rid in list(out.pending_labels):
-            out._match(rid)
-        out._trim(out.pending_predictions)
-        out._trim(out.pending_labels)
-        return out
+        self.start, self.end = (min(starts) if starts else None), (max(ends) if ends else None)
+        _add_counts(self.predicted, other.predicted)
+        _add_counts(self.confusion, other.confusion)
+        self.histograms = self.histograms + other.histograms
+        self.categorical = {k: v + other.categorical[k] for k, v in self.categorical.items()}
+        for name, theirs in other.reservoirs.items():
+            mine = self.reservoirs.get(name)
+            self.reservoirs[name] = mine.merge(theirs) if mine else theirs.copy()
+        # match across the two sides before bounding, so the cap never drops a pair that could meet. Only ids from
+        # `other` can meet: within one state a prediction and its label are matched as soon as both are there.
+        self.pending_predictions.update(other.pending_predictions)
+        self.pending_labels.update(other.pending_labels)
+        for rid in [*other.pending_labels, *other.pending_predictions]:
+            self._match(rid)
+        self._trim(self.pending_predictions)
+        self._trim(self.pending_labels)
+        return self
 
     def take_pending(self) -> WindowState:
         """Move the unmatched predictions and labels into a fresh state (the next pane); this one keeps none."""
@@ -246,8 +280,14 @@ class WindowState:
             "histograms": self.histograms.tolist(),
             "categorical": {k: v.tolist() for k, v in self.categorical.items()},
             "reservoirs": {k: r.to_dict() for k, r in self.reservoirs.items()},
-            "pending_predictions": [[rid, g, p] for rid, (g, p) in self.pending_predictions.items()],
-            "pending_labels": [[rid, y] for rid, y in self.pending_labels.items()],
+            # by column: a list per pending id (up to max_pending) cost ~150 ms per save in the monitor, mostly
+            # the garbage collector walking the new lists; three lists of scalars cost a few ms
+            "pending_predictions": {
+                "ids": list(self.pending_predictions),
+                "groups": [g for g, _ in self.pending_predictions.values()],
+                "predictions": [p for _, p in self.pending_predictions.values()],
+            },
+            "pending_labels": {"ids": list(self.pending_labels), "labels": list(self.pending_labels.values())},
         }
 
     @classmethod
@@ -263,8 +303,13 @@ class WindowState:
         out.histograms = np.asarray(data["histograms"], dtype=np.int64).reshape(out.histograms.shape)
         out.categorical = {k: np.asarray(v, dtype=np.int64) for k, v in data["categorical"].items()}
         out.reservoirs = {k: Reservoir.from_dict(r) for k, r in data["reservoirs"].items()}
-        out.pending_predictions = {key(rid): (key(g), key(p)) for rid, g, p in data["pending_predictions"]}
-        out.pending_labels = {key(rid): key(y) for rid, y in data["pending_labels"]}
+        predictions, labels = data["pending_predictions"], data["pending_labels"]  # by column, or by row (older)
+        if isinstance(predictions, dict):
+            predictions = zip(predictions["ids"], predictions["groups"], predictions["predictions"], strict=True)
+        if isinstance(labels, dict):
+            labels = zip(labels["ids"], labels["labels"], strict=True)
+        out.pending_predictions = {key(rid): (key(g), key(p)) for rid, g, p in predictions}
+        out.pending_labels = {key(rid): key(y) for rid, y in labels}
         return out
 
 
@@ -312,7 +357,7 @@ class Windows:
         """Merge a replica's delta into the current pane (the monitor's path). Count panes close at the first delta
         that reaches `step`, so a pane may hold up to step + one delta's records."""
         closed = self._advance(time.time() if t is None else t)
-        self.pane = self.pane.merge(delta)
+        self.pane.update(delta)
         if self.by == "count" and self.pane.n >= self.step:
             closed += self._close()
         return closed

@@ -223,8 +223,8 @@ class ModelServer:
         return self.monitor
 
     def _monitor(self, output: Output, attributes: dict, request_ids: list[str]) -> None:
-        if self.monitor is not None:  # counted after the reply is on its way, not while the client waits
-            asyncio.get_running_loop().call_soon(self.monitor.record, output, attributes, request_ids)
+        if self.monitor is not None:  # only queued here (~0.3 us; cheaper than scheduling a callback): counted at push
+            self.monitor.record(output, attributes, request_ids)
 
     async def _probabilities(self, instances: Any, field: str) -> Output:
         prepared = self.served.prepare(instances, field)  # bad input fails here, alone, before any batch

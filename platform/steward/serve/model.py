@@ -1,7 +1,6 @@
 """The model a replica serves: loaded from a run folder, optionally int8, with input checks. No Ray, no HTTP."""
 
 import json
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 
 from steward.data import DataError, DataInfo, encode_instances
-from steward.evaluate.profile import embedding_tap, penultimate_layer
+from steward.evaluate.profile import EmbeddingTap, penultimate_layer
 from steward.evaluate.thresholds import Thresholds, adjust_probabilities, load_thresholds
 from steward.runs import spec_hash
 from steward.serve.protocol import BadRequest
@@ -41,12 +40,14 @@ class ServedModel:
     metadata: dict[str, Any] = field(default_factory=dict)
     thresholds: Thresholds | None = None  # per-group decision thresholds saved with the model (train.mitigation)
 
-    _tapped: tuple[nn.Module, nn.Module] | None = field(default=None, init=False, repr=False)
+    _tapped: tuple[nn.Module, EmbeddingTap] | None = field(default=None, init=False, repr=False)
 
-    def embedding_module(self) -> nn.Module:
-        """The layer whose input is the record's embedding; looked up once per model (not on every request)."""
+    def embedding_tap(self) -> EmbeddingTap:
+        """The tap on the layer whose input is the record's embedding; put on once per model, at the first request
+        that embeds (a model never monitored keeps its hook-free fast path)."""
         if self._tapped is None or self._tapped[0] is not self.model:  # int8 serving swaps the model in
-            self._tapped = (self.model, dict(self.model.named_modules())[penultimate_layer(self.model)])
+            layer = dict(self.model.named_modules())[penultimate_layer(self.model)]
+            self._tapped = (self.model, EmbeddingTap(layer))
         return self._tapped[1]
 
     @property
@@ -81,18 +82,25 @@ class ServedModel:
             texts = [text for p in prepared for text in p]
             inputs, mask = encode_instances(texts, self.info, self.spec.data.max_length)
         else:
-            inputs, mask = torch.cat(prepared), None
-        with ExitStack() as stack:
-            seen = stack.enter_context(embedding_tap(self.embedding_module())) if embed else []
+            inputs, mask = (prepared[0] if len(prepared) == 1 else torch.cat(prepared)), None
+        tap = self.embedding_tap() if embed else None
+        if tap is not None:
+            tap.start()
+        try:
             out = torch.softmax(self.model(inputs, mask).float(), dim=-1).numpy()
-        embeddings = torch.cat(seen).numpy() if seen else None
+        finally:
+            seen = tap.stop() if tap is not None else []
+        # one conversion each, then numpy slices (views): a torch slice per request costs ~1 us more
+        embeddings = (seen[0] if len(seen) == 1 else torch.cat(seen)).numpy() if seen else None
+        x = inputs.numpy() if embed else None
+        m = mask.numpy() if embed and mask is not None else None
         starts = np.cumsum([0, *sizes[:-1]])
         return [
             Output(
                 out[s : s + n],
                 None if embeddings is None else embeddings[s : s + n],
-                inputs[s : s + n].numpy() if embed else None,
-                None if mask is None or not embed else mask[s : s + n].numpy(),
+                None if x is None else x[s : s + n],
+                None if m is None else m[s : s + n],
             )
             for s, n in zip(starts, sizes, strict=True)
         ]

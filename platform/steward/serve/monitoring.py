@@ -1,8 +1,7 @@
 """A replica's side of monitoring: count each answered record into a window state, push it to the monitor actor.
 
-A request only queues its outputs, after the response is handed back (scheduled on the event loop, never awaited by
-the request); the queue is counted in one vectorised pass and pushed every monitor.push_interval_s (or a quarter
-count window), so the request path pays neither.
+A request only queues its outputs (an append; the request awaits nothing); the queue is counted in one vectorised
+pass and pushed every monitor.push_interval_s (or a quarter count window), so the request path pays neither.
 """
 
 import asyncio
@@ -40,51 +39,24 @@ class ReplicaMonitor:
         self.ref = reference_for(served.run_dir)
         self.bins = self.ref.bins() if self.ref else Bins()
         self.state = WindowState(self.bins)
-        self.unk = unknown_token_id(served.info)
-        self.group = self.cfg.bias.group if self.cfg.bias else None
+        self.queue = RecordQueue(served, self.bins, self.cfg.bias.group if self.cfg.bias else None)
         self.actor = monitor_actor(job.model_dump(mode="json"), str(served.run_dir), deployment)
         self.pusher: asyncio.Task | None = None
-        self.queue: list[tuple[Output, list[Any] | None, list[str], float]] = []
-        self.queued = 0
         # Count windows close at the first delta that fills them: pushing every quarter window keeps them near size.
         window = self.cfg.window
         self.push_at = (window.step or window.size) / 4 if window.by == "count" else float("inf")
 
     def record(self, output: Output, attributes: dict[str, list[Any]], request_ids: list[str]) -> None:
         """Queue one request's outputs until the next push counts them; from then on only statistics are kept."""
-        assert output.inputs is not None, "the replica runs the model with embed=True when monitored"
-        self.queue.append((output, attributes.get(self.group or ""), request_ids, time.time()))
-        self.queued += len(request_ids)
-        loop = asyncio.get_running_loop()
+        self.queue.append(output, attributes, request_ids)
         if self.pusher is None:
-            self.pusher = loop.create_task(self._push_forever())
-        if self.queued >= self.push_at:
-            loop.create_task(self.flush())
+            self.pusher = asyncio.get_running_loop().create_task(self._push_forever())
+        if self.queue.queued >= self.push_at:
+            asyncio.get_running_loop().create_task(self.flush())
 
     def count(self) -> None:
-        """Count every queued record into the window state in one vectorised pass (a request at a time cost
-        ~20 us a record in Python; a pass over a push's worth costs a few)."""
-        queue, self.queue, self.queued = self.queue, [], 0
-        if not queue:
-            return
-        info = self.served.info
-
-        def joined(name: str) -> Any:
-            parts = [getattr(output, name) for output, *_ in queue]
-            return None if parts[0] is None else np.concatenate(parts)
-
-        signals = record_signals(
-            info.modality, joined("inputs"), joined("probabilities"), info.label_names, joined("embeddings"),
-            joined("attention_mask"), self.unk,
-        )  # fmt: skip
-        groups = [None if g is None else str(g) for _, gs, ids, _ in queue for g in (gs or [None] * len(ids))]
-        samples = {"embedding": signals.embeddings} if signals.embeddings is not None else {}
-        if signals.features is not None:
-            samples["features"] = signals.features
-        self.state.add_batch(
-            signals.predicted, groups, signals.rows(self.bins.names), samples, t=(queue[0][3], queue[-1][3]),
-            categories={PREDICTED_CLASS: signals.predicted}, request_ids=[r for _, _, ids, _ in queue for r in ids],
-        )  # fmt: skip
+        """Count every queued record into the window state."""
+        self.queue.count_into(self.state)
 
     async def feedback(self, request_id: str, label: str) -> bool:
         """A late label: counted here if this replica still holds the prediction, else matched by the monitor."""
@@ -112,6 +84,48 @@ class ReplicaMonitor:
                 await self.flush()
             except Exception:  # the monitor restarting must not break serving; the next push retries
                 logger.exception("monitor push failed")
+
+
+class RecordQueue:
+    """Answered requests' outputs waiting to be counted; counted into a window state in one vectorised pass (a
+    request at a time cost ~20 us a record in Python; a pass over a push's worth costs a few)."""
+
+    def __init__(self, served: ServedModel, bins: Bins, group: str | None) -> None:
+        self.served, self.bins, self.group = served, bins, group
+        self.unk = unknown_token_id(served.info)
+        self.items: list[tuple[Output, list[Any] | None, list[str], float]] = []
+        self.queued = 0
+
+    def append(self, output: Output, attributes: dict[str, list[Any]], request_ids: list[str]) -> None:
+        assert output.inputs is not None, "the replica runs the model with embed=True when monitored"
+        self.items.append((output, attributes.get(self.group or ""), request_ids, time.time()))
+        self.queued += len(request_ids)
+
+    def count_into(self, state: WindowState) -> None:
+        """Count every queued record into `state` and empty the queue."""
+        queue, self.items, self.queued = self.items, [], 0
+        if not queue:
+            return
+        info = self.served.info
+
+        outputs = [item[0] for item in queue]
+
+        def joined(name: str) -> Any:
+            parts = [getattr(output, name) for output in outputs]
+            return None if parts[0] is None else np.concatenate(parts)
+
+        signals = record_signals(
+            info.modality, joined("inputs"), joined("probabilities"), info.label_names, joined("embeddings"),
+            joined("attention_mask"), self.unk,
+        )  # fmt: skip
+        groups = [None if g is None else str(g) for _, gs, ids, _ in queue for g in (gs or [None] * len(ids))]
+        samples = {"embedding": signals.embeddings} if signals.embeddings is not None else {}
+        if signals.features is not None:
+            samples["features"] = signals.features
+        state.add_batch(
+            signals.predicted, groups, signals.rows(self.bins.names), samples, t=(queue[0][3], queue[-1][3]),
+            categories={PREDICTED_CLASS: signals.predicted}, request_ids=[r for _, _, ids, _ in queue for r in ids],
+        )  # fmt: skip
 
 
 def reference_problem(job: JobSpec, run_dir: Path) -> str | None:
