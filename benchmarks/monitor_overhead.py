@@ -359,7 +359,10 @@ def serving_table(res: dict[str, Any], console: Console) -> None:
         table.add_row(
             f"cost at c={c} (target <= 3%)", f"{cost['p50']:+.1%}", f"{cost['p99']:+.1%}", f"{cost['qps']:+.1%}"
         )
-    table.caption = f"records counted by the monitor: {res['records_monitored']}; proxy: {res['proxy']}"
+    table.caption = (
+        f"records counted by the monitor: {res['records_monitored']}; proxy: {res['proxy']}; batching on (the default:"
+        " up to 16 requests, 5 ms wait), so the c=1 latency includes the batch wait"
+    )
     console.print(table)
 
 
