@@ -133,7 +133,7 @@ def test_sweep_runs_trials_on_both_nodes(cluster):
                                   "--set", "train.epochs=2", "--set", "tune.scheduler={name: fifo}")  # fmt: skip
     assert code == 0, output[-3000:]
     # one single-worker trial per node, side by side: each trains in its Tune trial actor (1 CPU, one per node)
-    assert len(actor_nodes(job_id, "ResourceTrainable")) == 2
+    assert len(actor_nodes(job_id, "with_resources.<locals>.ResourceTrainable")) == 2
     (status,) = run_folders(cluster, "tune-digits-asha")
     rows = (status.parent / "results.csv").read_text().splitlines()[1:]
     assert len(rows) == 2 and all(",completed," in row for row in rows)
