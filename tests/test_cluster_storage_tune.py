@@ -96,7 +96,9 @@ def test_runs_lists_the_sweep_and_evaluate_and_serve_read_its_model_from_s3(s3, 
 def test_train_resumes_a_run_from_s3_at_its_checkpoint(s3):
     out = steward(s3, "train", JOBS / "quickstart.yaml", *sets(f"output_dir={s3['uri']}", *QUICK))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    (run_id,) = run_ids(s3, "quickstart")
+    ids = run_ids(s3, "quickstart")
+    assert len(ids) == 1, sorted(stored(s3, "runs/quickstart"))
+    (run_id,) = ids
     # The spec's own output_dir (runs) is left as is: the run's URI says where it lives and where it goes on.
     resumed = steward(s3, "train", JOBS / "quickstart.yaml", *sets(*QUICK, "train.epochs=2"),
                       "--resume", join(s3["uri"], "quickstart", run_id))  # fmt: skip
