@@ -174,7 +174,7 @@ def bench_replica(repeats: int, console: Console, run_dir: Path | None = None, r
 
     from steward.monitor.actor import reference_for
     from steward.monitor.checks import window_report
-    from steward.monitor.window import Windows
+    from steward.monitor.windows import Windows
     from steward.serve.model import load_served_model
     from steward.serve.monitoring import RecordQueue
 

@@ -22,7 +22,8 @@ from scipy.spatial.distance import jensenshannon, pdist
 
 from steward.monitor import drift
 from steward.monitor.reference import build_reference
-from steward.monitor.window import Windows, WindowState
+from steward.monitor.window import WindowState
+from steward.monitor.windows import Windows
 
 TOL = 1e-12
 SEEDS = range(40)

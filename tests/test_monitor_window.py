@@ -13,7 +13,8 @@ from steward.monitor import bias
 from steward.monitor.bins import Bins
 from steward.monitor.drift import bin_counts, quantile_edges
 from steward.monitor.reservoir import Reservoir
-from steward.monitor.window import Windows, WindowState
+from steward.monitor.window import WindowState
+from steward.monitor.windows import Windows
 
 N_FEATURES = 3
 

@@ -22,7 +22,8 @@ from steward.govern import audit
 from steward.monitor.bins import Bins
 from steward.monitor.checks import AlertTracker, window_report
 from steward.monitor.reference import ReferenceProfile, load_reference
-from steward.monitor.window import Windows, WindowState
+from steward.monitor.window import WindowState
+from steward.monitor.windows import Windows
 from steward.spec import JobSpec
 
 NAMESPACE = "steward"

@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from steward.monitor.reference import ReferenceProfile, load_reference  # noqa: E402
-from steward.monitor.window import Windows, WindowState  # noqa: E402
+from steward.monitor.window import WindowState  # noqa: E402
+from steward.monitor.windows import Windows  # noqa: E402
 
 
 def find_monitor(target: Path, runs: Path) -> Path:
