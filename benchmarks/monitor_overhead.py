@@ -382,26 +382,26 @@ def mmd_table(res: dict[str, Any], console: Console) -> None:
 
 
 def replica_table(res: dict[str, Any], console: Console) -> None:
-    table = Table(title="Monitoring CPU per request of one instance, offline: quickstart CNN, 1 torch thread")
-    table.add_column("step")
-    table.add_column("median us / request", justify="right")
-    table.add_column("min", justify="right")
-    for name, row in res.items():
-        if isinstance(row, dict):
-            table.add_row(name, f"{row['us_per_request']:.2f}", f"{row['min_us']:.2f}" if "min_us" in row else "")
-    table.caption = (f"replica total = embed + queue + count (target <= 15 us); actor total = merge + judge + save, on "
-                     f"the same cores; one push pickles to {res['push_bytes'] / 1000:.0f} KB")  # fmt: skip
-    console.print(table)
+    rows = {name: row for name, row in res.items() if isinstance(row, dict)}
+    caption = (f"replica total = embed + queue + count (target <= 15 us); actor total = merge + judge + save, on the "
+               f"same cores; one push pickles to {res['push_bytes'] / 1000:.0f} KB")  # fmt: skip
+    title = "Monitoring CPU per request of one instance, offline: quickstart CNN, 1 torch thread"
+    console.print(_cost_table(title, "step", "us_per_request", rows, caption))
 
 
 def window_table(res: dict[str, Any], console: Console) -> None:
-    table = Table(title="WindowState update cost (median over repeats)")
-    table.add_column("record holds")
-    table.add_column("median us / record", justify="right")
+    console.print(_cost_table("WindowState update cost (median over repeats)", "record holds", "us_per_record", res))
+
+
+def _cost_table(title: str, label: str, key: str, rows: dict[str, dict], caption: str | None = None) -> Table:
+    """Median and min microseconds per row; `key` (us_per_request / us_per_record) holds the median."""
+    table = Table(title=title, caption=caption)
+    table.add_column(label)
+    table.add_column(f"median us / {key.rsplit('_', 1)[1]}", justify="right")
     table.add_column("min", justify="right")
-    for name, row in res.items():
-        table.add_row(name, f"{row['us_per_record']:.2f}", f"{row['min_us']:.2f}")
-    console.print(table)
+    for name, row in rows.items():
+        table.add_row(name, f"{row[key]:.2f}", f"{row['min_us']:.2f}" if "min_us" in row else "")
+    return table
 
 
 SECTIONS: dict[str, tuple[Callable[[int, Console], dict[str, Any]], Callable[[dict[str, Any], Console], None]]] = {
