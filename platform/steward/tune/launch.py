@@ -65,7 +65,7 @@ class SweepInterrupted(ValueError):
 
 
 class _Bridge(UserCallback):
-    """Runs in the Train controller: hands each report (metrics of rank 0, checkpoint path) to the Tune trial."""
+    """Runs in the Train controller: hands each report (metrics of rank 0, its checkpoint) to the Tune trial."""
 
     def __init__(self, queue: Queue):
         self.queue = queue
@@ -97,7 +97,7 @@ def run_trial(
     if in_trial_process(spec):
         train_loop(loop_config(spec, trial_dir, info, start, trial_uri), trial_session(spec.distributed.use_gpu))
     else:
-        train_in_trial(spec, trial_dir, info, start, trial_uri)
+        train_with_ray_train(spec, trial_dir, info, start, trial_uri)
     (trial_dir / COMPLETED).touch()
     if trial_uri:
         storage.upload(trial_dir, trial_uri, [COMPLETED])
@@ -108,7 +108,7 @@ def in_trial_process(spec: JobSpec) -> bool:
     return spec.distributed.num_workers == 1
 
 
-def train_in_trial(
+def train_with_ray_train(
     spec: JobSpec, trial_dir: Path, info: DataInfo, start: Checkpoint | None, trial_uri: str | None
 ) -> None:
     """A Ray Train run for the trial; a Train callback passes each epoch's report back to Tune."""
