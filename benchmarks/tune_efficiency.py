@@ -141,8 +141,8 @@ def asha_vs_random(tmp: Path, trials: int, budget: int, targets: list[float], se
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bookkeeping-trials", type=int, nargs=2, default=[10, 30], help="(a)'s two sizes")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats of (a)'s cells")
-    parser.add_argument("--steward-trials", type=int, default=6, help="1-epoch steward trials for the fixed cost")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of (a)'s cells")
+    parser.add_argument("--steward-trials", type=int, default=4, help="1-epoch steward trials for the fixed cost")
     parser.add_argument("--trials", type=int, default=12, help="trials of the ASHA / random budget")
     parser.add_argument("--budget", type=int, default=27, help="epochs a trial may run")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.98, 0.99], help="validation accuracies")
