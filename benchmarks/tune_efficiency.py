@@ -49,8 +49,6 @@ SPACE = (
     "tune.search_space={train.optimizer.lr: {loguniform: [1.0e-5, 1.0e-1]}, "
     "model.params.hidden_size: {choice: [16, 32, 64, 128]}, model.params.dropout: {uniform: [0.0, 0.5]}}"
 )
-
-
 SPLITS = "data.splits={train: 0.6, validation: 0.3, test: 0.1}"  # 539 validation digits: accuracy in 0.2% steps
 
 
@@ -184,7 +182,7 @@ def summary(result: dict) -> Table:
     table = Table(title=f"Sweep efficiency (2 trials at a time; load average {result['load_average_at_start']:.1f})")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    small, large = book["trials"]
+    large = book["trials"][1]
     for cell, median in book["median"].items():
         for key, label in (("whole", f"{large} trials, wall / ideal"), ("per_trial", "per trial beyond start-up")):
             runs = ", ".join(f"{r[key]:.3f}" for r in book["ratios"][cell])
