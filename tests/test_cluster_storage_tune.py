@@ -117,13 +117,15 @@ def test_train_resumes_a_run_from_s3_at_its_checkpoint(s3):
 @pytest.mark.slow
 def test_an_interrupted_sweep_in_s3_resumes_without_rerunning_finished_trials(s3):
     name = "tune-resume"
-    overrides = sets(f"name={name}", *SWEEP, "tune.max_concurrent_trials=1")
+    # 4 trials one at a time: when the first has finished, the 3 left (~1 s each) outlast the poll and Ctrl+C lands
+    # mid-sweep (with 2, the second could finish before the poll saw the first, and the sweep ended uninterrupted)
+    overrides = sets(f"name={name}", *SWEEP, "tune.num_samples=4", "tune.max_concurrent_trials=1")
     args = [*STEWARD, "tune", str(JOBS / "tune-digits-asha.yaml"), *overrides, *sets(f"output_dir={s3['uri']}")]
     first = subprocess.Popen(args, cwd=ROOT, env=s3["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not any(p.endswith("/completed") for p in stored(s3, f"runs/{name}")):  # the first trial finished
         assert time.monotonic() < deadline and first.poll() is None, first.communicate()
-        time.sleep(0.5)
+        time.sleep(0.2)
     first.send_signal(signal.SIGINT)
     out, err = first.communicate(timeout=300)
     (run_id,) = run_ids(s3, name)
@@ -136,7 +138,7 @@ def test_an_interrupted_sweep_in_s3_resumes_without_rerunning_finished_trials(s3
     again = steward(s3, "tune", JOBS / "tune-digits-asha.yaml", *overrides, "--resume", run_uri)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     rows = list(csv.DictReader(io.StringIO(read(s3, f"runs/{name}/{run_id}/results.csv"))))
-    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows), rows
     assert json.loads(read(s3, f"runs/{name}/{run_id}/status.json"))["state"] == "succeeded"
     for trial_id in done:  # a finished trial trained no epoch again
         epochs = history(s3, f"{name}/{run_id}/trials/{trial_id}")

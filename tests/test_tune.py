@@ -124,11 +124,11 @@ def test_pbt_copies_a_better_trial_and_perturbs_its_config(ray_local, tmp_path):
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     args = [sys.executable, "-m", "steward", "tune", str(JOBS / "tune-digits-asha.yaml"), "--set",
-            f"output_dir={tmp_path}", "--set", "train.epochs=2", "--set", "tune.num_samples=3", "--set",
+            f"output_dir={tmp_path}", "--set", "train.epochs=2", "--set", "tune.num_samples=4", "--set",
             "tune.max_concurrent_trials=1", "--set", "tune.scheduler={name: fifo}"]  # fmt: skip
     env = {**os.environ, "COLUMNS": "200"}
     first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 300  # 4 trials one at a time: Ctrl+C after the first lands with 3 (~1 s each) left
     while not list(tmp_path.glob(f"*/*/{TRIALS}/*/completed")):  # the first trial finished
         assert time.monotonic() < deadline and first.poll() is None, first.communicate()
         time.sleep(0.2)
@@ -143,7 +143,7 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     again = subprocess.run([*args, "--resume", str(run_dir)], cwd=ROOT, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     rows = list(csv.DictReader((run_dir / "results.csv").open()))
-    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
+    assert len(rows) == 4 and all(r["status"] == "completed" for r in rows)
     for trial_id, mtime in done_before.items():  # finished trials were not trained again
         assert len(starts(run_dir, trial_id)) == 1
         assert (run_dir / TRIALS / trial_id / "model").stat().st_mtime == mtime
