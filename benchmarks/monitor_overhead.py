@@ -1,6 +1,11 @@
 """Monitoring overhead, side by side in one run: the maths, the per-record update, and serving with it on vs off.
 
-    python benchmarks/monitor_overhead.py [--repeats 5] [--sections mmd window replica serving] [--run-dir DIR]
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/monitor_overhead.py [--repeats 5]
+        [--sections mmd window replica serving] [--run-dir DIR]
+
+The environment gives numpy the one BLAS thread the monitor actor runs with (`steward.monitor.actor.ACTOR_ENV`; Ray
+gives its workers one OpenMP thread too): limiting threads after numpy has loaded, with threadpoolctl, was seen to
+leave judging at twice the actor's CPU. `make bench` sets it; the JSON records what it was.
 
 1. mmd: `steward.monitor.drift.mmd_test` at 1,000 points per side, d = 32, 100 permutations, against a naive numpy
    implementation (kernel blocks recomputed for every permutation) on the same data and the same permutations.
@@ -11,8 +16,8 @@
    actor: the quickstart CNN's forward pass without and with the embedding tap (alternating call by call),
    queueing a request's outputs, counting a push's worth of queued requests into a `WindowState`, pickling the
    push, and in the actor merging the pushed deltas into windows (max_pending predictions waiting for labels),
-   saving its state, and judging each closed window (`checks.window_report`) with one BLAS thread and with numpy's
-   default. `--run-dir` reuses a trained quickstart run (else one is trained, ~30 s).
+   saving its state, and judging each closed window (`checks.window_report`). `--run-dir` reuses a trained
+   quickstart run (else one is trained, ~30 s).
 4. serving: the quickstart CNN on Ray Serve with a monitor section (drift + bias) against the same run without
    one: p50 / p99 latency and QPS at concurrency 1 and 32, one instance (with a group attribute) per request,
    each repeat an off/on pair run back to back (off-on, then on-off); the cost is the median of the pairs' costs.
@@ -170,7 +175,6 @@ def _cpu_us(fn: Callable[[], Any], calls: int, per: int = 1) -> float:
 
 def bench_replica(repeats: int, console: Console, run_dir: Path | None = None, requests: int = 4000) -> dict[str, Any]:
     import torch
-    from threadpoolctl import threadpool_limits
 
     from steward.monitor.actor import reference_for
     from steward.monitor.checks import window_report
@@ -189,7 +193,7 @@ def bench_replica(repeats: int, console: Console, run_dir: Path | None = None, r
     from tests.serving import validation_inputs
 
     prepared = [served.prepare([x]) for x in validation_inputs(spec, 64)]
-    push = int(cfg.window.size / 4)  # a replica pushes every quarter count window
+    push = int(cfg.window.step or cfg.window.size)  # a lone replica under load pushes once a count window
     outputs = [served.run([prepared[i % 64]], True)[0] for i in range(push)]
     attributes = [{"group": ["ab"[i % 2]]} for i in range(push)]
     ids = [[f"{i:032x}"] for i in range(push)]
@@ -236,10 +240,6 @@ def bench_replica(repeats: int, console: Console, run_dir: Path | None = None, r
     def judge() -> list[dict]:
         return [window_report(w, ref, cfg, i) for i, w in enumerate(closed)]
 
-    def judge_one_thread() -> list[dict]:
-        with threadpool_limits(1):  # the monitor actor runs with one BLAS thread
-            return judge()
-
     forward: dict[str, list[float]] = {"off": [], "on": []}
 
     def forward_pairs() -> float:
@@ -264,8 +264,7 @@ def bench_replica(repeats: int, console: Console, run_dir: Path | None = None, r
         "push: pickle + unpickle the delta": lambda: _cpu_us(lambda: pickle.loads(pickle.dumps(deltas[0])), 50, push),
         "actor: merge deltas": lambda: (merge_all(), merged[-1] / requests * 1e6)[1],
         "actor: save the state (5 s at 1,500/s)": save_state,
-        "actor: judge windows, BLAS threads as numpy starts": lambda: _cpu_us(judge, 1, records_judged),
-        "actor: judge windows, 1 BLAS thread": lambda: _cpu_us(judge_one_thread, 1, records_judged),
+        "actor: judge windows": lambda: _cpu_us(judge, 1, records_judged),
     }
     for fn in cases.values():  # warm up torch, numpy and the caches before timing
         fn()
@@ -280,9 +279,9 @@ def bench_replica(repeats: int, console: Console, run_dir: Path | None = None, r
     out["embed (monitored - unmonitored)"] = {"us_per_request": statistics.median(embed), "min_us": min(embed)}
     replica = [e + c for e, c in zip(embed, per["queue + count (push)"], strict=True)]
     out["replica total"] = {"us_per_request": statistics.median(replica), "min_us": min(replica), "target_us": 15.0}
-    actor = [m + j + v for m, j, v in zip(per["actor: merge deltas"], per["actor: judge windows, 1 BLAS thread"],
+    actor = [m + j + v for m, j, v in zip(per["actor: merge deltas"], per["actor: judge windows"],
                                           per["actor: save the state (5 s at 1,500/s)"], strict=True)]  # fmt: skip
-    out["actor total (1 BLAS thread)"] = {"us_per_request": statistics.median(actor), "min_us": min(actor)}
+    out["actor total"] = {"us_per_request": statistics.median(actor), "min_us": min(actor)}
     # Ray sends a call's arguments inline up to 100 KB; a larger push goes through the object store
     out["push_bytes"], out["run_dir"] = len(pickle.dumps(deltas[0])), str(run_dir)
     return out
@@ -314,13 +313,16 @@ def bench_serving(repeats: int, console: Console, seconds: float = 5.0) -> dict[
     proxy = "haproxy" if prefer_high_throughput(ServeSpec(num_replicas=1)) else "default"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": (port := _free_port())})
-    urls = {}
-    for cell, watch in (("monitoring off", None), ("monitoring on", monitor)):
-        cfg = ServeSpec(route_prefix=f"/{cell.split()[1]}", name=cell.split()[1], num_replicas=1, num_cpus=0.5)
-        urls[cell] = deploy(spec.model_copy(update={"serve": cfg, "monitor": watch}), run_dir, port=port).url
-    runs: dict[str, list[dict]] = {f"{cell}, c={c}": [] for cell in urls for c in (1, 32)}
+    cells = {"monitoring off": None, "monitoring on": monitor}
+    runs: dict[str, list[dict]] = {f"{cell}, c={c}": [] for cell in cells for c in (1, 32)}
     try:
         for r in range(repeats):
+            # Fresh replicas every repeat: the same code's replica was seen to spend ~40 us (~9%) more CPU a request
+            # in one session than in another, all session long, which pairs of the same two processes never average.
+            urls = {}
+            for cell, watch in cells.items():
+                cfg = ServeSpec(route_prefix=f"/{cell.split()[1]}", name=cell.split()[1], num_replicas=1, num_cpus=0.5)
+                urls[cell] = deploy(spec.model_copy(update={"serve": cfg, "monitor": watch}), run_dir, port=port).url
             for c in (1, 32):
                 # off-on, then on-off: whatever the second run of a pair meets (a warmer cache, a busier machine)
                 # falls on each side equally often
@@ -328,7 +330,11 @@ def bench_serving(repeats: int, console: Console, seconds: float = 5.0) -> dict[
                     load = LoadSpec(concurrency=[c], seconds=seconds)
                     runs[f"{cell}, c={c}"].append(generate(f"{url}/predict", bodies, load)[0])
             console.print(f"serving repeat {r + 1}/{repeats} done")
-        records = __import__("requests").get(f"{urls['monitoring on']}/monitor", timeout=30).json()["records"]
+            records = __import__("requests").get(f"{urls['monitoring on']}/monitor", timeout=30).json()["records"]
+            for cell in cells:  # a deleted app takes ~30 s to drain: both at once
+                serve.delete(cell.split()[1], _blocking=False)
+            while set(serve.status().applications) & {cell.split()[1] for cell in cells}:
+                time.sleep(0.5)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -425,7 +431,8 @@ def main() -> None:
     args = parser.parse_args()
     console = Console()
     # the machine is shared: record its load so numbers can be read against it
-    result: dict[str, Any] = {"repeats": args.repeats, "loadavg_before": os.getloadavg(), "cpus": os.cpu_count()}
+    result: dict[str, Any] = {"repeats": args.repeats, "loadavg_before": os.getloadavg(), "cpus": os.cpu_count(),
+                              "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "numpy's default")}  # fmt: skip
     for name in args.sections:
         run, _ = SECTIONS[name]
         replica = name == "replica"

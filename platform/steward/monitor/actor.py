@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import urllib.request
 from collections import deque
@@ -112,19 +113,28 @@ class Monitor:
         self.history: deque[dict] = deque(maxlen=self.cfg.history)
         self.alerts = AlertTracker(self.cfg.alerts.consecutive_windows)
         self.records, self.saved_at = 0, time.monotonic()
+        self.pushers: dict[str, float] = {}  # replica -> when it last pushed
         self.exporter = Exporter(deployment)
         self._restore()
         self._ticker: asyncio.Task | None = None
 
     # -- what replicas and the HTTP routes call --------------------------------------------------------------
-    async def push(self, state: WindowState) -> int:
-        """Merge one replica's delta; judge every window it closes. Returns the records seen so far."""
+    async def push(self, state: WindowState, replica: str) -> float:
+        """Merge one replica's delta; judge every window it closes.
+
+        Returns when that replica should push again, in records: its share of what the open count window still
+        needs (inf for time windows, which close by the clock). Replicas pushing at their share close a window near
+        its size with about one push each, where a fixed quarter-window push took four (each push is a Ray call,
+        ~1 ms of CPU over both sides).
+        """
         self._start_ticker()
         self.records += state.n
         if state.n:
             self.exporter.records.inc(float(state.n))
-        await self._judge(self.windows.add_state(state))
-        return self.records
+        closed = self.windows.add_state(state)
+        room = self._room(replica)
+        await self._judge(closed)
+        return room
 
     async def feedback(self, request_id: str, label: str) -> bool:
         """A late label for an earlier prediction; True when its prediction was already here and is now counted."""
@@ -180,6 +190,15 @@ class Monitor:
         self.history.extend(doc["history"])
         self.alerts.restore(doc["alerts"])
         logger.info("monitor %s resumed from %s (%d records)", self.deployment, path, self.records)
+
+    def _room(self, replica: str) -> float:
+        if self.cfg.window.by != "count":
+            return math.inf
+        now = time.monotonic()
+        # a replica with traffic pushes at least every push_interval_s: one not heard from for three is gone
+        self.pushers = {r: t for r, t in self.pushers.items() if now - t < 3 * self.cfg.push_interval_s}
+        self.pushers[replica] = now
+        return max(1.0, (self.windows.step - self.windows.pane.n) / len(self.pushers))
 
     def _start_ticker(self) -> None:
         if self._ticker is None:

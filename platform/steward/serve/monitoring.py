@@ -1,12 +1,14 @@
 """A replica's side of monitoring: count each answered record into a window state, push it to the monitor actor.
 
 A request only queues its outputs (an append; the request awaits nothing); the queue is counted in one vectorised
-pass and pushed every monitor.push_interval_s (or a quarter count window), so the request path pays neither.
+pass and pushed every monitor.push_interval_s, or as soon as it holds what the open count window still needs, so
+the request path pays neither.
 """
 
 import asyncio
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +44,13 @@ class ReplicaMonitor:
         self.queue = RecordQueue(served, self.bins, self.cfg.bias.group if self.cfg.bias else None)
         self.actor = monitor_actor(job.model_dump(mode="json"), str(served.run_dir), deployment)
         self.pusher: asyncio.Task | None = None
-        # Count windows close at the first delta that fills them: pushing every quarter window keeps them near size.
+        self.id = uuid.uuid4().hex
+        # Count windows close at the first delta that fills them. Each push's reply says how many records this
+        # replica should push at next: its share of what the open window still needs. Until the first reply, and
+        # for a window this replica's push just closed, a quarter window keeps windows near their size.
         window = self.cfg.window
-        self.push_at = (window.step or window.size) / 4 if window.by == "count" else float("inf")
+        self.quarter = (window.step or window.size) / 4 if window.by == "count" else float("inf")
+        self.push_at, self.pushes = self.quarter, 0
 
     def record(self, output: Output, attributes: dict[str, list[Any]], request_ids: list[str]) -> None:
         """Queue one request's outputs until the next push counts them; from then on only statistics are kept."""
@@ -75,7 +81,14 @@ class ReplicaMonitor:
         if not (self.state.n or self.state.pending_labels):
             return
         delta, self.state = self.state, WindowState(self.bins)
-        await self.actor.push.remote(delta)  # pickled with its numpy arrays as they are: no list conversion
+        # What the window still needs after this push, until the reply says (a reply can take a judged window's
+        # time); a reply to an earlier push does not know of the later ones, so only the latest push's is taken.
+        self.push_at = self.push_at - delta.n if delta.n < self.push_at else self.quarter
+        self.pushes += 1
+        push = self.pushes
+        room = await self.actor.push.remote(delta, self.id)  # pickled with its numpy arrays as they are
+        if push == self.pushes:
+            self.push_at = room
 
     async def _push_forever(self) -> None:
         while True:
