@@ -17,7 +17,7 @@ from steward.govern import audit
 from steward.serve.deploy import deploy
 from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec
-from tests.conftest import ROOT
+from tests.conftest import JOBS, ROOT
 from tests.serving import trained_run, wait_for
 
 pytestmark = pytest.mark.slow
@@ -230,6 +230,31 @@ def test_text_vocabulary_shift_raises_drift_and_feedback_labels_count(tmp_path, 
     send(url, shifted)
     alerts = wait_for(lambda: report(url)["alerts"], 60, "a drift alert")
     assert {a["name"] for a in alerts} & {"psi:text.unk_rate", "mmd:embedding", "psi:text.length"}, alerts
+
+
+def test_each_replica_is_told_its_share_of_what_the_open_window_needs(tmp_path, ports):
+    """The monitor's reply to a push: records the open count window still needs, split over the replicas pushing."""
+    import ray
+
+    from steward.monitor.actor import monitor_actor
+    from steward.monitor.bins import Bins
+    from steward.monitor.window import WindowState
+    from steward.spec import load_job
+
+    job = load_job(JOBS / "quickstart.yaml", ["monitor.window.size=200"])
+    actor = monitor_actor(job.model_dump(mode="json"), str(tmp_path), "shares")  # no reference: nothing to judge
+
+    def delta(n):
+        state = WindowState(Bins())
+        for _ in range(n):
+            state.add("0", group="a")
+        return state
+
+    assert ray.get(actor.push.remote(delta(50), "replica-1")) == 150  # alone: all of what the window needs
+    assert ray.get(actor.push.remote(delta(50), "replica-2")) == 50  # two replicas: half each of the 100 left
+    assert ray.get(actor.push.remote(delta(120), "replica-1")) == 100  # closed at 220: half of the next 200
+    assert ray.get(actor.report.remote())["windows_closed"] == 1
+    ray.kill(actor)
 
 
 def replica_actor(url):
