@@ -119,22 +119,22 @@ class Monitor:
         self._ticker: asyncio.Task | None = None
 
     # -- what replicas and the HTTP routes call --------------------------------------------------------------
-    async def push(self, state: WindowState, replica: str) -> float:
+    async def push(self, state: WindowState, replica: str) -> tuple[float, float]:
         """Merge one replica's delta; judge every window it closes.
 
         Returns when that replica should push again, in records: its share of what the open count window still
-        needs (inf for time windows, which close by the clock). Replicas pushing at their share close a window near
-        its size with about one push each, where a fixed quarter-window push took four (each push is a Ray call,
-        ~1 ms of CPU over both sides).
+        needs, and its share of a whole window (for after a push of its own closes one); inf for time windows,
+        which close by the clock. Replicas pushing at their share close a window near its size with about one push
+        each, where a fixed quarter-window push took four (each push is a Ray call, ~1 ms of CPU over both sides).
         """
         self._start_ticker()
         self.records += state.n
         if state.n:
             self.exporter.records.inc(float(state.n))
         closed = self.windows.add_state(state)
-        room = self._room(replica)
+        shares = self._shares(replica)
         await self._judge(closed)
-        return room
+        return shares
 
     async def feedback(self, request_id: str, label: str) -> bool:
         """A late label for an earlier prediction; True when its prediction was already here and is now counted."""
@@ -191,14 +191,15 @@ class Monitor:
         self.alerts.restore(doc["alerts"])
         logger.info("monitor %s resumed from %s (%d records)", self.deployment, path, self.records)
 
-    def _room(self, replica: str) -> float:
+    def _shares(self, replica: str) -> tuple[float, float]:
         if self.cfg.window.by != "count":
-            return math.inf
+            return math.inf, math.inf
         now = time.monotonic()
         # a replica with traffic pushes at least every push_interval_s: one not heard from for three is gone
         self.pushers = {r: t for r, t in self.pushers.items() if now - t < 3 * self.cfg.push_interval_s}
         self.pushers[replica] = now
-        return max(1.0, (self.windows.step - self.windows.pane.n) / len(self.pushers))
+        step, replicas = self.windows.step, len(self.pushers)
+        return max(1.0, (step - self.windows.pane.n) / replicas), step / replicas
 
     def _start_ticker(self) -> None:
         if self._ticker is None:

@@ -46,11 +46,11 @@ class ReplicaMonitor:
         self.pusher: asyncio.Task | None = None
         self.id = uuid.uuid4().hex
         # Count windows close at the first delta that fills them. Each push's reply says how many records this
-        # replica should push at next: its share of what the open window still needs. Until the first reply, and
-        # for a window this replica's push just closed, a quarter window keeps windows near their size.
+        # replica should push at next (its share of what the open window still needs) and its share of a whole
+        # window; until the first reply, a quarter window keeps windows near their size.
         window = self.cfg.window
-        self.quarter = (window.step or window.size) / 4 if window.by == "count" else float("inf")
-        self.push_at, self.pushes = self.quarter, 0
+        quarter = (window.step or window.size) / 4 if window.by == "count" else float("inf")
+        self.push_at, self.window_share, self.pushes = quarter, quarter, 0
 
     def record(self, output: Output, attributes: dict[str, list[Any]], request_ids: list[str]) -> None:
         """Queue one request's outputs until the next push counts them; from then on only statistics are kept."""
@@ -81,14 +81,14 @@ class ReplicaMonitor:
         if not (self.state.n or self.state.pending_labels):
             return
         delta, self.state = self.state, WindowState(self.bins)
-        # What the window still needs after this push, until the reply says (a reply can take a judged window's
-        # time); a reply to an earlier push does not know of the later ones, so only the latest push's is taken.
-        self.push_at = self.push_at - delta.n if delta.n < self.push_at else self.quarter
+        # What the window (or, if this push closes it, the next) still needs, until the reply says: a reply waits
+        # for the windows its push closed to be judged, and one to an earlier push misses the later ones.
+        self.push_at = self.push_at - delta.n if delta.n < self.push_at else self.window_share
         self.pushes += 1
         push = self.pushes
-        room = await self.actor.push.remote(delta, self.id)  # pickled with its numpy arrays as they are
+        shares = await self.actor.push.remote(delta, self.id)  # pickled with its numpy arrays as they are
         if push == self.pushes:
-            self.push_at = room
+            self.push_at, self.window_share = shares
 
     async def _push_forever(self) -> None:
         while True:
