@@ -143,8 +143,8 @@ def test_an_interrupted_sweep_in_s3_resumes_without_rerunning_finished_trials(s3
     for trial_id in done:  # a finished trial trained no epoch again
         epochs = history(s3, f"{name}/{run_id}/trials/{trial_id}")
         assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == [1, 2], epochs
-        # Ctrl+C can land after a trial finished but before Tune recorded it: Tune then restores it from its own
-        # final checkpoint, and it only exports its model again
+        # Ctrl+C can land after a trial finished but before Tune recorded it: Tune then restores it from the last
+        # checkpoint it recorded of it
         starts = [
             json.loads(line) for line in read(s3, f"runs/{name}/{run_id}/trials/{trial_id}/starts.jsonl").splitlines()
         ]
