@@ -19,8 +19,9 @@ leave judging at twice the actor's CPU. `make bench` sets it; the JSON records w
    saving its state, and judging each closed window (`checks.window_report`). `--run-dir` reuses a trained
    quickstart run (else one is trained, ~30 s).
 4. serving: the quickstart CNN on Ray Serve with a monitor section (drift + bias) against the same run without
-   one: p50 / p99 latency and QPS at concurrency 1 and 32, one instance (with a group attribute) per request,
-   each repeat an off/on pair run back to back (off-on, then on-off); the cost is the median of the pairs' costs.
+   one: p50 / p99 latency and QPS at concurrency 1 and 32, one instance (with a group attribute) per request.
+   Each repeat deploys both afresh and alternates short off/on runs (off-on, on-off, ...); a repeat's cost compares
+   its pooled runs, and the cost is the mean over repeats with a 90% interval (t over repeats) and the median.
 Writes benchmarks/results/monitor_overhead.json and prints the tables.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pickle
 import socket
@@ -287,7 +289,10 @@ def bench_replica(repeats: int, console: Console, run_dir: Path | None = None, r
     return out
 
 
-def bench_serving(repeats: int, console: Console, seconds: float = 5.0) -> dict[str, Any]:
+PAIRS = 4  # off/on alternations per repeat and concurrency: the machine's speed swings ~7% from one run to the next
+
+
+def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[str, Any]:
     import ray
     from ray import serve
 
@@ -295,7 +300,7 @@ def bench_serving(repeats: int, console: Console, seconds: float = 5.0) -> dict[
     from tests.serving import trained_run, validation_inputs
 
     from steward.bench.load import generate
-    from steward.serve.deploy import deploy
+    from steward.serve.deploy import deploy, prefer_high_throughput
     from steward.spec.bench import LoadSpec
     from steward.spec.monitor import MonitorSpec
     from steward.spec.serve import ServeSpec
@@ -307,28 +312,29 @@ def bench_serving(repeats: int, console: Console, seconds: float = 5.0) -> dict[
     monitor = MonitorSpec.model_validate(
         {"drift": {}, "bias": {"group": "group", "favourable": "0", "privileged": "a"}}
     )
-    from steward.serve.deploy import prefer_high_throughput
-
     # the proxy `steward serve` picks for fixed replicas (HAProxy when installed): the smallest per-request base
     proxy = "haproxy" if prefer_high_throughput(ServeSpec(num_replicas=1)) else "default"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": (port := _free_port())})
     cells = {"monitoring off": None, "monitoring on": monitor}
-    runs: dict[str, list[dict]] = {f"{cell}, c={c}": [] for cell in cells for c in (1, 32)}
+    # runs[cell][repeat]: that repeat's runs of the cell
+    runs: dict[str, list[list[dict]]] = {f"{cell}, c={c}": [] for cell in cells for c in (1, 32)}
     try:
         for r in range(repeats):
             # Fresh replicas every repeat: the same code's replica was seen to spend ~40 us (~9%) more CPU a request
-            # in one session than in another, all session long, which pairs of the same two processes never average.
+            # in one session than in another, all session long, which runs of the same two processes never average.
             urls = {}
             for cell, watch in cells.items():
                 cfg = ServeSpec(route_prefix=f"/{cell.split()[1]}", name=cell.split()[1], num_replicas=1, num_cpus=0.5)
                 urls[cell] = deploy(spec.model_copy(update={"serve": cfg, "monitor": watch}), run_dir, port=port).url
+            for key in runs:
+                runs[key].append([])
             for c in (1, 32):
-                # off-on, then on-off: whatever the second run of a pair meets (a warmer cache, a busier machine)
-                # falls on each side equally often
-                for cell, url in list(urls.items())[:: 1 if r % 2 else -1]:
-                    load = LoadSpec(concurrency=[c], seconds=seconds)
-                    runs[f"{cell}, c={c}"].append(generate(f"{url}/predict", bodies, load)[0])
+                for k in range(PAIRS):
+                    # off-on, then on-off: whatever the second run of a pair meets falls on each side equally often
+                    for cell, url in list(urls.items())[:: 1 if (r + k) % 2 else -1]:
+                        load = LoadSpec(concurrency=[c], seconds=seconds)
+                        runs[f"{cell}, c={c}"][r].append(generate(f"{url}/predict", bodies, load)[0])
             console.print(f"serving repeat {r + 1}/{repeats} done")
             records = __import__("requests").get(f"{urls['monitoring on']}/monitor", timeout=30).json()["records"]
             for cell in cells:  # a deleted app takes ~30 s to drain: both at once
@@ -338,14 +344,35 @@ def bench_serving(repeats: int, console: Console, seconds: float = 5.0) -> dict[
     finally:
         serve.shutdown()
         ray.shutdown()
-    out: dict[str, Any] = {cell: {k: statistics.median(x[k] for x in v) for k in v[0]} for cell, v in runs.items()}
-    out["records_monitored"], out["proxy"] = records, proxy
-    for c in (1, 32):  # the median of each repeat's paired cost: the pair ran back to back, under the same load
-        pairs = zip(runs[f"monitoring off, c={c}"], runs[f"monitoring on, c={c}"], strict=True)
-        each = [{"p50": on["p50_ms"] / off["p50_ms"] - 1, "p99": on["p99_ms"] / off["p99_ms"] - 1,
-                 "qps": 1 - on["qps"] / off["qps"]} for off, on in pairs]  # fmt: skip
-        out[f"cost c={c}"] = {k: statistics.median(e[k] for e in each) for k in each[0]}
-        out[f"cost c={c}"]["qps_each"] = [e["qps"] for e in each]
+    out: dict[str, Any] = {
+        cell: {k: statistics.median(run[k] for rep in reps for run in rep) for k in reps[0][0]}
+        for cell, reps in runs.items()
+    }
+    out["records_monitored"], out["proxy"], out["runs_per_repeat"] = records, proxy, PAIRS
+    for c in (1, 32):
+        out[f"cost c={c}"] = _costs(runs[f"monitoring off, c={c}"], runs[f"monitoring on, c={c}"])
+    return out
+
+
+def _costs(off: list[list[dict]], on: list[list[dict]]) -> dict[str, Any]:
+    """Each repeat's cost of monitoring (its runs pooled: all ran in turn on the same two fresh replicas), then
+    their mean with a 90% interval (t over repeats, the independent unit), and their median."""
+    from scipy import stats
+
+    def pooled(rep: list[dict]) -> dict[str, float]:
+        return {k: statistics.median(run[k] for run in rep) for k in ("p50_ms", "p99_ms")} | {
+            "qps": sum(run["requests"] for run in rep) / sum(run["requests"] / run["qps"] for run in rep)
+        }
+
+    each = []
+    for off_rep, on_rep in zip(off, on, strict=True):
+        a, b = pooled(off_rep), pooled(on_rep)
+        each.append({"p50": b["p50_ms"] / a["p50_ms"] - 1, "p99": b["p99_ms"] / a["p99_ms"] - 1,
+                     "qps": 1 - b["qps"] / a["qps"]})  # fmt: skip
+    out: dict[str, Any] = {k: statistics.mean(e[k] for e in each) for k in each[0]}
+    qps = [e["qps"] for e in each]
+    half = stats.t.ppf(0.95, len(qps) - 1) * statistics.stdev(qps) / len(qps) ** 0.5 if len(qps) > 1 else math.inf
+    out |= {"qps_ci90": [out["qps"] - half, out["qps"] + half], "qps_median": statistics.median(qps), "qps_each": qps}
     return out
 
 
@@ -366,12 +393,13 @@ def serving_table(res: dict[str, Any], console: Console) -> None:
                 f"monitoring {state}, c={c}", f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}", f"{row['qps']:.0f}"
             )
         cost = res[f"cost c={c}"]
-        table.add_row(
-            f"cost at c={c} (target <= 3%)", f"{cost['p50']:+.1%}", f"{cost['p99']:+.1%}", f"{cost['qps']:+.1%}"
-        )
+        low, high = cost["qps_ci90"]
+        table.add_row(f"cost at c={c} (target <= 3%)", f"{cost['p50']:+.1%}", f"{cost['p99']:+.1%}",
+                      f"{cost['qps']:+.1%} [{low:+.1%}, {high:+.1%}]")  # fmt: skip
     table.caption = (
-        f"records counted by the monitor: {res['records_monitored']}; proxy: {res['proxy']}; batching on (the default:"
-        " up to 16 requests, 5 ms wait), so the c=1 latency includes the batch wait"
+        f"costs: mean over repeats [90% interval]; records counted by the monitor: {res['records_monitored']}; proxy:"
+        f" {res['proxy']}; batching on (the default: up to 16 requests, 5 ms wait), so the c=1 latency includes the"
+        " batch wait"
     )
     console.print(table)
 

@@ -2,6 +2,7 @@
 and at a webhook, and how many records a killed replica or monitor loses."""
 
 import json
+import os
 import re
 import socket
 import threading
@@ -10,10 +11,12 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
+import psutil
 import pytest
 import requests
 
 from steward.govern import audit
+from steward.monitor.actor import NICE
 from steward.serve.deploy import deploy
 from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec
@@ -46,6 +49,16 @@ def ports():
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _delete_apps(ports):
+    """Each test's deployment is deleted after it, so its replicas' CPUs are free for the next test's."""
+    from ray import serve
+
+    yield
+    for name in serve.status().applications:
+        serve.delete(name, _blocking=False)
+
+
 @pytest.fixture(scope="module")
 def webhook():
     """A real HTTP receiver: every JSON body POSTed to it lands in the returned list."""
@@ -66,9 +79,9 @@ def webhook():
     server.shutdown()
 
 
-def monitored(tmp_path, ports, job, monitor, *overrides, prefix):
+def monitored(tmp_path, ports, job, monitor, *overrides, prefix, replicas=1):
     spec, run_dir = trained_run(tmp_path, job, *overrides)
-    serve_cfg = ServeSpec(route_prefix=prefix, num_cpus=0.5, num_replicas=1, name=prefix.strip("/"))
+    serve_cfg = ServeSpec(route_prefix=prefix, num_cpus=0.5, num_replicas=replicas, name=prefix.strip("/"))
     job_spec = spec.model_copy(update={"serve": serve_cfg, "monitor": MonitorSpec.model_validate(monitor)})
     return spec, run_dir, deploy(job_spec, run_dir, port=ports["http"]).url
 
@@ -137,7 +150,7 @@ def test_digits_clean_traffic_is_quiet_noise_raises_drift_and_skew_raises_bias(t
         first["alerts"],
         [c for w in first["recent"] for c in w["checks"] if c["status"] == "fail"],
     )
-    # The replica pushes when it holds what the open window still needs: a window overshoots by less than a request.
+    # The replica pushes when it holds its share of the open window: a window overshoots by less than a request.
     sizes = [w["records"] for w in first["recent"]]
     assert all(200 <= n < 220 for n in sizes), sizes
     statuses = {c["name"]: c["status"] for c in first["recent"][-1]["checks"]}
@@ -237,8 +250,9 @@ def test_text_vocabulary_shift_raises_drift_and_feedback_labels_count(tmp_path, 
     assert {a["name"] for a in alerts} & {"psi:text.unk_rate", "mmd:embedding", "psi:text.length"}, alerts
 
 
-def test_each_replica_is_told_its_share_of_what_the_open_window_needs(tmp_path, ports):
-    """The monitor's reply to a push: records the open count window still needs, split over the replicas pushing."""
+def test_each_replica_is_told_its_share_of_the_open_window_less_what_it_pushed(tmp_path, ports):
+    """The monitor's reply to a push: the replica's share of the open count window (split over the replicas pushing)
+    less what it already pushed into it, and its share of a whole window."""
     import ray
 
     from steward.monitor.actor import monitor_actor
@@ -255,12 +269,57 @@ def test_each_replica_is_told_its_share_of_what_the_open_window_needs(tmp_path, 
             state.add("0", group="a")
         return state
 
-    # (share of what the open window needs, share of a whole window)
+    # (share of the open window less what this replica pushed into it, share of a whole window)
     assert ray.get(actor.push.remote(delta(50), "replica-1")) == (150, 200)  # alone: all of it
-    assert ray.get(actor.push.remote(delta(50), "replica-2")) == (50, 100)  # two replicas: half each of the 100 left
+    assert ray.get(actor.push.remote(delta(50), "replica-2")) == (50, 100)  # two replicas: half each
     assert ray.get(actor.push.remote(delta(120), "replica-1")) == (100, 100)  # closed at 220: half of the next 200
+    assert ray.get(actor.push.remote(delta(30), "replica-2")) == (70, 100)
+    # not half of the 110 the window still needs: replica-2's 70 to come are its part of those
+    assert ray.get(actor.push.remote(delta(60), "replica-1")) == (40, 100)
+    # its share spent, replica-1 pushes next at its share of the next window, capped at what this one still needs
+    assert ray.get(actor.push.remote(delta(40), "replica-1")) == (70, 100)
     assert ray.get(actor.report.remote())["windows_closed"] == 1
     ray.kill(actor)
+
+
+def test_two_serve_replicas_close_windows_near_their_size_with_a_push_each(tmp_path, ports):
+    """Two real replicas under concurrent traffic: each pushes its share of the open window, so windows close near
+    their size with about one push per replica, and once traffic stops every answered record is counted."""
+    size, per_request = 200, 10
+    monitor = {"drift": {}, "window": {"size": size}, "push_interval_s": 5}  # timer pushes rare: shares do the work
+    spec, _, url = monitored(tmp_path, ports, "quickstart.yaml", monitor, prefix="/pair", replicas=2)
+    images, _ = digits(spec)
+    wait_for(lambda: requests.get(f"{url}/monitor", timeout=30).status_code == 200, 60, "the monitor")
+    answered = []
+
+    def client(k):
+        for i in range(k, 120, 4):
+            instances = [x.tolist() for x in images[i : i + per_request]]
+            reply = requests.post(f"{url}/predict", json={"instances": instances}, timeout=60)
+            assert reply.status_code == 200, reply.text
+            answered.append(per_request)
+
+    clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join()
+    sent = sum(answered)
+    state = wait_for(lambda: (r := report(url))["records"] == sent and r, 30, f"all {sent} records counted")
+    assert state["replicas"] == 2  # both replicas pushed
+    closed = [w["records"] for w in state["recent"]]
+    assert len(closed) == state["windows_closed"] >= 3 and sum(closed) <= sent, state
+    # a window closes at the first push that fills it: at most a replica's share (half of it) plus a request over
+    assert all(size <= n <= size + size // 2 + per_request for n in closed), closed
+    # a push per replica per window, plus the first pushes (a quarter window, before any reply) and the last ones
+    assert state["pushes"] <= 2 * state["windows_closed"] + 8, state["pushes"]
+    # and monitors yield the CPU to serving: every thread of every monitor actor's process runs at a lower priority
+    monitors = [
+        p.pid for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or []).startswith("ray::Monitor")
+    ]
+    assert monitors
+    for pid in monitors:
+        assert {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")} == {NICE}
 
 
 def replica_actor(url):
@@ -332,7 +391,12 @@ def test_monitor_report_from_a_persisted_state(tmp_path, ports):
     images, _ = digits(spec)
     send(url, [np.clip(x + RNG.normal(0, 4, x.shape), 0, 16).tolist() for x in images[:300]])
     state = run_dir / "monitor" / "reported" / "state.json"
-    wait_for(lambda: state.exists() and len(json.loads(state.read_text())["history"]) >= 2, 30, "a saved state")
+    saved_doc = lambda: state.exists() and json.loads(state.read_text())  # noqa: E731
+    wait_for(lambda: (doc := saved_doc()) and doc["records"] == 300 and len(doc["history"]) >= 2, 30, "a saved state")
+    time.sleep(2 * 0.5)  # the last window's judgement, saved within a persist interval of it
+    saved = state.stat().st_mtime_ns
+    time.sleep(4 * 0.5)  # four persist intervals without traffic
+    assert state.stat().st_mtime_ns == saved, "an idle monitor rewrote its state"
     out = CliRunner().invoke(app, ["monitor", "report", str(run_dir), "--out", str(tmp_path / "report")])
     assert out.exit_code == 0, out.output
     page = (tmp_path / "report" / "report.html").read_text()

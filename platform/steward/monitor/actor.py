@@ -8,9 +8,11 @@ persists everything it holds to the run folder, so a restarted actor resumes whe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
+import os
 import time
 import urllib.request
 from collections import deque
@@ -33,6 +35,9 @@ NAMESPACE = "steward"
 # cost 45 us a record with numpy's default two threads on a loaded machine, 18 us with one. Set in the actor's
 # environment because OpenBLAS reads it once, when numpy loads.
 ACTOR_ENV = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+# Monitoring is background work: where the monitor and a replica want the same core, the replica should win.
+# At nice 10 the kernel gives the monitor about a tenth of a contended core, far more than it needs.
+NICE = 10
 logger = logging.getLogger("steward.monitor")
 
 
@@ -103,6 +108,7 @@ class Monitor:
     def __init__(self, spec: dict, run_dir: str, deployment: str) -> None:
         job = JobSpec.model_validate(spec)
         assert job.monitor is not None, "a monitor actor needs the spec's monitor section"
+        _lower_priority()
         self.cfg, self.deployment = job.monitor, deployment
         self.run_dir, self.folder = Path(run_dir), monitor_folder(run_dir, deployment)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -112,8 +118,10 @@ class Monitor:
         self.windows = Windows(lambda: WindowState(bins), window.size, window.step, window.by)
         self.history: deque[dict] = deque(maxlen=self.cfg.history)
         self.alerts = AlertTracker(self.cfg.alerts.consecutive_windows)
-        self.records, self.saved_at = 0, time.monotonic()
+        self.records, self.pushes, self.saved_at = 0, 0, time.monotonic()
+        self.dirty = False  # changed since the last save: an idle monitor does not rewrite its state
         self.pushers: dict[str, float] = {}  # replica -> when it last pushed
+        self.in_pane: dict[str, int] = {}  # replica -> records it pushed into the open pane
         self.exporter = Exporter(deployment)
         self._restore()
         self._ticker: asyncio.Task | None = None
@@ -122,16 +130,22 @@ class Monitor:
     async def push(self, state: WindowState, replica: str) -> tuple[float, float]:
         """Merge one replica's delta; judge every window it closes.
 
-        Returns when that replica should push again, in records: its share of what the open count window still
-        needs, and its share of a whole window (for after a push of its own closes one); inf for time windows,
-        which close by the clock. Replicas pushing at their share close a window near its size with about one push
-        each, where a fixed quarter-window push took four (each push is a Ray call, ~1 ms of CPU over both sides).
+        Returns when that replica should push again, in records: what is left of its share of the open count window
+        (the window's size over the replicas pushing), and its share of a whole window (for after a push of its own
+        closes one); inf for time windows, which close by the clock. Replicas pushing at their shares close a window
+        within a request of its size with one push each, where a fixed quarter-window push took four (each push is
+        a Ray call, ~1 ms of CPU over both sides).
         """
         self._start_ticker()
-        self.records += state.n
+        self.records, self.pushes, self.dirty = self.records + state.n, self.pushes + 1, True
         if state.n:
             self.exporter.records.inc(float(state.n))
+        pane = self.windows.pane
         closed = self.windows.add_state(state)
+        if self.windows.pane is pane:
+            self.in_pane[replica] = self.in_pane.get(replica, 0) + state.n
+        else:  # the push closed the pane: the next starts empty
+            self.in_pane = {}
         shares = self._shares(replica)
         await self._judge(closed)
         return shares
@@ -139,6 +153,7 @@ class Monitor:
     async def feedback(self, request_id: str, label: str) -> bool:
         """A late label for an earlier prediction; True when its prediction was already here and is now counted."""
         self._start_ticker()
+        self.dirty = True
         return self.windows.add_feedback(request_id, label)
 
     async def report(self, recent: int = 10) -> dict:
@@ -147,6 +162,8 @@ class Monitor:
         return {
             "deployment": self.deployment,
             "records": self.records,
+            "pushes": self.pushes,  # since this actor started
+            "replicas": len(self._recent_pushers()),
             "windows_closed": len(self.history),
             "current": current,
             "recent": list(self.history)[-recent:],
@@ -164,7 +181,7 @@ class Monitor:
 
     # -- inside ------------------------------------------------------------------------------------------------
     def _snapshot(self) -> str:
-        self.saved_at = time.monotonic()
+        self.saved_at, self.dirty = time.monotonic(), False
         return json.dumps({
             "records": self.records,
             "windows": self.windows.to_dict(),
@@ -194,12 +211,18 @@ class Monitor:
     def _shares(self, replica: str) -> tuple[float, float]:
         if self.cfg.window.by != "count":
             return math.inf, math.inf
-        now = time.monotonic()
+        self.pushers = self._recent_pushers()
+        self.pushers[replica] = time.monotonic()
+        share = self.windows.step / len(self.pushers)
+        left = share - self.in_pane.get(replica, 0)
+        # once its share of the open window is spent, its share of the next (a push per share, never one a
+        # request); never more than the open window still needs
+        return max(1.0, min(left if left > 0 else share, self.windows.step - self.windows.pane.n)), share
+
+    def _recent_pushers(self) -> dict[str, float]:
         # a replica with traffic pushes at least every push_interval_s: one not heard from for three is gone
-        self.pushers = {r: t for r, t in self.pushers.items() if now - t < 3 * self.cfg.push_interval_s}
-        self.pushers[replica] = now
-        step, replicas = self.windows.step, len(self.pushers)
-        return max(1.0, (step - self.windows.pane.n) / replicas), step / replicas
+        now = time.monotonic()
+        return {r: t for r, t in self.pushers.items() if now - t < 3 * self.cfg.push_interval_s}
 
     def _start_ticker(self) -> None:
         if self._ticker is None:
@@ -211,7 +234,7 @@ class Monitor:
             await asyncio.sleep(min(self.cfg.push_interval_s, self.cfg.persist_interval_s))
             if self.cfg.window.by == "time":
                 await self._judge(self.windows.add_state(WindowState(self.windows.pane.bins)))
-            if time.monotonic() - self.saved_at >= self.cfg.persist_interval_s:
+            if self.dirty and time.monotonic() - self.saved_at >= self.cfg.persist_interval_s:
                 await self.persist()
 
     async def _judge(self, closed: list[WindowState]) -> None:
@@ -220,6 +243,7 @@ class Monitor:
             report = await asyncio.to_thread(window_report, window, self.ref, self.cfg, len(self.history))
             self.history.append(report)
             events = self.alerts.update(report)
+            self.dirty = True
             self.exporter.window(report, events)
             for event in events:
                 await self._emit(event)
@@ -234,6 +258,17 @@ class Monitor:
                      **{k: v for k, v in event.items() if k not in ("event", "time")})  # fmt: skip
         if self.cfg.alerts.webhook:
             await asyncio.to_thread(_post, self.cfg.alerts.webhook, event)
+
+
+def _lower_priority() -> None:
+    """Nice every thread of this process (Linux sets niceness per thread; threads started later inherit it)."""
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except FileNotFoundError:  # no /proc (macOS): there niceness is per process
+        threads = [0]
+    for tid in threads:
+        with contextlib.suppress(AttributeError, OSError):  # Windows has no setpriority; a thread may have ended
+            os.setpriority(os.PRIO_PROCESS, tid, NICE)
 
 
 def _post(url: str, event: dict) -> None:

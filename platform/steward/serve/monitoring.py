@@ -1,8 +1,8 @@
 """A replica's side of monitoring: count each answered record into a window state, push it to the monitor actor.
 
 A request only queues its outputs (an append; the request awaits nothing); the queue is counted in one vectorised
-pass and pushed every monitor.push_interval_s, or as soon as it holds what the open count window still needs, so
-the request path pays neither.
+pass and pushed as soon as it holds what is left of this replica's share of the open count window, or once
+monitor.push_interval_s has passed since the last push, so the request path pays neither.
 """
 
 import asyncio
@@ -46,11 +46,12 @@ class ReplicaMonitor:
         self.pusher: asyncio.Task | None = None
         self.id = uuid.uuid4().hex
         # Count windows close at the first delta that fills them. Each push's reply says how many records this
-        # replica should push at next (its share of what the open window still needs) and its share of a whole
+        # replica should push at next (what is left of its share of the open window) and its share of a whole
         # window; until the first reply, a quarter window keeps windows near their size.
         window = self.cfg.window
         quarter = (window.step or window.size) / 4 if window.by == "count" else float("inf")
         self.push_at, self.window_share, self.pushes = quarter, quarter, 0
+        self.pushed_at = time.monotonic()  # when everything counted so far was last sent
 
     def record(self, output: Output, attributes: dict[str, list[Any]], request_ids: list[str]) -> None:
         """Queue one request's outputs until the next push counts them; from then on only statistics are kept."""
@@ -77,12 +78,14 @@ class ReplicaMonitor:
 
     async def flush(self) -> None:
         """Send what was counted since the last push (a replica that dies loses at most one interval)."""
+        self.pushed_at = time.monotonic()
         self.count()
         if not (self.state.n or self.state.pending_labels):
             return
         delta, self.state = self.state, WindowState(self.bins)
-        # What the window (or, if this push closes it, the next) still needs, until the reply says: a reply waits
-        # for the windows its push closed to be judged, and one to an earlier push misses the later ones.
+        # What is left of this replica's share (or, if this push closes the window, its share of the next) until
+        # the reply says: a reply waits for the windows its push closed to be judged, and one to an earlier push
+        # misses the later ones.
         self.push_at = self.push_at - delta.n if delta.n < self.push_at else self.window_share
         self.pushes += 1
         push = self.pushes
@@ -91,8 +94,12 @@ class ReplicaMonitor:
             self.push_at, self.window_share = shares
 
     async def _push_forever(self) -> None:
+        """Push once push_interval_s has passed since the last push: a replica that dies loses at most an interval,
+        and one busy enough to push its shares makes no extra pushes (each is a Ray call)."""
         while True:
-            await asyncio.sleep(self.cfg.push_interval_s)
+            await asyncio.sleep(self.pushed_at + self.cfg.push_interval_s - time.monotonic())
+            if time.monotonic() - self.pushed_at < self.cfg.push_interval_s:
+                continue  # a share push came in between
             try:
                 await self.flush()
             except Exception:  # the monitor restarting must not break serving; the next push retries
