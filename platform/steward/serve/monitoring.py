@@ -97,9 +97,10 @@ class ReplicaMonitor:
         """Push once push_interval_s has passed since the last push: a replica that dies loses at most an interval,
         and one busy enough to push its shares makes no extra pushes (each is a Ray call)."""
         while True:
-            await asyncio.sleep(self.pushed_at + self.cfg.push_interval_s - time.monotonic())
-            if time.monotonic() - self.pushed_at < self.cfg.push_interval_s:
-                continue  # a share push came in between
+            last = self.pushed_at
+            await asyncio.sleep(last + self.cfg.push_interval_s - time.monotonic())
+            if self.pushed_at != last:
+                continue  # a share push came in between: wait an interval from it
             try:
                 await self.flush()
             except Exception:  # the monitor restarting must not break serving; the next push retries
