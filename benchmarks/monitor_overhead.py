@@ -28,6 +28,7 @@ Writes benchmarks/results/monitor_overhead.json and prints the tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -289,11 +290,16 @@ def bench_replica(repeats: int, console: Console, run_dir: Path | None = None, r
     return out
 
 
-PAIRS = 4  # off/on alternations per repeat and concurrency: the machine's speed swings ~7% from one run to the next
+PAIRS = 4  # rounds of off/twin/on runs per repeat and concurrency: the machine's speed swings from one run to the next
+# Cells of the serving section. The twin is a second unmonitored deployment measured exactly like the first: its
+# "cost" (an A/A comparison) shows how much of a measured QPS difference this machine's noise alone produces.
+CELLS = {"off": "monitoring off", "twin": "monitoring off (A/A twin)", "on": "monitoring on"}
+PUSH_BYTES = 300_000  # a quickstart push pickles to ~280 KB (the replica section's push_bytes)
 
 
 def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[str, Any]:
     import ray
+    import requests
     from ray import serve
 
     sys.path.insert(0, str(ROOT))
@@ -316,48 +322,117 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
     proxy = "haproxy" if prefer_high_throughput(ServeSpec(num_replicas=1)) else "default"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": (port := _free_port())})
-    cells = {"monitoring off": None, "monitoring on": monitor}
-    # runs[cell][repeat]: that repeat's runs of the cell
-    runs: dict[str, list[list[dict]]] = {f"{cell}, c={c}": [] for cell in cells for c in (1, 32)}
+    runs: dict[str, list[list[dict]]] = {f"{cell}, c={c}": [] for cell in CELLS.values() for c in (1, 32)}
+    pushes: list[float] = []  # the monitor's pushes per record at c=32, each repeat
     try:
+        transport = _push_transport_us()
         for r in range(repeats):
             # Fresh replicas every repeat: the same code's replica was seen to spend ~40 us (~9%) more CPU a request
-            # in one session than in another, all session long, which runs of the same two processes never average.
+            # in one session than in another, all session long, which runs of the same processes never average.
             urls = {}
-            for cell, watch in cells.items():
-                cfg = ServeSpec(route_prefix=f"/{cell.split()[1]}", name=cell.split()[1], num_replicas=1, num_cpus=0.5)
+            for app, cell in CELLS.items():
+                cfg = ServeSpec(route_prefix=f"/{app}", name=app, num_replicas=1, num_cpus=0.5)
+                watch = monitor if app == "on" else None
                 urls[cell] = deploy(spec.model_copy(update={"serve": cfg, "monitor": watch}), run_dir, port=port).url
+            seen = requests.get(f"{urls[CELLS['on']]}/monitor", timeout=30).json()  # the actor is up once it answers
+            actor = _process("ray::Monitor")
             for key in runs:
                 runs[key].append([])
             for c in (1, 32):
+                before_c = seen
                 for k in range(PAIRS):
-                    # off-on, then on-off: whatever the second run of a pair meets falls on each side equally often
+                    # forward, then backward: whatever the later runs of a round meet falls on off and on alike
                     for cell, url in list(urls.items())[:: 1 if (r + k) % 2 else -1]:
-                        load = LoadSpec(concurrency=[c], seconds=seconds)
-                        runs[f"{cell}, c={c}"][r].append(generate(f"{url}/predict", bodies, load)[0])
+                        before = _cpu_seconds(actor)
+                        run = generate(f"{url}/predict", bodies, LoadSpec(concurrency=[c], seconds=seconds))[0]
+                        after = _cpu_seconds(actor)
+                        run["cpu_us"] = {k: (after[k] - before[k]) / run["requests"] * 1e6 for k in after}
+                        runs[f"{cell}, c={c}"][r].append(run)
+                seen = requests.get(f"{urls[CELLS['on']]}/monitor", timeout=30).json()
+            pushes.append((seen["pushes"] - before_c["pushes"]) / (seen["records"] - before_c["records"]))
             console.print(f"serving repeat {r + 1}/{repeats} done")
-            records = __import__("requests").get(f"{urls['monitoring on']}/monitor", timeout=30).json()["records"]
-            for cell in cells:  # a deleted app takes ~30 s to drain: both at once
-                serve.delete(cell.split()[1], _blocking=False)
-            while set(serve.status().applications) & {cell.split()[1] for cell in cells}:
+            for app in CELLS:  # a deleted app takes ~30 s to drain: all at once
+                serve.delete(app, _blocking=False)
+            while set(serve.status().applications) & set(CELLS):
                 time.sleep(0.5)
     finally:
         serve.shutdown()
         ray.shutdown()
     out: dict[str, Any] = {
-        cell: {k: statistics.median(run[k] for rep in reps for run in rep) for k in reps[0][0]}
+        cell: {k: statistics.median(run[k] for rep in reps for run in rep) for k in ("qps", "p50_ms", "p99_ms")}
         for cell, reps in runs.items()
     }
-    out["records_monitored"], out["proxy"], out["runs_per_repeat"] = records, proxy, PAIRS
+    out |= {"records_monitored": seen["records"], "proxy": proxy, "runs_per_repeat": PAIRS}
+    out |= {"push_transport_us": transport, "pushes_per_record": pushes}
     for c in (1, 32):
-        out[f"cost c={c}"] = _costs(runs[f"monitoring off, c={c}"], runs[f"monitoring on, c={c}"])
+        off, twin, on = (runs[f"{cell}, c={c}"] for cell in CELLS.values())
+        out[f"cost c={c}"] = _costs(off, on)
+        out[f"a/a c={c}"] = _costs(off, twin)
+    out["cpu c=32"] = _cpu_costs(runs["monitoring off, c=32"], runs["monitoring on, c=32"])
     return out
 
 
+def _process(title: str, timeout: float = 60.0) -> Any:
+    """The process whose command line (Ray sets it to the actor's class) starts with `title`."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in psutil.process_iter(["cmdline"]):
+            if " ".join(proc.info["cmdline"] or []).startswith(title):
+                return proc
+        time.sleep(0.5)
+    raise RuntimeError(f"no process {title!r} after {timeout:.0f} s")
+
+
+def _cpu_seconds(actor: Any) -> dict[str, float]:
+    """CPU seconds so far: the machine's busy time (steal excluded), this process's (the load generator) and the
+    monitor actor's."""
+    import psutil
+
+    busy, client, times = psutil.cpu_times(), psutil.Process().cpu_times(), actor.cpu_times()
+    return {"machine": busy.user + busy.nice + busy.system + busy.irq + busy.softirq,
+            "client": client.user + client.system, "actor": times.user + times.system}  # fmt: skip
+
+
+def _push_transport_us(pushes: int = 300) -> dict[str, float]:
+    """CPU us a push of PUSH_BYTES costs Ray's transport: in the pushing process (a replica) and in Ray's daemons
+    (the raylet's object store: a push over 100 KB is not sent inline); the receiving actor's side is in the
+    monitor actor's measured CPU. The daemons' idle CPU over as long a quiet spell is subtracted."""
+    import psutil
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Sink:
+        def push(self, state: Any, replica: str) -> int:
+            return os.getpid()
+
+    sink, payload = Sink.remote(), np.zeros(PUSH_BYTES // 8)  # type: ignore[attr-defined]
+    skip = {os.getpid(), ray.get(sink.push.remote(payload, "replica"))}
+
+    def daemons() -> float:
+        total = 0.0
+        for proc in psutil.process_iter():
+            if proc.pid not in skip:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    total += sum(proc.cpu_times()[:2])
+        return total
+
+    d0, t0 = daemons(), time.perf_counter()
+    time.sleep(2.0)
+    idle_rate = (daemons() - d0) / (time.perf_counter() - t0)
+    d0, t0, c0 = daemons(), time.perf_counter(), time.process_time()
+    for _ in range(pushes):
+        ray.get(sink.push.remote(payload, "replica"))
+    pusher = (time.process_time() - c0) / pushes * 1e6
+    spent = daemons() - d0 - idle_rate * (time.perf_counter() - t0)
+    ray.kill(sink)
+    return {"pusher": pusher, "daemons": max(spent, 0.0) / pushes * 1e6}
+
+
 def _costs(off: list[list[dict]], on: list[list[dict]]) -> dict[str, Any]:
-    """Each repeat's cost of monitoring (its runs pooled: all ran in turn on the same two fresh replicas), then
-    their mean with a 90% interval (t over repeats, the independent unit), and their median."""
-    from scipy import stats
+    """Each repeat's cost of monitoring (its runs pooled: all ran in turn on the same fresh replicas), then their
+    mean with a 90% interval (t over repeats, the independent unit), and their median."""
 
     def pooled(rep: list[dict]) -> dict[str, float]:
         return {k: statistics.median(run[k] for run in rep) for k in ("p50_ms", "p99_ms")} | {
@@ -370,10 +445,50 @@ def _costs(off: list[list[dict]], on: list[list[dict]]) -> dict[str, Any]:
         each.append({"p50": b["p50_ms"] / a["p50_ms"] - 1, "p99": b["p99_ms"] / a["p99_ms"] - 1,
                      "qps": 1 - b["qps"] / a["qps"]})  # fmt: skip
     out: dict[str, Any] = {k: statistics.mean(e[k] for e in each) for k in each[0]}
-    qps = [e["qps"] for e in each]
-    half = stats.t.ppf(0.95, len(qps) - 1) * statistics.stdev(qps) / len(qps) ** 0.5 if len(qps) > 1 else math.inf
-    out |= {"qps_ci90": [out["qps"] - half, out["qps"] + half], "qps_median": statistics.median(qps), "qps_each": qps}
-    return out
+    qps = _mean_ci([e["qps"] for e in each])
+    return out | {"qps_ci90": qps["ci90"], "qps_median": qps["median"], "qps_each": qps["each"]}
+
+
+def _mean_ci(values: list[float]) -> dict[str, Any]:
+    """Mean with a t-based 90% interval over repeats (the independent unit), the median, and the values."""
+    from scipy import stats
+
+    mean = statistics.mean(values)
+    n = len(values)
+    half = stats.t.ppf(0.95, n - 1) * statistics.stdev(values) / n**0.5 if n > 1 else math.inf
+    return {"mean": mean, "ci90": [mean - half, mean + half], "median": statistics.median(values), "each": values}
+
+
+def _cpu_costs(off: list[list[dict]], on: list[list[dict]]) -> dict[str, Any]:
+    """Each repeat's CPU per request, its runs pooled: what serving spends with monitoring off (the machine's busy
+    time less the load generator's), and the monitor actor's while on (and while off: Ray's cost of an idle actor)."""
+
+    def pooled(rep: list[dict], role: str) -> float:
+        return sum(run["cpu_us"][role] * run["requests"] for run in rep) / sum(run["requests"] for run in rep)
+
+    each: dict[str, list[float]] = {"serving_us": [], "actor_us": [], "idle_actor_us": []}
+    for off_rep, on_rep in zip(off, on, strict=True):
+        each["serving_us"].append(pooled(off_rep, "machine") - pooled(off_rep, "client"))
+        each["actor_us"].append(pooled(on_rep, "actor"))
+        each["idle_actor_us"].append(pooled(off_rep, "actor"))
+    return {key: _mean_ci(values) for key, values in each.items()}
+
+
+def accounted_cost(serving: dict[str, Any], replica: dict[str, Any]) -> dict[str, Any]:
+    """Monitoring's CPU per request at c=32, each repeat, as a share of serving's: the monitor actor's (measured
+    live), the replica's embed, queue, count and pickle (offline), and the pushes' transport (in the replica and
+    Ray's daemons) times the pushes a record. On saturated cores this is the first-order QPS cost; it is measured
+    per process, so the machine's run-to-run speed swings, which make the direct QPS comparison noisy (see the A/A
+    twin), do not enter it."""
+    cpu, push = serving["cpu c=32"], serving["push_transport_us"]
+    pickling = replica["push: pickle + unpickle the delta"]["us_per_request"]
+    in_replica = replica["replica total"]["us_per_request"] + pickling
+    parts = {"actor": cpu["actor_us"]["each"], "replica": [in_replica] * len(serving["pushes_per_record"]),
+             "transport": [(push["pusher"] + push["daemons"]) * n for n in serving["pushes_per_record"]]}  # fmt: skip
+    totals = [sum(values) for values in zip(*parts.values(), strict=True)]
+    shares = [t / s for t, s in zip(totals, cpu["serving_us"]["each"], strict=True)]
+    return {f"{k}_us": _mean_ci(v) for k, v in parts.items()} | {"monitor_us": _mean_ci(totals),
+                                                                  "share": _mean_ci(shares)}  # fmt: skip
 
 
 def _free_port() -> int:
@@ -387,20 +502,36 @@ def serving_table(res: dict[str, Any], console: Console) -> None:
     for col in ("cell", "p50 ms", "p99 ms", "QPS"):
         table.add_column(col, justify="right")
     for c in (1, 32):
-        for state in ("off", "on"):
-            row = res[f"monitoring {state}, c={c}"]
-            table.add_row(
-                f"monitoring {state}, c={c}", f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}", f"{row['qps']:.0f}"
-            )
-        cost = res[f"cost c={c}"]
-        low, high = cost["qps_ci90"]
-        table.add_row(f"cost at c={c} (target <= 3%)", f"{cost['p50']:+.1%}", f"{cost['p99']:+.1%}",
-                      f"{cost['qps']:+.1%} [{low:+.1%}, {high:+.1%}]")  # fmt: skip
+        for cell in CELLS.values():
+            row = res[f"{cell}, c={c}"]
+            table.add_row(f"{cell}, c={c}", f"{row['p50_ms']:.2f}", f"{row['p99_ms']:.2f}", f"{row['qps']:.0f}")
+        for key, label in (("cost", "cost of monitoring (target <= 3%)"), ("a/a", "off vs its twin (noise)")):
+            cost = res[f"{key} c={c}"]
+            low, high = cost["qps_ci90"]
+            table.add_row(f"{label}, c={c}", f"{cost['p50']:+.1%}", f"{cost['p99']:+.1%}",
+                          f"{cost['qps']:+.1%} [{low:+.1%}, {high:+.1%}]")  # fmt: skip
     table.caption = (
         f"costs: mean over repeats [90% interval]; records counted by the monitor: {res['records_monitored']}; proxy:"
         f" {res['proxy']}; batching on (the default: up to 16 requests, 5 ms wait), so the c=1 latency includes the"
         " batch wait"
     )
+    console.print(table)
+    cpu = res["cpu c=32"]
+    table = Table(title="CPU per request at c=32, us: mean over repeats [90% interval]")
+    table.add_column("part")
+    table.add_column("us / request", justify="right")
+    rows = {"serving, monitoring off (machine less load generator)": cpu["serving_us"],
+            "monitor actor idle, during off runs (Ray's cost of any idle actor)": cpu["idle_actor_us"]}  # fmt: skip
+    if acc := res.get("accounted c=32"):
+        rows |= {"monitoring: the monitor actor, during on runs": acc["actor_us"],
+                 "monitoring: in the replica (embed, queue, count, pickle; offline)": acc["replica_us"],
+                 "monitoring: push transport (replica + Ray's daemons)": acc["transport_us"],
+                 "monitoring in all": acc["monitor_us"]}  # fmt: skip
+        share = acc["share"]
+        table.caption = (f"monitoring's share of serving's CPU: {share['mean']:.2%} [{share['ci90'][0]:.2%}, "
+                         f"{share['ci90'][1]:.2%}] (target <= 3%)")  # fmt: skip
+    for name, part in rows.items():
+        table.add_row(name, f"{part['mean']:.1f} [{part['ci90'][0]:.1f}, {part['ci90'][1]:.1f}]")
     console.print(table)
 
 
@@ -465,6 +596,8 @@ def main() -> None:
         run, _ = SECTIONS[name]
         replica = name == "replica"
         result[name] = bench_replica(args.repeats, console, args.run_dir) if replica else run(args.repeats, console)
+    if {"replica", "serving"} <= result.keys():
+        result["serving"]["accounted c=32"] = accounted_cost(result["serving"], result["replica"])
     for name in args.sections:
         SECTIONS[name][1](result[name], console)
     result["loadavg_after"] = os.getloadavg()
