@@ -34,7 +34,7 @@ test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
 
 # Every benchmark, each side by side with its baseline; results (JSON, and tables for the steward bench jobs) land
-# in benchmarks/results/. ~38 minutes on 2 quiet cores; benchmarks/README.md has the latest numbers. train_overhead
+# in benchmarks/results/. ~40 minutes on 2 quiet cores; benchmarks/README.md has the latest numbers. train_overhead
 # runs its judged cells only: ZeRO-3, and memory per worker against the ZeRO formula, come from bench-zero.
 bench: setup
 	$(BIN)/steward bench jobs/bench-zero.yaml --set output_dir=benchmarks/runs
