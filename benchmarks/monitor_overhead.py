@@ -351,7 +351,7 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
                         before = _cpu_seconds(procs)
                         run = generate(f"{url}/predict", bodies, LoadSpec(concurrency=[c], seconds=seconds))[0]
                         after = _cpu_seconds(procs)
-                        run["cpu_us"] = {k: (after[k] - before[k]) / run["requests"] * 1e6 for k in after}
+                        run["cpu_us"] = {role: (after[role] - before[role]) / run["requests"] * 1e6 for role in after}
                         runs[f"{cell}, c={c}"][r].append(run)
                 seen = requests.get(f"{urls[CELLS['on']]}/monitor", timeout=30).json()
             pushes.append((seen["pushes"] - before_c["pushes"]) / (seen["records"] - before_c["records"]))
