@@ -13,11 +13,12 @@ leave judging at twice the actor's CPU. `make bench` sets it; the JSON records w
 2. window: the cost of adding one record to a `WindowState`, for growing records (prediction + group; + 64 feature
    histograms; + a 32-d embedding reservoir; + a request id and its late label), and per record in batches of 64.
 3. replica: per request of one instance, offline (no Ray), the CPU time monitoring adds in the replica and the
-   actor: the quickstart CNN's forward pass without and with the embedding tap (alternating call by call),
-   queueing a request's outputs, counting a push's worth of queued requests into a `WindowState`, pickling the
-   push, and in the actor merging the pushed deltas into windows (max_pending predictions waiting for labels),
-   saving its state, and judging each closed window (`checks.window_report`). `--run-dir` reuses a trained
-   quickstart run (else one is trained, ~30 s).
+   actor: the quickstart CNN's forward pass without and with the embedding tap (alternating pass by pass), in
+   passes of the sizes Serve formed at c=32 in the serving section (the tap costs once a pass, not once a
+   request; without the serving section, passes of one request), queueing a request's outputs, counting a push's
+   worth of queued requests into a `WindowState`, pickling the push, and in the actor merging the pushed deltas
+   into windows (max_pending predictions waiting for labels), saving its state, and judging each closed window
+   (`checks.window_report`). `--run-dir` reuses a trained quickstart run (else one is trained, ~30 s).
 4. serving: the quickstart CNN on Ray Serve with a monitor section (drift + bias) against the same run without
    one, and against a second unmonitored twin: p50 / p99 latency and QPS at concurrency 1 and 32, one instance
    (with a group attribute) per request. Each repeat deploys all three afresh and rotates short runs (off, twin,
@@ -27,6 +28,7 @@ leave judging at twice the actor's CPU. `make bench` sets it; the JSON records w
    monitoring's CPU per request at c=32 process by process (psutil): the monitor actor's, measured live; the
    replica's, offline (section 3); a push's transport through Ray, measured apart; as a share of what serving
    alone costs the machine. On saturated cores that share is the first-order QPS cost, without the noise.
+   With both sections, serving runs first: the replica section replays the batch sizes it saw.
 Writes benchmarks/results/monitor_overhead.json and prints the tables.
 """
 
@@ -181,48 +183,72 @@ def _cpu_us(fn: Callable[[], Any], calls: int, per: int = 1) -> float:
     return (time.process_time() - t0) / (calls * per) * 1e6
 
 
-def bench_replica(repeats: int, console: Console, run_dir: Path | None = None, requests: int = 4000) -> dict[str, Any]:
+class Push:
+    """A lone replica's push under load: a count window of one-instance requests of the quickstart (a group
+    attribute and a request id each), queued and counted as a monitored replica does."""
+
+    def __init__(self, spec: Any, run_dir: Path) -> None:
+        from steward.monitor.actor import reference_for
+        from steward.serve.model import load_served_model
+
+        sys.path.insert(0, str(ROOT))
+        from tests.serving import validation_inputs
+
+        self.served, ref = load_served_model(spec, run_dir), reference_for(run_dir)
+        assert ref is not None and spec.monitor is not None
+        self.bins, window = ref.bins(), spec.monitor.window
+        self.size = int(window.step or window.size)  # a lone replica under load pushes once a count window
+        self.prepared = [self.served.prepare([x]) for x in validation_inputs(spec, 64)]
+        self.outputs = [self.served.run([self.prepared[i % 64]], True)[0] for i in range(self.size)]
+        self.attributes = [{"group": ["ab"[i % 2]]} for i in range(self.size)]
+        self.ids = [[f"{i:032x}"] for i in range(self.size)]
+
+    def queue(self) -> Any:
+        from steward.serve.monitoring import RecordQueue
+
+        queue = RecordQueue(self.served, self.bins, "group")
+        for output, attributes, ids in zip(self.outputs, self.attributes, self.ids, strict=True):
+            queue.append(output, attributes, ids)
+        return queue
+
+    def count(self) -> WindowState:
+        from steward.monitor.checks import live_state
+
+        state = live_state(self.bins)
+        self.queue().count_into(state)
+        return state
+
+
+def bench_replica(
+    repeats: int,
+    console: Console,
+    run_dir: Path | None = None,
+    batch_sizes: dict[str, int] | None = None,
+    requests: int = 4000,
+) -> dict[str, Any]:
+    """`batch_sizes`: forward passes per batch size (requests a pass) as Serve formed them; default all single."""
     import torch
 
     from steward.monitor.actor import reference_for
-    from steward.monitor.checks import window_report
+    from steward.monitor.checks import live_state, window_report
     from steward.monitor.windows import Windows
     from steward.serve.model import load_served_model
-    from steward.serve.monitoring import RecordQueue
 
     spec, run_dir = _quickstart_run(run_dir)
     torch.set_num_threads(1)  # as a replica runs it (serve.torch_threads)
     # two copies of the model: a monitored replica's (embeds every request) and an unmonitored one's
-    served, plain = load_served_model(spec, run_dir), load_served_model(spec, run_dir)
+    plain = load_served_model(spec, run_dir)
     ref = reference_for(run_dir)
     assert ref is not None and spec.monitor is not None
     bins, cfg = ref.bins(), spec.monitor
-    sys.path.insert(0, str(ROOT))
-    from tests.serving import validation_inputs
-
-    prepared = [served.prepare([x]) for x in validation_inputs(spec, 64)]
-    push = int(cfg.window.step or cfg.window.size)  # a lone replica under load pushes once a count window
-    outputs = [served.run([prepared[i % 64]], True)[0] for i in range(push)]
-    attributes = [{"group": ["ab"[i % 2]]} for i in range(push)]
-    ids = [[f"{i:032x}"] for i in range(push)]
-
-    def queue_push() -> RecordQueue:
-        queue = RecordQueue(served, bins, "group")
-        for i in range(push):
-            queue.append(outputs[i], attributes[i], ids[i])
-        return queue
-
-    def count_push() -> WindowState:
-        state = WindowState(bins)
-        queue_push().count_into(state)
-        return state
-
-    deltas = [count_push() for _ in range(requests // push)]
+    push = Push(spec, run_dir)
+    served, prepared = push.served, push.prepared
+    deltas = [push.count() for _ in range(requests // push.size)]
 
     def merge_all() -> Windows:
         """The deltas merged into windows as the actor does, in its steady state without late labels: the open pane
         holds max_pending predictions still waiting for a label."""
-        windows = Windows(lambda: WindowState(bins), cfg.window.size, cfg.window.step, cfg.window.by)
+        windows = Windows(lambda: live_state(bins), cfg.window.size, cfg.window.step, cfg.window.by)
         windows.pane.pending_predictions = {f"old{i}": ("a", "0") for i in range(windows.pane.max_pending)}
         t0 = time.process_time()
         for delta in deltas:
@@ -240,7 +266,7 @@ def bench_replica(repeats: int, console: Console, run_dir: Path | None = None, r
 
     merged: list[float] = []
     closed: list[WindowState] = []
-    windows = Windows(lambda: WindowState(bins), cfg.window.size, cfg.window.step, cfg.window.by)
+    windows = Windows(lambda: live_state(bins), cfg.window.size, cfg.window.step, cfg.window.by)
     for delta in deltas:
         closed += windows.add_state(delta, t=1.0)
     records_judged = int(cfg.window.size) * len(closed)
@@ -249,27 +275,31 @@ def bench_replica(repeats: int, console: Console, run_dir: Path | None = None, r
         return [window_report(w, ref, cfg, i) for i, w in enumerate(closed)]
 
     forward: dict[str, list[float]] = {"off": [], "on": []}
+    passes = _replayed_passes(batch_sizes or {"1": 1}, requests)
 
     def forward_pairs() -> float:
-        """Unmonitored and monitored forward passes alternating call by call, each side's CPU summed: they differ
-        by a few us out of ~100, and load from other processes changes faster than a block of calls lasts."""
+        """Unmonitored and monitored forward passes alternating pass by pass, each side's CPU summed per request:
+        they differ by a few us out of ~100, and load from other processes changes faster than a block lasts."""
         spent = {"off": 0.0, "on": 0.0}
-        calls = {"off": lambda x: plain.run([x], False), "on": lambda x: served.run([x], True)}
-        for i in range(requests):
+        calls = {"off": lambda xs: plain.run(xs, False), "on": lambda xs: served.run(xs, True)}
+        for i, size in enumerate(passes):
+            batch = [prepared[(i + j) % 64] for j in range(size)]
             for side in ("off", "on") if i % 2 else ("on", "off"):  # the second of a pair runs on warmer caches
                 t0 = time.process_time()
-                calls[side](prepared[i % 64])
+                calls[side](batch)
                 spent[side] += time.process_time() - t0
         for side, total in spent.items():
-            forward[side].append(total / requests * 1e6)
+            forward[side].append(total / sum(passes) * 1e6)
         return forward["off"][-1]
 
     cases: dict[str, Callable[[], float]] = {
         "forward, unmonitored model": forward_pairs,
         "forward, monitored (embed)": lambda: forward["on"][-1],
-        "queue (record)": lambda: _cpu_us(queue_push, requests // push, push),
-        "queue + count (push)": lambda: _cpu_us(count_push, requests // push, push),
-        "push: pickle + unpickle the delta": lambda: _cpu_us(lambda: pickle.loads(pickle.dumps(deltas[0])), 50, push),
+        "queue (record)": lambda: _cpu_us(push.queue, requests // push.size, push.size),
+        "queue + count (push)": lambda: _cpu_us(push.count, requests // push.size, push.size),
+        "push: pickle + unpickle the delta": lambda: _cpu_us(
+            lambda: pickle.loads(pickle.dumps(deltas[0])), 50, push.size
+        ),
         "actor: merge deltas": lambda: (merge_all(), merged[-1] / requests * 1e6)[1],
         "actor: save the state (5 s at 1,500/s)": save_state,
         "actor: judge windows": lambda: _cpu_us(judge, 1, records_judged),
@@ -292,14 +322,23 @@ def bench_replica(repeats: int, console: Console, run_dir: Path | None = None, r
     out["actor total"] = {"us_per_request": statistics.median(actor), "min_us": min(actor)}
     # Ray sends a call's arguments inline up to 100 KB; a larger push goes through the object store
     out["push_bytes"], out["run_dir"] = len(pickle.dumps(deltas[0])), str(run_dir)
+    out["requests_per_pass"] = sum(passes) / len(passes)
     return out
+
+
+def _replayed_passes(batch_sizes: dict[str, int], requests: int) -> list[int]:
+    """Forward-pass sizes in the proportions of `batch_sizes` (passes per size), about `requests` requests in all,
+    shuffled so that no size meets only one phase of the machine's load."""
+    scale = requests / (_per_pass(batch_sizes) * sum(batch_sizes.values()))
+    passes = [int(size) for size, count in batch_sizes.items() for _ in range(max(1, round(count * scale)))]
+    np.random.default_rng(0).shuffle(passes)
+    return passes
 
 
 PAIRS = 4  # rounds of off/twin/on runs per repeat and concurrency: the machine's speed swings from one run to the next
 # Cells of the serving section. The twin is a second unmonitored deployment measured exactly like the first: its
 # "cost" (an A/A comparison) shows how much of a measured QPS difference this machine's noise alone produces.
 CELLS = {"off": "monitoring off", "twin": "monitoring off (A/A twin)", "on": "monitoring on"}
-PUSH_BYTES = 300_000  # a quickstart push pickles to ~280 KB (the replica section's push_bytes)
 
 
 def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[str, Any]:
@@ -317,6 +356,7 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
     from steward.spec.serve import ServeSpec
 
     spec, run_dir = trained_run(Path(tempfile.mkdtemp(prefix="steward-monitor-bench-")), "quickstart.yaml", epochs=2)
+    delta = Push(*_quickstart_run(run_dir)).count()
     bodies = [
         {"instances": [x], "attributes": {"group": ["ab"[i % 2]]}} for i, x in enumerate(validation_inputs(spec, 64))
     ]
@@ -329,8 +369,9 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
     serve.start(http_options={"host": "127.0.0.1", "port": (port := _free_port())})
     runs: dict[str, list[list[dict]]] = {f"{cell}, c={c}": [] for cell in CELLS.values() for c in (1, 32)}
     pushes: list[float] = []  # the monitor's pushes per record at c=32, each repeat
+    batches: dict[str, int] = {}  # the monitored replica's forward passes per batch size at c=32, all repeats
     try:
-        transport = _push_transport_us()
+        transport = _push_transport_us(delta)
         for r in range(repeats):
             # Fresh replicas every repeat: the same code's replica was seen to spend ~40 us (~9%) more CPU a request
             # in one session than in another, all session long, which runs of the same processes never average.
@@ -339,12 +380,13 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
                 cfg = ServeSpec(route_prefix=f"/{app}", name=app, num_replicas=1, num_cpus=0.5)
                 watch = monitor if app == "on" else None
                 urls[cell] = deploy(spec.model_copy(update={"serve": cfg, "monitor": watch}), run_dir, port=port).url
-            seen = requests.get(f"{urls[CELLS['on']]}/monitor", timeout=30).json()  # the actor is up once it answers
+            requests.get(f"{urls[CELLS['on']]}/monitor", timeout=30).raise_for_status()  # the actor is up
+            seen = _steady_state(spec.model_copy(update={"monitor": monitor}), run_dir, urls[CELLS["on"]])
             procs = {app: _process(f"ray::ServeReplica:{app}:") for app in CELLS} | {"actor": _process("ray::Monitor")}
             for key in runs:
                 runs[key].append([])
             for c in (1, 32):
-                before_c = seen
+                before_c, sizes = seen, _batch_sizes(urls[CELLS["on"]])
                 for k in range(PAIRS):
                     # forward, then backward: whatever the later runs of a round meet falls on off and on alike
                     for cell, url in list(urls.items())[:: 1 if (r + k) % 2 else -1]:
@@ -355,6 +397,8 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
                         runs[f"{cell}, c={c}"][r].append(run)
                 seen = requests.get(f"{urls[CELLS['on']]}/monitor", timeout=30).json()
             pushes.append((seen["pushes"] - before_c["pushes"]) / (seen["records"] - before_c["records"]))
+            for size, count in _batch_sizes(urls[CELLS["on"]]).items():
+                batches[size] = batches.get(size, 0) + count - sizes.get(size, 0)
             console.print(f"serving repeat {r + 1}/{repeats} done")
             for app in CELLS:  # a deleted app takes ~30 s to drain: all at once
                 serve.delete(app, _blocking=False)
@@ -368,13 +412,41 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
         for cell, reps in runs.items()
     }
     out |= {"records_monitored": seen["records"], "proxy": proxy, "runs_per_repeat": PAIRS}
-    out |= {"push_transport_us": transport, "pushes_per_record": pushes}
+    out |= {"push_transport_us": transport, "push_bytes": len(pickle.dumps(delta)), "pushes_per_record": pushes,
+            "batch_sizes c=32": batches}  # fmt: skip
     for c in (1, 32):
         off, twin, on = (runs[f"{cell}, c={c}"] for cell in CELLS.values())
         out[f"cost c={c}"] = _costs(off, on)
         out[f"a/a c={c}"] = _costs(off, twin)
     out["cpu c=32"] = _cpu_costs(runs["monitoring off, c=32"], runs["monitoring on, c=32"])
     return out
+
+
+def _steady_state(spec: Any, run_dir: Path, url: str) -> dict[str, Any]:
+    """Bring the "on" app's monitor to the steady state of a deployment that has served more than max_pending
+    records and got no labels: max_pending predictions wait for one, and every save writes them (~65 ms). A fresh
+    monitor holds only the records of this run, so its saves would cost a fraction of that. Returns the monitor's
+    report once the filler is no longer counted as a replica pushing (three push intervals)."""
+    import ray
+    import requests
+
+    from steward.monitor.actor import NAMESPACE, actor_name, reference_for
+
+    ref = reference_for(run_dir)
+    assert ref is not None and spec.monitor is not None
+    filler = WindowState(ref.bins())
+    filler.pending_predictions = {f"steady{i:026d}": ("a", "0") for i in range(filler.max_pending)}
+    monitor = ray.get_actor(actor_name("on", run_dir), namespace=NAMESPACE)
+    ray.get(monitor.push.remote(filler, "steady-state filler"))
+    time.sleep(3 * spec.monitor.push_interval_s)
+    return requests.get(f"{url}/monitor", timeout=30).json()
+
+
+def _batch_sizes(url: str) -> dict[str, int]:
+    """The replica's forward passes so far, per requests a pass (its /info)."""
+    import requests
+
+    return requests.get(f"{url}/info", timeout=30).json()["replica"]["batch_sizes"]
 
 
 def _process(title: str, timeout: float = 60.0) -> Any:
@@ -401,10 +473,11 @@ def _cpu_seconds(procs: dict[str, Any]) -> dict[str, float]:
                     "client": sum(psutil.Process().cpu_times()[:2])}  # fmt: skip
 
 
-def _push_transport_us(pushes: int = 300) -> dict[str, float]:
-    """CPU us a push of PUSH_BYTES costs Ray's transport: in the pushing process (a replica) and in Ray's daemons
-    (the raylet's object store: a push over 100 KB is not sent inline); the receiving actor's side is in the
-    monitor actor's measured CPU. The daemons' idle CPU over as long a quiet spell is subtracted."""
+def _push_transport_us(delta: WindowState, pushes: int = 300) -> dict[str, float]:
+    """CPU us a push of `delta` costs Ray's transport: in the pushing process (a replica) and in Ray's daemons
+    (the raylet's object store, for a push over Ray's 100 KB limit for arguments sent inline); the receiving
+    actor's side is in the monitor actor's measured CPU. The daemons' idle CPU over as long a quiet spell is
+    subtracted."""
     import psutil
     import ray
 
@@ -413,8 +486,8 @@ def _push_transport_us(pushes: int = 300) -> dict[str, float]:
         def push(self, state: Any, replica: str) -> int:
             return os.getpid()
 
-    sink, payload = Sink.remote(), np.zeros(PUSH_BYTES // 8)  # type: ignore[attr-defined]
-    skip = {os.getpid(), ray.get(sink.push.remote(payload, "replica"))}
+    sink = Sink.remote()  # type: ignore[attr-defined]
+    skip = {os.getpid(), ray.get(sink.push.remote(delta, "replica"))}
 
     def daemons() -> float:
         total = 0.0
@@ -429,7 +502,7 @@ def _push_transport_us(pushes: int = 300) -> dict[str, float]:
     idle_rate = (daemons() - d0) / (time.perf_counter() - t0)
     d0, t0, c0 = daemons(), time.perf_counter(), time.process_time()
     for _ in range(pushes):
-        ray.get(sink.push.remote(payload, "replica"))
+        ray.get(sink.push.remote(delta, "replica"))
     pusher = (time.process_time() - c0) / pushes * 1e6
     spent = daemons() - d0 - idle_rate * (time.perf_counter() - t0)
     ray.kill(sink)
@@ -521,7 +594,7 @@ def serving_table(res: dict[str, Any], console: Console) -> None:
     table.caption = (
         f"costs: mean over repeats [90% interval]; records counted by the monitor: {res['records_monitored']}; proxy:"
         f" {res['proxy']}; batching on (the default: up to 16 requests, 5 ms wait), so the c=1 latency includes the"
-        " batch wait"
+        f" batch wait; {_per_pass(res['batch_sizes c=32']):.1f} requests a forward pass at c=32"
     )
     console.print(table)
     cpu = res["cpu c=32"]
@@ -543,6 +616,10 @@ def serving_table(res: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
+def _per_pass(batch_sizes: dict[str, int]) -> float:
+    return sum(int(size) * n for size, n in batch_sizes.items()) / max(sum(batch_sizes.values()), 1)
+
+
 def mmd_table(res: dict[str, Any], console: Console) -> None:
     table = Table(title=f"mmd_test, {res['n_per_side']}/side, d={res['dim']}, {res['permutations']} permutations")
     for col in ("implementation", "median s", "vs target 0.5 s", "statistic", "p"):
@@ -562,7 +639,8 @@ def replica_table(res: dict[str, Any], console: Console) -> None:
     rows = {name: row for name, row in res.items() if isinstance(row, dict)}
     caption = (f"replica total = embed + queue + count (target <= 15 us); actor total = merge + judge + save, on the "
                f"same cores; one push pickles to {res['push_bytes'] / 1000:.0f} KB")  # fmt: skip
-    title = "Monitoring CPU per request of one instance, offline: quickstart CNN, 1 torch thread"
+    title = (f"Monitoring CPU per request of one instance, offline: quickstart CNN, 1 torch thread, "
+             f"{res['requests_per_pass']:.1f} requests a forward pass")  # fmt: skip
     console.print(_cost_table(title, "step", "us_per_request", rows, caption))
 
 
@@ -600,10 +678,13 @@ def main() -> None:
     # the machine is shared: record its load so numbers can be read against it
     result: dict[str, Any] = {"repeats": args.repeats, "loadavg_before": os.getloadavg(), "cpus": os.cpu_count(),
                               "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "numpy's default")}  # fmt: skip
-    for name in args.sections:
-        run, _ = SECTIONS[name]
-        replica = name == "replica"
-        result[name] = bench_replica(args.repeats, console, args.run_dir) if replica else run(args.repeats, console)
+    # serving before replica: the replica section replays the batch sizes serving formed at c=32
+    for name in sorted(args.sections, key=lambda name: name == "replica"):
+        if name == "replica":
+            sizes = result.get("serving", {}).get("batch_sizes c=32")
+            result[name] = bench_replica(args.repeats, console, args.run_dir, sizes)
+        else:
+            result[name] = SECTIONS[name][0](args.repeats, console)
     if {"replica", "serving"} <= result.keys():
         result["serving"]["accounted c=32"] = accounted_cost(result["serving"], result["replica"])
     for name in args.sections:

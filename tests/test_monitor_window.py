@@ -11,8 +11,9 @@ from scipy import stats
 
 from steward.monitor import bias
 from steward.monitor.bins import Bins
+from steward.monitor.checks import MMD_POINTS, live_state
 from steward.monitor.drift import bin_counts, quantile_edges
-from steward.monitor.reservoir import Reservoir
+from steward.monitor.reservoir import Reservoir, SampleSpec
 from steward.monitor.window import WindowState
 from steward.monitor.windows import Windows
 
@@ -232,6 +233,55 @@ def test_reservoir_is_uniform_within_and_across_merges():
         merged.append(m)
     assert all(m.seen == 60 and len(m.sample) == cap for m in merged)
     assert inclusion_pvalue(merged, 60) > 1e-3
+
+
+def test_merging_a_larger_reservoir_gives_a_uniform_sample_at_the_smaller_capacity():
+    """A state saved before live windows kept fewer embeddings (1000 rows) meets the new replicas' (200)."""
+    trials = 2000
+    merged = []
+    for s in range(trials):
+        big, small = stream(25, range(30), s), stream(10, range(30, 50), s + 10**6)
+        m = big.merge(small) if s % 2 else small.merge(big)  # either side may be the larger
+        for i in range(50, 60):
+            m.add([i])
+        merged.append(m)
+    assert all(m.capacity == 10 and m.seen == 60 and len(m.sample) == 10 for m in merged)
+    assert inclusion_pvalue(merged, 60) > 1e-3
+    with pytest.raises(ValueError, match="3 and 2 dimensions"):
+        Reservoir(5, 3).merge(Reservoir(5, 2))
+
+
+def test_float16_reservoir_keeps_its_dtype_through_pickle_json_merge_and_copy():
+    rows = np.random.default_rng(0).normal(size=(30, 4))
+    r = Reservoir(20, 4, seed=0, dtype="float16")
+    r.add_batch(rows)
+    assert r.sample.dtype == np.float16 and np.allclose(r.sample, np.float16(r.sample).astype(float))
+    assert np.abs(r.sample[:1].astype(float) - rows[:1]).max() < 2e-3 * np.abs(rows[:1]).max()  # the first row stays
+    for back in (pickle.loads(pickle.dumps(r)), Reservoir.from_dict(json.loads(json.dumps(r.to_dict()))), r.copy()):
+        assert back.sample.dtype == np.float16 and (back.sample == r.sample).all() and back.seen == 30
+    assert r.merge(Reservoir(20, 4)).sample.dtype == np.float16
+    r32 = Reservoir(20, 4, seed=0)
+    r32.add_batch(rows)
+    assert len(pickle.dumps(r32)) - len(pickle.dumps(r)) >= 20 * 4 * 2 - 16  # two bytes a value on the wire, not four
+
+
+def test_live_states_keep_the_embeddings_mmd_judges_and_a_push_travels_inline():
+    """A replica's push of a count window of 500 quickstart records (128-d embeddings, a request id each) must stay
+    under Ray's 100 KB limit for arguments sent with the call: above it, a push goes through the object store at
+    ~2.6x the CPU. The window keeps MMD_POINTS embeddings, as float16; feature samples keep their default."""
+    rng, bins = np.random.default_rng(0), make_bins()
+    state = live_state(bins)
+    ids = [f"{i:032x}" for i in rng.integers(0, 2**62, 500)]
+    state.add_batch(rng.integers(0, 10, 500), rng.choice(["a", "b"], 500), rng.normal(size=(500, N_FEATURES)),
+                    {"embedding": rng.normal(size=(500, 128))}, t=1.0, request_ids=ids)  # fmt: skip
+    emb = state.reservoirs["embedding"]
+    assert (emb.capacity, emb.sample.shape, emb.sample.dtype) == (MMD_POINTS, (MMD_POINTS, 128), np.float16)
+    assert len(pickle.dumps(state)) < 100 * 1024
+    state.add_batch([1], ["a"], samples={"features": [[0.0, 1.0]]}, t=2.0)
+    assert state.reservoirs["features"].capacity == 1000  # what is not listed keeps reservoir_capacity
+    # how it keeps its samples survives a copy, the next pane and a save
+    for other in (state.copy(), state.take_pending(), WindowState.from_dict(json.loads(json.dumps(state.to_dict())))):
+        assert other.samples == {"embedding": SampleSpec(MMD_POINTS, "float16")}
 
 
 @pytest.mark.parametrize("sizes", [[7, 30, 13], [60], [3, 4, 5]])  # crossing capacity 10 mid-batch, or never

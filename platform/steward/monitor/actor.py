@@ -23,7 +23,7 @@ import ray
 
 from steward.govern import audit
 from steward.monitor.bins import Bins
-from steward.monitor.checks import AlertTracker, window_report
+from steward.monitor.checks import AlertTracker, live_state, window_report
 from steward.monitor.reference import ReferenceProfile, load_reference
 from steward.monitor.window import WindowState
 from steward.monitor.windows import Windows
@@ -115,7 +115,7 @@ class Monitor:
         self.ref = reference_for(run_dir)
         bins = self.ref.bins() if self.ref else Bins()
         window = self.cfg.window
-        self.windows = Windows(lambda: WindowState(bins), window.size, window.step, window.by)
+        self.windows = Windows(lambda: live_state(bins), window.size, window.step, window.by)
         self.history: deque[dict] = deque(maxlen=self.cfg.history)
         self.alerts = AlertTracker(self.cfg.alerts.consecutive_windows)
         self.records, self.pushes, self.saved_at = 0, 0, time.monotonic()
@@ -233,7 +233,7 @@ class Monitor:
         while True:
             await asyncio.sleep(min(self.cfg.push_interval_s, self.cfg.persist_interval_s))
             if self.cfg.window.by == "time":
-                await self._judge(self.windows.add_state(WindowState(self.windows.pane.bins)))
+                await self._judge(self.windows.add_state(live_state(self.windows.pane.bins)))
             if self.dirty and time.monotonic() - self.saved_at >= self.cfg.persist_interval_s:
                 await self.persist()
 

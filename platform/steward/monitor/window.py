@@ -18,14 +18,14 @@ from __future__ import annotations
 import time
 import zlib
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from steward.monitor.bias import GroupCounts
 from steward.monitor.bins import Bins
-from steward.monitor.reservoir import Reservoir
+from steward.monitor.reservoir import Reservoir, SampleSpec
 
 
 def _plain(value: Any) -> Any:
@@ -48,11 +48,14 @@ class WindowState:
         reservoir_capacity: int = 1000,
         max_pending: int = 100_000,
         seed: int | None = None,
+        samples: Mapping[str, SampleSpec] | None = None,
     ) -> None:
-        """`seed` makes the reservoirs' choices reproducible (tests); leave it None in replicas so their choices are
-        independent."""
+        """`samples` sets the capacity and dtype of named reservoirs (the others keep `reservoir_capacity` float32
+        rows); `seed` makes the reservoirs' choices reproducible (tests); leave it None in replicas so their choices
+        are independent."""
         self.bins = bins or Bins()
         self.reservoir_capacity, self.max_pending, self.seed = reservoir_capacity, max_pending, seed
+        self.samples = dict(samples or {})
         self.n, self.evicted = 0, 0
         self.start: float | None = None
         self.end: float | None = None
@@ -164,7 +167,8 @@ class WindowState:
         if name not in self.reservoirs:
             # crc32, not hash(): str hashes differ between processes
             seed = None if self.seed is None else self.seed * 2**32 + zlib.crc32(name.encode())
-            self.reservoirs[name] = Reservoir(self.reservoir_capacity, dim, seed=seed)
+            spec = self.samples.get(name, SampleSpec(self.reservoir_capacity))
+            self.reservoirs[name] = Reservoir(spec.capacity, dim, seed=seed, dtype=spec.dtype)
         return self.reservoirs[name]
 
     def _pend(self, pending: dict[Hashable, Any], key: Hashable, value: Any) -> None:
@@ -190,7 +194,7 @@ class WindowState:
         return self.copy().update(other)
 
     def copy(self) -> WindowState:
-        out = WindowState(self.bins, self.reservoir_capacity, self.max_pending, self.seed)
+        out = self._empty()
         out.n, out.evicted, out.start, out.end = self.n, self.evicted, self.start, self.end
         out.predicted, out.confusion = dict(self.predicted), dict(self.confusion)
         out.histograms = self.histograms.copy()
@@ -230,10 +234,14 @@ class WindowState:
 
     def take_pending(self) -> WindowState:
         """Move the unmatched predictions and labels into a fresh state (the next pane); this one keeps none."""
-        nxt = WindowState(self.bins, self.reservoir_capacity, self.max_pending, self.seed)
+        nxt = self._empty()
         nxt.pending_predictions, self.pending_predictions = self.pending_predictions, {}
         nxt.pending_labels, self.pending_labels = self.pending_labels, {}
         return nxt
+
+    def _empty(self) -> WindowState:
+        """A state with no records, kept as this one keeps them."""
+        return WindowState(self.bins, self.reservoir_capacity, self.max_pending, self.seed, self.samples)
 
     def group_counts(self, positive: Any = 1) -> dict[Hashable, GroupCounts]:
         """Per-group counts one-vs-rest for `positive`, ready for `bias.*_from_counts`."""
@@ -272,6 +280,7 @@ class WindowState:
             "evicted": self.evicted,
             "reservoir_capacity": self.reservoir_capacity,
             "max_pending": self.max_pending,
+            "samples": {name: [spec.capacity, spec.dtype] for name, spec in self.samples.items()},
             "bins": self.bins.to_dict(),
             "predicted": [[g, p, c] for (g, p), c in self.predicted.items()],
             "confusion": [[g, y, p, c] for (g, y, p), c in self.confusion.items()],
@@ -292,7 +301,9 @@ class WindowState:
     def from_dict(cls, data: dict[str, Any]) -> WindowState:
         if data.get("version") != 1:
             raise ValueError(f"unknown window state version {data.get('version')!r}; expected 1")
-        out = cls(Bins.from_dict(data["bins"]), int(data["reservoir_capacity"]), int(data["max_pending"]))
+        samples = {name: SampleSpec(int(c), dtype) for name, (c, dtype) in data.get("samples", {}).items()}
+        capacity, max_pending = int(data["reservoir_capacity"]), int(data["max_pending"])
+        out = cls(Bins.from_dict(data["bins"]), capacity, max_pending, samples=samples)
         out.n, out.evicted, out.start, out.end = int(data["n"]), int(data["evicted"]), data["start"], data["end"]
         # JSON turns tuples into lists; keys must be hashable again
         key = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731

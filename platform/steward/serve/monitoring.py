@@ -17,6 +17,7 @@ import numpy as np
 from steward.evaluate.profile import unknown_token_id
 from steward.monitor.actor import monitor_actor, reference_for
 from steward.monitor.bins import Bins
+from steward.monitor.checks import live_state
 from steward.monitor.reference import PREDICTED_CLASS
 from steward.monitor.signals import record_signals
 from steward.monitor.window import WindowState
@@ -40,7 +41,7 @@ class ReplicaMonitor:
             raise MonitorUnavailable(problem)
         self.ref = reference_for(served.run_dir)
         self.bins = self.ref.bins() if self.ref else Bins()
-        self.state = WindowState(self.bins)
+        self.state = live_state(self.bins)
         self.queue = RecordQueue(served, self.bins, self.cfg.bias.group if self.cfg.bias else None)
         self.actor = monitor_actor(job.model_dump(mode="json"), str(served.run_dir), deployment)
         self.pusher: asyncio.Task | None = None
@@ -82,7 +83,7 @@ class ReplicaMonitor:
         self.count()
         if not (self.state.n or self.state.pending_labels):
             return
-        delta, self.state = self.state, WindowState(self.bins)
+        delta, self.state = self.state, live_state(self.bins)
         # What is left of this replica's share (or, if this push closes the window, its share of the next) until
         # the reply says: a reply waits for the windows its push closed to be judged, and one to an earlier push
         # misses the later ones.
