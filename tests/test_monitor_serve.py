@@ -282,6 +282,38 @@ def test_each_replica_is_told_its_share_of_the_open_window_less_what_it_pushed(t
     ray.kill(actor)
 
 
+def test_waiting_predictions_are_saved_apart_and_a_restarted_monitor_matches_their_late_labels(tmp_path, ports):
+    """state.json holds the statistics (every persist_interval_s); pending.json the predictions waiting for a label
+    (every pending_persist_interval_s, as rewriting 100k of them every few seconds cost more than all the rest)."""
+    import ray
+
+    from steward.monitor.actor import NAMESPACE, actor_name, monitor_actor, monitor_folder
+    from steward.monitor.bins import Bins
+    from steward.monitor.window import WindowState
+    from steward.spec import load_job
+
+    overrides = ["monitor.persist_interval_s=0.2", "monitor.pending_persist_interval_s=1.5"]
+    job = load_job(JOBS / "quickstart.yaml", [*overrides, "monitor.window.size=1000"])
+    actor = monitor_actor(job.model_dump(mode="json"), str(tmp_path), "labels")
+    folder = monitor_folder(tmp_path, "labels")
+    state = WindowState(Bins())
+    state.add_batch(["0", "1", "0"], ["a", "b", "a"], t=1.0, request_ids=["r1", "r2", "r3"])
+    ray.get(actor.push.remote(state, "replica-1"))
+    saved = wait_for(lambda: (folder / "state.json").exists() and json.loads((folder / "state.json").read_text()), 10,
+                     "the statistics saved")  # fmt: skip
+    assert saved["records"] == 3 and "pending_predictions" not in saved["windows"]["pane"]
+    assert not (folder / "pending.json").exists()  # not yet: its own, longer interval
+    pending = wait_for(lambda: (folder / "pending.json").exists() and json.loads((folder / "pending.json").read_text()),
+                       10, "the waiting predictions saved")  # fmt: skip
+    assert pending["pending_predictions"]["ids"] == ["r1", "r2", "r3"]
+    ray.kill(actor, no_restart=False)  # a crash: Ray restarts the actor, which resumes from both files
+    restarted = ray.get_actor(actor_name("labels", tmp_path), namespace=NAMESPACE)
+    assert wait_for(lambda: ray.get(restarted.report.remote())["records"] == 3, 30, "the restarted monitor")
+    assert ray.get(restarted.feedback.remote("r2", "1")) is True  # matched a prediction made before the crash
+    assert ray.get(restarted.feedback.remote("r9", "1")) is False  # nothing to match: waits for its prediction
+    ray.kill(restarted, no_restart=True)
+
+
 def test_two_serve_replicas_close_windows_near_their_size_with_a_push_each(tmp_path, ports):
     """Two real replicas under concurrent traffic: each pushes its share of the open window, so windows close near
     their size with about one push per replica, and once traffic stops every answered record is counted."""

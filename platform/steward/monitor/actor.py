@@ -2,7 +2,9 @@
 
 Replicas push the window-state deltas of the records they answered; the actor merges them into windows, judges each
 closed window (`checks.window_report`), turns failing streaks into alerts (event log, webhook, Prometheus), and
-persists everything it holds to the run folder, so a restarted actor resumes where the last save left off.
+persists everything it holds to the run folder, so a restarted actor resumes where the last save left off: the
+statistics to state.json every persist_interval_s, the predictions waiting for a late label (up to max_pending) to
+pending.json every pending_persist_interval_s (rewriting 100k of them every 5 s cost more CPU than all the rest).
 """
 
 from __future__ import annotations
@@ -118,8 +120,10 @@ class Monitor:
         self.windows = Windows(lambda: live_state(bins), window.size, window.step, window.by)
         self.history: deque[dict] = deque(maxlen=self.cfg.history)
         self.alerts = AlertTracker(self.cfg.alerts.consecutive_windows)
-        self.records, self.pushes, self.saved_at = 0, 0, time.monotonic()
-        self.dirty = False  # changed since the last save: an idle monitor does not rewrite its state
+        self.records, self.pushes = 0, 0
+        self.saved_at = self.pending_saved_at = time.monotonic()
+        # changed since the last save of the statistics / of the waiting predictions: an idle monitor writes nothing
+        self.dirty = self.pending_dirty = False
         self.pushers: dict[str, float] = {}  # replica -> when it last pushed
         self.in_pane: dict[str, int] = {}  # replica -> records it pushed into the open pane
         self.exporter = Exporter(deployment)
@@ -137,7 +141,8 @@ class Monitor:
         a Ray call, ~1 ms of CPU over both sides).
         """
         self._start_ticker()
-        self.records, self.pushes, self.dirty = self.records + state.n, self.pushes + 1, True
+        self.records, self.pushes = self.records + state.n, self.pushes + 1
+        self.dirty = self.pending_dirty = True
         if state.n:
             self.exporter.records.inc(float(state.n))
         pane = self.windows.pane
@@ -153,7 +158,7 @@ class Monitor:
     async def feedback(self, request_id: str, label: str) -> bool:
         """A late label for an earlier prediction; True when its prediction was already here and is now counted."""
         self._start_ticker()
-        self.dirty = True
+        self.dirty = self.pending_dirty = True
         return self.windows.add_feedback(request_id, label)
 
     async def report(self, recent: int = 10) -> dict:
@@ -171,34 +176,41 @@ class Monitor:
             "config": self.cfg.model_dump(mode="json"),
         }
 
-    async def persist(self) -> Path:
-        """Save the state (statistics only, never payloads) atomically; also runs every persist_interval_s."""
-        text = self._snapshot()  # on the event loop: no push changes the windows while they are copied
-        return await asyncio.to_thread(self._write, text)
+    async def persist(self, pending: bool = True) -> Path:
+        """Save the statistics (never payloads) atomically, and with `pending` the predictions waiting for a label;
+        runs every persist_interval_s (statistics) and pending_persist_interval_s (waiting predictions)."""
+        texts = self._snapshot(pending)  # on the event loop: no push changes the windows while they are copied
+        await asyncio.to_thread(self._write, texts)
+        return self.folder / "state.json"
 
     def __ray_shutdown__(self) -> None:
-        self._write(self._snapshot())  # a graceful stop (`steward serve stop`) loses nothing
+        self._write(self._snapshot(pending=True))  # a graceful stop (`steward serve stop`) loses nothing
 
     # -- inside ------------------------------------------------------------------------------------------------
-    def _snapshot(self) -> str:
+    def _snapshot(self, pending: bool) -> dict[str, str]:
+        """The texts of state.json and, with `pending`, pending.json."""
         self.saved_at, self.dirty = time.monotonic(), False
-        return json.dumps({
+        texts = {"state.json": json.dumps({
             "records": self.records,
-            "windows": self.windows.to_dict(),
+            "windows": self.windows.to_dict(pending=False),
             "history": list(self.history),
             "alerts": self.alerts.to_dict(),
             "saved": time.time(),
-        })  # fmt: skip
+        })}  # fmt: skip
+        if pending:
+            self.pending_saved_at, self.pending_dirty = self.saved_at, False
+            texts["pending.json"] = json.dumps(self.windows.pane.pending_to_dict())
+        return texts
 
-    def _write(self, text: str) -> Path:
-        path = self.folder / "state.json"
-        partial = path.with_suffix(".partial")
-        partial.write_text(text)
-        partial.replace(path)
-        return path
+    def _write(self, texts: dict[str, str]) -> None:
+        for name, text in texts.items():
+            path = self.folder / name
+            partial = path.with_suffix(".partial")
+            partial.write_text(text)
+            partial.replace(path)
 
     def _restore(self) -> None:
-        path = self.folder / "state.json"
+        path, pending = self.folder / "state.json", self.folder / "pending.json"
         if not path.exists():
             return
         doc = json.loads(path.read_text())
@@ -206,6 +218,8 @@ class Monitor:
         self.windows.restore(doc["windows"])
         self.history.extend(doc["history"])
         self.alerts.restore(doc["alerts"])
+        if pending.exists():  # else a state saved before pending.json, with them inside
+            self.windows.pane.restore_pending(json.loads(pending.read_text()))
         logger.info("monitor %s resumed from %s (%d records)", self.deployment, path, self.records)
 
     def _shares(self, replica: str) -> tuple[float, float]:
@@ -229,13 +243,17 @@ class Monitor:
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
 
     async def _tick(self) -> None:
-        """Close time windows when traffic stops, and save the state every persist_interval_s."""
+        """Close time windows when traffic stops; save the statistics every persist_interval_s and the waiting
+        predictions every pending_persist_interval_s, each only when it changed."""
+        cfg = self.cfg
         while True:
-            await asyncio.sleep(min(self.cfg.push_interval_s, self.cfg.persist_interval_s))
-            if self.cfg.window.by == "time":
+            await asyncio.sleep(min(cfg.push_interval_s, cfg.persist_interval_s, cfg.pending_persist_interval_s))
+            if cfg.window.by == "time":
                 await self._judge(self.windows.add_state(live_state(self.windows.pane.bins)))
-            if self.dirty and time.monotonic() - self.saved_at >= self.cfg.persist_interval_s:
-                await self.persist()
+            now = time.monotonic()
+            pending = self.pending_dirty and now - self.pending_saved_at >= cfg.pending_persist_interval_s
+            if pending or (self.dirty and now - self.saved_at >= cfg.persist_interval_s):
+                await self.persist(pending)
 
     async def _judge(self, closed: list[WindowState]) -> None:
         for window in closed:

@@ -270,8 +270,9 @@ class WindowState:
         i = self.bins.names.index(name)
         return self.histograms[i, : len(self.bins.numeric[name]) + 1]
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain lists and numbers (JSON-ready when groups, classes and request ids are JSON scalars)."""
+    def to_dict(self, pending: bool = True) -> dict[str, Any]:
+        """Plain lists and numbers (JSON-ready when groups, classes and request ids are JSON scalars); without the
+        predictions and labels waiting for their other half when not `pending` (`pending_to_dict` has them)."""
         return {
             "version": 1,
             "n": self.n,
@@ -287,8 +288,14 @@ class WindowState:
             "histograms": self.histograms.tolist(),
             "categorical": {k: v.tolist() for k, v in self.categorical.items()},
             "reservoirs": {k: r.to_dict() for k, r in self.reservoirs.items()},
-            # by column: a list per pending id (up to max_pending) cost ~150 ms per save in the monitor, mostly
-            # the garbage collector walking the new lists; three lists of scalars cost a few ms
+            **(self.pending_to_dict() if pending else {}),
+        }
+
+    def pending_to_dict(self) -> dict[str, Any]:
+        """The predictions and labels waiting for their other half, as plain data."""
+        # by column: a list per pending id (up to max_pending) cost ~150 ms per save in the monitor, mostly the
+        # garbage collector walking the new lists; three lists of scalars cost a few ms
+        return {
             "pending_predictions": {
                 "ids": list(self.pending_predictions),
                 "groups": [g for g, _ in self.pending_predictions.values()],
@@ -312,11 +319,17 @@ class WindowState:
         out.histograms = np.asarray(data["histograms"], dtype=np.int64).reshape(out.histograms.shape)
         out.categorical = {k: np.asarray(v, dtype=np.int64) for k, v in data["categorical"].items()}
         out.reservoirs = {k: Reservoir.from_dict(r) for k, r in data["reservoirs"].items()}
-        predictions, labels = data["pending_predictions"], data["pending_labels"]  # by column, or by row (older)
+        if "pending_predictions" in data:
+            out.restore_pending(data)
+        return out
+
+    def restore_pending(self, data: dict[str, Any]) -> None:
+        """Take the waiting predictions and labels `pending_to_dict` saved (by column, or by row: older saves)."""
+        key = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
+        predictions, labels = data["pending_predictions"], data["pending_labels"]
         if isinstance(predictions, dict):
             predictions = zip(predictions["ids"], predictions["groups"], predictions["predictions"], strict=True)
         if isinstance(labels, dict):
             labels = zip(labels["ids"], labels["labels"], strict=True)
-        out.pending_predictions = {key(rid): (key(g), key(p)) for rid, g, p in predictions}
-        out.pending_labels = {key(rid): key(y) for rid, y in labels}
-        return out
+        self.pending_predictions = {key(rid): (key(g), key(p)) for rid, g, p in predictions}
+        self.pending_labels = {key(rid): key(y) for rid, y in labels}

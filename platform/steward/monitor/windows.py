@@ -73,9 +73,11 @@ class Windows:
             out = pane.merge(out)
         return out
 
-    def to_dict(self) -> dict[str, Any]:
-        """The open pane and the closed panes still to be emitted, as plain data (for persistence)."""
-        return {"pane_id": self._pane_id, "pane": self.pane.to_dict(), "panes": [p.to_dict() for p in self._panes]}
+    def to_dict(self, pending: bool = True) -> dict[str, Any]:
+        """The open pane and the closed panes still to be emitted, as plain data (for persistence); without the
+        predictions and labels waiting for their other half (all in the open pane) when not `pending`."""
+        panes = [p.to_dict() for p in self._panes]
+        return {"pane_id": self._pane_id, "pane": self.pane.to_dict(pending), "panes": panes}
 
     def restore(self, data: dict[str, Any]) -> None:
         """Continue from what `to_dict` saved (same size, step and bins)."""

@@ -100,4 +100,12 @@ class MonitorSpec(Section):
     alerts: AlertSpec = Field(default_factory=AlertSpec, description="When a failing metric becomes an alert.")
     push_interval_s: float = Field(1.0, gt=0, le=60, description="How often each replica sends its counts.")
     persist_interval_s: float = Field(5.0, gt=0, le=3600, description="How often the monitor saves its state.")
+    pending_persist_interval_s: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="How often the monitor saves the predictions waiting for a late label (up to 100,000; a save of "
+        "that many costs ~65 ms, so apart from the statistics): after a restart, a label for a prediction made "
+        "since the last such save is not matched.",
+    )
     history: int = Field(200, ge=1, le=100_000, description="Closed windows kept (and persisted).")
