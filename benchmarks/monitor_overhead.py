@@ -196,7 +196,8 @@ class Push:
 
         self.served, ref = load_served_model(spec, run_dir), reference_for(run_dir)
         assert ref is not None and spec.monitor is not None
-        self.bins, window = ref.bins(), spec.monitor.window
+        self.ref, self.bins, self.monitor = ref, ref.bins(), spec.monitor
+        window = spec.monitor.window
         self.size = int(window.step or window.size)  # a lone replica under load pushes once a count window
         self.prepared = [self.served.prepare([x]) for x in validation_inputs(spec, 64)]
         self.outputs = [self.served.run([self.prepared[i % 64]], True)[0] for i in range(self.size)]
@@ -229,7 +230,6 @@ def bench_replica(
     """`batch_sizes`: forward passes per batch size (requests a pass) as Serve formed them; default all single."""
     import torch
 
-    from steward.monitor.actor import reference_for
     from steward.monitor.checks import live_state, window_report
     from steward.monitor.windows import Windows
     from steward.serve.model import load_served_model
@@ -237,12 +237,8 @@ def bench_replica(
     spec, run_dir = _quickstart_run(run_dir)
     torch.set_num_threads(1)  # as a replica runs it (serve.torch_threads)
     # two copies of the model: a monitored replica's (embeds every request) and an unmonitored one's
-    plain = load_served_model(spec, run_dir)
-    ref = reference_for(run_dir)
-    assert ref is not None and spec.monitor is not None
-    bins, cfg = ref.bins(), spec.monitor
-    push = Push(spec, run_dir)
-    served, prepared = push.served, push.prepared
+    push, plain = Push(spec, run_dir), load_served_model(spec, run_dir)
+    served, prepared, ref, bins, cfg = push.served, push.prepared, push.ref, push.bins, spec.monitor
     deltas = [push.count() for _ in range(requests // push.size)]
 
     def merge_all() -> Windows:
@@ -356,17 +352,14 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
     from steward.bench.load import generate
     from steward.serve.deploy import deploy, prefer_high_throughput
     from steward.spec.bench import LoadSpec
-    from steward.spec.monitor import MonitorSpec
     from steward.spec.serve import ServeSpec
 
     spec, run_dir = trained_run(Path(tempfile.mkdtemp(prefix="steward-monitor-bench-")), "quickstart.yaml", epochs=2)
-    delta = Push(*_quickstart_run(run_dir)).count()
+    push = Push(*_quickstart_run(run_dir))
+    delta, monitor = push.count(), push.monitor
     bodies = [
         {"instances": [x], "attributes": {"group": ["ab"[i % 2]]}} for i, x in enumerate(validation_inputs(spec, 64))
     ]
-    monitor = MonitorSpec.model_validate(
-        {"drift": {}, "bias": {"group": "group", "favourable": "0", "privileged": "a"}}
-    )
     # the proxy `steward serve` picks for fixed replicas (HAProxy when installed): the smallest per-request base
     proxy = "haproxy" if prefer_high_throughput(ServeSpec(num_replicas=1)) else "default"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -385,7 +378,7 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
                 watch = monitor if app == "on" else None
                 urls[cell] = deploy(spec.model_copy(update={"serve": cfg, "monitor": watch}), run_dir, port=port).url
             requests.get(f"{urls[CELLS['on']]}/monitor", timeout=30).raise_for_status()  # the actor is up
-            seen = _steady_state(spec.model_copy(update={"monitor": monitor}), run_dir, urls[CELLS["on"]])
+            seen = _steady_state(push, run_dir, urls[CELLS["on"]])
             procs = {app: _process(f"ray::ServeReplica:{app}:") for app in CELLS} | {"actor": _process("ray::Monitor")}
             for key in runs:
                 runs[key].append([])
@@ -426,7 +419,7 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
     return out
 
 
-def _steady_state(spec: Any, run_dir: Path, url: str) -> dict[str, Any]:
+def _steady_state(push: Push, run_dir: Path, url: str) -> dict[str, Any]:
     """Bring the "on" app's monitor to the steady state of a deployment that has served more than max_pending
     records and got no labels: max_pending predictions wait for one, and their saves (pending.json) cost ~65 ms
     each. A fresh monitor holds only this run's records, a fraction of that. Returns the monitor's report once the
@@ -434,15 +427,13 @@ def _steady_state(spec: Any, run_dir: Path, url: str) -> dict[str, Any]:
     import ray
     import requests
 
-    from steward.monitor.actor import NAMESPACE, actor_name, reference_for
+    from steward.monitor.actor import NAMESPACE, actor_name
 
-    ref = reference_for(run_dir)
-    assert ref is not None and spec.monitor is not None
-    filler = WindowState(ref.bins())
+    filler = WindowState(push.bins)
     filler.pending_predictions = {f"steady{i:026d}": ("a", "0") for i in range(filler.max_pending)}
     monitor = ray.get_actor(actor_name("on", run_dir), namespace=NAMESPACE)
     ray.get(monitor.push.remote(filler, "steady-state filler"))
-    time.sleep(3 * spec.monitor.push_interval_s)
+    time.sleep(3 * push.monitor.push_interval_s)
     return requests.get(f"{url}/monitor", timeout=30).json()
 
 
