@@ -16,9 +16,10 @@ leave judging at twice the actor's CPU. `make bench` sets it; the JSON records w
    actor: the quickstart CNN's forward pass without and with the embedding tap (alternating pass by pass), in
    passes of the sizes Serve formed at c=32 in the serving section (the tap costs once a pass, not once a
    request; without the serving section, passes of one request), queueing a request's outputs, counting a push's
-   worth of queued requests into a `WindowState`, pickling the push, and in the actor merging the pushed deltas
-   into windows (max_pending predictions waiting for labels), saving its state, and judging each closed window
-   (`checks.window_report`). `--run-dir` reuses a trained quickstart run (else one is trained, ~30 s).
+   worth of queued requests into a `WindowState`, pickling the push (shown apart: the serving section counts it in
+   the transport and the actor), and in the actor merging the pushed deltas into windows (max_pending predictions
+   waiting for labels), saving its state, and judging each closed window (`checks.window_report`). `--run-dir`
+   reuses a trained quickstart run (else one is trained, ~30 s).
 4. serving: the quickstart CNN on Ray Serve with a monitor section (drift + bias) against the same run without
    one, and against a second unmonitored twin: p50 / p99 latency and QPS at concurrency 1 and 32, one instance
    (with a group attribute) per request. Each repeat deploys all three afresh and rotates short runs (off, twin,
@@ -471,8 +472,8 @@ def _cpu_seconds(procs: dict[str, Any]) -> dict[str, float]:
 def _push_transport_us(delta: WindowState, pushes: int = 300) -> dict[str, float]:
     """CPU us a push of `delta` costs Ray's transport: in the pushing process (a replica) and in Ray's daemons
     (the raylet's object store, for a push over Ray's 100 KB limit for arguments sent inline); the receiving
-    actor's side is in the monitor actor's measured CPU. The daemons' idle CPU over as long a quiet spell is
-    subtracted."""
+    actor's side is in the monitor actor's measured CPU. Each side's idle CPU over as long a quiet spell (Ray's
+    threads in this process too) is subtracted."""
     import psutil
     import ray
 
@@ -492,16 +493,22 @@ def _push_transport_us(delta: WindowState, pushes: int = 300) -> dict[str, float
                     total += sum(proc.cpu_times()[:2])
         return total
 
-    d0, t0 = daemons(), time.perf_counter()
+    def spent() -> tuple[float, float, float]:
+        return daemons(), time.process_time(), time.perf_counter()
+
+    d0, c0, t0 = spent()
     time.sleep(2.0)
-    idle_rate = (daemons() - d0) / (time.perf_counter() - t0)
-    d0, t0, c0 = daemons(), time.perf_counter(), time.process_time()
+    d1, c1, t1 = spent()
+    idle = ((d1 - d0) / (t1 - t0), (c1 - c0) / (t1 - t0))
     for _ in range(pushes):
         ray.get(sink.push.remote(delta, "replica"))
-    pusher = (time.process_time() - c0) / pushes * 1e6
-    spent = daemons() - d0 - idle_rate * (time.perf_counter() - t0)
+    d2, c2, t2 = spent()
     ray.kill(sink)
-    return {"pusher": pusher, "daemons": max(spent, 0.0) / pushes * 1e6}
+
+    def per_push(used: float, idle_rate: float) -> float:
+        return max(used - idle_rate * (t2 - t1), 0.0) / pushes * 1e6
+
+    return {"pusher": per_push(c2 - c1, idle[1]), "daemons": per_push(d2 - d1, idle[0])}
 
 
 def _costs(off: list[list[dict]], on: list[list[dict]]) -> dict[str, Any]:
@@ -552,13 +559,12 @@ def _cpu_costs(off: list[list[dict]], on: list[list[dict]]) -> dict[str, Any]:
 
 def accounted_cost(serving: dict[str, Any], replica: dict[str, Any]) -> dict[str, Any]:
     """Monitoring's CPU per request at c=32, each repeat, as a share of serving's: the monitor actor's (measured
-    live), the replica's embed, queue, count and pickle (offline), and the pushes' transport (in the replica and
-    Ray's daemons) times the pushes a record. On saturated cores this is the first-order QPS cost; it is measured
-    per process, so the machine's run-to-run speed swings, which make the direct QPS comparison noisy (see the A/A
-    twin), do not enter it."""
+    live), the replica's embed, queue and count (offline), and the pushes' transport (in the replica, pickling
+    included, and Ray's daemons) times the pushes a record; the unpickling is in the actor's. On saturated cores
+    this is the first-order QPS cost; it is measured per process, so the machine's run-to-run speed swings, which
+    make the direct QPS comparison noisy (see the A/A twin), do not enter it."""
     cpu, push = serving["cpu c=32"], serving["push_transport_us"]
-    pickling = replica["push: pickle + unpickle the delta"]["us_per_request"]
-    in_replica = replica["replica total"]["us_per_request"] + pickling
+    in_replica = replica["replica total"]["us_per_request"]
     parts = {"actor": cpu["actor_us"]["each"], "replica": [in_replica] * len(serving["pushes_per_record"]),
              "transport": [(push["pusher"] + push["daemons"]) * n for n in serving["pushes_per_record"]]}  # fmt: skip
     totals = [sum(values) for values in zip(*parts.values(), strict=True)]
@@ -600,8 +606,8 @@ def serving_table(res: dict[str, Any], console: Console) -> None:
             "monitor actor idle, during off runs (Ray's cost of any idle actor)": cpu["idle_actor_us"]}  # fmt: skip
     if acc := res.get("accounted c=32"):
         rows |= {"monitoring: the monitor actor, during on runs": acc["actor_us"],
-                 "monitoring: in the replica (embed, queue, count, pickle; offline)": acc["replica_us"],
-                 "monitoring: push transport (replica + Ray's daemons)": acc["transport_us"],
+                 "monitoring: in the replica (embed, queue, count; offline)": acc["replica_us"],
+                 "monitoring: push transport (replica, pickling included, + Ray's daemons)": acc["transport_us"],
                  "monitoring in all": acc["monitor_us"]}  # fmt: skip
         share = acc["share"]
         table.caption = (f"monitoring's share of serving's CPU: {share['mean']:.2%} [{share['ci90'][0]:.2%}, "

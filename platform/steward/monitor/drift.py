@@ -223,7 +223,7 @@ def mmd_test(
     statistic = biased MMD^2 = mean K(x, x') + mean K(y, y') - 2 mean K(x, y); p = (1 + k) / (1 + B), where k is
     the number of the B label permutations whose statistic is >= the observed one.
     Fast path: the pooled kernel matrix is computed once; with a = 1/n on reference rows and -1/m on current rows,
-    MMD^2 = a' K a, so all permutations are one (N x N) @ (N x B) product.
+    MMD^2 = a' K a, so all permutations are one (B x N) @ (N x N) product.
     """
     x, y = _as_points("reference", reference), _as_points("current", current)
     if x.shape[1] != y.shape[1]:
@@ -234,12 +234,10 @@ def mmd_test(
     kernel = _rbf_pooled(np.concatenate([x, y]))
     weights = np.concatenate([np.full(n, 1.0 / n), np.full(m, -1.0 / m)])
     rng = np.random.default_rng(seed)
-    # column 0 is the observed split; the others are permutations of the same weights
-    a = np.empty((n + m, n_permutations + 1))
-    a[:, 0] = weights
-    for b in range(1, n_permutations + 1):
-        a[:, b] = weights[rng.permutation(n + m)]
-    values = np.einsum("ib,ib->b", a, kernel @ a)
+    # row 0 is the observed split; the others are permutations of the same weights, all shuffled in one call (the
+    # same draws as one `rng.permutation(n + m)` a row, in ~2/3 of the time)
+    a = np.vstack([weights, rng.permuted(np.tile(weights, (n_permutations, 1)), axis=1)])
+    values = np.einsum("bi,bi->b", a, a @ kernel)  # the kernel is symmetric: a K = (K a')'
     observed = float(values[0])
     # statistics are O(1) (kernel values lie in [0, 1]): an absolute 1e-12 absorbs summation-order rounding, so ties
     # (e.g. a permutation that reproduces the observed split) count as >= wherever they are computed

@@ -98,7 +98,15 @@ class MonitorSpec(Section):
     drift: DriftSpec | None = Field(None, description="Drift of live inputs and outputs from the training reference.")
     window: WindowSpec = Field(default_factory=WindowSpec, description="How live records are grouped into windows.")
     alerts: AlertSpec = Field(default_factory=AlertSpec, description="When a failing metric becomes an alert.")
-    push_interval_s: float = Field(1.0, gt=0, le=60, description="How often each replica sends its counts.")
+    push_interval_s: float = Field(
+        2.0,
+        gt=0,
+        le=60,
+        description="The longest a replica holds its counts before sending them (what a killed replica can lose). "
+        "A busy replica sends at its share of each count window sooner; a timer push just before a share push "
+        "would leave a few records to close the window with a second push (each push is a Ray call: ~2 ms of the "
+        "replica's CPU).",
+    )
     persist_interval_s: float = Field(5.0, gt=0, le=3600, description="How often the monitor saves its state.")
     pending_persist_interval_s: float = Field(
         60.0,
