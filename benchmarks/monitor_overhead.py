@@ -391,6 +391,8 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
                         before = _cpu_seconds(procs)
                         run = generate(f"{url}/predict", bodies, LoadSpec(concurrency=[c], seconds=seconds))[0]
                         after = _cpu_seconds(procs)
+                        if cell == CELLS["on"]:
+                            after["actor"] += _drained(url, procs["actor"], after["actor"])
                         run["cpu_us"] = {role: (after[role] - before[role]) / run["requests"] * 1e6 for role in after}
                         runs[f"{cell}, c={c}"][r].append(run)
                 seen = requests.get(f"{urls[CELLS['on']]}/monitor", timeout=30).json()
@@ -436,6 +438,21 @@ def _steady_state(push: Push, run_dir: Path, url: str) -> dict[str, Any]:
     ray.get(monitor.push.remote(filler, "steady-state filler"))
     time.sleep(3 * push.monitor.push_interval_s)
     return requests.get(f"{url}/monitor", timeout=30).json()
+
+
+def _drained(url: str, actor: Any, since: float) -> float:
+    """The monitor actor's CPU seconds, from `since`, for what a run left in its replica (else the next run's
+    measurement would get it, or none): GET /monitor pushes the replica's last records and waits for the windows
+    they close to be judged; a second GET, with nothing left to push, is the report alone, not serving's cost."""
+    import requests
+
+    spent = []
+    for _ in range(2):
+        requests.get(f"{url}/monitor", timeout=30).raise_for_status()
+        now = sum(actor.cpu_times()[:2])
+        spent.append(now - since)
+        since = now
+    return max(spent[0] - spent[1], 0.0)
 
 
 def _batch_sizes(url: str) -> dict[str, int]:
@@ -554,6 +571,12 @@ def _cpu_costs(off: list[list[dict]], on: list[list[dict]]) -> dict[str, Any]:
         each["serving_us"].append(pooled(off_rep, "machine") - idle)
         each["actor_us"].append(pooled(on_rep, "actor"))
         each["idle_actor_us"].append(pooled(off_rep, "actor"))
+        # where a run's CPU went, off and on: the whole machine, the load generator, the replica serving the run
+        for side, rep, replica in (("off", off_rep, "off"), ("on", on_rep, "on")):
+            for key, role in (("machine", "machine"), ("client", "client"), ("replica", replica)):
+                each.setdefault(f"{key}_{side}_us", []).append(pooled(rep, role))
+            busy = sum(run["cpu_us"]["machine"] * run["requests"] for run in rep) / 1e6
+            each.setdefault(f"busy_cores_{side}", []).append(busy / sum(run["requests"] / run["qps"] for run in rep))
     return {key: _mean_ci(values) for key, values in each.items()}
 
 
@@ -603,7 +626,9 @@ def serving_table(res: dict[str, Any], console: Console) -> None:
     table.add_column("part")
     table.add_column("us / request", justify="right")
     rows = {"serving, monitoring off (machine less load generator and idle processes)": cpu["serving_us"],
-            "monitor actor idle, during off runs (Ray's cost of any idle actor)": cpu["idle_actor_us"]}  # fmt: skip
+            "monitor actor idle, during off runs (Ray's cost of any idle actor)": cpu["idle_actor_us"],
+            "the serving replica live, off runs": cpu["replica_off_us"],
+            "the serving replica live, on runs (a different process: its own speed)": cpu["replica_on_us"]}  # fmt: skip
     if acc := res.get("accounted c=32"):
         rows |= {"monitoring: the monitor actor, during on runs": acc["actor_us"],
                  "monitoring: in the replica (embed, queue, count; offline)": acc["replica_us"],
@@ -611,7 +636,8 @@ def serving_table(res: dict[str, Any], console: Console) -> None:
                  "monitoring in all": acc["monitor_us"]}  # fmt: skip
         share = acc["share"]
         table.caption = (f"monitoring's share of serving's CPU: {share['mean']:.2%} [{share['ci90'][0]:.2%}, "
-                         f"{share['ci90'][1]:.2%}] (target <= 3%)")  # fmt: skip
+                         f"{share['ci90'][1]:.2%}] (target <= 3%); cores busy: off runs "
+                         f"{cpu['busy_cores_off']['mean']:.2f}, on {cpu['busy_cores_on']['mean']:.2f}")  # fmt: skip
     for name, part in rows.items():
         table.add_row(name, f"{part['mean']:.1f} [{part['ci90'][0]:.1f}, {part['ci90'][1]:.1f}]")
     console.print(table)

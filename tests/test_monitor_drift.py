@@ -104,6 +104,24 @@ def test_mmd_matches_naive_permutation_test(seed):
     assert p == naive_p
 
 
+def test_mmd_matches_naive_at_a_monitor_windows_size():
+    # 179 reference + 200 live points: 71,631 distances, so the bandwidth's median takes the banded path
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(179, 16)), rng.normal(0.05, 1, (200, 16)).astype(np.float16)
+    stat, p = drift.mmd_test(x, y, 100, 3)
+    naive_stat, naive_p = naive_mmd_test(x, y, 100, 3)
+    assert stat == pytest.approx(naive_stat, rel=1e-10) and p == naive_p
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_banded_median_is_exact(seed):
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(4096, 100_000))
+    values = [rng.normal(size=size), rng.integers(0, 3, size).astype(float),  # heavy ties
+              rng.exponential(size=size) ** 4, np.repeat(rng.normal(size=size // 64), 64)][seed % 4]  # fmt: skip
+    assert drift._median(values.copy()) == np.median(values)
+
+
 def test_mmd_bandwidth_is_median_distance():
     pooled = np.random.default_rng(0).normal(size=(50, 3))
     kernel = drift._rbf_pooled(pooled)

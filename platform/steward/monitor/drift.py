@@ -189,13 +189,31 @@ def _rbf_pooled(pooled: np.ndarray) -> np.ndarray:
     d2 += sq[None, :]
     np.maximum(d2, 0.0, out=d2)
     off = d2[_upper_triangle(len(pooled))]  # the same values, in the same order, as d2[np.triu_indices(N, k=1)]
-    med = float(np.median(off, overwrite_input=True))  # `off` is a copy already
+    med = _median(off)
     if med <= 0:
         positive = off[off > 0]
         med = float(np.median(positive)) if positive.size else 1.0
     # median of squared distances = square of the median distance (monotone), so s^2 = med
     d2 *= -1.0 / (2.0 * med)
     return np.exp(d2, out=d2)
+
+
+def _median(values: np.ndarray) -> float:
+    """`np.median(values)`, exactly, in about a quarter of its time for the ~70k distances of a monitor's window:
+    the middle values almost always lie between two quantiles of a 1/16 subsample, and only that band is
+    partitioned. `values` is reordered."""
+    size = len(values)
+    middle = [(size - 1) // 2, size // 2]  # one index twice for an odd size
+    if size >= 4096:
+        low, high = np.quantile(values[::16], [0.45, 0.55])
+        below = int(np.count_nonzero(values < low))
+        band = values[(values >= low) & (values <= high)]
+        at = [i - below for i in middle]  # the middle values' ranks within the band, if they fell in it
+        if at[0] >= 0 and at[1] < len(band):
+            band.partition(at)
+            return float((band[at[0]] + band[at[1]]) / 2)
+    values.partition(middle)
+    return float((values[middle[0]] + values[middle[1]]) / 2)
 
 
 @lru_cache(maxsize=4)
