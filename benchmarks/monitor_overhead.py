@@ -510,22 +510,18 @@ def _push_transport_us(delta: WindowState, pushes: int = 300) -> dict[str, float
                     total += sum(proc.cpu_times()[:2])
         return total
 
-    def spent() -> tuple[float, float, float]:
-        return daemons(), time.process_time(), time.perf_counter()
-
-    d0, c0, t0 = spent()
+    d0, c0, t0 = daemons(), time.process_time(), time.perf_counter()
     time.sleep(2.0)
-    d1, c1, t1 = spent()
-    idle = ((d1 - d0) / (t1 - t0), (c1 - c0) / (t1 - t0))
+    d1, c1, t1 = daemons(), time.process_time(), time.perf_counter()
     for _ in range(pushes):
         ray.get(sink.push.remote(delta, "replica"))
-    d2, c2, t2 = spent()
+    d2, c2, t2 = daemons(), time.process_time(), time.perf_counter()
     ray.kill(sink)
 
-    def per_push(used: float, idle_rate: float) -> float:
-        return max(used - idle_rate * (t2 - t1), 0.0) / pushes * 1e6
+    def per_push(busy: float, quiet: float) -> float:  # CPU over the pushes less the quiet rate over as long
+        return max(busy - quiet * (t2 - t1) / (t1 - t0), 0.0) / pushes * 1e6
 
-    return {"pusher": per_push(c2 - c1, idle[1]), "daemons": per_push(d2 - d1, idle[0])}
+    return {"pusher": per_push(c2 - c1, c1 - c0), "daemons": per_push(d2 - d1, d1 - d0)}
 
 
 def _costs(off: list[list[dict]], on: list[list[dict]]) -> dict[str, Any]:
@@ -572,11 +568,11 @@ def _cpu_costs(off: list[list[dict]], on: list[list[dict]]) -> dict[str, Any]:
         each["actor_us"].append(pooled(on_rep, "actor"))
         each["idle_actor_us"].append(pooled(off_rep, "actor"))
         # where a run's CPU went, off and on: the whole machine, the load generator, the replica serving the run
-        for side, rep, replica in (("off", off_rep, "off"), ("on", on_rep, "on")):
-            for key, role in (("machine", "machine"), ("client", "client"), ("replica", replica)):
+        for side, rep in (("off", off_rep), ("on", on_rep)):
+            for key, role in (("machine", "machine"), ("client", "client"), ("replica", side)):
                 each.setdefault(f"{key}_{side}_us", []).append(pooled(rep, role))
-            busy = sum(run["cpu_us"]["machine"] * run["requests"] for run in rep) / 1e6
-            each.setdefault(f"busy_cores_{side}", []).append(busy / sum(run["requests"] / run["qps"] for run in rep))
+            requests_per_s = sum(run["requests"] for run in rep) / sum(run["requests"] / run["qps"] for run in rep)
+            each.setdefault(f"busy_cores_{side}", []).append(pooled(rep, "machine") * requests_per_s / 1e6)
     return {key: _mean_ci(values) for key, values in each.items()}
 
 

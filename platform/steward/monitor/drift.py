@@ -192,7 +192,7 @@ def _rbf_pooled(pooled: np.ndarray) -> np.ndarray:
     med = _median(off)
     if med <= 0:
         positive = off[off > 0]
-        med = float(np.median(positive)) if positive.size else 1.0
+        med = _median(positive) if positive.size else 1.0
     # median of squared distances = square of the median distance (monotone), so s^2 = med
     d2 *= -1.0 / (2.0 * med)
     return np.exp(d2, out=d2)
