@@ -4,7 +4,7 @@ rate on unshifted traffic, bias checks on known counts, and alert streaks."""
 import numpy as np
 import pytest
 
-from steward.monitor.checks import AlertTracker, Check, bias_checks, window_report
+from steward.monitor.checks import AlertTracker, Check, bias_checks, drift_checks, live_state, window_report
 from steward.monitor.reference import PREDICTED_CLASS, build_reference
 from steward.monitor.signals import record_signals
 from steward.monitor.window import WindowState
@@ -68,6 +68,27 @@ def test_unshifted_traffic_false_alarm_rate(reference):
     print("single-window false-fail rates over 60 windows:", rates)
     assert rates["psi"] == 0 and rates["ks"] <= 0.05 and rates["mmd"] <= 0.05, rates
     assert alerts == [], alerts
+
+
+def test_embeddings_spread_finer_than_the_live_float16_rounding_drift_only_when_they_move():
+    """Live windows keep embeddings in float16, whose rounding (2.4e-4 at 0.8) is larger than the spread of a
+    collapsed model's embeddings (seen: a text model's 64 dims spread by 1e-4 around 0.8). Judged against the
+    float32 reference, the rounding alone failed MMD at p = 1/101; the reference is now rounded the same way, so only
+    a real move (here two rounding steps) fails."""
+    rng = np.random.default_rng(0)
+
+    def embeddings(n, shift=0.0):
+        return (0.8 + shift + rng.normal(0.0, 1e-4, size=(n, 64))).astype(np.float32)
+
+    ref = build_reference(embeddings=embeddings(250), probs=np.full((250, 2), 0.5), classes=["a", "b"])
+
+    def mmd_status(shift):
+        state = live_state(ref.bins())  # float16 samples, as replicas and the monitor keep them
+        state.add_batch(["a"] * 300, samples={"embedding": embeddings(300, shift)})
+        return {c.name: c.status for c in drift_checks(state, ref, SPEC.drift)}["mmd:embedding"]
+
+    assert [mmd_status(0.0) for _ in range(5)] == ["ok"] * 5
+    assert mmd_status(1e-3) == "fail"
 
 
 def test_bias_checks_on_known_counts():
