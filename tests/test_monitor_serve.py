@@ -79,9 +79,9 @@ def webhook():
     server.shutdown()
 
 
-def monitored(tmp_path, ports, job, monitor, *overrides, prefix, replicas=1):
+def monitored(tmp_path, ports, job, monitor, *overrides, prefix, replicas=1, **serve):
     spec, run_dir = trained_run(tmp_path, job, *overrides)
-    serve_cfg = ServeSpec(route_prefix=prefix, num_cpus=0.5, num_replicas=replicas, name=prefix.strip("/"))
+    serve_cfg = ServeSpec(route_prefix=prefix, num_cpus=0.5, num_replicas=replicas, name=prefix.strip("/"), **serve)
     job_spec = spec.model_copy(update={"serve": serve_cfg, "monitor": MonitorSpec.model_validate(monitor)})
     return spec, run_dir, deploy(job_spec, run_dir, port=ports["http"]).url
 
@@ -281,6 +281,12 @@ def test_each_replica_is_told_its_share_of_the_open_window_less_what_it_pushed(t
     assert ray.get(actor.report.remote())["windows_closed"] == 1
     ray.kill(actor)
 
+    # a deployment of two replicas: the first to push, before the other has, is told half the window, not all of it
+    pair = job.model_copy(update={"serve": job.serve.model_copy(update={"autoscaling": None, "num_replicas": 2})})
+    actor = monitor_actor(pair.model_dump(mode="json"), str(tmp_path), "shares-pair")
+    assert ray.get(actor.push.remote(delta(50), "replica-1")) == (50, 100)
+    ray.kill(actor)
+
 
 def test_waiting_predictions_are_saved_apart_and_a_restarted_monitor_matches_their_late_labels(tmp_path, ports):
     """state.json holds the statistics (every persist_interval_s); pending.json the predictions waiting for a label
@@ -413,18 +419,22 @@ def test_killed_replica_and_monitor_lose_at_most_their_intervals(tmp_path, ports
     assert (run_dir / "monitor" / "durable" / "state.json").exists()
 
 
-def test_monitor_report_from_a_persisted_state(tmp_path, ports):
+def test_monitor_report_from_a_persisted_state_of_an_int8_deployment(tmp_path, ports):
+    """Served in int8, the deployment is judged against the int8 model's own reference (model/int8/, saved with the
+    gate), which the report's histograms use too."""
     from typer.testing import CliRunner
 
     from steward.cli import app
 
     monitor = {"drift": {"min_records": 50}, "window": {"size": 100}, "persist_interval_s": 0.5, "push_interval_s": 0.2}
-    spec, run_dir, url = monitored(tmp_path, ports, "quickstart.yaml", monitor, prefix="/reported")
+    spec, run_dir, url = monitored(tmp_path, ports, "quickstart.yaml", monitor, prefix="/reported", quantize="int8",
+                                   quantize_tolerance=1.0)  # fmt: skip  # the gate is not what this test is about
     images, _ = digits(spec)
     send(url, [np.clip(x + RNG.normal(0, 4, x.shape), 0, 16).tolist() for x in images[:300]])
     state = run_dir / "monitor" / "reported" / "state.json"
     saved_doc = lambda: state.exists() and json.loads(state.read_text())  # noqa: E731
-    wait_for(lambda: (doc := saved_doc()) and doc["records"] == 300 and len(doc["history"]) >= 2, 30, "a saved state")
+    doc = wait_for(lambda: (d := saved_doc()) and d["records"] == 300 and len(d["history"]) >= 2 and d, 30, "a state")
+    assert doc["reference"] == "model/int8" and (run_dir / "model" / "int8" / "reference.npz").exists()
     time.sleep(2 * 0.5)  # the last window's judgement, saved within a persist interval of it
     saved = state.stat().st_mtime_ns
     time.sleep(4 * 0.5)  # four persist intervals without traffic

@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from steward.evaluate.profile import embedding_tap, penultimate_layer
+from steward.monitor.actor import reference_dir, reference_for
 from steward.serve.model import load_served_model
+from steward.spec.monitor import MonitorSpec
+from steward.spec.serve import ServeSpec
 from tests.serving import trained_run, validation_inputs
 
 
@@ -44,3 +47,26 @@ def test_embed_returns_each_requests_own_embeddings_and_inputs_per_thread(tmp_pa
     mine = tap.stop()
     assert len(mine) == 1
     np.testing.assert_allclose(mine[0].numpy(), expected[:2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # trains the quickstart CNN for an epoch
+def test_a_monitored_int8_model_is_profiled_as_it_is_served_once(tmp_path):
+    """Loading a monitored int8 model saves its own reference beside training's fp32 one: its embeddings are the int8
+    model's, the monitor takes it for int8 (training's for fp32), and a second load keeps the first profile."""
+    spec, run_dir = trained_run(tmp_path, "quickstart.yaml", epochs=1)
+    serve = ServeSpec(route_prefix="/digits", quantize="int8", quantize_tolerance=1.0)
+    job = spec.model_copy(update={"serve": serve, "monitor": MonitorSpec.model_validate({"drift": {}})})
+    served = load_served_model(job, run_dir)
+    model_dir = run_dir / "model"
+    assert reference_dir(run_dir, int8=True) == model_dir / "int8" and reference_dir(run_dir) == model_dir
+
+    # every validation row in one batch, as the profile ran them: the same int8 pass (activations quantized per batch)
+    (out,) = served.run([served.prepare(validation_inputs(spec, 10_000))], embed=True)
+    int8, fp32 = reference_for(run_dir, int8=True).samples["embedding"], reference_for(run_dir).samples["embedding"]
+    np.testing.assert_allclose(int8, out.embeddings, rtol=1e-5, atol=1e-5)
+    assert np.abs(fp32 - out.embeddings).max() > 1e-3  # what int8 traffic was compared with before
+
+    saved = (model_dir / "int8" / "reference.npz").stat().st_mtime_ns
+    load_served_model(job, run_dir)
+    assert (model_dir / "int8" / "reference.npz").stat().st_mtime_ns == saved
+    assert not list(model_dir.glob(".int8-reference-*")), "a partial profile was left behind"

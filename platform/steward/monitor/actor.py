@@ -26,7 +26,7 @@ import ray
 from steward.govern import audit
 from steward.monitor.bins import Bins
 from steward.monitor.checks import AlertTracker, live_state, window_report
-from steward.monitor.reference import ReferenceProfile, load_reference
+from steward.monitor.reference import INT8_REFERENCE, ReferenceProfile, load_reference
 from steward.monitor.window import WindowState
 from steward.monitor.windows import Windows
 from steward.spec import JobSpec
@@ -53,10 +53,20 @@ def monitor_folder(run_dir: str | Path, deployment: str) -> Path:
     return Path(run_dir) / "monitor" / deployment
 
 
-def reference_for(run_dir: str | Path) -> ReferenceProfile | None:
-    """The run's reference profile, or None when training saved none."""
+def reference_dir(run_dir: str | Path, int8: bool = False) -> Path | None:
+    """Where the reference a deployment is judged against lives: serving int8, the int8 model's own profile (model/
+    int8/, saved with the int8 gate), else training's (model/); None when training saved none."""
     model_dir = Path(run_dir) / "model"
-    return load_reference(model_dir) if (model_dir / "reference.json").exists() else None
+    for folder in ([model_dir / INT8_REFERENCE] if int8 else []) + [model_dir]:
+        if (folder / "reference.json").exists():
+            return folder
+    return None
+
+
+def reference_for(run_dir: str | Path, int8: bool = False) -> ReferenceProfile | None:
+    """The reference profile at `reference_dir`, or None when training saved none."""
+    folder = reference_dir(run_dir, int8)
+    return load_reference(folder) if folder else None
 
 
 def monitor_actor(spec: dict, run_dir: str, deployment: str) -> Any:
@@ -114,7 +124,8 @@ class Monitor:
         self.cfg, self.deployment = job.monitor, deployment
         self.run_dir, self.folder = Path(run_dir), monitor_folder(run_dir, deployment)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.ref = reference_for(run_dir)
+        self.ref_dir = reference_dir(run_dir, int8=job.serve is not None and job.serve.quantize == "int8")
+        self.ref = load_reference(self.ref_dir) if self.ref_dir else None
         bins = self.ref.bins() if self.ref else Bins()
         window = self.cfg.window
         self.windows = Windows(lambda: live_state(bins), window.size, window.step, window.by)
@@ -125,6 +136,11 @@ class Monitor:
         # changed since the last save of the statistics / of the waiting predictions: an idle monitor writes nothing
         self.dirty = self.pending_dirty = False
         self.pushers: dict[str, float] = {}  # replica -> when it last pushed
+        # the replicas the deployment starts with: a window is shared by at least that many before each has pushed
+        # (else the first to push was told all of the window, and a window of 200 closed at 320)
+        serve = job.serve
+        low = (serve.autoscaling.min_replicas if serve.autoscaling else serve.num_replicas) if serve else None
+        self.min_pushers = max(1, low or 1)
         self.in_pane: dict[str, int] = {}  # replica -> records it pushed into the open pane
         self.exporter = Exporter(deployment)
         self._restore()
@@ -135,10 +151,11 @@ class Monitor:
         """Merge one replica's delta; judge every window it closes.
 
         Returns when that replica should push again, in records: what is left of its share of the open count window
-        (the window's size over the replicas pushing), and its share of a whole window (for after a push of its own
-        closes one); inf for time windows, which close by the clock. Replicas pushing at their shares close a window
-        within a request of its size with one push each, where a fixed quarter-window push took four (each push is
-        a Ray call: ~2 ms of CPU in the replica for a 500-record push).
+        (the window's size over the replicas pushing, at least those the deployment starts with), and its share of a
+        whole window (for after a push of its own closes one); inf for time windows, which close by the clock.
+        Replicas pushing at their shares close a window within a request of its size with one push each, where a
+        fixed quarter-window push took four (each push is a Ray call: ~2 ms of CPU in the replica for a 500-record
+        push).
         """
         self._start_ticker()
         self.records, self.pushes = self.records + state.n, self.pushes + 1
@@ -192,6 +209,7 @@ class Monitor:
         self.saved_at, self.dirty = time.monotonic(), False
         texts = {"state.json": json.dumps({
             "records": self.records,
+            "reference": str(self.ref_dir.relative_to(self.run_dir)) if self.ref_dir else None,
             "windows": self.windows.to_dict(pending=False),
             "history": list(self.history),
             "alerts": self.alerts.to_dict(),
@@ -227,7 +245,7 @@ class Monitor:
             return math.inf, math.inf
         self.pushers = self._recent_pushers()
         self.pushers[replica] = time.monotonic()
-        share = self.windows.step / len(self.pushers)
+        share = self.windows.step / max(len(self.pushers), self.min_pushers)
         left = share - self.in_pane.get(replica, 0)
         # once its share of the open window is spent, its share of the next (a push per share, never one a
         # request); never more than the open window still needs

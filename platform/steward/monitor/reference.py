@@ -28,6 +28,7 @@ CONFIDENCE, PREDICTED_CLASS = "prediction.confidence", "prediction.class"
 TEXT_LENGTH, TEXT_UNK_RATE = "text.length", "text.unk_rate"
 RESERVED = {CONFIDENCE, PREDICTED_CLASS, TEXT_LENGTH, TEXT_UNK_RATE}
 FORMAT_VERSION = 1
+INT8_REFERENCE = "int8"  # model/int8/: the profile of the int8 model, for int8 deployments (model/: training's)
 
 
 @dataclass

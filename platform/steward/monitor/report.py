@@ -115,10 +115,11 @@ def write_report(folder: Path, out: Path | None = None) -> Path:
     drifted = sorted((c for c in latest if c["name"].startswith("psi:") and c["value"] is not None),
                      key=lambda c: -c["value"])[:3]  # fmt: skip
     run_dir = folder.parent.parent
+    ref_dir = run_dir / (state.get("reference") or "model")  # the one the monitor judged against (int8's own)
     images = ["drift.png", "selection_rates.png"]
-    if drifted and (run_dir / "model" / "reference.json").exists():
+    if drifted and (ref_dir / "reference.json").exists():
         current = Windows.current_of(state["windows"])
-        plot_histograms(current, load_reference(run_dir / "model"), [c["name"][4:] for c in drifted], out / "hist.png")
+        plot_histograms(current, load_reference(ref_dir), [c["name"][4:] for c in drifted], out / "hist.png")
         images.append("hist.png")
     rows = "".join(
         f"<tr><td>{html.escape(c['name'])}</td><td>{c['value']}</td><td>[{c['low']}, {c['high']}]</td>"

@@ -14,7 +14,7 @@ from steward.evaluate.profile import EmbeddingTap, penultimate_layer
 from steward.evaluate.thresholds import Thresholds, adjust_probabilities, load_thresholds
 from steward.runs import spec_hash
 from steward.serve.protocol import BadRequest
-from steward.serve.quantize import GateResult, accuracy_gate, quantize_int8
+from steward.serve.quantize import GateResult, accuracy_gate, quantize_int8, save_int8_reference
 from steward.spec import JobSpec
 
 
@@ -144,7 +144,8 @@ def load_served_model(spec: JobSpec, run_dir: str | Path, gate: dict | None = No
     """The run's consolidated model, quantized to int8 when serve.quantize says so.
 
     int8 is checked against fp32 on the validation split (QuantizationRefused when it drops more than
-    serve.quantize_tolerance) unless `gate` carries the result of that same check, made before deploying.
+    serve.quantize_tolerance) unless `gate` carries the result of that same check, made before deploying. With the
+    check, a monitored int8 model is also profiled for the monitor (`save_int8_reference`).
     """
     from steward.evaluate.run import load_servable
 
@@ -153,8 +154,12 @@ def load_served_model(spec: JobSpec, run_dir: str | Path, gate: dict | None = No
     result = None
     if spec.serve is not None and spec.serve.quantize == "int8":
         int8 = quantize_int8(model)
-        result = GateResult(**{k: v for k, v in gate.items() if k != "passed"}) if gate else None
-        result = result or accuracy_gate(model, int8, info, spec)
+        if gate:
+            result = GateResult(**{k: v for k, v in gate.items() if k != "passed"})
+        else:
+            result = accuracy_gate(model, int8, info, spec)
+            if spec.monitor is not None and spec.monitor.drift is not None:
+                save_int8_reference(int8, info, spec, run_dir)
         model = int8
     thresholds = load_thresholds(run_dir / "model")
     return ServedModel(model, info, spec, run_dir, result, run_metadata(spec, run_dir), thresholds)

@@ -39,7 +39,7 @@ class ReplicaMonitor:
         self.cfg, self.served = job.monitor, served
         if problem := reference_problem(job, served.run_dir):
             raise MonitorUnavailable(problem)
-        self.ref = reference_for(served.run_dir)
+        self.ref = reference_for(served.run_dir, int8=served.gate is not None)
         self.bins = self.ref.bins() if self.ref else Bins()
         self.state = live_state(self.bins)
         self.queue = RecordQueue(served, self.bins, self.cfg.bias.group if self.cfg.bias else None)
