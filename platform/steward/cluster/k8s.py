@@ -81,8 +81,7 @@ def ray_service(spec: JobSpec, name: str, image: str, run_dir: str | None) -> di
         "deployments": [{"name": DEPLOYMENT, **deployment_options(cfg)}],
     }
     serve_config = {"http_options": {"host": "0.0.0.0", "port": 8000}, "applications": [app]}
-    low = cfg.autoscaling.min_replicas if cfg.autoscaling else cfg.num_replicas or 1
-    high = cfg.autoscaling.max_replicas if cfg.autoscaling else cfg.num_replicas or 1
+    low, high = cfg.replica_range
     group = worker_group(image, max(cfg.num_cpus, 1.0), cfg.num_gpus, min_replicas=low, max_replicas=high)
     return {
         "apiVersion": "ray.io/v1",

@@ -138,9 +138,7 @@ class Monitor:
         self.pushers: dict[str, float] = {}  # replica -> when it last pushed
         # the replicas the deployment starts with: a window is shared by at least that many before each has pushed
         # (else the first to push was told all of the window, and a window of 200 closed at 320)
-        serve = job.serve
-        low = (serve.autoscaling.min_replicas if serve.autoscaling else serve.num_replicas) if serve else None
-        self.min_pushers = max(1, low or 1)
+        self.min_pushers = max(1, job.serve.replica_range[0]) if job.serve else 1
         self.in_pane: dict[str, int] = {}  # replica -> records it pushed into the open pane
         self.exporter = Exporter(deployment)
         self._restore()

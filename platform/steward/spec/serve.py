@@ -99,6 +99,13 @@ class ServeSpec(Section):
         return self
 
     @property
+    def replica_range(self) -> tuple[int, int]:
+        """The fewest and most replicas the deployment runs: autoscaling's range, else num_replicas (1) both."""
+        if self.autoscaling is not None:
+            return self.autoscaling.min_replicas, self.autoscaling.max_replicas
+        return (self.num_replicas or 1,) * 2
+
+    @property
     def prefix(self) -> str:
         """The route prefix without a trailing slash ("" for the root)."""
         return self.route_prefix.rstrip("/")
