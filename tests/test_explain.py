@@ -11,6 +11,7 @@ import torch
 from pydantic import TypeAdapter
 
 from steward.data.info import DataInfo
+from steward.errors import StewardError
 from steward.explain.baselines import make_baseline
 from steward.explain.integrated import integrated_gradients, target_output
 from steward.explain.permutation import model_scorer, permutation_importance
@@ -227,7 +228,7 @@ def test_baselines():
     np.testing.assert_allclose(smooth.mean(1), sequences.mean(1), atol=0.25)
     ids = torch.tensor([[CLS, 5, 6, SEP, PAD]])
     assert make_baseline(ids, "pad", "text", pad_token_id=PAD, keep_ids=[CLS, SEP]).tolist() == [[CLS, 0, 0, SEP, 0]]
-    with pytest.raises(ValueError, match="does not fit text"):
+    with pytest.raises(StewardError, match="does not fit text"):
         make_baseline(ids, "zeros", "text")
 
 

@@ -7,6 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from steward.cli import app
+from steward.errors import StewardError
 from steward.govern import audit
 from steward.govern.policy import Policy, check, check_high_risk, check_pii_masking, load_policy
 from steward.spec import JobSpec, SpecError, load_job
@@ -117,7 +118,7 @@ def test_pii_masking_passing_side_on_the_spec_dict():
 def test_a_bad_policy_file_names_the_rule(tmp_path):
     bad = tmp_path / "p.yaml"
     bad.write_text("name: x\nrules: {max_worker: 3, max_replicas: 0}\n")
-    with pytest.raises(ValueError, match=r"rules\.max_worker") as err:
+    with pytest.raises(StewardError, match=r"rules\.max_worker") as err:
         load_policy(bad)
     assert "rules.max_replicas" in str(err.value)
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from steward.data.info import DataInfo
+from steward.errors import StewardError
 from steward.models import build_model, check_fits, count_parameters, load_model, save_model, task_loss
 from steward.spec.model import CNNModel, CNNParams, LSTMModel, TransformerModel
 
@@ -224,7 +225,7 @@ def test_save_model_rejects_a_foreign_state_dict(tmp_path):
     state = {f"module.{k}": v for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="does not match the model"):
         save_model(tmp_path, model, state, cnn_spec(), IMAGE)
-    with pytest.raises(FileNotFoundError, match="model.json"):
+    with pytest.raises(StewardError, match="model.json"):
         load_model(tmp_path)
 
 
@@ -297,7 +298,7 @@ def test_check_fits_transformer_sources():
 
 def test_build_model_raises_every_problem():
     causal_cnn = CNNModel.model_construct(family="cnn", task="causal_lm", params=CNNParams())
-    with pytest.raises(ValueError) as raised:
+    with pytest.raises(StewardError) as raised:
         build_model(causal_cnn, TEXT)
     assert "model.family: cnn" in str(raised.value) and "model.task: causal_lm" in str(raised.value)
 

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from steward.errors import StewardError
+
 URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
 STATUS = "status.json"
 # Never copied with a run folder: Ray Train (train/, a trial's train-<hex>/) and Ray Tune (tune/) write their
@@ -53,13 +55,13 @@ def join(uri: str, *parts: str) -> str:
 
 
 def open_uri(uri: str, field: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path inside it) for `uri`; ValueError naming `field` when pyarrow cannot open it."""
+    """(pyarrow filesystem, path inside it) for `uri`; StewardError naming `field` when pyarrow cannot open it."""
     import pyarrow.fs as pafs
 
     try:
         return pafs.FileSystem.from_uri(uri)
     except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise ValueError(
+        raise StewardError(
             f"{field} {uri}: cannot open it ({_first_line(err)}); use s3://bucket/path, gs://bucket/path "
             "(with ?endpoint_override=host:port&scheme=http for an S3-compatible server) or a shared folder"
         ) from None
@@ -88,12 +90,12 @@ def check_reachable(uri: str, field: str) -> None:
     try:
         found = fs.get_file_info(top)
     except OSError as err:
-        raise ValueError(
+        raise StewardError(
             f"{field} {uri}: cannot reach the storage ({_first_line(err)}); check the endpoint and the credentials "
             "in the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS)"
         ) from None
     if found.type == pafs.FileType.NotFound and not isinstance(fs, pafs.LocalFileSystem):
-        raise ValueError(f"{field} {uri}: bucket {top!r} does not exist; create it first or fix the URI")
+        raise StewardError(f"{field} {uri}: bucket {top!r} does not exist; create it first or fix the URI")
 
 
 def staging_dir(uri: str) -> Path:
@@ -123,7 +125,7 @@ def upload(local: Path, uri: str, names: list[str] | None = None) -> None:
                 with open(source, "rb") as data, fs.open_output_stream(target) as out:
                     shutil.copyfileobj(data, out)
     except OSError as err:
-        raise ValueError(
+        raise StewardError(
             f"output_dir {uri}: cannot write there ({_first_line(err)}); check that the credentials in the "
             "environment may write to the bucket"
         ) from None
@@ -175,10 +177,10 @@ def fetch_run(uri: str, field: str) -> Path:
     check_reachable(uri, field)
     status = read_text(join(uri, STATUS), field)
     if status is None:
-        raise ValueError(f"{field} {uri}: not a run folder (no {STATUS}); `steward runs --storage URI` lists runs")
+        raise StewardError(f"{field} {uri}: not a run folder (no {STATUS}); `steward runs --storage URI` lists runs")
     state = json.loads(status)["state"]
     if state != "succeeded":
-        raise ValueError(
+        raise StewardError(
             f"{field} {uri}: the run is {state}, not succeeded (failed, still running, or its upload was cut "
             "short); pick a succeeded run from `steward runs --storage URI`"
         )

@@ -1,7 +1,9 @@
 """DataError: data that cannot be used as the spec asks, named by the spec field to change."""
 
+from steward.errors import StewardError
 
-class DataError(ValueError):
+
+class DataError(StewardError):
     """A problem with the data or the `data` section; the message starts with the spec field path.
 
     Several problems found together are raised once, one per line, so a person fixes them in one pass.

@@ -7,6 +7,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch import Tensor
 
+from steward.errors import StewardError
+
 
 def make_baseline(
     inputs: Tensor,
@@ -23,12 +25,12 @@ def make_baseline(
     height and width for images [N, (C,) H, W] and over time for sequences [N, T, F]. pad: token ids with every
     token not in `keep_ids` (the special tokens: [CLS], [SEP]) replaced by `pad_token_id`, the text analogue
     of a black image; the attention mask stays that of the input, so only token content differs.
-    Raises ValueError for a kind that does not fit the modality.
+    Raises StewardError for a kind that does not fit the modality.
     """
     text = modality == "text"
     if kind == "pad" and text:
         if pad_token_id is None:
-            raise ValueError("explain.baseline: pad needs the tokenizer's pad token, and this model's data has none")
+            raise StewardError("explain.baseline: pad needs the tokenizer's pad token, and this model's data has none")
         keep = torch.isin(inputs, torch.tensor(sorted(set(keep_ids)), dtype=inputs.dtype))
         return torch.where(keep, inputs, torch.full_like(inputs, pad_token_id))
     if kind == "zeros" and not text:
@@ -36,7 +38,7 @@ def make_baseline(
     if kind == "blur" and not text:
         return _blurred(inputs, modality, sigma)
     fits = "pad" if text else "zeros or blur"
-    raise ValueError(f"explain.baseline: {kind} does not fit {modality} inputs; use {fits}")
+    raise StewardError(f"explain.baseline: {kind} does not fit {modality} inputs; use {fits}")
 
 
 def _blurred(inputs: Tensor, modality: str, sigma: float) -> Tensor:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from steward.data import DataInfo, encode_instances
 from steward.data.tokenizer import load_tokenizer
+from steward.errors import StewardError
 from steward.explain.baselines import make_baseline
 from steward.explain.integrated import Attributions, integrated_gradients
 from steward.spec.explain import ExplainSpec, resolve_baseline
@@ -23,7 +24,7 @@ def target_ids(target: str | None, info: DataInfo, count: int) -> Tensor | None:
     if target is None:
         return None
     if target not in info.label_names:
-        raise ValueError(f"target: {target!r} is not a label of this model; labels are {info.label_names[:20]}")
+        raise StewardError(f"target: {target!r} is not a label of this model; labels are {info.label_names[:20]}")
     return torch.full((count,), info.label_names.index(target), dtype=torch.int64)
 
 
@@ -41,7 +42,7 @@ def explain_instances(
 
     Each record holds the target label, F(x), F(baseline), the convergence delta, and the attributions: a
     [H, W] map per image, [T, F] per sequence (plus per-step and per-feature sums), one value per real token.
-    Raises ValueError (bad target, baseline that does not fit) or DataError (bad instance).
+    Raises StewardError: a bad target, a baseline that does not fit, or (DataError) a bad instance.
     """
     inputs, mask = encode_instances(instances, info, max_length)
     baseline = resolve_baseline(cfg.baseline, info.modality)

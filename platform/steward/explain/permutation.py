@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from steward.errors import StewardError
+
 Scorer = Callable[[Tensor], float]
 
 
@@ -57,14 +59,17 @@ def permutation_importance(score: Scorer, inputs: Tensor, axis: int, repeats: in
 def as_steps_by_features(inputs: Tensor, modality: str) -> Tensor:
     """Numeric inputs as [N, T, F]: sequences as they are, images [N, H, W] as rows x columns.
 
-    Raises ValueError for text (token positions hold different words in different rows, so shuffling a
+    Raises StewardError for text (token positions hold different words in different rows, so shuffling a
     position is not shuffling a feature) and for multi-channel images.
     """
     if modality == "text":
-        raise ValueError(
+        raise StewardError(
             "permutation importance covers tabular, sequence and image inputs, not text; "
             "use Integrated Gradients (steward explain RUN --input ...) for per-token attributions"
         )
     if inputs.dim() != 3:
-        raise ValueError(f"permutation importance needs [N, T, F] or [N, H, W] inputs, got {tuple(inputs.shape)}")
+        raise StewardError(
+            f"permutation importance needs [N, T, F] or [N, H, W] inputs, got {tuple(inputs.shape)}; "
+            "leave out --permutation for this model"
+        )
     return inputs

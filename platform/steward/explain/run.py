@@ -8,6 +8,7 @@ import numpy as np
 
 import steward.explain.report as report
 from steward.data import encode_instances, load_splits
+from steward.errors import StewardError
 from steward.evaluate.run import load_servable
 from steward.explain.explainer import explain_instances
 from steward.explain.permutation import as_steps_by_features, model_scorer, permutation_importance
@@ -27,21 +28,21 @@ def explain_run(
     """Write RUN/explanations/<timestamp>/: attributions.json (+ heatmap.png or tokens.html), permutation.json.
 
     Settings come from the run's own spec (its `explain` section, or the defaults). Returns (folder, files).
-    Raises ValueError for a folder that is not a finished run, nothing to do, or settings that do not fit.
+    Raises StewardError for a folder that is not a finished run, nothing to do, or settings that do not fit.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "model" / "model.json").exists():
-        raise ValueError(f"{run_dir}: not a finished run folder (no model/model.json); pass runs/<name>/<run-id>")
+        raise StewardError(f"{run_dir}: not a finished run folder (no model/model.json); pass runs/<name>/<run-id>")
     if not instances and not permutation:
-        raise ValueError("nothing to explain: pass --input with instances, --permutation, or both")
+        raise StewardError("nothing to explain: pass --input with instances, --permutation, or both")
     if n_steps is not None and n_steps < 2:
-        raise ValueError(f"--steps: Integrated Gradients needs at least 2 steps, got {n_steps}")
+        raise StewardError(f"--steps: Integrated Gradients needs at least 2 steps, got {n_steps}")
     spec = read_spec(run_dir)
     cfg = spec.explain or ExplainSpec()
     model, info = load_servable(run_dir / "model")
     problem = baseline_problem(cfg.baseline, spec.model.family, info.modality)
     if problem:
-        raise ValueError(f"explain.baseline: {problem}")
+        raise StewardError(f"explain.baseline: {problem}")
     folder = run_dir / "explanations" / (time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 10_000:04d}")
     folder.mkdir(parents=True)
     files = []
@@ -78,7 +79,7 @@ def run_permutation(model: Any, info: Any, spec: JobSpec, cfg: ExplainSpec) -> d
     """Permutation importance of features and time steps on the first permutation.max_rows validation rows."""
     splits = load_splits(spec, info)
     if "validation" not in splits:
-        raise ValueError("permutation importance uses the validation split; add one to data.splits")
+        raise StewardError("permutation importance uses the validation split; add one to data.splits")
     data, settings = splits["validation"], cfg.permutation
     inputs = as_steps_by_features(data.inputs[: settings.max_rows], info.modality)
     labels = data.labels[: settings.max_rows]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from steward import storage
+from steward.errors import StewardError
 
 ENV_LOG = "STEWARD_AUDIT_LOG"
 LOG_NAME = "audit.jsonl"
@@ -31,8 +32,8 @@ GENESIS = "0" * 64
 RESERVED_KEYS = ("seq", "time", "who", "event", "prev", "hash")
 
 
-class AuditError(RuntimeError):
-    """The log cannot be appended to (its last line is damaged)."""
+class AuditError(StewardError):
+    """The log cannot be appended to (its last line is damaged); a person must check and repair it."""
 
 
 def log_path(output_dir: str | Path = "runs") -> Path:
@@ -173,7 +174,7 @@ def verify(log: str | Path) -> Verdict:
     """Check every line's hash, its link to the line before, its sequence number, and the head file."""
     log = Path(log)
     if not log.exists():
-        raise FileNotFoundError(f"{log}: no audit log there (set {ENV_LOG} or pass --log)")
+        raise StewardError(f"{log}: no audit log there (set {ENV_LOG} or pass --log)")
     prev, count = GENESIS, 0
     with log.open("rb") as f:
         for number, raw in enumerate(f, 1):

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from steward.errors import StewardError
 from steward.govern.audit import file_hash
 from steward.spec import JobSpec
 
@@ -252,10 +253,10 @@ def write_card(run_dir: str | Path, spec: JobSpec | None = None, data_sha256: st
 
 
 def read_card(run_dir: str | Path) -> dict[str, Any]:
-    """A run's model_card.json (ValueError when the run has none)."""
+    """A run's model_card.json (StewardError when the run has none)."""
     path = Path(run_dir) / CARD_JSON
     if not path.exists():
-        raise ValueError(f"{run_dir}: no {CARD_JSON}; cards are written when training finishes (steward train)")
+        raise StewardError(f"{run_dir}: no {CARD_JSON}; cards are written when training finishes (steward train)")
     return json.loads(path.read_text())
 
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import Field, ValidationError
 
+from steward.errors import StewardError
 from steward.spec.base import Section
 from steward.spec.governance import CARD_FIELDS
 
@@ -73,7 +74,7 @@ class Violation:
         return {"rule": self.rule, "field": self.field, "message": self.message, "fix": self.fix}
 
 
-class PolicyViolation(ValueError):
+class PolicyViolation(StewardError):
     """A spec the policy in force does not allow; carries every violation."""
 
     def __init__(self, source: str, policy: "LoadedPolicy", violations: list[Violation]):
@@ -101,16 +102,19 @@ def policy_file(option: str | Path | None = None) -> Path | None:
     if chosen:
         path = Path(chosen)
         if not path.is_file():
-            raise FileNotFoundError(f"policy file {path} does not exist (from --policy or ${ENV_POLICY})")
+            raise StewardError(f"policy file {path} does not exist (from --policy or ${ENV_POLICY})")
         return path
     default = Path(DEFAULT_FILE)
     return default if default.is_file() else None
 
 
 def load_policy(path: str | Path) -> LoadedPolicy:
-    """Read and validate a policy YAML; ValueError naming every bad rule."""
+    """Read and validate a policy YAML; StewardError naming every bad rule."""
     path = Path(path)
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise StewardError(f"{path}: cannot read the policy file ({err}); give a readable UTF-8 YAML file") from None
     try:
         policy = Policy.model_validate(yaml.safe_load(text) or {})
     except ValidationError as err:
@@ -118,9 +122,9 @@ def load_policy(path: str | Path) -> LoadedPolicy:
             f"  - {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg'].removeprefix('Value error, ')}"
             for e in err.errors()
         )
-        raise ValueError(f"{path}: not a valid policy (see cluster/policy.example.yaml)\n{problems}") from None
+        raise StewardError(f"{path}: not a valid policy (see cluster/policy.example.yaml)\n{problems}") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: malformed YAML: {err}") from None
+        raise StewardError(f"{path}: malformed YAML: {err}") from None
     return LoadedPolicy(policy, path.resolve(), hashlib.sha256(text.encode()).hexdigest())
 
 
@@ -307,7 +311,7 @@ def explain(policy: Policy) -> list[tuple[str, Any, str]]:
 def admit(spec: "JobSpec", option: str | Path | None, action: str, source: str) -> LoadedPolicy | None:
     """Check `spec` against the policy in force before `action` (validate, train, tune, run, serve) starts.
 
-    Records `policy.violation` (and raises PolicyViolation, a ValueError: exit 2) or `spec.validated` in the
+    Records `policy.violation` (and raises PolicyViolation, a StewardError: exit 2) or `spec.validated` in the
     audit log under the spec's output_dir. Returns the policy in force, or None when there is none.
     """
     from steward.govern import audit

@@ -3,6 +3,7 @@
 from torch import Tensor, nn
 
 from steward.data.info import DataInfo
+from steward.errors import StewardError
 from steward.spec.model import CNNParams
 
 # The feature map is pooled to at most this size before the head: it keeps the coarse layout
@@ -17,7 +18,7 @@ def image_geometry(info: DataInfo) -> tuple[int, int, int]:
         return 1, shape[0], shape[1]
     if len(shape) == 3:
         return shape[0], shape[1], shape[2]
-    raise ValueError(f"data.input_shape: images need (H, W) or (C, H, W), got {shape}")
+    raise StewardError(f"data.input_shape: images need (H, W) or (C, H, W), got {shape}")
 
 
 def conv_block(in_channels: int, out_channels: int, kernel_size: int, pool: bool) -> nn.Sequential:
@@ -86,7 +87,7 @@ def cnn_problems(params: CNNParams, info: DataInfo) -> list[str]:
         return []  # the family/modality mismatch is reported once, by the registry
     try:
         _, height, width = image_geometry(info)
-    except ValueError as error:
+    except StewardError as error:
         return [str(error)]
     if params.kernel_size > min(height, width):
         return [

@@ -4,6 +4,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from steward.data.info import DataInfo
+from steward.errors import StewardError
 from steward.spec.model import LSTMParams
 
 
@@ -14,7 +15,7 @@ def numeric_input_size(info: DataInfo) -> int:
         return shape[1]
     if info.modality == "image" and len(shape) in (2, 3):
         return shape[-1] * (shape[0] if len(shape) == 3 else 1)
-    raise ValueError(f"data.input_shape: an LSTM needs (T, F) sequences or (H, W) images, got {shape}")
+    raise StewardError(f"data.input_shape: an LSTM needs (T, F) sequences or (H, W) images, got {shape}")
 
 
 class LSTMClassifier(nn.Module):
@@ -102,6 +103,6 @@ def lstm_problems(params: LSTMParams, info: DataInfo) -> list[str]:
         return []
     try:
         numeric_input_size(info)
-    except ValueError as error:
+    except StewardError as error:
         return [str(error)]
     return []

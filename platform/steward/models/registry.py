@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from steward.data.info import DataInfo
+from steward.errors import StewardError
 from steward.models.cnn import build_cnn, cnn_problems
 from steward.models.lstm import build_lstm, lstm_problems
 from steward.spec.model import ModelSpec
@@ -21,12 +22,12 @@ def build_model(model: ModelSpec, info: DataInfo, config_dir: str | Path | None 
     Every model's forward(inputs, attention_mask=None) returns logits: [B, num_classes] for classification,
     [B, L, vocab_size] for causal_lm. `config_dir` (transformers only) rebuilds a saved model from its
     Hugging Face config with random weights, without needing the original pretrained folder.
-    Raises ValueError listing every problem `check_fits` finds.
+    Raises StewardError listing every problem `check_fits` finds.
     """
     # A saved model is rebuilt from its own config, so the pretrained source need not exist any more.
     problems = check_fits(model, info) if config_dir is None else _general_problems(model, info)
     if problems:
-        raise ValueError("model does not fit the data:\n  - " + "\n  - ".join(problems))
+        raise StewardError("model does not fit the data:\n  - " + "\n  - ".join(problems))
     if model.family == "cnn":
         return build_cnn(model.params, info)
     if model.family == "lstm":

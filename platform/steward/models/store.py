@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from steward.data.info import DataInfo
+from steward.errors import StewardError
 from steward.models.registry import build_model, count_parameters
 from steward.spec.model import ModelSpec
 
@@ -62,7 +63,7 @@ def load_model(out_dir: str | Path) -> tuple[nn.Module, ModelSpec, DataInfo]:
     out = Path(out_dir)
     for name in (METADATA, WEIGHTS):
         if not (out / name).is_file():
-            raise FileNotFoundError(f"load_model: {out / name} is missing; point at a folder save_model wrote")
+            raise StewardError(f"load_model: {out / name} is missing; point at a folder save_model wrote")
     metadata = json.loads((out / METADATA).read_text())
     spec = TypeAdapter(ModelSpec).validate_python(metadata["model"])
     info = DataInfo.from_dict(metadata["data"])

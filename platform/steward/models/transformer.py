@@ -14,6 +14,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from steward.data.info import DataInfo
+from steward.errors import StewardError
 from steward.spec.model import TransformerParams
 
 # Architectures name the same knob differently (GPT-2: n_embd, n_layer, n_inner; DistilBERT: dim,
@@ -62,7 +63,7 @@ def _architecture_defaults(model_type: str) -> PreTrainedConfig:
     try:
         return AutoConfig.for_model(model_type)
     except ValueError:
-        raise ValueError(
+        raise StewardError(
             f"model.params.model_type: unknown Hugging Face architecture {model_type!r}; "
             "use one such as bert, gpt2, distilbert or llama"
         ) from None
@@ -85,7 +86,7 @@ def scratch_config(params: TransformerParams, task: str, info: DataInfo) -> PreT
     for knob, names in SIZE_NAMES.items():
         name = next((n for n in names if hasattr(defaults, n)), None)
         if name is None:
-            raise ValueError(
+            raise StewardError(
                 f"model.params.{knob}: {params.model_type} has no setting we recognise for it; "
                 "set the architecture's own name in model.params.config_overrides"
             )
@@ -112,7 +113,7 @@ def pretrained_config(params: TransformerParams, task: str, info: DataInfo) -> P
     try:
         config = AutoConfig.from_pretrained(str(params.pretrained))
     except (OSError, ValueError) as error:
-        raise ValueError(
+        raise StewardError(
             f"model.params.pretrained: cannot read a Hugging Face config from {params.pretrained!r} ({error}); "
             "give a folder holding config.json or a hub id already in the local cache"
         ) from None
@@ -132,16 +133,14 @@ def pretrained_config(params: TransformerParams, task: str, info: DataInfo) -> P
 def resolve_config(params: TransformerParams, task: str, info: DataInfo) -> PreTrainedConfig:
     """The config `build_transformer` would use, without building weights.
 
-    Raises ValueError naming the field: the config's own type checks reject bad config_overrides.
+    Raises StewardError naming the field: the config's own type checks reject bad config_overrides.
     """
     try:
         if params.pretrained:
             return pretrained_config(params, task, info)
         return scratch_config(params, task, info)
     except (ValueError, TypeError, StrictDataclassError) as error:
-        if str(error).startswith("model."):
-            raise
-        raise ValueError(f"model.params.config_overrides: {' '.join(str(error).split())}") from None
+        raise StewardError(f"model.params.config_overrides: {' '.join(str(error).split())}") from None
 
 
 def _auto_class(task: str) -> Any:
@@ -183,7 +182,7 @@ def transformer_problems(params: TransformerParams, task: str, info: DataInfo) -
         return ["data.tokenizer: text data has no vocab_size; a Transformer needs it to size its embedding"]
     try:
         config = resolve_config(params, task, info)
-    except ValueError as error:
+    except StewardError as error:
         return [str(error)]
     # A pretrained model's limits come from its checkpoint; a new one's only from config_overrides.
     source = "model.params.pretrained" if params.pretrained else "model.params.config_overrides"

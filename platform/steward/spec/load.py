@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
+from steward.errors import StewardError
 from steward.spec.base import coerce_exponent, set_dotted
 from steward.spec.job import JobSpec
 
@@ -30,7 +31,7 @@ class Problem:
         return f"{self.path or '<root>'} [{where}]: {self.message}{shown}"
 
 
-class SpecError(ValueError):
+class SpecError(StewardError):
     """A spec that cannot run; carries every problem found, not only the first."""
 
     def __init__(self, source: str, problems: list[Problem]):
