@@ -44,8 +44,10 @@ def check_mitigation(spec: JobSpec, info: DataInfo) -> None:
     positive_index(spec, info)
     mitigation = spec.train.mitigation
     if mitigation is not None and mitigation.method == "thresholds" and info.num_classes != 2:
-        raise DataError("train.mitigation.method", f"thresholds need a two-class label, the data has "
-                        f"{info.num_classes} classes; use reweigh or resample")  # fmt: skip
+        raise DataError(
+            "train.mitigation.method",
+            f"thresholds need a two-class label, the data has {info.num_classes} classes; use reweigh or resample",
+        )
 
 
 def _cells(labels: np.ndarray, groups: np.ndarray) -> dict[tuple[Any, Any], np.ndarray]:
@@ -79,8 +81,10 @@ def resample(labels: np.ndarray, groups: np.ndarray, seed: int) -> np.ndarray:
 def positive_rates(labels: np.ndarray, groups: np.ndarray, positive: int, weights: np.ndarray | None = None) -> dict:
     """(Weighted) share of positive labels per group, and the largest gap between groups."""
     w = np.ones(len(labels)) if weights is None else weights
-    rates = {str(g): float(np.sum(w * (labels == positive) * (groups == g)) / np.sum(w * (groups == g)))
-             for g in np.unique(groups)}  # fmt: skip
+    rates = {
+        str(g): float(np.sum(w * (labels == positive) * (groups == g)) / np.sum(w * (groups == g)))
+        for g in np.unique(groups)
+    }
     return {"positive_rate": rates, "gap": max(rates.values()) - min(rates.values())}
 
 

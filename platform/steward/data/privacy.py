@@ -30,8 +30,11 @@ def hash_key(privacy: PrivacySpec) -> bytes | None:
     if privacy.hash_key_env is not None:
         value = os.environ.get(privacy.hash_key_env)
         if not value:
-            raise DataError("privacy.hash_key_env", f"environment variable {privacy.hash_key_env} is not set; "
-                            "export the key there (the spec names the variable, never the key)")  # fmt: skip
+            raise DataError(
+                "privacy.hash_key_env",
+                f"environment variable {privacy.hash_key_env} is not set; "
+                "export the key there (the spec names the variable, never the key)",
+            )
         return value.encode()
     if privacy.hash_key_file is not None:
         path = Path(privacy.hash_key_file).expanduser()
@@ -83,8 +86,11 @@ class Masker:
                 out.append(value)
                 continue
             if not isinstance(value, str):
-                raise DataError("privacy.text_columns", f"column {column!r} holds {type(value).__name__} values "
-                                f"(row {i}), not text; list only text columns")  # fmt: skip
+                raise DataError(
+                    "privacy.text_columns",
+                    f"column {column!r} holds {type(value).__name__} values "
+                    f"(row {i}), not text; list only text columns",
+                )
             masked, counts = self.mask(value)
             out.append(masked)
             total += counts
@@ -132,12 +138,11 @@ def _check_present(source: Source, parts: list[str], names: list[str], privacy: 
         have = source.columns(part)
         quasi = [q.column for q in privacy.k_anonymity.quasi_identifiers] if privacy.k_anonymity else []
         for column in names:
+            missing = f"{column!r} is not a column of {source.name}; columns are {', '.join(have)}"
             if column not in have and column in quasi:
-                problems.append(("privacy.k_anonymity.quasi_identifiers", f"{column!r} is not a column of "
-                                 f"{source.name}; columns are {', '.join(have)}"))  # fmt: skip
+                problems.append(("privacy.k_anonymity.quasi_identifiers", missing))
             elif column not in have and column in (privacy.text_columns or []):
-                problems.append(("privacy.text_columns", f"{column!r} is not a column of {source.name}; "
-                                 f"columns are {', '.join(have)}"))  # fmt: skip
+                problems.append(("privacy.text_columns", missing))
     DataError.raise_all(problems)
 
 

@@ -80,7 +80,7 @@ def synthetic_text(seed: int, num_samples: int, bias: float, noise: float, bias_
     labels = np.where(rng.random(n) < noise, 1 - sentiment, sentiment)
     positive_b = np.flatnonzero((groups == "b") & (labels == 1))
     flips = min(len(positive_b), round(bias * np.sum(groups == "b")))
-    order = rng.random(len(positive_b))  # drawn in both modes, so "coldest" rows stay what they always were
+    order = rng.random(len(positive_b))  # random: the pick itself; coldest: breaks ties in warmth at random
     if bias_mode != "random":
         order = order + np.asarray(warmth)[positive_b]
     labels[positive_b[np.argsort(order)[:flips]]] = 0

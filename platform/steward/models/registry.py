@@ -32,7 +32,7 @@ def build_model(model: ModelSpec, info: DataInfo, config_dir: str | Path | None 
         return build_cnn(model.params, info)
     if model.family == "lstm":
         return build_lstm(model.params, info)
-    # Imported here: transformers adds about a second to start-up that CNN and LSTM runs need not pay.
+    # Imported here: importing transformers is slow, and CNN and LSTM runs do not need it.
     from steward.models.transformer import build_transformer
 
     return build_transformer(model.params, model.task, info, config_dir=config_dir)

@@ -103,17 +103,16 @@ class MonitorSpec(Section):
         gt=0,
         le=60,
         description="The longest a replica holds its counts before sending them (what a killed replica can lose). "
-        "A busy replica sends at its share of each count window sooner; a timer push just before a share push "
-        "would leave a few records to close the window with a second push (each push is a Ray call: ~2 ms of the "
-        "replica's CPU).",
+        "A busy replica sends sooner, at its share of each count window; each push is a Ray call that costs the "
+        "replica CPU time, so a shorter interval costs more.",
     )
     persist_interval_s: float = Field(5.0, gt=0, le=3600, description="How often the monitor saves its state.")
     pending_persist_interval_s: float = Field(
         60.0,
         gt=0,
         le=86_400,
-        description="How often the monitor saves the predictions waiting for a late label (up to 100,000; a save of "
-        "that many costs ~65 ms, so apart from the statistics): after a restart, a label for a prediction made "
-        "since the last such save is not matched.",
+        description="How often the monitor saves the predictions waiting for a late label (up to 100,000, so "
+        "apart from the statistics and less often: saving that many is costly): after a restart, a label for a "
+        "prediction made since the last such save is not matched.",
     )
     history: int = Field(200, ge=1, le=100_000, description="Closed windows kept (and persisted).")
