@@ -1,6 +1,7 @@
 """Helpers for the serving tests: real trained runs made fast (plain torch, no Ray Train), one Serve per module,
 deploying, offline predictions to compare with, and polling."""
 
+import contextlib
 import shutil
 import time
 from dataclasses import replace
@@ -19,33 +20,59 @@ from steward.spec import load_job
 from steward.spec.serve import ServeSpec
 from tests.conftest import JOBS
 
+# Training's own workers run one torch thread each (distributed.cpus_per_worker: 1); a CPU kernel's summation
+# order, and so the trained weights, depends on the thread count.
+THREADS = 1
+
+
+@contextlib.contextmanager
+def deterministic_torch(seed: int, threads: int = THREADS):
+    """torch seeded, on `threads` threads, deterministic algorithms only; the caller's settings and RNG come back.
+
+    Whatever ran before (a test that set torch to 1 thread, one that drew from the global RNG) changes nothing
+    inside, and nothing inside leaks out to the tests after.
+    """
+    saved = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(saved[0])
+            torch.use_deterministic_algorithms(saved[1], warn_only=warn_only)
+
 
 def trained_run(tmp_path, job: str, *overrides: str, epochs: int = 3, lr: float = 3e-3):
     """A succeeded run folder shaped exactly like training's: spec.yaml, status, model/ (+ tokenizer), metrics.
 
     The model is trained in-process with plain torch for a few epochs: real weights and real accuracy, seconds
-    instead of a Ray Train job. Returns (spec, run_dir).
+    instead of a Ray Train job. The same arguments give the same weights whatever ran before (seeded, fixed
+    threads; the batches are in row order) -- except for text jobs, whose trained WordPiece/BPE vocabulary
+    differs from one training to the next (huggingface/tokenizers#1794). Returns (spec, run_dir).
     """
     spec = load_job(JOBS / job, [f"output_dir={tmp_path / 'runs'}", *overrides])
-    run_dir = create_run(spec)
-    info = prepare_data(spec, run_dir)
-    torch.manual_seed(spec.seed)
-    model = build_model(spec.model, info)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    train = load_splits(spec, info)["train"]
-    for _ in range(epochs):
-        model.train()
-        for batch in train.batches(32):
-            loss = task_loss(spec.model.task, model(batch["inputs"], batch.get("attention_mask")), batch["labels"])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    exported = info
-    if info.tokenizer_dir:
-        shutil.copytree(info.tokenizer_dir, run_dir / "model" / "tokenizer")
-        exported = replace(info, tokenizer_dir="tokenizer")
-    save_model(run_dir / "model", model.eval(), model.state_dict(), spec.model, exported)
-    result = evaluate_run(run_dir, spec)
+    with deterministic_torch(spec.seed):
+        run_dir = create_run(spec)
+        info = prepare_data(spec, run_dir)
+        model = build_model(spec.model, info)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        train = load_splits(spec, info)["train"]
+        for _ in range(epochs):
+            model.train()
+            for batch in train.batches(32):
+                loss = task_loss(spec.model.task, model(batch["inputs"], batch.get("attention_mask")), batch["labels"])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        exported = info
+        if info.tokenizer_dir:
+            shutil.copytree(info.tokenizer_dir, run_dir / "model" / "tokenizer")
+            exported = replace(info, tokenizer_dir="tokenizer")
+        save_model(run_dir / "model", model.eval(), model.state_dict(), spec.model, exported)
+        result = evaluate_run(run_dir, spec)
     set_status(run_dir, "succeeded", headline=result["overall"])
     return spec, run_dir
 

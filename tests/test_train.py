@@ -10,14 +10,16 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from steward.data import load_splits, prepare_data
-from steward.evaluate import evaluate_model, evaluate_target, load_servable
+from steward.evaluate import evaluate_model, load_servable
 from steward.runs import create_run
 from steward.spec import load_job
+from steward.stages import evaluate_target, train_model
 from steward.train.curves import read_history
-from steward.train.launch import train_job
 from tests.conftest import JOBS
+from tests.serving import trained_run
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +29,7 @@ SMALL = ["data.batch_size=16", "train.log_every_steps=1", "train.scheduler.warmu
 def train(tmp_path, job, *overrides, run_dir=None):
     spec = load_job(JOBS / job, [f"output_dir={tmp_path}", *overrides])
     run_dir = run_dir or create_run(spec)
-    result = train_job(spec, run_dir)
+    result = train_model(spec, run_dir)
     return spec, run_dir, result, read_history(run_dir / "history.jsonl")
 
 
@@ -142,7 +144,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):
                                                "train.epochs=30", "train.early_stopping=null"])  # fmt: skip
     run_dir = create_run(spec)
     outcome: list = []
-    worker = threading.Thread(target=lambda: outcome.append(train_job(spec, run_dir)))
+    worker = threading.Thread(target=lambda: outcome.append(train_model(spec, run_dir)))
     worker.start()
     deadline = time.monotonic() + 300
     while not [r for r in read_history(run_dir / "history.jsonl") if r["kind"] == "epoch" and r["epoch"] >= 3]:
@@ -176,7 +178,29 @@ def test_one_ddp_worker_on_a_jsonl_file_with_string_labels(ray_local, tmp_path):
     )
     spec = load_job(spec_file, [f"output_dir={tmp_path / 'runs'}"])
     run_dir = create_run(spec)
-    result = train_job(spec, run_dir)
+    result = train_model(spec, run_dir)
     assert result["overall"]["accuracy"] > 0.9, result
     _, info = load_servable(run_dir / "model")
     assert info.label_names == sorted(names) and info.modality == "image"
+
+
+@pytest.mark.parametrize(("job", "overrides"), [("quickstart.yaml", ["model.params.channels=[8,16]"]),
+                                                ("digits-lstm.yaml", ["model.params.hidden_size=32"])])  # fmt: skip
+def test_the_serving_tests_trained_run_gives_the_same_model_whatever_ran_before(tmp_path, job, overrides):
+    def trained_after(threads, seed, folder):
+        torch.set_num_threads(threads)  # what an earlier test may leave behind: its thread count, its RNG draws
+        torch.manual_seed(seed)
+        rng = torch.get_rng_state()
+        _, run_dir = trained_run(tmp_path / folder, job, *overrides, epochs=1)
+        # and trained_run leaves the caller's settings as they were
+        assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
+        return load_file(run_dir / "model" / "model.safetensors"), (run_dir / "metrics.json").read_text()
+
+    saved = torch.get_num_threads()
+    try:
+        (a, metrics_a), (b, metrics_b) = trained_after(2, 1, "a"), trained_after(1, 99, "b")
+    finally:
+        torch.set_num_threads(saved)
+    differ = [name for name in a if not torch.equal(a[name], b[name])]
+    assert a.keys() == b.keys() and not differ, differ
+    assert metrics_a == metrics_b
