@@ -38,6 +38,10 @@ class SpecError(StewardError):
         self.source, self.problems = source, problems
         super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
 
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        # A trial validates its spec in a Ray worker; the default reduce would pass only the joined message.
+        return (type(self), (self.source, self.problems))
+
 
 def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
     """Read a YAML job spec, apply `a.b.c=value` overrides and validate it; raise SpecError listing every problem."""
