@@ -14,7 +14,7 @@ from steward.govern.card import CARD_JSON, data_hash, validate_card
 from steward.runs import create_run, read_spec
 from steward.serve.deploy import FairnessGateFailed, deploy, stop
 from steward.spec import load_job
-from steward.train.launch import train_job
+from steward.stages import train_model
 from tests.conftest import JOBS
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,7 @@ def test_the_text_job_card_holds_its_per_group_numbers(ray_local, tmp_path):
             "model.params.intermediate_size=64", f"output_dir={tmp_path}", *DDP]  # fmt: skip
     spec = load_job(JOBS / "text-transformer.yaml", tiny)
     run_dir = create_run(spec)
-    metrics = train_job(spec, run_dir)
+    metrics = train_model(spec, run_dir)
     card = json.loads((run_dir / CARD_JSON).read_text())
     validate_card(card)
     assert card["quantitative_analyses"]["overall"] == metrics["overall"]

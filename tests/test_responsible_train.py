@@ -17,7 +17,7 @@ from steward.runs import create_run
 from steward.serve.model import load_served_model
 from steward.serve.protocol import BadRequest
 from steward.spec import load_job
-from steward.train.launch import train_job
+from steward.stages import train_model
 from tests.conftest import JOBS
 from tests.test_privacy import PII_ROWS, pii_job
 
@@ -31,7 +31,7 @@ def fair_text(tmp_path_factory, method):
     spec = load_job(JOBS / "fair-text.yaml", [f"train.mitigation.method={method}",
                                               f"output_dir={tmp_path_factory.mktemp(method)}"])  # fmt: skip
     run_dir = create_run(spec)
-    return spec, run_dir, train_job(spec, run_dir)
+    return spec, run_dir, train_model(spec, run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_no_raw_pii_reaches_the_run_folder(ray_local, tmp_path):
     privacy = {"mode": "hash", "modes": {"email": "replace"}, "hash_key_env": "PII_HASH_KEY", "drop_columns": ["ssn"]}
     spec = load_job(pii_job(tmp_path, privacy, rows=120), ["train.epochs=1", "distributed.strategy=ddp"])
     run_dir = create_run(spec)
-    metrics = train_job(spec, run_dir)
+    metrics = train_model(spec, run_dir)
     assert metrics["privacy"]["entities"]["text"] == {"email": 20, "phone": 20, "credit_card": 20, "iban": 20}
     raw_values = ["jane.roe@mail.com", "+44 20 7946 0958", "7946", "4111 1111 1111 1111", "4111",
                   "GB82 WEST 1234 5698 7654 32", "west", "run-folder-key", "-45-6789"]  # fmt: skip

@@ -12,8 +12,8 @@ import pytest
 
 from steward.runs import create_run
 from steward.spec import load_job
+from steward.stages import keep_sweep_model, train_model
 from steward.train.curves import read_history
-from steward.train.launch import train_job
 from steward.tune.finish import tune_job
 from steward.tune.launch import TRIALS
 from tests.conftest import JOBS, ROOT
@@ -24,8 +24,9 @@ pytestmark = pytest.mark.slow
 def sweep(tmp_path, job, *overrides):
     spec = load_job(JOBS / job, [f"output_dir={tmp_path}", *overrides])
     run_dir = create_run(spec)
-    result, rows, best = tune_job(spec, run_dir)
-    return spec, run_dir, result, rows, best
+    found = tune_job(spec, run_dir)
+    result = keep_sweep_model(spec, found, run_dir)
+    return spec, run_dir, result, found.rows, found.best
 
 
 def starts(run_dir, trial_id):
@@ -53,7 +54,7 @@ def test_asha_stops_trials_early_and_best_yaml_retrains_to_the_reported_metric(r
     again = load_job(run_dir / "best.yaml", [f"output_dir={tmp_path / 'again'}"])
     assert again.tune is None and again.train.optimizer.lr == best.config["train.optimizer.lr"]
     retrain_dir = create_run(again)
-    train_job(again, retrain_dir)
+    train_model(again, retrain_dir)
     final = [r for r in read_history(retrain_dir / "history.jsonl") if r["kind"] == "epoch"][-1]
     # Same seed, data, config and single worker: only float summation order may differ; 0.02 is ~4 of 179 rows.
     assert abs(final["val_accuracy"] - best.metric) <= 0.02, (final["val_accuracy"], best.metric)

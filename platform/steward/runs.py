@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from steward import storage
+from steward.errors import StewardError
 from steward.spec import JobSpec
 
 STATUS = storage.STATUS
@@ -62,25 +63,25 @@ def resume_run(job: JobSpec, target: str, kind: str) -> tuple[JobSpec, Path]:
 
     A URI (cluster storage) is downloaded to its staging folder, checkpoints left behind (Ray reads them from the
     URI), and the spec's output_dir becomes the storage holding the run, so what the run writes next is published
-    there again. Raises ValueError naming --resume and the fix when the run cannot be continued.
+    there again. Raises StewardError naming --resume and the fix when the run cannot be continued.
     """
     uri = storage.is_uri(target)
     if uri:
         job = job.model_copy(update={"output_dir": _storage_of(target, job.name)})
     run_dir = _stage_for_resume(target) if uri else Path(target)
     if not (run_dir / "spec.yaml").exists():
-        raise ValueError(f"--resume {target}: not a run folder (no spec.yaml); pass <output_dir>/<name>/<run-id>")
+        raise StewardError(f"--resume {target}: not a run folder (no spec.yaml); pass <output_dir>/<name>/<run-id>")
     sections = ("data", "model", "distributed", "tune") if kind == "sweep" else ("data", "model", "distributed")
     before = read_spec(run_dir)
     changed = [s for s in sections if getattr(before, s) != getattr(job, s)]
     if changed:
-        raise ValueError(f"--resume {target}: the spec's {', '.join(changed)} differ from the run's; "
+        raise StewardError(f"--resume {target}: the spec's {', '.join(changed)} differ from the run's; "
                          "only train settings (e.g. train.epochs) may change when resuming")  # fmt: skip
     marker = RESUMABLE[kind]
     found = storage.exists(storage.join(target, marker), "--resume") if uri else (run_dir / marker).exists()
     if not found:
         what, verb = ("no checkpoint", "train") if kind == "train" else ("no saved sweep state", "tune")
-        raise ValueError(f"--resume {target}: {what} to continue from ({marker} is missing); start a new run "
+        raise StewardError(f"--resume {target}: {what} to continue from ({marker} is missing); start a new run "
                          f"instead (`steward {verb} SPEC` without --resume)")  # fmt: skip
     return job, run_dir.resolve()
 
@@ -90,16 +91,16 @@ def _storage_of(uri: str, name: str) -> str:
     split = urlsplit(uri)
     parts = split.path.rstrip("/").split("/")
     if len(parts) < 2 or not parts[-1] or parts[-2] != name:
-        raise ValueError(f"--resume {uri}: not a run of this spec's `{name}`; pass <output_dir>/{name}/<run-id> "
+        raise StewardError(f"--resume {uri}: not a run of this spec's `{name}`; pass <output_dir>/{name}/<run-id> "
                          "(`steward runs --storage URI` lists the runs there)")  # fmt: skip
     return urlunsplit(split._replace(path="/".join(parts[:-2])))
 
 
 def _stage_for_resume(uri: str) -> Path:
-    """Download the run folder at `uri` (no checkpoints) to a fresh staging folder; ValueError if there is no run."""
+    """Download the run folder at `uri` (no checkpoints) to a fresh staging folder; StewardError if there is no run."""
     storage.check_reachable(uri, "--resume")
     if storage.read_text(storage.join(uri, STATUS), "--resume") is None:
-        raise ValueError(f"--resume {uri}: no run there (no {STATUS}); `steward runs --storage URI` lists the runs")
+        raise StewardError(f"--resume {uri}: no run there (no {STATUS}); `steward runs --storage URI` lists the runs")
     local = storage.staging_dir(uri)
     shutil.rmtree(local, ignore_errors=True)  # a stale copy must not mix with the run as stored now
     storage.download(uri, local)

@@ -7,13 +7,16 @@ from urllib.parse import urlparse
 import aiohttp
 import numpy as np
 
+from steward.errors import RunFailed
 from steward.spec.bench import LoadSpec
 
 LOCAL = ("127.0.0.1", "localhost", "::1")
 
 
-class LoadError(ValueError):
+class LoadError(RunFailed):
     """The endpoint refused or failed a request during a measurement."""
+
+    what = "benchmark failed"
 
 
 async def _level(url: str, bodies: list[dict], concurrency: int, load: LoadSpec) -> dict:

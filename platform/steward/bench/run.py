@@ -14,8 +14,10 @@ from steward.bench.machine import manifest, matmul_ceiling
 from steward.bench.report import live_table, summarise, write_report
 from steward.bench.serve import run_serve_cell, training_key
 from steward.bench.train import run_train_cell
+from steward.ray_env import connect
 from steward.runs import create_run, set_status
 from steward.spec import JobSpec
+from steward.stages import train_model
 
 
 def bench_job(spec: JobSpec, run_dir: Path, address: str | None, console: Console) -> dict:
@@ -23,13 +25,8 @@ def bench_job(spec: JobSpec, run_dir: Path, address: str | None, console: Consol
 
     bench.json is rewritten after every run, so an interrupted benchmark keeps what it measured.
     """
-    from steward.serve.deploy import prefer_high_throughput
-    from steward.train.launch import connect
-
     assert spec.bench is not None
     cells = matrix_cells(spec)
-    if spec.bench.serving:
-        prefer_high_throughput(spec.serve)  # before the embedded Ray starts, as `steward serve` does
     result: dict[str, Any] = {
         "name": spec.name,
         "measure": spec.bench.measure,
@@ -83,12 +80,10 @@ class CellRunner:
         return measured
 
     def _trained_run(self, variant: JobSpec) -> Path:
-        from steward.train.launch import train_job
-
         key = training_key(variant)
         if key not in self.trained:
             run_dir = create_run(variant)
-            result = train_job(variant, run_dir)
+            result = train_model(variant, run_dir)
             set_status(run_dir, "succeeded", headline=result["overall"])
             self.trained[key] = run_dir
         return self.trained[key]

@@ -9,14 +9,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from steward.bench.memory import zero_model_state_bytes
 from steward.data import DataInfo, load_splits
+from steward.errors import StewardError
 from steward.models import build_model, count_parameters, task_loss
+from steward.ray_env import check_resources
 from steward.runs import create_run, set_status, spec_hash
 from steward.spec import JobSpec
 from steward.train.curves import read_history
-from steward.train.launch import TrainingError, build_trainer, check_resources, prepare, root_cause
+from steward.train.launch import TrainingError, build_trainer, prepare, root_cause
 
 
-class BenchError(ValueError):
+class BenchError(StewardError):
     """A cell that cannot be measured as asked; says which setting to change."""
 
 

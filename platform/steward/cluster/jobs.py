@@ -9,19 +9,29 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from steward.cluster.package import Deps, package_job
+from steward.errors import ClusterUnreachable, RunFailed, StewardError
+from steward.ray_env import resource_problem
 from steward.spec import JobSpec
-from steward.train.launch import resource_problem
 
 Stage = Literal["train", "tune", "serve", "run"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TAIL_LINES = 20  # log lines shown with a failed job
 # Ray's own internals in a job's log (a dying raylet floods it with its state dump and event lines).
 RAY_NOISE = re.compile(r"^(\[state-dump\]|\[\d{4}-\d\d-\d\d [\d:,]+ \w \d+ \d+\] \((raylet|gcs_server)\))")
-STEWARD_ERRORS = ("error: ", "training failed: ", "deploy failed: ")  # what steward.commands prints, one line each
+STEWARD_ERRORS = (
+    "error: ",
+    "training failed: ",
+    "sweep failed: ",
+    "deploy failed: ",
+    "bug: ",
+    "interrupted: ",
+)  # what steward.cli.common prints
 
 
-class JobFailed(RuntimeError):
+class JobFailed(RunFailed):
     """A cluster job ended FAILED or STOPPED; the message holds Ray's reason and the job's last log lines."""
+
+    what = None
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,7 @@ def jobs_address(address: str | None) -> str:
 
 
 def client(address: str | None) -> Any:
-    """A JobSubmissionClient for the cluster at `address`; ValueError saying what to do when nothing answers."""
+    """A JobSubmissionClient for the cluster at `address`; ClusterUnreachable saying what to do when nothing answers."""
     from ray.job_submission import JobSubmissionClient
 
     url = jobs_address(address)
@@ -49,7 +59,7 @@ def client(address: str | None) -> Any:
         return JobSubmissionClient(url)
     except (ConnectionError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
+        raise ClusterUnreachable(
             f"--address {url}: cannot reach a Ray Jobs API there ({reason}); check the head's dashboard address "
             "(http://HEAD:8265) and that the cluster is up (cluster/local-up.sh, `ray start --head`)"
         ) from None
@@ -66,13 +76,13 @@ def entrypoint(stage: Stage, port: int = 8000) -> str:
 def check_stage(spec: JobSpec, stage: Stage) -> None:
     """Refuse a stage the spec has no section for, before anything is uploaded."""
     if stage == "tune" and spec.tune is None:
-        raise ValueError("--stage tune: the spec has no `tune` section; add one or submit --stage train")
+        raise StewardError("--stage tune: the spec has no `tune` section; add one or submit --stage train")
     if stage == "serve" and spec.serve is None:
-        raise ValueError("--stage serve: the spec has no `serve` section; add one (e.g. serve: {route_prefix: /x})")
+        raise StewardError("--stage serve: the spec has no `serve` section; add one (e.g. serve: {route_prefix: /x})")
 
 
 def check_cluster_resources(spec: JobSpec, address: str, stage: Stage) -> None:
-    """Compare what the spec's workers ask for with the cluster's alive nodes, before submitting (ValueError)."""
+    """Compare what the spec's workers ask for with the cluster's alive nodes, before submitting (StewardError)."""
     if stage == "serve":
         return
     from ray.util.state import list_nodes
@@ -83,7 +93,7 @@ def check_cluster_resources(spec: JobSpec, address: str, stage: Stage) -> None:
             have[kind] = have.get(kind, 0.0) + amount
     problem = resource_problem(spec, have)
     if problem:
-        raise ValueError(f"{problem} (cluster at {address})")
+        raise StewardError(f"{problem} (cluster at {address})")
 
 
 def submit(spec: JobSpec, stage: Stage, address: str | None, deps: Deps = "pip", port: int = 8000) -> Submitted:
@@ -106,13 +116,15 @@ def submit(spec: JobSpec, stage: Stage, address: str | None, deps: Deps = "pip",
 
 
 def job_info(address: str | None, job_id: str) -> Any:
-    """The job's JobDetails; ValueError when the cluster has no such job."""
+    """The job's JobDetails; StewardError when the cluster has no such job."""
     jobs = client(address)
     try:
         return jobs.get_job_info(job_id)
     except RuntimeError as err:
         if "does not exist" in str(err) or "404" in str(err):
-            raise ValueError(f"no job {job_id!r} on {jobs_address(address)}; `steward jobs list` shows them") from None
+            raise StewardError(
+                f"no job {job_id!r} on {jobs_address(address)}; `steward jobs list` shows them"
+            ) from None
         raise
 
 

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import yaml
 
+from steward.errors import StewardError
 from steward.spec import JobSpec
 from steward.storage import is_uri
 
@@ -69,7 +70,9 @@ def ray_service(spec: JobSpec, name: str, image: str, run_dir: str | None) -> di
     from steward.serve.deploy import APP_BUILDER, app_name
 
     if spec.serve is None:
-        raise ValueError("--kind rayservice: the spec has no `serve` section; add one (e.g. serve: {route_prefix: /x})")
+        raise StewardError(
+            "--kind rayservice: the spec has no `serve` section; add one (e.g. serve: {route_prefix: /x})"
+        )
     cfg = spec.serve
     app = {
         "name": app_name(spec),

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 import steward
+from steward.errors import StewardError
 from steward.spec import JobSpec
 from steward.storage import is_uri, open_uri
 
@@ -47,7 +48,7 @@ class Package:
 
 
 def package_job(spec: JobSpec, deps: Deps = "pip", env_vars: dict[str, str] | None = None) -> Package:
-    """Stage `spec` (already validated) for the cluster; ValueError when it cannot run there or is too large."""
+    """Stage `spec` (already validated) for the cluster; StewardError when it cannot run there or is too large."""
     check_output_dir(spec)
     workdir = Path(tempfile.mkdtemp(prefix="steward-job-"))
     try:
@@ -77,7 +78,7 @@ def check_output_dir(spec: JobSpec) -> None:
         open_uri(out, "output_dir")
         return
     if not Path(out).is_absolute():
-        raise ValueError(
+        raise StewardError(
             f"output_dir {out!r} is relative: on the cluster it would land in the job's temporary working_dir and "
             "vanish with it; pass --storage /shared/runs (a folder every node mounts) or --storage s3://bucket/runs"
         )
@@ -116,7 +117,7 @@ def _installed(path: str) -> str | None:
 
 
 def check_size(*folders: Path) -> int:
-    """Zip the folders as Ray will and return the bytes; ValueError naming the largest files above Ray's limit."""
+    """Zip the folders as Ray will and return the bytes; StewardError naming the largest files above Ray's limit."""
     files = [f for folder in folders for f in folder.rglob("*") if f.is_file() and not _excluded(f, folder)]
     with tempfile.TemporaryFile() as raw:
         with zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -126,7 +127,7 @@ def check_size(*folders: Path) -> int:
     if size >= PACKAGE_LIMIT:
         largest = sorted(files, key=lambda f: f.stat().st_size, reverse=True)[:3]
         shown = ", ".join(f"{f.name} ({f.stat().st_size / 2**20:.0f} MiB)" for f in largest)
-        raise ValueError(
+        raise StewardError(
             f"the job package is {size / 2**20:.0f} MiB, above Ray's runtime_env limit of "
             f"{PACKAGE_LIMIT / 2**20:.0f} MiB; largest files: {shown}. Put large data and models on shared storage "
             "or a bucket the cluster reads (hf:, an absolute shared path) instead of shipping them with the job"

@@ -9,6 +9,7 @@ from torch import nn
 from steward.data import DataInfo, Split, load_splits
 from steward.data.mitigate import fairness_column, positive_index
 from steward.evaluate.fairness import fairness_metrics, gate, split_report
+from steward.evaluate.predict import predict
 from steward.evaluate.thresholds import Thresholds, adjust_logits, choose_thresholds, save_thresholds
 from steward.spec import JobSpec
 
@@ -74,8 +75,6 @@ def _accuracy(split_report: dict) -> float:
 
 def fit_thresholds(model: nn.Module, info: DataInfo, spec: JobSpec, model_dir: Path) -> Thresholds:
     """Choose per-group thresholds on the validation split for train.mitigation.target; save them beside the model."""
-    from steward.evaluate.run import predict
-
     assert spec.train.mitigation is not None
     column, positive = fairness_column(spec), positive_index(spec, info)
     assert column is not None

@@ -5,19 +5,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
-from steward.data import DataInfo, Split, load_splits
+from steward.data import DataInfo, load_splits
 from steward.data.privacy import REPORT_FILE
+from steward.errors import StewardError
 from steward.evaluate.metrics import compute_metrics
+from steward.evaluate.predict import predict
 from steward.evaluate.profile import capture_reference
 from steward.evaluate.report import fairness_result, fit_thresholds
 from steward.evaluate.thresholds import Thresholds, adjust_logits, load_thresholds
-from steward.models import build_model, load_model, task_loss
-from steward.runs import read_spec
+from steward.models import load_model
 from steward.spec import JobSpec
-from steward.train.checkpoint import STATE_FILE, consolidate_checkpoint
 
 
 def load_servable(model_dir: Path) -> tuple[nn.Module, DataInfo]:
@@ -26,19 +25,6 @@ def load_servable(model_dir: Path) -> tuple[nn.Module, DataInfo]:
     if info.tokenizer_dir and not Path(info.tokenizer_dir).is_absolute():
         info = replace(info, tokenizer_dir=str((Path(model_dir) / info.tokenizer_dir).resolve()))
     return model, info
-
-
-@torch.no_grad()
-def predict(model: nn.Module, data: Split, task: str, batch_size: int = 256) -> tuple[np.ndarray, ...]:
-    """Labels, logits (classification; empty for language models) and per-row losses of one split."""
-    labels, logits, losses = [], [], []
-    for batch in data.batches(batch_size):
-        out = model(batch["inputs"], batch.get("attention_mask")).float()
-        rows = [task_loss(task, out[i : i + 1], batch["labels"][i : i + 1]) for i in range(len(out))]
-        losses.append(torch.stack(rows))
-        labels.append(batch["labels"])
-        logits.append(out if task == "classification" else out[:, :0, 0])  # LM logits are not kept: too big
-    return tuple(torch.cat(t).numpy() for t in (labels, logits, losses))
 
 
 def evaluate(
@@ -57,7 +43,7 @@ def evaluate(
     splits = load_splits(spec, info)
     split = split or (spec.evaluate.split if spec.evaluate.split in splits else "validation")
     if split not in splits:
-        raise ValueError(f"evaluate.split: the data has no {split!r} split; it has {', '.join(splits)}")
+        raise StewardError(f"evaluate.split: the data has no {split!r} split; it has {', '.join(splits)}")
     data, task = splits[split], spec.model.task
     predicted = {split: predict(model, data, task, batch_size)}
     y, z, loss = predicted[split]
@@ -100,25 +86,6 @@ def run_thresholds(model: nn.Module, info: DataInfo, spec: JobSpec, model_dir: P
     if mitigation is None or mitigation.method != "thresholds":
         return None
     return load_thresholds(model_dir) or fit_thresholds(model, info, spec, model_dir)
-
-
-def evaluate_target(target: Path, spec: JobSpec | None = None, split: str | None = None) -> tuple[dict, Path]:
-    """Evaluate a run folder's model, a model folder, or one of a run's checkpoints; returns (metrics, run folder).
-
-    Without `spec`, the run's own resolved spec says which data to use.
-    """
-    if (target / "model.json").exists():  # a model folder
-        return evaluate_model(target, spec or read_spec(target.parent), split), target.parent
-    if (target / "model" / "model.json").exists():  # a run folder
-        return evaluate_model(target / "model", spec or read_spec(target), split), target
-    if (target / STATE_FILE).exists():  # a checkpoint: runs/<name>/<id>/train/checkpoint_*
-        run_dir = target.parent.parent
-        spec = spec or read_spec(run_dir)
-        info = DataInfo.from_dict(json.loads((run_dir / "data_info.json").read_text()))
-        model = build_model(spec.model, info)
-        model.load_state_dict(consolidate_checkpoint(target, spec.distributed.zero_stage))
-        return evaluate(model.eval(), info, spec, split), run_dir
-    raise ValueError(f"{target}: not a run folder, a model folder (model.json) or a checkpoint ({STATE_FILE})")
 
 
 def evaluate_run(run_dir: Path, spec: JobSpec) -> dict:

@@ -1,87 +1,27 @@
-"""Driver side of training: spec -> checks -> TorchTrainer on a local or remote Ray -> run folder artifacts."""
+"""Driver side of training: spec -> checks -> a TorchTrainer on the connected Ray, writing into the run folder."""
 
 import json
-import os
 import re
 from pathlib import Path
 
-import ray
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from steward import storage
 from steward.data import DataInfo, prepare_data
 from steward.data.mitigate import check_mitigation
-from steward.evaluate.run import evaluate_run
-from steward.govern.card import write_card
+from steward.errors import RunFailed, StewardError
 from steward.models import check_fits
+from steward.ray_env import check_resources, connect
 from steward.runs import publish, run_uri
 from steward.spec import JobSpec
-from steward.train.curves import plot_history
-from steward.train.loop import HISTORY, train_loop
-from steward.train.strategy import StrategyError, validate_deepspeed
+from steward.train.loop import train_loop
+from steward.train.strategy import validate_deepspeed
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RunFailed):
     """Training started but a worker failed; the message carries the root cause, not Ray's wrapping."""
 
-
-def worker_env(spec: JobSpec) -> dict[str, str]:
-    """Environment every worker needs: the DeepSpeed accelerator, and no phoning home."""
-    env = {"DS_ACCELERATOR": "cuda" if spec.distributed.use_gpu else "cpu", "RAY_USAGE_STATS_ENABLED": "0"}
-    # Each ray.train.report waits for the controller's next poll of the workers (2 s by default). Polling costs
-    # CPU the workers would use (~10% of a core at 0.2 s, measured here), so 1 s is the compromise.
-    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "1.0")
-    # Workers mask the data again as they load it, so a hash key named by privacy.hash_key_env must reach them
-    # (through Ray's runtime environment, never through the spec or the run folder).
-    key_env = spec.privacy.hash_key_env if spec.privacy else None
-    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS", *([key_env] if key_env else [])):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    return env
-
-
-def connect(address: str | None, spec: JobSpec) -> None:
-    """Use the current Ray connection, else start an embedded local Ray (None) or join `auto` / `ray://host:port`."""
-    if ray.is_initialized():
-        return
-    local = address in (None, "", "local")
-    env = worker_env(spec)
-    if local:  # Train's preemption watcher, an actor (a process start) per run, only logs drains of other nodes
-        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    os.environ.update(env)  # the local Ray's controller inherits the driver's environment
-    try:
-        if local:
-            # The dashboard serves Ray's state API, which Train's placement-group cleaner needs to free a stopped
-            # run's workers (a trial stopped by a Tune scheduler), and `serve status` / `serve deploy` use.
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=True, log_to_driver=False,
-                     runtime_env={"env_vars": env})  # fmt: skip
-        else:
-            ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env})
-    except ConnectionError as err:
-        raise StrategyError(f"--address {address}: cannot reach a Ray cluster there ({err})") from None
-
-
-def check_resources(spec: JobSpec) -> None:
-    """Refuse up front what the cluster cannot hold (Ray would otherwise wait forever for the workers)."""
-    problem = resource_problem(spec, ray.cluster_resources())
-    if problem:
-        raise StrategyError(problem)
-
-
-def resource_problem(spec: JobSpec, have: dict[str, float]) -> str | None:
-    """What the spec's workers ask for that a cluster with resources `have` lacks (GPUs first), or None."""
-    dist = spec.distributed
-    per = {"GPU": dist.gpus_per_worker} if dist.use_gpu else {}
-    per["CPU"] = dist.cpus_per_worker
-    short = [
-        f"asks for {dist.num_workers} workers x {amount:g} {kind}, the cluster has {have.get(kind, 0):g} {kind}s"
-        for kind, amount in per.items()
-        if have.get(kind, 0) < dist.num_workers * amount
-    ]
-    if not short:
-        return None
-    return f"distributed.num_workers: {'; '.join(short)}; lower num_workers or the per-worker resources"
+    what = "training failed"
 
 
 def prepare(spec: JobSpec, run_dir: Path) -> DataInfo:
@@ -91,7 +31,7 @@ def prepare(spec: JobSpec, run_dir: Path) -> DataInfo:
     (run_dir / "data_info.json").write_text(json.dumps(info.to_dict(), indent=2))  # checkpoints rebuild from it
     problems = check_fits(spec.model, info)
     if problems:
-        raise ValueError("the model does not fit the data: " + "; ".join(problems))
+        raise StewardError("the model does not fit the data: " + "; ".join(problems))
     validate_deepspeed(spec)
     return info
 
@@ -140,15 +80,20 @@ def loop_config(
     run_uri: str | None = None,
 ) -> dict:
     """What `train_loop` is given: the spec as a plain dict, where to write, the data's description, where from."""
-    return {"spec": spec.model_dump(mode="json"), "run_dir": str(run_dir), "data_info": info.to_dict(),
-            "initial_checkpoint": initial_checkpoint, "run_uri": run_uri}  # fmt: skip
+    return {
+        "spec": spec.model_dump(mode="json"),
+        "run_dir": str(run_dir),
+        "data_info": info.to_dict(),
+        "initial_checkpoint": initial_checkpoint,
+        "run_uri": run_uri,
+    }
 
 
-def train_job(spec: JobSpec, run_dir: Path, address: str | None = None) -> dict:
-    """Train the spec into run_dir (new or resumed), then evaluate the consolidated model; return metrics.json.
+def fit(spec: JobSpec, run_dir: Path, address: str | None = None) -> None:
+    """Train the spec into run_dir (new or resumed) with Ray Train on the Ray at `address` (steward.ray_env).
 
-    For a URI output_dir, run_dir is the local staging folder: what workers read is published before they start,
-    and what rank 0 wrote (history.jsonl, model/) is fetched back from the URI before evaluating.
+    Everything checkable without Ray is checked before Ray starts. For a URI output_dir, run_dir is the local
+    staging folder: what workers read is published before they start.
     """
     info = prepare(spec, run_dir)
     connect(address, spec)
@@ -160,18 +105,20 @@ def train_job(spec: JobSpec, run_dir: Path, address: str | None = None) -> dict:
         build_trainer(spec, run_dir, info, run_uri=uri).fit()
     except Exception as err:  # Ray wraps worker errors; surface the worker's own message
         raise TrainingError(explain_failure(err, spec)) from err
-    if uri:
-        storage.download(uri, run_dir, [HISTORY, "model"])
-    plot_history(run_dir / HISTORY, run_dir / "curves.png")
-    result = evaluate_run(run_dir, spec)
-    write_card(run_dir, spec)
-    return result
 
 
 # What Ray raises when a worker's process or node goes away (not an error in the training code), and what the
 # surviving workers' collectives say when their peer vanished mid-step (seen: gloo's "Connection reset by peer").
-LOST_WORKER = {"ActorDiedError", "RayActorError", "ActorUnavailableError", "NodeDiedError", "OwnerDiedError",
-               "WorkerHealthCheckFailedError", "WorkerHealthCheckTimeoutError", "WorkerCrashedError"}  # fmt: skip
+LOST_WORKER = {
+    "ActorDiedError",
+    "RayActorError",
+    "ActorUnavailableError",
+    "NodeDiedError",
+    "OwnerDiedError",
+    "WorkerHealthCheckFailedError",
+    "WorkerHealthCheckTimeoutError",
+    "WorkerCrashedError",
+}
 PEER_LOST = re.compile(r"connection (reset|closed) by peer|remote process exited|peer .* (closed|disconnected)", re.I)
 
 

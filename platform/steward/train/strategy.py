@@ -12,12 +12,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from steward.errors import StewardError
 from steward.spec import JobSpec
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class StrategyError(ValueError):
+class StrategyError(StewardError):
     """A distributed setting that DeepSpeed or the cluster refuses."""
 
 

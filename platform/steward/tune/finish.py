@@ -1,9 +1,11 @@
-"""After a sweep: one row per trial, the best trial, and what the run keeps (best.yaml, results.csv, the model)."""
+"""After a sweep: one row per trial, the best trial, what the run keeps (best.yaml, results.csv), and how the
+best trial becomes the run's model (steward.stages does it)."""
 
 import csv
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -12,12 +14,9 @@ from ray.tune import ExperimentAnalysis
 from ray.tune.experiment import Trial
 
 from steward import storage
-from steward.evaluate.run import evaluate_run
-from steward.govern.card import write_card
 from steward.runs import run_uri
 from steward.spec import JobSpec
-from steward.train.curves import plot_history
-from steward.train.launch import train_job
+from steward.train.loop import HISTORY
 from steward.tune.launch import COMPLETED, TRIALS, SweepInterrupted, TuneError, sweep
 from steward.tune.report import LiveTable, TrialRow, plot_trials
 from steward.tune.space import TIME_ATTR, trial_spec
@@ -80,19 +79,29 @@ def best_trial_spec(spec: JobSpec, best: TrialRow) -> JobSpec:
     return trial_spec(spec.model_dump(mode="json", exclude={"tune"}), best.config, spec.tune)
 
 
-def finish(spec: JobSpec, best_spec: JobSpec, best: TrialRow, run_dir: Path, address: str | None) -> dict:
-    """Make the run's model from the sweep (keep the best trial's, or retrain its config on train + validation)."""
-    assert spec.tune is not None
-    if spec.tune.on_finish == "retrain_best":
-        update = {"epochs": best.iterations, "include_validation": True, "early_stopping": None}
-        retrain = best_spec.model_copy(update={"train": best_spec.train.model_copy(update=update)})
-        retrain = JobSpec.model_validate(retrain.model_dump(mode="json"))
-        return train_job(retrain, run_dir, address)
-    trial_dir = run_dir / TRIALS / best.trial_id
+@dataclass(frozen=True)
+class SweepResult:
+    """What a finished sweep leaves: a row per trial, the best trial, and the full spec of the best trial."""
+
+    rows: list[TrialRow]
+    best: TrialRow
+    best_spec: JobSpec
+    trials_dir: Path
+
+
+def retrain_spec(sweep: SweepResult) -> JobSpec:
+    """The best trial's config, trained on train + validation for as many epochs as the trial ran."""
+    best_spec = sweep.best_spec
+    update = {"epochs": sweep.best.iterations, "include_validation": True, "early_stopping": None}
+    retrain = best_spec.model_copy(update={"train": best_spec.train.model_copy(update=update)})
+    return JobSpec.model_validate(retrain.model_dump(mode="json"))
+
+
+def copy_best_trial(sweep: SweepResult, run_dir: Path) -> None:
+    """The best trial's model and history become the run's own."""
+    trial_dir = sweep.trials_dir / sweep.best.trial_id
     shutil.copytree(trial_dir / "model", run_dir / "model", dirs_exist_ok=True)
-    shutil.copy(trial_dir / "history.jsonl", run_dir / "history.jsonl")
-    plot_history(run_dir / "history.jsonl", run_dir / "curves.png")
-    return evaluate_run(run_dir, best_spec)
+    shutil.copy(trial_dir / HISTORY, run_dir / HISTORY)
 
 
 def unfinished_trials(grid: tune.ResultGrid) -> int:
@@ -112,13 +121,9 @@ def fetch_trials(sweep_uri: str, run_dir: Path) -> None:
         storage.download(storage.join(trials, trial_id), run_dir / TRIALS / trial_id)
 
 
-def tune_job(
-    spec: JobSpec, run_dir: Path, address: str | None = None, resume: bool = False
-) -> tuple[dict, list[TrialRow], TrialRow]:
-    """Sweep (or continue one) into run_dir, write its results and make the run's model.
-
-    Returns the model's evaluation (metrics.json), a row per trial, and the best trial.
-    """
+def tune_job(spec: JobSpec, run_dir: Path, address: str | None = None, resume: bool = False) -> SweepResult:
+    """Sweep (or continue one) into run_dir on the Ray at `address` and write its results (results.csv, best.yaml,
+    trials.png); SweepInterrupted when trials are left unfinished."""
     assert spec.tune is not None
     live = LiveTable(spec.tune.metric, list(spec.tune.search_space))
     started = time.monotonic()
@@ -139,6 +144,4 @@ def tune_job(
     best = best_row(rows, spec.tune.mode)
     best_spec = write_results(rows, spec, best, run_dir)
     plot_trials(rows, spec.tune.metric, run_dir / "trials.png")
-    result = finish(spec, best_spec, best, run_dir, address)
-    write_card(run_dir, best_spec)  # again after a retrain: the sweep's card says which sweep chose the model
-    return result, rows, best
+    return SweepResult(rows, best, best_spec, run_dir / TRIALS)

@@ -33,18 +33,12 @@ from ray.util.queue import Queue
 
 from steward import storage
 from steward.data import DataInfo
+from steward.errors import RunFailed, RunInterrupted, StewardError
+from steward.ray_env import check_resources, connect
 from steward.runs import run_uri
 from steward.spec import JobSpec
 from steward.spec.tune import TuneSpec
-from steward.train.launch import (
-    TrainingError,
-    build_trainer,
-    check_resources,
-    connect,
-    loop_config,
-    prepare,
-    root_cause,
-)  # fmt: skip
+from steward.train.launch import TrainingError, build_trainer, loop_config, prepare, root_cause
 from steward.train.loop import HISTORY, train_loop
 from steward.train.session import trial_session, tune_report
 from steward.tune.space import param_space, scheduler, search_algorithm, trial_spec
@@ -56,11 +50,13 @@ STARTS = "starts.jsonl"  # each start of a trial: its config and the checkpoint 
 STOP_GRACE_S = 60.0  # how long a stopped trial may take to abort its Train run
 
 
-class TuneError(RuntimeError):
+class TuneError(RunFailed):
     """A sweep that ran but produced nothing to keep."""
 
+    what = "sweep failed"
 
-class SweepInterrupted(ValueError):
+
+class SweepInterrupted(RunInterrupted):
     """The sweep stopped before every trial finished (Ctrl+C); its state is saved for --resume."""
 
 
@@ -229,7 +225,7 @@ def trial_resources(spec: JobSpec) -> Callable[[dict], PlacementGroupFactory]:
     def resources(config: dict) -> PlacementGroupFactory:
         try:
             trial = trial_spec(base, config, section)
-        except ValueError:  # the trial itself reports its spec's problems, with the usual message
+        except StewardError:  # the trial itself reports its spec's problems, with the usual message
             trial = None
         if trial is None or not in_trial_process(trial):
             return PlacementGroupFactory([{"CPU": 0, "memory": 2**20}])
@@ -277,7 +273,7 @@ TUNE_ENV = {
 
 
 def sweep(spec: JobSpec, run_dir: Path, address: str | None, callbacks: list, resume: bool = False) -> tune.ResultGrid:
-    """Run (or continue) the sweep; per-trial checks happen inside each trial."""
+    """Run (or continue) the sweep on the Ray at `address`; per-trial checks happen inside each trial."""
     connect(address, spec)
     check_resources(spec)
     with tune_environment():

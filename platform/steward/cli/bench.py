@@ -1,4 +1,4 @@
-"""`steward bench SPEC` and `steward bench compare A.json B.json`: thin, like cli.py."""
+"""`steward bench SPEC` and `steward bench compare A.json B.json`: argument parsing and printing."""
 
 import json
 from pathlib import Path
@@ -7,11 +7,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from steward.commands import Address, Sets, Spec, console, default_command, errors, user_errors
-from steward.govern.commands import PolicyOption
+from steward.cli.common import Address, PolicyOption, Sets, Spec, console, default_command, errors, user_errors
+from steward.errors import StewardError
 from steward.govern.policy import admit
 from steward.spec import load_job
-from steward.storage import is_uri
 
 bench_app = typer.Typer(cls=default_command("run"), no_args_is_help=True, help="Benchmark a matrix of spec variants.")
 Result = Annotated[Path, typer.Argument(help="A bench.json that `steward bench` wrote.")]
@@ -26,25 +25,11 @@ def run(
     policy: PolicyOption = None,
 ) -> None:
     """Run the spec's bench matrix, interleaved and repeated; writes bench.json, bench.md and plots."""
-    from steward.bench.run import bench_job
-    from steward.runs import create_run, set_status
+    from steward import pipeline
 
     job = load_job(spec, set_ or [])
-    if job.bench is None:
-        raise ValueError(
-            f"{spec}: no `bench` section; add one, e.g. `bench: {{matrix: {{distributed.zero_stage: [0, 2]}}}}`"
-        )
-    if is_uri(job.output_dir):  # cells deploy and read back what they trained: they need a folder
-        raise ValueError(f"output_dir {job.output_dir}: steward bench writes to a folder; pass --set output_dir=DIR")
     admit(job, policy, "bench", str(spec))
-    run_dir = create_run(job)
-    console.print(f"run folder [bold]{run_dir}[/]")
-    try:
-        bench_job(job, run_dir, address, console)
-    except BaseException as err:
-        set_status(run_dir, "failed", error=str(err) or type(err).__name__)
-        raise
-    set_status(run_dir, "succeeded")
+    run_dir = pipeline.bench(job, address, console)
     console.print(f"results: {run_dir / 'bench.json'}, {run_dir / 'bench.md'}, plots in {run_dir}", markup=False)
 
 
@@ -58,7 +43,7 @@ def compare(a: Result, b: Result) -> None:
     for warning in warnings:
         errors.print(f"warning: machines differ: {warning}", style="yellow", markup=False)
     if not rows:
-        raise ValueError(f"{a} and {b} share no cell with measurements; compare results of the same matrix")
+        raise StewardError(f"{a} and {b} share no cell with measurements; compare results of the same matrix")
     table = Table(title=f"B / A   (A: {a}, B: {b})")
     for header in ("cell", "metric", "A", "B", "B/A"):
         table.add_column(header, justify="left" if header in ("cell", "metric") else "right")
@@ -71,7 +56,7 @@ def _read(path: Path) -> dict:
     try:
         result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: not a readable bench.json ({err})") from None
+        raise StewardError(f"{path}: not a readable bench.json ({err})") from None
     if not isinstance(result, dict) or not {"manifest", "ceiling", "baseline", "cells"} <= set(result):
-        raise ValueError(f"{path}: not a bench result (no manifest, ceiling, baseline and cells); pass a bench.json")
+        raise StewardError(f"{path}: not a bench result (no manifest, ceiling, baseline and cells); pass a bench.json")
     return result

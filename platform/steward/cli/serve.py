@@ -1,4 +1,4 @@
-"""`steward serve [deploy] SPEC`, `steward serve status` and `steward serve stop NAME`: thin, like cli.py."""
+"""`steward serve [deploy] SPEC`, `serve status`, `serve stop NAME`: argument parsing and printing."""
 
 import contextlib
 from pathlib import Path
@@ -7,9 +7,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from steward.commands import Address, Sets, Spec, console, default_command, errors, user_errors
-from steward.govern.commands import PolicyOption
+from steward.cli.common import Address, PolicyOption, Sets, Spec, console, default_command, fail, user_errors
 from steward.govern.policy import admit
+from steward.ray_env import is_local
 from steward.spec import JobSpec, load_job
 from steward.storage import is_uri
 
@@ -93,17 +93,16 @@ def deploy_and_wait(
     try:
         deployed = deploy(job, run_dir, address, host, port, override_fairness_gate=override)
     except RuntimeError as err:  # Serve's own failure to bring replicas up (its message says why)
-        errors.print(f"deploy failed: {err}", style="red", markup=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        fail(f"deploy failed: {err}", 1)
     if deployed.gate:
         console.print(f"int8 gate passed: {deployed.gate}", markup=False)
     console.print(f"serving [bold]{deployed.name}[/] from {run_dir}")
     monitored = ("GET /monitor", "POST /feedback") if job.monitor else ()
-    for route in ("POST /predict", "POST /explain", f"POST /v2/models/{deployed.name}/infer", *monitored,
-                  "GET /healthz", "GET /info"):  # fmt: skip
+    infer = f"POST /v2/models/{deployed.name}/infer"
+    for route in ("POST /predict", "POST /explain", infer, *monitored, "GET /healthz", "GET /info"):
         method, path = route.split()
         console.print(f"  {method:4} {deployed.url}{path}", markup=False)
-    if address in (None, "", "local"):  # the embedded Ray lives as long as this process
+    if is_local(address):  # the embedded Ray lives as long as this process
         console.print("embedded Ray: serving until Ctrl-C")
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()

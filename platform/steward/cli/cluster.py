@@ -1,4 +1,4 @@
-"""`steward submit`, `steward jobs list|status|logs|stop` and `steward k8s`: thin, like cli.py."""
+"""`steward submit`, `steward jobs list|status|logs|stop` and `steward k8s`: argument parsing and printing."""
 
 from pathlib import Path
 from typing import Annotated
@@ -6,8 +6,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from steward.commands import Sets, Spec, console, user_errors
-from steward.govern.commands import PolicyOption
+from steward.cli.common import PolicyOption, Sets, Spec, console, user_errors
+from steward.errors import StewardError
 from steward.govern.policy import admit
 from steward.spec import load_job
 
@@ -38,7 +38,7 @@ def submit(
     from steward.cluster.jobs import submit as submit_job
 
     if stage not in ("train", "tune", "serve", "run") or deps not in ("pip", "preinstalled"):
-        raise ValueError(f"--stage {stage} --deps {deps}: stage is train|tune|serve|run, deps is pip|preinstalled")
+        raise StewardError(f"--stage {stage} --deps {deps}: stage is train|tune|serve|run, deps is pip|preinstalled")
     job = load_job(spec, [*(set_ or []), *([f"output_dir={storage}"] if storage else [])])
     admit(job, policy, "submit", str(spec))
     done = submit_job(job, stage, address, deps, port)  # type: ignore[arg-type]
@@ -126,7 +126,7 @@ def k8s(
     from steward.cluster.k8s import dump, manifests
 
     if kind not in ("rayjob", "rayservice"):
-        raise ValueError(f"--kind {kind}: use rayjob or rayservice")
+        raise StewardError(f"--kind {kind}: use rayjob or rayservice")
     text = dump(manifests(load_job(spec, set_ or []), kind, image, run))  # type: ignore[arg-type]
     if out is None:
         print(text, end="")

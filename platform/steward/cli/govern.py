@@ -1,23 +1,15 @@
-"""`steward card`, `steward audit verify|show` and `steward policy check|explain`: thin, like cli.py."""
+"""`steward card`, `steward audit verify|show` and `steward policy check|explain`: argument parsing and printing."""
 
 import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-console, errors = Console(), Console(stderr=True)
+from steward.cli.common import PolicyOption, Sets, Spec, console, errors, user_errors
+from steward.errors import StewardError
 
-PolicyOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--policy",
-        envvar="STEWARD_POLICY",
-        help="Policy YAML every spec must meet (default: $STEWARD_POLICY, else ./steward.policy.yaml if present).",
-    ),
-]
 LogOption = Annotated[
     Path | None,
     typer.Option("--log", help="Audit log (default: $STEWARD_AUDIT_LOG, else <output-dir>/audit.jsonl)."),
@@ -28,6 +20,7 @@ audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit tra
 policy_app = typer.Typer(no_args_is_help=True, help="Policy as code: check a spec, list the rules in force.")
 
 
+@user_errors
 def card(
     run: Annotated[Path, typer.Argument(help="Run folder (runs/<name>/<run-id>).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print model_card.json instead of the Markdown.")] = False,
@@ -35,11 +28,7 @@ def card(
     """Print a run's model card (written when training finished)."""
     from steward.govern.card import read_card, render_markdown
 
-    try:
-        found = read_card(run)
-    except ValueError as err:
-        errors.print(f"error: {err}", style="red", markup=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    found = read_card(run)
     print(json.dumps(found, indent=2) if as_json else render_markdown(found))
 
 
@@ -50,16 +39,13 @@ def _log(log: Path | None, output_dir: Path) -> Path:
 
 
 @audit_app.command("verify")
+@user_errors
 def audit_verify(log: LogOption = None, output_dir: OutputDir = Path("runs")) -> None:
     """Check the hash chain; name the first edited, removed or reordered line (exit 1), else print ok."""
     from steward.govern.audit import verify
 
     path = _log(log, output_dir)
-    try:
-        verdict = verify(path)
-    except FileNotFoundError as err:
-        errors.print(f"error: {err}", style="red", markup=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    verdict = verify(path)
     if not verdict.ok:
         errors.print(f"{path}: {verdict}", style="red", markup=False, soft_wrap=True)
         raise typer.Exit(1)
@@ -67,6 +53,7 @@ def audit_verify(log: LogOption = None, output_dir: OutputDir = Path("runs")) ->
 
 
 @audit_app.command("show")
+@user_errors
 def audit_show(
     run: Annotated[str | None, typer.Option(help="Only events of this run (its id or folder).")] = None,
     deployment: Annotated[str | None, typer.Option(help="Only events of this Serve application.")] = None,
@@ -94,11 +81,8 @@ def _short(value: object) -> str:
 
 
 @policy_app.command("check")
-def policy_check(
-    spec: Annotated[Path, typer.Argument(help="Job spec YAML file.")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field.")] = None,
-    policy: PolicyOption = None,
-) -> None:
+@user_errors
+def policy_check(spec: Spec, set_: Sets = None, policy: PolicyOption = None) -> None:
     """Check one spec against the policy in force; every violation names the rule, the field and the fix (exit 2)."""
     from steward.govern.policy import PolicyViolation, admit, policy_file
     from steward.spec import load_job
@@ -106,29 +90,25 @@ def policy_check(
     try:
         job = load_job(spec, set_ or [])
         if policy_file(policy) is None:
-            raise ValueError("no policy in force: pass --policy FILE, set $STEWARD_POLICY or add ./steward.policy.yaml")
+            raise StewardError(
+                "no policy in force: pass --policy FILE, set $STEWARD_POLICY or add ./steward.policy.yaml"
+            )
         loaded = admit(job, policy, "policy check", str(spec))
-    except PolicyViolation as err:
+    except PolicyViolation as err:  # the list of violations is the answer, not an error line
         errors.print(str(err), markup=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except (ValueError, FileNotFoundError) as err:
-        errors.print(f"error: {err}", style="red", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
     assert loaded is not None
     console.print(f"[green]ok[/] {spec} meets policy {loaded.label}", highlight=False, soft_wrap=True)
 
 
 @policy_app.command("explain")
+@user_errors
 def policy_explain(policy: PolicyOption = None) -> None:
     """List the rules in force, their settings and what each one means."""
     from steward.govern.policy import Rules, explain, load_policy, policy_file
 
-    try:
-        path = policy_file(policy)
-        loaded = load_policy(path) if path else None
-    except (ValueError, FileNotFoundError) as err:
-        errors.print(f"error: {err}", style="red", markup=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    path = policy_file(policy)
+    loaded = load_policy(path) if path else None
     if loaded is None:
         console.print("no policy in force (no --policy, no $STEWARD_POLICY, no ./steward.policy.yaml)")
         console.print("rules a policy can set: " + ", ".join(Rules.model_fields))
