@@ -21,7 +21,7 @@ import requests
 from typer.testing import CliRunner
 
 from steward.cli import app
-from steward.cluster.jobs import client, job_info
+from steward.cluster.jobs import client, job_info, logs
 from tests.conftest import JOBS, ROOT
 from tests.serving import validation_inputs, wait_for
 
@@ -178,9 +178,9 @@ def test_losing_the_worker_node_mid_training_recovers_from_the_checkpoint(cluste
     run = status.parent
     wait_for(lambda: any(r["kind"] == "epoch" and r["epoch"] >= 2 for r in history(run)), 240, "two epochs")
     replace_worker_node(cluster, "worker2", "13800")
-    final = wait_for(lambda: (i := job_info(API, job_id)).status.is_terminal() and i, 420, "the job to end")
-    logs = client(API).get_job_logs(job_id)
-    assert str(final.status) == "SUCCEEDED", logs[-3000:]
+    final = wait_for(lambda: (i := job_info(API, job_id)).ended and i, 420, "the job to end")
+    log_text = logs(API, job_id)
+    assert str(final.status) == "SUCCEEDED", log_text[-3000:]
     starts = [r for r in history(run) if r["kind"] == "start"]
     assert len(starts) == 2 and starts[1]["epoch"] >= 2 and "checkpoint_" in starts[1]["from"]
     assert max(r["epoch"] for r in history(run) if r["kind"] == "epoch") == 30
@@ -196,8 +196,8 @@ def test_losing_a_worker_node_with_no_restarts_left_fails_with_the_fix(cluster):
     wait_for(lambda: any(r["kind"] == "epoch" for r in history(status.parent)), 240, "an epoch")
 
     def job_ended():
-        final = wait_for(lambda: (i := job_info(API, job_id)).status.is_terminal() and i, 300, "the job to end")
-        assert str(final.status) == "FAILED", client(API).get_job_logs(job_id)[-3000:]
+        final = wait_for(lambda: (i := job_info(API, job_id)).ended and i, 300, "the job to end")
+        assert str(final.status) == "FAILED", logs(API, job_id)[-3000:]
 
     replace_worker_node(cluster, "worker3", "14000", before_back=job_ended)  # the next tests get two nodes again
     shown = CliRunner().invoke(app, ["jobs", "status", job_id, "--address", API])

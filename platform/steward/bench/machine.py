@@ -14,7 +14,6 @@ from steward.spec import JobSpec
 
 LIBRARIES = ("torch", "ray", "deepspeed", "transformers", "steward")
 # Fields whose difference makes two results not directly comparable (`steward bench compare` warns on them).
-COMPARED = ("cpu", "cores", "gpu", "ram_gib", "torch", "ray", "deepspeed", "transformers")
 
 
 def manifest(spec: JobSpec) -> dict:

@@ -10,7 +10,9 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from steward.bench.machine import COMPARED  # noqa: E402
+# What must match between two machines for their results to compare.
+COMPARED = ("cpu", "cores", "gpu", "ram_gib", "torch", "ray", "deepspeed", "transformers")
+
 
 SKIPPED = ("started", "timed_steps", "run_dir")
 TRAIN_COLUMNS = [("samples_per_s", "samples/s", "{:.0f}"), ("tokens_per_s", "tokens/s", "{:.0f}"),

@@ -1,17 +1,22 @@
 """Ray Jobs API: submit a packaged spec, and list / inspect / follow / stop jobs on any Ray cluster."""
 
+import json
 import os
 import re
 import secrets
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from steward.cluster.package import Deps, package_job
 from steward.errors import ClusterUnreachable, RunFailed, StewardError
 from steward.ray_env import resource_problem
 from steward.spec import JobSpec
+
+if TYPE_CHECKING:
+    from steward.cluster.package import Deps
 
 Stage = Literal["train", "tune", "serve", "run"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -51,7 +56,8 @@ def jobs_address(address: str | None) -> str:
 
 
 def client(address: str | None) -> Any:
-    """A JobSubmissionClient for the cluster at `address`; ClusterUnreachable saying what to do when nothing answers."""
+    """Ray's JobSubmissionClient for the cluster at `address` (submitting uploads a package: Ray's own client does
+    that); ClusterUnreachable saying what to do when nothing answers."""
     from ray.job_submission import JobSubmissionClient
 
     url = jobs_address(address)
@@ -59,10 +65,14 @@ def client(address: str | None) -> Any:
         return JobSubmissionClient(url)
     except (ConnectionError, RuntimeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ClusterUnreachable(
-            f"--address {url}: cannot reach a Ray Jobs API there ({reason}); check the head's dashboard address "
-            "(http://HEAD:8265) and that the cluster is up (cluster/local-up.sh, `ray start --head`)"
-        ) from None
+        raise ClusterUnreachable(unreachable(url, reason)) from None
+
+
+def unreachable(url: str, reason: object) -> str:
+    return (
+        f"--address {url}: cannot reach a Ray Jobs API there ({reason}); check the head's dashboard address "
+        "(http://HEAD:8265) and that the cluster is up (cluster/local-up.sh, `ray start --head`)"
+    )
 
 
 def entrypoint(stage: Stage, port: int = 8000) -> str:
@@ -96,8 +106,10 @@ def check_cluster_resources(spec: JobSpec, address: str, stage: Stage) -> None:
         raise StewardError(f"{problem} (cluster at {address})")
 
 
-def submit(spec: JobSpec, stage: Stage, address: str | None, deps: Deps = "pip", port: int = 8000) -> Submitted:
+def submit(spec: JobSpec, stage: Stage, address: str | None, deps: "Deps" = "pip", port: int = 8000) -> Submitted:
     """Package and submit `spec` (validated) as a Ray job running `stage`; returns once the cluster accepted it."""
+    from steward.cluster.package import package_job  # Ray's packaging: only when a job is submitted
+
     check_stage(spec, stage)
     jobs = client(address)
     url = jobs_address(address)
@@ -115,51 +127,83 @@ def submit(spec: JobSpec, stage: Stage, address: str | None, deps: Deps = "pip",
     return Submitted(job_id, url, f"{url}/#/jobs/{job_id}", package.size_bytes)
 
 
-def job_info(address: str | None, job_id: str) -> Any:
-    """The job's JobDetails; StewardError when the cluster has no such job."""
-    jobs = client(address)
+@dataclass(frozen=True)
+class Job:
+    """A job as the Jobs API describes it: the fields steward reads."""
+
+    status: str
+    entrypoint: str = ""
+    submission_id: str | None = None
+    job_id: str | None = None
+    message: str | None = None
+    metadata: dict | None = None
+    start_time: int | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ("SUCCEEDED", "FAILED", "STOPPED")
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Job":
+        return cls(**{name: data.get(name) for name in cls.__dataclass_fields__})
+
+
+def _call(address: str | None, method: str, path: str) -> Any:
+    """One request to the Jobs API over plain HTTP (Ray's own client would load all of Ray for a status line).
+
+    ClusterUnreachable when nothing answers; StewardError naming the job when it does not exist.
+    """
+    url = jobs_address(address)
+    request = urllib.request.Request(f"{url}/api/jobs/{path}", method=method)
     try:
-        return jobs.get_job_info(job_id)
-    except RuntimeError as err:
-        if "does not exist" in str(err) or "404" in str(err):
-            raise StewardError(
-                f"no job {job_id!r} on {jobs_address(address)}; `steward jobs list` shows them"
-            ) from None
-        raise
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return json.loads(reply.read() or b"null")
+    except urllib.error.HTTPError as err:
+        if err.code == 404 and path:
+            job = path.split("/")[0]
+            raise StewardError(f"no job {job!r} on {url}; `steward jobs list` shows them") from None
+        detail = err.read().decode(errors="replace").strip().splitlines()
+        answer = f"{err.code} {detail[-1] if detail else ''}".strip()
+        raise ClusterUnreachable(f"--address {url}: the Jobs API answered {answer}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise ClusterUnreachable(unreachable(url, getattr(err, "reason", err))) from None
 
 
-def list_jobs(address: str | None) -> list[Any]:
+def job_info(address: str | None, job_id: str) -> Job:
+    """The job's details; StewardError when the cluster has no such job."""
+    return Job.from_json(_call(address, "GET", job_id))
+
+
+def list_jobs(address: str | None) -> list[Job]:
     """Every job the cluster knows, newest first (submitted by steward or not)."""
-    return sorted(client(address).list_jobs(), key=lambda j: j.start_time or 0, reverse=True)
+    return sorted(map(Job.from_json, _call(address, "GET", "")), key=lambda j: j.start_time or 0, reverse=True)
 
 
 def logs(address: str | None, job_id: str) -> str:
     """The job's whole log (its entrypoint's stdout and stderr) so far."""
-    job_info(address, job_id)
-    return client(address).get_job_logs(job_id)
+    return _call(address, "GET", f"{job_id}/logs")["logs"]
 
 
 def stop(address: str | None, job_id: str) -> bool:
     """Ask the cluster to stop the job; False when it had already ended."""
-    job_info(address, job_id)
-    return bool(client(address).stop_job(job_id))
+    return bool(_call(address, "POST", f"{job_id}/stop")["stopped"])
 
 
-def follow(address: str | None, job_id: str, write: Callable[[str], None], every_s: float = 1.0) -> Any:
-    """Stream the job's log through `write` until the job ends; returns its final JobDetails."""
-    jobs, shown = client(address), 0
+def follow(address: str | None, job_id: str, write: Callable[[str], None], every_s: float = 1.0) -> Job:
+    """Stream the job's log through `write` until the job ends; returns its final details."""
+    shown = 0
     while True:
         info = job_info(address, job_id)
-        text = jobs.get_job_logs(job_id)
+        text = logs(address, job_id)
         if len(text) > shown:
             write(text[shown:])
             shown = len(text)
-        if info.status.is_terminal():
+        if info.ended:
             return info
         time.sleep(every_s)  # the Jobs API has no push for plain HTTP clients; a second is what `ray job logs -f` uses
 
 
-def failure(info: Any, log_text: str) -> JobFailed:
+def failure(info: Job, log_text: str) -> JobFailed:
     """A JobFailed carrying the reason (steward's own error line when the job printed one, else Ray's) and the last
     lines of the job's log, without Ray's internal lines (RAY_NOISE)."""
     lines = [line for line in log_text.rstrip().splitlines() if line.strip() and not RAY_NOISE.match(line)]
@@ -170,12 +214,12 @@ def failure(info: Any, log_text: str) -> JobFailed:
     return JobFailed(f"job {info.submission_id or info.job_id} {info.status}: {headline}\nlast log lines:\n{shown}")
 
 
-def ray_reason(info: Any) -> str:
+def ray_reason(info: Job) -> str:
     """Ray's reason for the job's state, without the copy of the log's tail Ray appends to it (shown apart)."""
     return (info.message or "").split(", last available logs")[0].strip()
 
 
-def raise_if_failed(address: str | None, info: Any) -> None:
+def raise_if_failed(address: str | None, info: Job) -> None:
     """Raise JobFailed (with the log's tail) unless the job succeeded or is still going."""
-    if str(info.status) in ("FAILED", "STOPPED"):
-        raise failure(info, client(address).get_job_logs(info.submission_id or info.job_id))
+    if info.status in ("FAILED", "STOPPED"):
+        raise failure(info, logs(address, info.submission_id or info.job_id or ""))
