@@ -34,11 +34,15 @@ test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
 
 # Every benchmark, each side by side with its baseline; results (JSON, and tables for the steward bench jobs) land
-# in benchmarks/results/. ~40 minutes on 2 quiet cores; benchmarks/README.md has the latest numbers. train_overhead
-# runs its judged cells only: ZeRO-3, and memory per worker against the ZeRO formula, come from bench-zero.
+# in benchmarks/results/. Budget: 30 minutes on 2 cores; benchmarks/README.md has each script's share and the
+# latest numbers. Cells measured twice are measured once: bench-zero runs ZeRO-0 and ZeRO-3 (ZeRO-1/2 are judged
+# against DDP in train_overhead, which runs its judged cells only); bench-serve runs batching and int8 each alone
+# against the baseline (both together, at 32 clients, is serve_overhead's judged int8 cell).
 bench: setup
-	$(BIN)/steward bench jobs/bench-zero.yaml --set output_dir=benchmarks/runs
-	$(BIN)/steward bench jobs/bench-serve.yaml --set output_dir=benchmarks/runs
+	$(BIN)/steward bench jobs/bench-zero.yaml --set output_dir=benchmarks/runs \
+		--set 'bench.cells=[{distributed.zero_stage: 0}, {distributed.zero_stage: 3}]'
+	$(BIN)/steward bench jobs/bench-serve.yaml --set output_dir=benchmarks/runs \
+		--set 'bench.cells=[{serve.batching: null, serve.quantize: none}, {serve.batching: null, serve.quantize: int8}, {serve.batching: {max_batch_size: 16, batch_wait_timeout_ms: 5}, serve.quantize: none}]'
 	for job in bench-zero bench-serve; do latest=$$(ls -d benchmarks/runs/$$job/*/ | tail -1); \
 		cp $$latest/bench.json benchmarks/results/$$job.json; cp $$latest/bench.md benchmarks/results/$$job.md; done
 	$(BIN)/python benchmarks/train_overhead.py --models "bert 4x256" --no-memory \

@@ -1,11 +1,11 @@
 """Monitoring overhead, side by side in one run: the maths, the per-record update, and serving with it on vs off.
 
-    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/monitor_overhead.py [--repeats 5]
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/monitor_overhead.py [--repeats 4]
         [--sections mmd window replica serving] [--run-dir DIR]
 
 The environment gives numpy the one BLAS thread the monitor actor runs with (`steward.monitor.actor.ACTOR_ENV`; Ray
-gives its workers one OpenMP thread too): limiting threads after numpy has loaded, with threadpoolctl, was seen to
-leave judging at twice the actor's CPU. `make bench` sets it; the JSON records what it was.
+gives its workers one OpenMP thread too), set before numpy loads: a limit set afterwards (threadpoolctl) does not
+hold BLAS to one thread. `make bench` sets it; the JSON records what it was.
 
 1. mmd: `steward.monitor.drift.mmd_test` at 1,000 points per side, d = 32, 100 permutations, against a naive numpy
    implementation (kernel blocks recomputed for every permutation) on the same data and the same permutations.
@@ -19,13 +19,14 @@ leave judging at twice the actor's CPU. `make bench` sets it; the JSON records w
    worth of queued requests into a `WindowState`, pickling the push (shown apart: the serving section counts it in
    the transport and the actor), and in the actor merging the pushed deltas into windows (max_pending predictions
    waiting for labels), saving its state, and judging each closed window (`checks.window_report`). `--run-dir`
-   reuses a trained quickstart run (else one is trained, ~30 s).
+   reuses a trained quickstart run (else the serving section's, else one is trained here).
 4. serving: the quickstart CNN on Ray Serve with a monitor section (drift + bias) against the same run without
    one, and against a second unmonitored twin: p50 / p99 latency and QPS at concurrency 1 and 32, one instance
    (with a group attribute) per request. Each repeat deploys all three afresh and rotates short runs (off, twin,
-   on; then on, twin, off; ...); a repeat's cost compares its pooled runs, and the cost is the mean over repeats
-   with a 90% interval (t over repeats) and the median. The twin's "cost" (an A/A comparison) is the noise floor:
-   on these shared cores it was as wide as the 3% target or wider. So the serving section also accounts
+   on; then on, twin, off; ...: ROUNDS per concurrency); a repeat's cost compares its pooled runs, and the cost is
+   the mean over repeats with a 90% interval (t over repeats) and the median. The twin's "cost" (an A/A
+   comparison) is the noise floor of the QPS comparison (benchmarks/README.md has its size). So the serving
+   section also accounts
    monitoring's CPU per request at c=32 process by process (psutil): the monitor actor's, measured live; the
    replica's, offline (section 3); a push's transport through Ray, measured apart; as a share of what serving
    alone costs the machine. On saturated cores that share is the first-order QPS cost, without the noise.
@@ -57,7 +58,7 @@ from scipy.spatial.distance import pdist
 
 from steward.monitor.bins import Bins
 from steward.monitor.drift import mmd_test, quantile_edges
-from steward.monitor.window import WindowState
+from steward.monitor.window_state import WindowState
 
 ROOT = Path(__file__).resolve().parent.parent
 MMD_N, MMD_D, MMD_B = 1000, 32, 100
@@ -107,11 +108,19 @@ def bench_mmd(repeats: int, console: Console) -> dict[str, Any]:
         raise RuntimeError(f"fast and naive MMD disagree: {results}")
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "n_per_side": MMD_N, "dim": MMD_D, "permutations": MMD_B, "statistic": fs, "p_value": fp,
-        "fast_s": med["fast"], "naive_s": med["naive"], "fast_min_s": min(times["fast"]),
-        "naive_min_s": min(times["naive"]), "speedup": med["naive"] / med["fast"], "target_s": 0.5,
+        "n_per_side": MMD_N,
+        "dim": MMD_D,
+        "permutations": MMD_B,
+        "statistic": fs,
+        "p_value": fp,
+        "fast_s": med["fast"],
+        "naive_s": med["naive"],
+        "fast_min_s": min(times["fast"]),
+        "naive_min_s": min(times["naive"]),
+        "speedup": med["naive"] / med["fast"],
+        "target_s": 0.5,
         "all_s": times,
-    }  # fmt: skip
+    }
 
 
 def _window_cases() -> dict[str, Callable[[WindowState, int], None]]:
@@ -128,7 +137,7 @@ def _window_cases() -> dict[str, Callable[[WindowState, int], None]]:
                 i % 10, group=i % 3, features=feats[i % 4096], samples={"embedding": emb[i % 4096]}, request_id=i, t=1.0
             ),
             s.add_feedback(i, i % 10),
-        ),  # fmt: skip
+        ),
     }
 
 
@@ -189,7 +198,7 @@ class Push:
     attribute and a request id each), queued and counted as a monitored replica does."""
 
     def __init__(self, spec: Any, run_dir: Path) -> None:
-        from steward.monitor.actor import reference_for
+        from steward.monitor.reference import reference_for
         from steward.serve.model import load_served_model
 
         sys.path.insert(0, str(ROOT))
@@ -232,7 +241,7 @@ def bench_replica(
     import torch
 
     from steward.monitor.checks import live_state, window_report
-    from steward.monitor.windows import Windows
+    from steward.monitor.windowing import Windows
     from steward.serve.model import load_served_model
 
     spec, run_dir = _quickstart_run(run_dir)
@@ -255,7 +264,7 @@ def bench_replica(
 
     def save_state() -> float:
         """The actor's periodic saves (`Monitor._snapshot`) in the steady state of merge_all, as CPU us per request
-        at ~1,500 requests/s: the statistics every persist_interval_s (5 s), the waiting predictions every
+        at 1,500 requests/s: the statistics every persist_interval_s (5 s), the waiting predictions every
         pending_persist_interval_s (60 s)."""
         windows = merge_all()
         t0 = time.process_time()
@@ -280,7 +289,8 @@ def bench_replica(
 
     def forward_pairs() -> float:
         """Unmonitored and monitored forward passes alternating pass by pass, each side's CPU summed per request:
-        they differ by a few us out of ~100, and load from other processes changes faster than a block lasts."""
+        the difference is small beside a pass's cost, and load from other processes changes faster than a block of
+        passes would last."""
         spent = {"off": 0.0, "on": 0.0}
         calls = {"off": lambda xs: plain.run(xs, False), "on": lambda xs: served.run(xs, True)}
         for i, size in enumerate(passes):
@@ -312,14 +322,22 @@ def bench_replica(
         for name, fn in cases.items():
             per[name].append(fn())
         console.print(f"replica repeat {r + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in per.items()))
-    out: dict[str, Any] = {name: {"us_per_request": statistics.median(v), "min_us": min(v), "all_us": v}
-                           for name, v in per.items()}  # fmt: skip
+    out: dict[str, Any] = {
+        name: {"us_per_request": statistics.median(v), "min_us": min(v), "all_us": v} for name, v in per.items()
+    }
     embed = [a - b for a, b in zip(forward["on"][-repeats:], forward["off"][-repeats:], strict=True)]
     out["embed (monitored - unmonitored)"] = {"us_per_request": statistics.median(embed), "min_us": min(embed)}
     replica = [e + c for e, c in zip(embed, per["queue + count (push)"], strict=True)]
     out["replica total"] = {"us_per_request": statistics.median(replica), "min_us": min(replica), "target_us": 15.0}
-    actor = [m + j + v for m, j, v in zip(per["actor: merge deltas"], per["actor: judge windows"],
-                                          per["actor: save the state (at 1,500/s)"], strict=True)]  # fmt: skip
+    actor = [
+        m + j + v
+        for m, j, v in zip(
+            per["actor: merge deltas"],
+            per["actor: judge windows"],
+            per["actor: save the state (at 1,500/s)"],
+            strict=True,
+        )
+    ]
     out["actor total"] = {"us_per_request": statistics.median(actor), "min_us": min(actor)}
     # Ray sends a call's arguments inline up to 100 KB; a larger push goes through the object store
     out["push_bytes"], out["run_dir"] = len(pickle.dumps(deltas[0])), str(run_dir)
@@ -336,7 +354,9 @@ def _replayed_passes(batch_sizes: dict[str, int], requests: int) -> list[int]:
     return passes
 
 
-PAIRS = 4  # rounds of off/twin/on runs per repeat and concurrency: the machine's speed swings from one run to the next
+# Rounds of off/twin/on runs per repeat, by concurrency: the machine's speed swings from one run to the next, and a
+# round costs little beside a repeat's fresh deployments. c=32 carries the judged CPU share; c=1, latency only.
+ROUNDS = {1: 1, 32: 2}
 # Cells of the serving section. The twin is a second unmonitored deployment measured exactly like the first: its
 # "cost" (an A/A comparison) shows how much of a measured QPS difference this machine's noise alone produces.
 CELLS = {"off": "monitoring off", "twin": "monitoring off (A/A twin)", "on": "monitoring on"}
@@ -351,7 +371,9 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
     from tests.serving import trained_run, validation_inputs
 
     from steward.bench.load import generate
-    from steward.serve.deploy import deploy, prefer_high_throughput
+    from steward.bench.machine import manifest
+    from steward.ray_env import prefer_high_throughput
+    from steward.serve.deploy import deploy
     from steward.spec.bench import LoadSpec
     from steward.spec.serve import ServeSpec
 
@@ -371,8 +393,8 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
     try:
         transport = _push_transport_us(delta)
         for r in range(repeats):
-            # Fresh replicas every repeat: the same code's replica was seen to spend ~40 us (~9%) more CPU a request
-            # in one session than in another, all session long, which runs of the same processes never average.
+            # Fresh replicas every repeat: a replica process keeps its own speed all its life, so only new processes
+            # average it out.
             urls = {}
             for app, cell in CELLS.items():
                 cfg = ServeSpec(route_prefix=f"/{app}", name=app, num_replicas=1, num_cpus=0.5)
@@ -383,9 +405,9 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
             procs = {app: _process(f"ray::ServeReplica:{app}:") for app in CELLS} | {"actor": _process("ray::Monitor")}
             for key in runs:
                 runs[key].append([])
-            for c in (1, 32):
+            for c, rounds in ROUNDS.items():
                 before_c, sizes = seen, _batch_sizes(urls[CELLS["on"]])
-                for k in range(PAIRS):
+                for k in range(rounds):
                     # forward, then backward: whatever the later runs of a round meet falls on off and on alike
                     for cell, url in list(urls.items())[:: 1 if (r + k) % 2 else -1]:
                         before = _cpu_seconds(procs)
@@ -400,7 +422,7 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
             for size, count in _batch_sizes(urls[CELLS["on"]]).items():
                 batches[size] = batches.get(size, 0) + count - sizes.get(size, 0)
             console.print(f"serving repeat {r + 1}/{repeats} done")
-            for app in CELLS:  # a deleted app takes ~30 s to drain: all at once
+            for app in CELLS:  # deleted apps drain slowly: all at once, then wait for the last
                 serve.delete(app, _blocking=False)
             while set(serve.status().applications) & set(CELLS):
                 time.sleep(0.5)
@@ -411,9 +433,14 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
         cell: {k: statistics.median(run[k] for rep in reps for run in rep) for k in ("qps", "p50_ms", "p99_ms")}
         for cell, reps in runs.items()
     }
-    out |= {"records_monitored": seen["records"], "proxy": proxy, "runs_per_repeat": PAIRS}
-    out |= {"push_transport_us": transport, "push_bytes": len(pickle.dumps(delta)), "pushes_per_record": pushes,
-            "batch_sizes c=32": batches}  # fmt: skip
+    out |= {"records_monitored": seen["records"], "proxy": proxy, "rounds_per_repeat": ROUNDS, "run_dir": str(run_dir)}
+    out["manifest"] = manifest(spec)
+    out |= {
+        "push_transport_us": transport,
+        "push_bytes": len(pickle.dumps(delta)),
+        "pushes_per_record": pushes,
+        "batch_sizes c=32": batches,
+    }
     for c in (1, 32):
         off, twin, on = (runs[f"{cell}, c={c}"] for cell in CELLS.values())
         out[f"cost c={c}"] = _costs(off, on)
@@ -424,8 +451,8 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
 
 def _steady_state(push: Push, run_dir: Path, url: str) -> dict[str, Any]:
     """Bring the "on" app's monitor to the steady state of a deployment that has served more than max_pending
-    records and got no labels: max_pending predictions wait for one, and their saves (pending.json) cost ~65 ms
-    each. A fresh monitor holds only this run's records, a fraction of that. Returns the monitor's report once the
+    records and got no labels: max_pending predictions wait for one, and their saves (pending.json) cost the actor
+    CPU. A fresh monitor holds only this run's records, a fraction of that. Returns the monitor's report once the
     filler is no longer counted as a replica pushing (three push intervals)."""
     import ray
     import requests
@@ -482,8 +509,10 @@ def _cpu_seconds(procs: dict[str, Any]) -> dict[str, float]:
 
     busy = psutil.cpu_times()
     spent = {name: sum(proc.cpu_times()[:2]) for name, proc in procs.items()}
-    return spent | {"machine": busy.user + busy.nice + busy.system + busy.irq + busy.softirq,
-                    "client": sum(psutil.Process().cpu_times()[:2])}  # fmt: skip
+    return spent | {
+        "machine": busy.user + busy.nice + busy.system + busy.irq + busy.softirq,
+        "client": sum(psutil.Process().cpu_times()[:2]),
+    }
 
 
 def _push_transport_us(delta: WindowState, pushes: int = 300) -> dict[str, float]:
@@ -536,8 +565,9 @@ def _costs(off: list[list[dict]], on: list[list[dict]]) -> dict[str, Any]:
     each = []
     for off_rep, on_rep in zip(off, on, strict=True):
         a, b = pooled(off_rep), pooled(on_rep)
-        each.append({"p50": b["p50_ms"] / a["p50_ms"] - 1, "p99": b["p99_ms"] / a["p99_ms"] - 1,
-                     "qps": 1 - b["qps"] / a["qps"]})  # fmt: skip
+        each.append(
+            {"p50": b["p50_ms"] / a["p50_ms"] - 1, "p99": b["p99_ms"] / a["p99_ms"] - 1, "qps": 1 - b["qps"] / a["qps"]}
+        )
     out: dict[str, Any] = {k: statistics.mean(e[k] for e in each) for k in each[0]}
     qps = _mean_ci([e["qps"] for e in each])
     return out | {"qps_ci90": qps["ci90"], "qps_median": qps["median"], "qps_each": qps["each"]}
@@ -584,12 +614,17 @@ def accounted_cost(serving: dict[str, Any], replica: dict[str, Any]) -> dict[str
     make the direct QPS comparison noisy (see the A/A twin), do not enter it."""
     cpu, push = serving["cpu c=32"], serving["push_transport_us"]
     in_replica = replica["replica total"]["us_per_request"]
-    parts = {"actor": cpu["actor_us"]["each"], "replica": [in_replica] * len(serving["pushes_per_record"]),
-             "transport": [(push["pusher"] + push["daemons"]) * n for n in serving["pushes_per_record"]]}  # fmt: skip
+    parts = {
+        "actor": cpu["actor_us"]["each"],
+        "replica": [in_replica] * len(serving["pushes_per_record"]),
+        "transport": [(push["pusher"] + push["daemons"]) * n for n in serving["pushes_per_record"]],
+    }
     totals = [sum(values) for values in zip(*parts.values(), strict=True)]
     shares = [t / s for t, s in zip(totals, cpu["serving_us"]["each"], strict=True)]
-    return {f"{k}_us": _mean_ci(v) for k, v in parts.items()} | {"monitor_us": _mean_ci(totals),
-                                                                  "share": _mean_ci(shares)}  # fmt: skip
+    return {f"{k}_us": _mean_ci(v) for k, v in parts.items()} | {
+        "monitor_us": _mean_ci(totals),
+        "share": _mean_ci(shares),
+    }
 
 
 def _free_port() -> int:
@@ -609,8 +644,12 @@ def serving_table(res: dict[str, Any], console: Console) -> None:
         for key, label in (("cost", "cost of monitoring (target <= 3%)"), ("a/a", "off vs its twin (noise)")):
             cost = res[f"{key} c={c}"]
             low, high = cost["qps_ci90"]
-            table.add_row(f"{label}, c={c}", f"{cost['p50']:+.1%}", f"{cost['p99']:+.1%}",
-                          f"{cost['qps']:+.1%} [{low:+.1%}, {high:+.1%}]")  # fmt: skip
+            table.add_row(
+                f"{label}, c={c}",
+                f"{cost['p50']:+.1%}",
+                f"{cost['p99']:+.1%}",
+                f"{cost['qps']:+.1%} [{low:+.1%}, {high:+.1%}]",
+            )
     table.caption = (
         f"costs: mean over repeats [90% interval]; records counted by the monitor: {res['records_monitored']}; proxy:"
         f" {res['proxy']}; batching on (the default: up to 16 requests, 5 ms wait), so the c=1 latency includes the"
@@ -621,19 +660,25 @@ def serving_table(res: dict[str, Any], console: Console) -> None:
     table = Table(title="CPU per request at c=32, us: mean over repeats [90% interval]")
     table.add_column("part")
     table.add_column("us / request", justify="right")
-    rows = {"serving, monitoring off (machine less load generator and idle processes)": cpu["serving_us"],
-            "monitor actor idle, during off runs (Ray's cost of any idle actor)": cpu["idle_actor_us"],
-            "the serving replica live, off runs": cpu["replica_off_us"],
-            "the serving replica live, on runs (a different process: its own speed)": cpu["replica_on_us"]}  # fmt: skip
+    rows = {
+        "serving, monitoring off (machine less load generator and idle processes)": cpu["serving_us"],
+        "monitor actor idle, during off runs (Ray's cost of any idle actor)": cpu["idle_actor_us"],
+        "the serving replica live, off runs": cpu["replica_off_us"],
+        "the serving replica live, on runs (a different process: its own speed)": cpu["replica_on_us"],
+    }
     if acc := res.get("accounted c=32"):
-        rows |= {"monitoring: the monitor actor, during on runs": acc["actor_us"],
-                 "monitoring: in the replica (embed, queue, count; offline)": acc["replica_us"],
-                 "monitoring: push transport (replica, pickling included, + Ray's daemons)": acc["transport_us"],
-                 "monitoring in all": acc["monitor_us"]}  # fmt: skip
+        rows |= {
+            "monitoring: the monitor actor, during on runs": acc["actor_us"],
+            "monitoring: in the replica (embed, queue, count; offline)": acc["replica_us"],
+            "monitoring: push transport (replica, pickling included, + Ray's daemons)": acc["transport_us"],
+            "monitoring in all": acc["monitor_us"],
+        }
         share = acc["share"]
-        table.caption = (f"monitoring's share of serving's CPU: {share['mean']:.2%} [{share['ci90'][0]:.2%}, "
-                         f"{share['ci90'][1]:.2%}] (target <= 3%); cores busy: off runs "
-                         f"{cpu['busy_cores_off']['mean']:.2f}, on {cpu['busy_cores_on']['mean']:.2f}")  # fmt: skip
+        table.caption = (
+            f"monitoring's share of serving's CPU: {share['mean']:.2%} [{share['ci90'][0]:.2%}, "
+            f"{share['ci90'][1]:.2%}] (target <= 3%); cores busy: off runs "
+            f"{cpu['busy_cores_off']['mean']:.2f}, on {cpu['busy_cores_on']['mean']:.2f}"
+        )
     for name, part in rows.items():
         table.add_row(name, f"{part['mean']:.1f} [{part['ci90'][0]:.1f}, {part['ci90'][1]:.1f}]")
     console.print(table)
@@ -647,10 +692,20 @@ def mmd_table(res: dict[str, Any], console: Console) -> None:
     table = Table(title=f"mmd_test, {res['n_per_side']}/side, d={res['dim']}, {res['permutations']} permutations")
     for col in ("implementation", "median s", "vs target 0.5 s", "statistic", "p"):
         table.add_column(col, justify="right")
-    table.add_row("steward (pooled kernel once)", f"{res['fast_s']:.3f}", f"{res['fast_s'] / 0.5:.2f}x",
-                  f"{res['statistic']:.3e}", f"{res['p_value']:.4f}")  # fmt: skip
-    table.add_row("naive (kernels per permutation)", f"{res['naive_s']:.3f}", f"{res['naive_s'] / 0.5:.2f}x",
-                  f"{res['statistic']:.3e}", f"{res['p_value']:.4f}")  # fmt: skip
+    table.add_row(
+        "steward (pooled kernel once)",
+        f"{res['fast_s']:.3f}",
+        f"{res['fast_s'] / 0.5:.2f}x",
+        f"{res['statistic']:.3e}",
+        f"{res['p_value']:.4f}",
+    )
+    table.add_row(
+        "naive (kernels per permutation)",
+        f"{res['naive_s']:.3f}",
+        f"{res['naive_s'] / 0.5:.2f}x",
+        f"{res['statistic']:.3e}",
+        f"{res['p_value']:.4f}",
+    )
     table.caption = (
         f"speed-up naive/steward (medians): {res['speedup']:.1f}x; "
         f"min s: steward {res['fast_min_s']:.3f}, naive {res['naive_min_s']:.3f}"
@@ -660,10 +715,14 @@ def mmd_table(res: dict[str, Any], console: Console) -> None:
 
 def replica_table(res: dict[str, Any], console: Console) -> None:
     rows = {name: row for name, row in res.items() if isinstance(row, dict)}
-    caption = (f"replica total = embed + queue + count (target <= 15 us); actor total = merge + judge + save, on the "
-               f"same cores; one push pickles to {res['push_bytes'] / 1000:.0f} KB")  # fmt: skip
-    title = (f"Monitoring CPU per request of one instance, offline: quickstart CNN, 1 torch thread, "
-             f"{res['requests_per_pass']:.1f} requests a forward pass")  # fmt: skip
+    caption = (
+        f"replica total = embed + queue + count (target <= 15 us); actor total = merge + judge + save, on the "
+        f"same cores; one push pickles to {res['push_bytes'] / 1000:.0f} KB"
+    )
+    title = (
+        f"Monitoring CPU per request of one instance, offline: quickstart CNN, 1 torch thread, "
+        f"{res['requests_per_pass']:.1f} requests a forward pass"
+    )
     console.print(_cost_table(title, "step", "us_per_request", rows, caption))
 
 
@@ -692,22 +751,31 @@ SECTIONS: dict[str, tuple[Callable[[int, Console], dict[str, Any]], Callable[[di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=4, help="interleaved repeats of every section")
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
     parser.add_argument("--run-dir", type=Path, help="a trained quickstart run for the replica section")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "monitor_overhead.json")
     args = parser.parse_args()
     console = Console()
     # the machine is shared: record its load so numbers can be read against it
-    result: dict[str, Any] = {"repeats": args.repeats, "loadavg_before": os.getloadavg(), "cpus": os.cpu_count(),
-                              "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "numpy's default")}  # fmt: skip
-    # serving before replica: the replica section replays the batch sizes serving formed at c=32
+    result: dict[str, Any] = {
+        "repeats": args.repeats,
+        "loadavg_before": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS", "numpy's default"),
+    }
+    # serving before replica: the replica section replays the batch sizes serving formed at c=32, on its model
+    seconds: dict[str, float] = {}
     for name in sorted(args.sections, key=lambda name: name == "replica"):
+        started = time.monotonic()
         if name == "replica":
-            sizes = result.get("serving", {}).get("batch_sizes c=32")
-            result[name] = bench_replica(args.repeats, console, args.run_dir, sizes)
+            serving = result.get("serving", {})
+            run_dir = args.run_dir or (Path(serving["run_dir"]) if "run_dir" in serving else None)
+            result[name] = bench_replica(args.repeats, console, run_dir, serving.get("batch_sizes c=32"))
         else:
             result[name] = SECTIONS[name][0](args.repeats, console)
+        seconds[name] = time.monotonic() - started
+    result["seconds"] = seconds
     if {"replica", "serving"} <= result.keys():
         result["serving"]["accounted c=32"] = accounted_cost(result["serving"], result["replica"])
     for name in args.sections:

@@ -33,15 +33,23 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from steward.bench.load import generate  # noqa: E402
+from steward.bench.machine import manifest  # noqa: E402
 from steward.data import raw_inputs  # noqa: E402
 from steward.serve.model import load_served_model  # noqa: E402
 from steward.serve.quantize import quantize_int8  # noqa: E402
 from steward.spec.bench import LoadSpec  # noqa: E402
 from steward.spec.serve import ServeSpec  # noqa: E402
 
-BERT = ["model.params.hidden_size=256", "model.params.num_layers=4", "model.params.num_heads=4",
-        "model.params.intermediate_size=1024", "model.params.dropout=0", "data.max_length=64",
-        "data.options.num_samples=1500", "data.tokenizer.vocab_size=2000"]  # fmt: skip
+BERT = [
+    "model.params.hidden_size=256",
+    "model.params.num_layers=4",
+    "model.params.num_heads=4",
+    "model.params.intermediate_size=1024",
+    "model.params.dropout=0",
+    "data.max_length=64",
+    "data.options.num_samples=1500",
+    "data.tokenizer.vocab_size=2000",
+]
 
 
 def free_port() -> int:
@@ -66,8 +74,9 @@ def qps(url: str, bodies: list[dict], seconds: float) -> float:
 def bare_server(run_dir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "platform"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "bare_fastapi.py"), str(run_dir), str(port)],
-                            env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "bare_fastapi.py"), str(run_dir), str(port)], env=env
+    )
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -82,8 +91,9 @@ def bare_server(run_dir: Path) -> tuple[subprocess.Popen, str]:
 def serve_deploy(spec, run_dir: Path, port: int, prefix: str, **fields) -> str:
     from steward.serve.deploy import deploy
 
-    cfg = ServeSpec.model_validate({"route_prefix": prefix, "name": prefix.strip("/"), "num_replicas": 1,
-                                    "num_cpus": 0.5, **fields})  # fmt: skip
+    cfg = ServeSpec.model_validate(
+        {"route_prefix": prefix, "name": prefix.strip("/"), "num_replicas": 1, "num_cpus": 0.5, **fields}
+    )
     return deploy(spec.model_copy(update={"serve": cfg, "monitor": None}), run_dir, port=port).url
 
 
@@ -184,11 +194,15 @@ def batching_table(result: dict, console: Console) -> None:
 def ratios(result: dict) -> dict[str, tuple[float, float | None]]:
     qps, off = result["batching"]["served_qps_c32"], result["batching"]["offline_per_s"]
     return {
-        "batching gain (on / off)": (qps["fp32 batching on"] / qps["fp32 batching off"],
-                                     off["fp32 batch 16"] / off["fp32 batch 1"]),
-        "int8 / fp32 throughput": (qps["int8 batching on"] / qps["fp32 batching on"],
-                                   off["int8 batch 16"] / off["fp32 batch 16"]),
-    }  # fmt: skip
+        "batching gain (on / off)": (
+            qps["fp32 batching on"] / qps["fp32 batching off"],
+            off["fp32 batch 16"] / off["fp32 batch 1"],
+        ),
+        "int8 / fp32 throughput": (
+            qps["int8 batching on"] / qps["fp32 batching on"],
+            off["int8 batch 16"] / off["fp32 batch 16"],
+        ),
+    }
 
 
 def main() -> None:
@@ -199,7 +213,8 @@ def main() -> None:
     parser.add_argument("--skip-overhead", action="store_true", help="Only the batching and int8 cells.")
     args = parser.parse_args()
     console = Console()
-    from steward.serve.deploy import prefer_high_throughput
+    started = time.monotonic()
+    from steward.ray_env import prefer_high_throughput
 
     # As `steward serve` does with an embedded Ray; set RAY_SERVE_ENABLE_HA_PROXY=0 to measure the default proxy.
     fixed = ServeSpec(num_replicas=1)  # every deployment here has one replica
@@ -216,12 +231,13 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        result: dict = {"proxy": proxy, "args": vars(args)}
+        result: dict = {"proxy": proxy, "args": vars(args), "manifest": manifest(bert[0])}
         result["overhead"] = {} if args.skip_overhead else overhead(cnn, args, port)
         for name in list(serve.status().applications):
             serve.delete(name)
         result["batching"] = batching_and_int8(bert, args, port)
         result["ratios"] = ratios(result)
+        result["benchmark_s"] = time.monotonic() - started
     finally:
         serve.shutdown()
         ray.shutdown()

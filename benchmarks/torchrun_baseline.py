@@ -35,8 +35,9 @@ def main(spec_path: str, out: str, *overrides: str) -> None:
     for epoch in range(spec.train.epochs):
         ddp.train()
         started, samples = time.perf_counter(), 0
-        for batch in train.batches(spec.data.batch_size, shuffle=True, seed=spec.seed, epoch=epoch,
-                                   rank=rank, world_size=world, train=True):  # fmt: skip
+        for batch in train.batches(
+            spec.data.batch_size, shuffle=True, seed=spec.seed, epoch=epoch, rank=rank, world_size=world, train=True
+        ):
             loss = task_loss(
                 spec.model.task, ddp(batch["inputs"], batch.get("attention_mask")).float(), batch["labels"]
             )
