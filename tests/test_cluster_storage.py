@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from steward.cluster.package import package_job
+from steward.errors import StewardError
 from steward.spec import load_job
 from steward.storage import join
 from tests.conftest import BUCKET, JOBS, ROOT, free_port, read, steward, stored
@@ -115,5 +116,5 @@ def test_a_uri_output_dir_is_packaged_for_the_cluster_as_is(s3):
         assert remote["output_dir"] == s3["uri"]  # the cluster writes to the bucket, with the same query
     finally:
         package.cleanup()
-    with pytest.raises(ValueError, match=r"output_dir nosuch://b/runs: cannot open it"):
+    with pytest.raises(StewardError, match=r"output_dir nosuch://b/runs: cannot open it"):
         package_job(load_job(JOBS / "quickstart.yaml", ["output_dir=nosuch://b/runs"]), deps="preinstalled")

@@ -75,14 +75,18 @@ def resume_run(job: JobSpec, target: str, kind: str) -> tuple[JobSpec, Path]:
     before = read_spec(run_dir)
     changed = [s for s in sections if getattr(before, s) != getattr(job, s)]
     if changed:
-        raise StewardError(f"--resume {target}: the spec's {', '.join(changed)} differ from the run's; "
-                         "only train settings (e.g. train.epochs) may change when resuming")  # fmt: skip
+        raise StewardError(
+            f"--resume {target}: the spec's {', '.join(changed)} differ from the run's; "
+            "only train settings (e.g. train.epochs) may change when resuming"
+        )
     marker = RESUMABLE[kind]
     found = storage.exists(storage.join(target, marker), "--resume") if uri else (run_dir / marker).exists()
     if not found:
         what, verb = ("no checkpoint", "train") if kind == "train" else ("no saved sweep state", "tune")
-        raise StewardError(f"--resume {target}: {what} to continue from ({marker} is missing); start a new run "
-                         f"instead (`steward {verb} SPEC` without --resume)")  # fmt: skip
+        raise StewardError(
+            f"--resume {target}: {what} to continue from ({marker} is missing); start a new run "
+            f"instead (`steward {verb} SPEC` without --resume)"
+        )
     return job, run_dir.resolve()
 
 
@@ -91,8 +95,10 @@ def _storage_of(uri: str, name: str) -> str:
     split = urlsplit(uri)
     parts = split.path.rstrip("/").split("/")
     if len(parts) < 2 or not parts[-1] or parts[-2] != name:
-        raise StewardError(f"--resume {uri}: not a run of this spec's `{name}`; pass <output_dir>/{name}/<run-id> "
-                         "(`steward runs --storage URI` lists the runs there)")  # fmt: skip
+        raise StewardError(
+            f"--resume {uri}: not a run of this spec's `{name}`; pass <output_dir>/{name}/<run-id> "
+            "(`steward runs --storage URI` lists the runs there)"
+        )
     return urlunsplit(split._replace(path="/".join(parts[:-2])))
 
 

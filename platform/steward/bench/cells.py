@@ -9,8 +9,12 @@ from steward.spec.base import set_dotted
 
 # A cell trains until its probe has timed `bench.steps` steps, however many epochs that takes; nothing that would
 # stop it sooner or pause it mid-measurement (early stopping, mid-run checkpoints) stays on.
-TRAIN_UNTIL_TIMED = {"train.epochs": 100_000, "train.max_steps": None, "train.early_stopping": None,
-                     "train.checkpoint.every_epochs": 100_000}  # fmt: skip
+TRAIN_UNTIL_TIMED = {
+    "train.epochs": 100_000,
+    "train.max_steps": None,
+    "train.early_stopping": None,
+    "train.checkpoint.every_epochs": 100_000,
+}
 
 
 @dataclass(frozen=True)

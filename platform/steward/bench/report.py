@@ -15,10 +15,15 @@ COMPARED = ("cpu", "cores", "gpu", "ram_gib", "torch", "ray", "deepspeed", "tran
 
 
 SKIPPED = ("started", "timed_steps", "run_dir")
-TRAIN_COLUMNS = [("samples_per_s", "samples/s", "{:.0f}"), ("tokens_per_s", "tokens/s", "{:.0f}"),
-                 ("time_to_first_step_s", "1st step s", "{:.1f}"), ("memory_added_mb", "mem MB", "{:.0f}"),
-                 ("memory_formula_mb", "formula MB", "{:.0f}"), ("flops_per_s", "GFLOP/s", "{:.3g}"),
-                 ("ceiling_fraction", "of peak", "{:.1%}")]  # fmt: skip
+TRAIN_COLUMNS = [
+    ("samples_per_s", "samples/s", "{:.0f}"),
+    ("tokens_per_s", "tokens/s", "{:.0f}"),
+    ("time_to_first_step_s", "1st step s", "{:.1f}"),
+    ("memory_added_mb", "mem MB", "{:.0f}"),
+    ("memory_formula_mb", "formula MB", "{:.0f}"),
+    ("flops_per_s", "GFLOP/s", "{:.3g}"),
+    ("ceiling_fraction", "of peak", "{:.1%}"),
+]
 SCALE = {"flops_per_s": 1e-9}
 
 
@@ -104,13 +109,17 @@ def live_table(result: dict, planned: int) -> Table:
 def markdown(result: dict) -> str:
     """bench.md: the machine, then the table (median over repeats, ratio to the baseline in brackets)."""
     m, ceiling = result["manifest"], result["ceiling"]
-    lines = [f"# bench {result['name']}", "",
-             f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, GPU: {m['gpu'] or 'none'}; "
-             f"torch {m['torch']}, ray {m['ray']}, deepspeed {m['deepspeed']}, transformers {m['transformers']}; "
-             f"spec {m['spec_hash']}, commit {(m['git_commit'] or 'unknown')[:12]}.",
-             f"Matmul ceiling: {ceiling['flops_per_s'] / 1e9:.1f} GFLOP/s (fp32 {ceiling['size']}^3 GEMM, "
-             f"{ceiling['threads']} threads). Medians of {max(len(c['runs']) for c in result['cells'])} interleaved "
-             "repeats; ratio to the baseline in brackets.", ""]  # fmt: skip
+    lines = [
+        f"# bench {result['name']}",
+        "",
+        f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, GPU: {m['gpu'] or 'none'}; "
+        f"torch {m['torch']}, ray {m['ray']}, deepspeed {m['deepspeed']}, transformers {m['transformers']}; "
+        f"spec {m['spec_hash']}, commit {(m['git_commit'] or 'unknown')[:12]}.",
+        f"Matmul ceiling: {ceiling['flops_per_s'] / 1e9:.1f} GFLOP/s (fp32 {ceiling['size']}^3 GEMM, "
+        f"{ceiling['threads']} threads). Medians of {max(len(c['runs']) for c in result['cells'])} interleaved "
+        "repeats; ratio to the baseline in brackets.",
+        "",
+    ]
     headers = ["cell", "runs", *(h for _, h, _ in columns(result))]
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in cell_rows(result)]
@@ -122,8 +131,13 @@ def plot(result: dict, run_dir: Path) -> None:
     cells = result["cells"]
     if "train_throughput" in result["measure"]:
         _bars(cells, "samples_per_s", "training samples/s", run_dir / "throughput.png")
-        _bars(cells, "memory_added_mb", "peak memory added per worker, MB", run_dir / "memory.png",
-              formula=[c["summary"].get("memory_formula_mb", {}).get("median", 0) for c in cells])  # fmt: skip
+        _bars(
+            cells,
+            "memory_added_mb",
+            "peak memory added per worker, MB",
+            run_dir / "memory.png",
+            formula=[c["summary"].get("memory_formula_mb", {}).get("median", 0) for c in cells],
+        )
     if _serving(result):
         top = max(result["load"]["concurrency"])
         name = "serve_throughput.png" if "train_throughput" in result["measure"] else "throughput.png"
@@ -137,8 +151,10 @@ def _serving(result: dict) -> bool:
 def _bars(cells: list[dict], metric: str, label: str, path: Path, formula: list[float] | None = None) -> None:
     stats = [c.get("summary", {}).get(metric, {"median": 0, "min": 0, "max": 0}) for c in cells]
     medians = [s["median"] for s in stats]
-    spread = [[m - s["min"] for m, s in zip(medians, stats, strict=True)],
-              [s["max"] - m for m, s in zip(medians, stats, strict=True)]]  # fmt: skip
+    spread = [
+        [m - s["min"] for m, s in zip(medians, stats, strict=True)],
+        [s["max"] - m for m, s in zip(medians, stats, strict=True)],
+    ]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cells)), 4))
     ax.bar(range(len(cells)), medians, yerr=spread, capsize=4, color="#4c72b0", label="measured (median, min-max)")
     if formula is not None:
@@ -179,6 +195,13 @@ def compare(a: dict, b: dict) -> tuple[list[dict], list[str]]:
         for name, s in cell.get("summary", {}).items():
             if name in other and s["median"]:
                 ratio = other[name]["median"] / s["median"]
-                rows.append({"cell": cell["label"], "metric": name, "a": s["median"], "b": other[name]["median"],
-                             "ratio": ratio})  # fmt: skip
+                rows.append(
+                    {
+                        "cell": cell["label"],
+                        "metric": name,
+                        "a": s["median"],
+                        "b": other[name]["median"],
+                        "ratio": ratio,
+                    }
+                )
     return rows, warnings

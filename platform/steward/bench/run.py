@@ -49,8 +49,8 @@ def bench_job(spec: JobSpec, run_dir: Path, address: str | None, console: Consol
             summarise(result)
             _write_json(run_dir / "bench.json", result)
             live.update(live_table(result, len(plan)))
-    # The ceiling is the machine's best, so it is timed again at the end and the faster count kept: one start right
-    # after other work (a Ray cluster still shutting down) measured 122 GFLOP/s where 190-210 is usual here.
+    # The ceiling is the machine's best, so it is timed again at the end and the faster count kept: right after
+    # other work (a Ray cluster still shutting down) the cores are not yet the machine's own.
     result["ceiling"] = max(result["ceiling"], matmul_ceiling(spec.bench.matmul_size), key=lambda c: c["flops_per_s"])
     summarise(result)
     result["complete"] = True

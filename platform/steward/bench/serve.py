@@ -12,8 +12,9 @@ BODIES = 64  # distinct request bodies cycled through, so no cache sees the same
 
 def training_key(spec: JobSpec) -> str:
     """What decides the trained model: cells equal in everything but serving share one training run."""
-    return json.dumps(spec.model_dump(mode="json", exclude={"name", "output_dir", "serve", "monitor", "bench"}),
-                      sort_keys=True)  # fmt: skip
+    return json.dumps(
+        spec.model_dump(mode="json", exclude={"name", "output_dir", "serve", "monitor", "bench"}), sort_keys=True
+    )
 
 
 def request_bodies(spec: JobSpec) -> list[dict]:

@@ -47,8 +47,13 @@ def ray_job(spec: JobSpec, name: str, image: str) -> dict:
     dist = spec.distributed
     trials = (spec.tune.max_concurrent_trials or spec.tune.num_trials) if spec.tune else 1
     # At least one run's workers from the start: steward checks the cluster's resources before training starts.
-    group = worker_group(image, dist.cpus_per_worker, dist.gpus_per_worker if dist.use_gpu else 0.0,
-                         min_replicas=dist.num_workers, max_replicas=dist.num_workers * trials)  # fmt: skip
+    group = worker_group(
+        image,
+        dist.cpus_per_worker,
+        dist.gpus_per_worker if dist.use_gpu else 0.0,
+        min_replicas=dist.num_workers,
+        max_replicas=dist.num_workers * trials,
+    )
     head = head_group(image, extra_volume=("spec", {"configMap": {"name": f"{name}-spec"}}, SPEC_DIR))
     return {
         "apiVersion": "ray.io/v1",

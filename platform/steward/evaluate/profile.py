@@ -106,12 +106,25 @@ def capture_reference(model: nn.Module, info: DataInfo, spec: JobSpec, out_dir: 
     group = next(iter(data.groups), None)
     favourable = spec.monitor.bias.favourable if spec.monitor and spec.monitor.bias else info.label_names[-1]
     ref = build_reference(
-        signals.features, feature_names(info.modality, info.input_shape) or None,
-        embeddings=signals.embeddings, probs=probs, classes=info.label_names,
-        token_ids=inputs if info.modality == "text" else None, unk_id=unk, pad_id=info.pad_token_id,
+        signals.features,
+        feature_names(info.modality, info.input_shape) or None,
+        embeddings=signals.embeddings,
+        probs=probs,
+        classes=info.label_names,
+        token_ids=inputs if info.modality == "text" else None,
+        unk_id=unk,
+        pad_id=info.pad_token_id,
         y_true=np.asarray(info.label_names, dtype=object)[np.concatenate(collected["labels"])],
-        groups=data.groups[group] if group else None, positive=favourable, seed=spec.seed,
-        meta={"split": role, "records": len(probs), "modality": info.modality, "group_column": group,
-              "favourable": favourable, "embedding_layer": penultimate_layer(model)},
-    )  # fmt: skip
+        groups=data.groups[group] if group else None,
+        positive=favourable,
+        seed=spec.seed,
+        meta={
+            "split": role,
+            "records": len(probs),
+            "modality": info.modality,
+            "group_column": group,
+            "favourable": favourable,
+            "embedding_layer": penultimate_layer(model),
+        },
+    )
     return save_reference(ref, out_dir)

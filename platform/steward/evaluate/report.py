@@ -36,8 +36,10 @@ def fairness_result(
         decided = adjust_logits(z, groups, thresholds).argmax(-1) if thresholds else raw
         report["splits"][name] = split_report(y, decided, groups, positive, fair, spec.seed)
         if thresholds:
-            before_after[name] = {"before": _summary(y, raw, groups, positive, fair.privileged),
-                                  "after": _summary(y, decided, groups, positive, fair.privileged)}  # fmt: skip
+            before_after[name] = {
+                "before": _summary(y, raw, groups, positive, fair.privileged),
+                "after": _summary(y, decided, groups, positive, fair.privileged),
+            }
     out: dict[str, Any] = {"fairness": report}
     if fair.thresholds:
         problems = gate(report["splits"][gate_split]["metrics"], {str(k): v for k, v in fair.thresholds.items()})

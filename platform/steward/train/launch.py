@@ -108,7 +108,7 @@ def fit(spec: JobSpec, run_dir: Path, address: str | None = None) -> None:
 
 
 # What Ray raises when a worker's process or node goes away (not an error in the training code), and what the
-# surviving workers' collectives say when their peer vanished mid-step (seen: gloo's "Connection reset by peer").
+# surviving workers' collectives say when their peer vanished mid-step (gloo: "Connection reset by peer").
 LOST_WORKER = {
     "ActorDiedError",
     "RayActorError",

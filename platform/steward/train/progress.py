@@ -17,9 +17,14 @@ class HistoryProgress:
     def __init__(self, history: Path, epochs: int, console: Console | None = None, interval: float = 0.5):
         self.history, self.epochs, self.interval = history, epochs, interval
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[metrics]}"),
-            TimeElapsedColumn(), console=console, transient=False,
-        )  # fmt: skip
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        )
         self.stop = threading.Event()
 
     def __enter__(self) -> "HistoryProgress":

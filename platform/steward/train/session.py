@@ -35,9 +35,12 @@ def train_session() -> Session:
 
     ctx = ray.train.get_context()
     return Session(
-        ctx.get_world_rank(), ctx.get_world_size(), ray.train.report, ray.train.get_checkpoint,
+        ctx.get_world_rank(),
+        ctx.get_world_size(),
+        ray.train.report,
+        ray.train.get_checkpoint,
         ray.train.torch.prepare_model,
-    )  # fmt: skip
+    )
 
 
 def trial_session(use_gpu: bool) -> Session:
