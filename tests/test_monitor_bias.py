@@ -45,8 +45,9 @@ def aif360_metric(y_pred, groups, privileged, positive):
     """AIF360's dataset metric on the predictions (as labels): pooled privileged vs pooled unprivileged."""
     codes = {g: i for i, g in enumerate(sorted(set(groups)))}
     df = pd.DataFrame({"y": (np.asarray(y_pred) == positive).astype(float), "g": [float(codes[g]) for g in groups]})
-    ds = BinaryLabelDataset(df=df, label_names=["y"], protected_attribute_names=["g"], favorable_label=1.0,
-                            unfavorable_label=0.0)  # fmt: skip
+    ds = BinaryLabelDataset(
+        df=df, label_names=["y"], protected_attribute_names=["g"], favorable_label=1.0, unfavorable_label=0.0
+    )
     priv = [{"g": float(codes[p])} for p in privileged]
     unpriv = [{"g": float(c)} for g, c in codes.items() if g not in privileged]
     return BinaryLabelDatasetMetric(ds, privileged_groups=priv, unprivileged_groups=unpriv)
@@ -67,15 +68,23 @@ def test_against_fairlearn(seed):
     assert set(ours) == set(frame.by_group.index)
     assert all(abs(ours[g] - frame.by_group[g]) <= TOL for g in ours)
     checks = {
-        "dpd": (bias.demographic_parity_difference(y_pred, groups, positive),
-                fl.demographic_parity_difference(t, p, sensitive_features=groups)),
-        "dpr": (bias.demographic_parity_ratio(y_pred, groups, positive),
-                fl.demographic_parity_ratio(t, p, sensitive_features=groups)),
-        "eod": (bias.equalized_odds_difference(y_true, y_pred, groups, positive),
-                fl.equalized_odds_difference(t, p, sensitive_features=groups)),
-        "eopp": (bias.equal_opportunity_difference(y_true, y_pred, groups, positive),
-                 fl.equal_opportunity_difference(t, p, sensitive_features=groups)),
-    }  # fmt: skip
+        "dpd": (
+            bias.demographic_parity_difference(y_pred, groups, positive),
+            fl.demographic_parity_difference(t, p, sensitive_features=groups),
+        ),
+        "dpr": (
+            bias.demographic_parity_ratio(y_pred, groups, positive),
+            fl.demographic_parity_ratio(t, p, sensitive_features=groups),
+        ),
+        "eod": (
+            bias.equalized_odds_difference(y_true, y_pred, groups, positive),
+            fl.equalized_odds_difference(t, p, sensitive_features=groups),
+        ),
+        "eopp": (
+            bias.equal_opportunity_difference(y_true, y_pred, groups, positive),
+            fl.equal_opportunity_difference(t, p, sensitive_features=groups),
+        ),
+    }
     for name, (mine, theirs) in checks.items():
         assert (math.isnan(mine) and math.isnan(theirs)) or abs(mine - theirs) <= TOL, (name, mine, theirs)
 

@@ -7,7 +7,7 @@ import pytest
 from steward.monitor.checks import AlertTracker, Check, bias_checks, drift_checks, live_state, window_report
 from steward.monitor.reference import PREDICTED_CLASS, build_reference
 from steward.monitor.signals import record_signals
-from steward.monitor.window import WindowState
+from steward.monitor.window_state import WindowState
 from steward.spec.monitor import MonitorSpec
 
 CLASSES = ["neg", "pos", "other"]
@@ -71,10 +71,10 @@ def test_unshifted_traffic_false_alarm_rate(reference):
 
 
 def test_embeddings_spread_finer_than_the_live_float16_rounding_drift_only_when_they_move():
-    """Live windows keep embeddings in float16, whose rounding (2.4e-4 at 0.8) is larger than the spread of a
-    collapsed model's embeddings (seen: a text model's 64 dims spread by 1e-4 around 0.8). Judged against the
-    float32 reference, the rounding alone failed MMD at p = 1/101; the reference is now rounded the same way, so only
-    a real move (here two rounding steps) fails."""
+    """Live windows keep embeddings in float16, whose rounding (2.4e-4 at 0.8) can be larger than the spread of a
+    collapsed model's embeddings (here 64 dims spread by 1e-4 around 0.8). Judged against the float32 reference, the
+    rounding alone would fail MMD; the reference is rounded the same way, so only a real move (here two rounding
+    steps) fails."""
     rng = np.random.default_rng(0)
 
     def embeddings(n, shift=0.0):
@@ -93,10 +93,16 @@ def test_embeddings_spread_finer_than_the_live_float16_rounding_drift_only_when_
 
 def test_bias_checks_on_known_counts():
     spec = MonitorSpec.model_validate(
-        {"bias": {"group": "g", "favourable": "1", "privileged": "a", "min_records_per_group": 50,
-                  "metrics": ["statistical_parity_difference", "disparate_impact_ratio",
-                              "equal_opportunity_difference"]}}
-    )  # fmt: skip
+        {
+            "bias": {
+                "group": "g",
+                "favourable": "1",
+                "privileged": "a",
+                "min_records_per_group": 50,
+                "metrics": ["statistical_parity_difference", "disparate_impact_ratio", "equal_opportunity_difference"],
+            }
+        }
+    )
     state = WindowState()
     for group, favourable in (("a", 50), ("b", 20)):
         for i in range(100):

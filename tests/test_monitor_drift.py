@@ -22,8 +22,8 @@ from scipy.spatial.distance import jensenshannon, pdist
 
 from steward.monitor import drift
 from steward.monitor.reference import build_reference
-from steward.monitor.window import WindowState
-from steward.monitor.windows import Windows
+from steward.monitor.window_state import WindowState
+from steward.monitor.windowing import Windows
 
 TOL = 1e-12
 SEEDS = range(40)
@@ -117,8 +117,12 @@ def test_mmd_matches_naive_at_a_monitor_windows_size():
 def test_banded_median_is_exact(seed):
     rng = np.random.default_rng(seed)
     size = int(rng.integers(4096, 100_000))
-    values = [rng.normal(size=size), rng.integers(0, 3, size).astype(float),  # heavy ties
-              rng.exponential(size=size) ** 4, np.repeat(rng.normal(size=size // 64), 64)][seed % 4]  # fmt: skip
+    values = [
+        rng.normal(size=size),
+        rng.integers(0, 3, size).astype(float),  # heavy ties
+        rng.exponential(size=size) ** 4,
+        np.repeat(rng.normal(size=size // 64), 64),
+    ][seed % 4]
     assert drift._median(values.copy()) == np.median(values)
 
 

@@ -21,7 +21,7 @@ from steward.monitor.reference import (
     save_reference,
     text_statistics,
 )
-from steward.monitor.window import WindowState
+from steward.monitor.window_state import WindowState
 
 
 def softmax(z):
@@ -96,10 +96,18 @@ def test_prediction_profile_and_group_rates(validation):
 
 def test_save_load_round_trip(validation, tmp_path):
     ref = build_reference(
-        validation["x"], [f"f{i}" for i in range(5)], embeddings=validation["emb"], probs=validation["probs"],
-        token_ids=validation["tokens"], unk_id=1, y_true=validation["y_true"], groups=validation["groups"],
-        positive=1, sample_size=100, meta={"run": "r1"},
-    )  # fmt: skip
+        validation["x"],
+        [f"f{i}" for i in range(5)],
+        embeddings=validation["emb"],
+        probs=validation["probs"],
+        token_ids=validation["tokens"],
+        unk_id=1,
+        y_true=validation["y_true"],
+        groups=validation["groups"],
+        positive=1,
+        sample_size=100,
+        meta={"run": "r1"},
+    )
     ref.groups["a"]["tpr"] = math.nan  # as for a group without positives
     path = save_reference(ref, tmp_path / "ref")
     json.loads(path.read_text())  # strict JSON: NaN was written as null

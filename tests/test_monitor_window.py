@@ -14,8 +14,8 @@ from steward.monitor.bins import Bins
 from steward.monitor.checks import MMD_POINTS, live_state
 from steward.monitor.drift import bin_counts, quantile_edges
 from steward.monitor.reservoir import Reservoir, SampleSpec
-from steward.monitor.window import WindowState
-from steward.monitor.windows import Windows
+from steward.monitor.window_state import WindowState
+from steward.monitor.windowing import Windows
 
 N_FEATURES = 3
 
@@ -46,9 +46,14 @@ def feed_replicas(data, n_replicas: int, seed: int, bins: Bins) -> list[WindowSt
     states = [WindowState(bins, reservoir_capacity=50) for _ in range(n_replicas)]
     for i in range(len(data["y_pred"])):
         states[rng.integers(n_replicas)].add(
-            data["y_pred"][i], data["groups"][i], data["x"][i], {"colour": data["colour"][i]},
-            {"emb": data["emb"][i]}, request_id=f"r{i}", t=float(i),
-        )  # fmt: skip
+            data["y_pred"][i],
+            data["groups"][i],
+            data["x"][i],
+            {"colour": data["colour"][i]},
+            {"emb": data["emb"][i]},
+            request_id=f"r{i}",
+            t=float(i),
+        )
     for i in rng.permutation(len(data["y_pred"])):
         if data["labelled"][i]:
             states[rng.integers(n_replicas)].add_feedback(f"r{i}", data["y_true"][i])
@@ -130,8 +135,11 @@ def test_json_round_trip_then_merge():
     restored = WindowState.from_dict(json.loads(json.dumps(s1.to_dict())))
     assert restored.to_dict() == s1.to_dict()
     assert_same_counts(restored.merge(s2), s1.merge(s2))
-    by_row = {**s1.to_dict(), "pending_predictions": [[r, g, p] for r, (g, p) in s1.pending_predictions.items()],
-              "pending_labels": [[r, y] for r, y in s1.pending_labels.items()]}  # fmt: skip
+    by_row = {
+        **s1.to_dict(),
+        "pending_predictions": [[r, g, p] for r, (g, p) in s1.pending_predictions.items()],
+        "pending_labels": [[r, y] for r, y in s1.pending_labels.items()],
+    }
     assert s1.pending_predictions and s1.pending_labels  # states saved by row (before columns) still load
     assert_same_counts(WindowState.from_dict(by_row), s1)
     with pytest.raises(ValueError, match="version"):
@@ -143,10 +151,17 @@ def test_add_batch_equals_single_adds():
     one, batch = WindowState(bins), WindowState(bins)
     n = len(data["y_pred"])
     for i in range(n):
-        one.add(data["y_pred"][i], data["groups"][i], data["x"][i], {"colour": data["colour"][i]}, request_id=i,
-                t=1.0 + i)  # fmt: skip
-    batch.add_batch(data["y_pred"], data["groups"], data["x"], t=(1.0, float(n)), categories={"colour": data["colour"]},
-                    request_ids=range(n))  # fmt: skip
+        one.add(
+            data["y_pred"][i], data["groups"][i], data["x"][i], {"colour": data["colour"][i]}, request_id=i, t=1.0 + i
+        )
+    batch.add_batch(
+        data["y_pred"],
+        data["groups"],
+        data["x"],
+        t=(1.0, float(n)),
+        categories={"colour": data["colour"]},
+        request_ids=range(n),
+    )
     assert one.predicted == batch.predicted and (one.histograms == batch.histograms).all()
     assert (one.categorical["colour"] == batch.categorical["colour"]).all() and one.n == batch.n == n
     assert one.pending_predictions == batch.pending_predictions and (one.start, one.end) == (batch.start, batch.end)
@@ -195,8 +210,8 @@ def test_time_windows_align_to_step_and_bound_idle_gaps():
 
 
 def test_add_costs_microseconds():
-    """Measured in benchmarks/monitor_overhead.py (~1 us bare, ~10 us with 64 features, a 32-d reservoir and a
-    request id); asserted loosely here because the machine is shared."""
+    """benchmarks/monitor_overhead.py measures the cost of `add`; asserted loosely here because the machine is
+    shared."""
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(2000, 64))
     state = WindowState(Bins({f"x{i}": quantile_edges(ref[:, i]) for i in range(64)}))
@@ -272,8 +287,14 @@ def test_live_states_keep_the_embeddings_mmd_judges_and_a_push_travels_inline():
     rng, bins = np.random.default_rng(0), make_bins()
     state = live_state(bins)
     ids = [f"{i:032x}" for i in rng.integers(0, 2**62, 500)]
-    state.add_batch(rng.integers(0, 10, 500), rng.choice(["a", "b"], 500), rng.normal(size=(500, N_FEATURES)),
-                    {"embedding": rng.normal(size=(500, 128))}, t=1.0, request_ids=ids)  # fmt: skip
+    state.add_batch(
+        rng.integers(0, 10, 500),
+        rng.choice(["a", "b"], 500),
+        rng.normal(size=(500, N_FEATURES)),
+        {"embedding": rng.normal(size=(500, 128))},
+        t=1.0,
+        request_ids=ids,
+    )
     emb = state.reservoirs["embedding"]
     assert (emb.capacity, emb.sample.shape, emb.sample.dtype) == (MMD_POINTS, (MMD_POINTS, 128), np.float16)
     assert len(pickle.dumps(state)) < 100 * 1024
@@ -322,8 +343,11 @@ def test_the_uniformity_check_catches_a_naive_merge():
     naive = []
     for s in range(500):
         a, b = stream(10, range(10), s), stream(10, range(10, 50), s + 10**6)
-        naive.append(Reservoir.from_dict({"capacity": 10, "dim": 1, "seen": 50,
-                                          "rows": np.concatenate([a.sample[:5], b.sample[:5]]).tolist()}))  # fmt: skip
+        naive.append(
+            Reservoir.from_dict(
+                {"capacity": 10, "dim": 1, "seen": 50, "rows": np.concatenate([a.sample[:5], b.sample[:5]]).tolist()}
+            )
+        )
     assert inclusion_pvalue(naive, 50) < 1e-6
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import requests
 
-from steward.serve.deploy import HIGH_THROUGHPUT, deploy
+from steward.ray_env import HIGH_THROUGHPUT, prefer_high_throughput
+from steward.serve.deploy import deploy
 from steward.serve.quantize import QuantizationRefused
 from steward.spec.serve import ServeSpec
 from tests.serving import (
@@ -35,8 +36,6 @@ FAMILIES = {
 @pytest.fixture(scope="module", autouse=True)
 def _serve_mode_as_the_cli_picks_it():
     """Serve in the mode `steward serve` picks for fixed replicas (HAProxy high-throughput when installed)."""
-    from steward.serve.deploy import prefer_high_throughput
-
     # A stopping replica stays 30 s for HAProxy to drain it; 1 s keeps deleting apps between tests quick.
     fast_drain = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
     before = {k: os.environ.get(k) for k in [*HIGH_THROUGHPUT, *fast_drain]}
@@ -165,10 +164,12 @@ def damage_for_int8(run_dir):
 def test_the_int8_gate_refuses_a_damaged_model(runs, serve_port, tmp_path):
     import shutil
 
+    import yaml
     from ray import serve
 
     from steward.evaluate.run import evaluate_model
-    from steward.serve.app import build_app
+    from steward.serve.app import app_builder
+    from steward.serve.deploy import export_config
 
     spec, run_dir = runs["cnn"]
     damaged = tmp_path / run_dir.name
@@ -180,26 +181,36 @@ def test_the_int8_gate_refuses_a_damaged_model(runs, serve_port, tmp_path):
     with pytest.raises(QuantizationRefused, match=r"serve.quantize: int8 validation accuracy .* points below fp32"):
         deploy(job, damaged, port=serve_port)
     assert "quickstart" not in serve.status().applications
-    # The replica checks too (a Serve config file deploys without steward's driver): it refuses to start.
-    with pytest.raises(RuntimeError):
-        serve.run(build_app(job, str(damaged)), name="damaged", route_prefix="/damaged")
+    # A Serve config file deploys without steward's driver: building its application checks too, before any replica.
+    export_config(job, damaged, tmp_path / "damaged.yaml")
+    [application] = yaml.safe_load((tmp_path / "damaged.yaml").read_text())["applications"]
+    with pytest.raises(QuantizationRefused, match=r"serve.quantize: int8 validation accuracy .* points below fp32"):
+        app_builder(application["args"])
 
 
 BAD_IMAGE_REQUESTS = [
     ("oversize body", b'{"instances": [' + b"0, " * 40_000 + b"0]}", 413, "body"),
     ("non-UTF-8 body", b'{"instances": ["\xff\xfe"]}', 400, "body"),
     ("malformed JSON", b'{"instances": [', 400, "body"),
-    ("NaN", b'{"instances": [[' + b", ".join([b"[" + b", ".join([b"NaN"] * 8) + b"]"] * 8) + b"]]}", 422,
-     "instances[0]"),
+    (
+        "NaN",
+        b'{"instances": [[' + b", ".join([b"[" + b", ".join([b"NaN"] * 8) + b"]"] * 8) + b"]]}",
+        422,
+        "instances[0]",
+    ),
     ("infinity", json.dumps({"instances": [[[1e999] * 8] * 8]}).encode(), 422, "instances[0]"),
     ("wrong shape", json.dumps({"instances": [[[0.0] * 7] * 8]}).encode(), 422, "instances[0]"),
     ("wrong type", json.dumps({"instances": ["a digit"]}).encode(), 422, "instances[0]"),
     ("too many instances", json.dumps({"instances": [[[0.0] * 8] * 8] * 5}).encode(), 413, "instances"),
     ("no instances", json.dumps({"instances": []}).encode(), 422, "instances"),
     ("unknown key", json.dumps({"instances": [[[0.0] * 8] * 8], "extra": 1}).encode(), 422, "extra"),
-    ("attributes of the wrong length", json.dumps({"instances": [[[0.0] * 8] * 8], "attributes": {"g": [1, 2]}})
-     .encode(), 422, "attributes"),
-]  # fmt: skip
+    (
+        "attributes of the wrong length",
+        json.dumps({"instances": [[[0.0] * 8] * 8], "attributes": {"g": [1, 2]}}).encode(),
+        422,
+        "attributes",
+    ),
+]
 
 
 def test_every_bad_input_gets_its_4xx_and_the_next_good_request_succeeds(runs, serve_port):
@@ -214,13 +225,14 @@ def test_every_bad_input_gets_its_4xx_and_the_next_good_request_succeeds(runs, s
     oip = f"{url}/v2/models/{spec.name}/infer"
     bad_oip = [
         ({"inputs": [{"name": "x", "shape": [1, 8, 7], "datatype": "FP32", "data": [0.0] * 56}]}, "inputs[0].shape"),
-        ({"inputs": [{"name": "x", "shape": [1, 8, 8], "datatype": "BYTES", "data": ["a"] * 64}]},
-         "inputs[0].datatype"),
+        (
+            {"inputs": [{"name": "x", "shape": [1, 8, 8], "datatype": "BYTES", "data": ["a"] * 64}]},
+            "inputs[0].datatype",
+        ),
         ({"inputs": [{"name": "x", "shape": [1, 8, 8], "datatype": "FP32", "data": [0.0] * 60}]}, "inputs[0].data"),
-        ({"inputs": [{"name": "x", "shape": [5, 8, 8], "datatype": "FP32", "data": [0.0] * 320}]},
-         "inputs[0].shape"),
+        ({"inputs": [{"name": "x", "shape": [5, 8, 8], "datatype": "FP32", "data": [0.0] * 320}]}, "inputs[0].shape"),
         ({"inputs": []}, "inputs"),
-    ]  # fmt: skip
+    ]
     for body, field in bad_oip:
         refused = post(oip, json=body)
         assert 400 <= refused.status_code < 500 and refused.json()["field"] == field, refused.text
@@ -230,8 +242,11 @@ def test_every_bad_input_gets_its_4xx_and_the_next_good_request_succeeds(runs, s
 def test_bad_text_inputs_are_refused_by_field(runs, serve_port):
     spec, _ = runs["transformer"]
     url = serve_it(runs, serve_port, "transformer")
-    for instances, field in ((["fine", 3], "instances[1]"), (["\ud800 lone surrogate"], "instances[0]"),
-                             ([["nested"]], "instances[0]")):  # fmt: skip
+    for instances, field in (
+        (["fine", 3], "instances[1]"),
+        (["\ud800 lone surrogate"], "instances[0]"),
+        ([["nested"]], "instances[0]"),
+    ):
         body = json.dumps({"instances": instances}).encode()  # json escapes the surrogate as \\ud800
         refused = post(f"{url}/predict", data=body, headers={"Content-Type": "application/json"})
         assert refused.status_code == 422 and refused.json()["field"] == field, refused.text
@@ -267,8 +282,17 @@ def test_cli_serve_status_and_stop_on_a_running_cluster(runs, serve_port):
 
     spec, run_dir = runs["cnn"]
     address = ["--address", gcs_address()]
-    out = steward("serve", str(run_dir / "spec.yaml"), "--run", str(run_dir), "--port", str(serve_port), *address,
-                  "--set", "serve={route_prefix: /cli, num_cpus: 0.5}")  # fmt: skip
+    out = steward(
+        "serve",
+        str(run_dir / "spec.yaml"),
+        "--run",
+        str(run_dir),
+        "--port",
+        str(serve_port),
+        *address,
+        "--set",
+        "serve={route_prefix: /cli, num_cpus: 0.5}",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"http://127.0.0.1:{serve_port}/cli/predict" in out.stdout
     reply = post(f"http://127.0.0.1:{serve_port}/cli/predict", json={"instances": validation_inputs(spec, 1)})
@@ -288,9 +312,16 @@ def test_run_trains_then_deploys(serve_port, tmp_path):
     from tests.conftest import JOBS
     from tests.test_cli import steward
 
-    overrides = [f"output_dir={tmp_path}", "train.epochs=1", "distributed.num_workers=1", "distributed.strategy=ddp",
-                 "distributed.zero_stage=0",
-                 "serve.num_cpus=0.5", "serve.autoscaling=null", "serve.route_prefix=/ran"]  # fmt: skip
+    overrides = [
+        f"output_dir={tmp_path}",
+        "train.epochs=1",
+        "distributed.num_workers=1",
+        "distributed.strategy=ddp",
+        "distributed.zero_stage=0",
+        "serve.num_cpus=0.5",
+        "serve.autoscaling=null",
+        "serve.route_prefix=/ran",
+    ]
     sets = [item for o in overrides for item in ("--set", o)]
     out = steward("run", str(JOBS / "quickstart.yaml"), *sets, "--address", gcs_address(), "--port", str(serve_port))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import requests
 
-from steward.serve.deploy import HIGH_THROUGHPUT
+from steward.ray_env import HIGH_THROUGHPUT
 from tests.serving import (
     offline_probabilities,
     post,
@@ -58,8 +58,13 @@ def keep_busy(url, body, stop, threads=8):
     return workers
 
 
-FAST_AUTOSCALING = {"upscale_delay_s": 1.0, "downscale_delay_s": 2.0, "metrics_interval_s": 0.5,
-                    "look_back_period_s": 1.0, "target_ongoing_requests": 1.0}  # fmt: skip
+FAST_AUTOSCALING = {
+    "upscale_delay_s": 1.0,
+    "downscale_delay_s": 2.0,
+    "metrics_interval_s": 0.5,
+    "look_back_period_s": 1.0,
+    "target_ongoing_requests": 1.0,
+}
 
 
 def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(runs, serve_port):

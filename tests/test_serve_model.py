@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from steward.evaluate.profile import embedding_tap, penultimate_layer
-from steward.monitor.actor import reference_dir, reference_for
+from steward.monitor.reference import reference_dir, reference_for
 from steward.serve.model import load_served_model
 from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec

@@ -4,7 +4,10 @@ Replicas push the window-state deltas of the records they answered; the actor me
 closed window (`checks.window_report`), turns failing streaks into alerts (event log, webhook, Prometheus), and
 persists everything it holds to the run folder, so a restarted actor resumes where the last save left off: the
 statistics to state.json every persist_interval_s, the predictions waiting for a late label (up to max_pending) to
-pending.json every pending_persist_interval_s (rewriting 100k of them every 5 s cost more CPU than all the rest).
+pending.json every pending_persist_interval_s (they outweigh the statistics many times over, so they are rewritten
+less often).
+
+The actor gets a `MonitorTarget`: its monitor section and where its deployment's run and reference are, as plain data.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import urllib.request
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +31,15 @@ import ray
 from steward.govern import audit
 from steward.monitor.bins import Bins
 from steward.monitor.checks import AlertTracker, live_state, window_report
-from steward.monitor.reference import INT8_REFERENCE, ReferenceProfile, load_reference
-from steward.monitor.window import WindowState
-from steward.monitor.windows import Windows
-from steward.spec import JobSpec
+from steward.monitor.reference import load_reference
+from steward.monitor.window_state import WindowState
+from steward.monitor.windowing import Windows
+from steward.spec.monitor import MonitorSpec
 
 NAMESPACE = "steward"
 # One BLAS thread: a window's kernel matrices are a few hundred rows, too small to gain from a second thread, and on
-# cores shared with the replicas an idle OpenBLAS thread spins. Measured offline on the quickstart's windows: judging
-# cost 45 us a record with numpy's default two threads on a loaded machine, 18 us with one. Set in the actor's
-# environment because OpenBLAS reads it once, when numpy loads.
+# cores shared with the replicas an idle OpenBLAS thread spins. Set in the actor's environment because OpenBLAS reads
+# it when numpy loads.
 ACTOR_ENV = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 # Monitoring is background work: where the monitor and a replica want the same core, the replica should win.
 # At nice 10 the kernel gives the monitor about a tenth of a contended core, far more than it needs.
@@ -53,28 +57,46 @@ def monitor_folder(run_dir: str | Path, deployment: str) -> Path:
     return Path(run_dir) / "monitor" / deployment
 
 
-def reference_dir(run_dir: str | Path, int8: bool = False) -> Path | None:
-    """Where the reference a deployment is judged against lives: serving int8, the int8 model's own profile (model/
-    int8/, saved with the int8 gate), else training's (model/); None when training saved none."""
-    model_dir = Path(run_dir) / "model"
-    for folder in ([model_dir / INT8_REFERENCE] if int8 else []) + [model_dir]:
-        if (folder / "reference.json").exists():
-            return folder
-    return None
+@dataclass(frozen=True)
+class MonitorTarget:
+    """What a deployment's monitor actor needs, as plain data: the monitor section (validated where the application
+    is built) and where the deployment's run and reference are.
+
+    The reference travels as its folder, not as the profile: Ray keeps a detached actor's arguments for its
+    restarts, and a large argument would live in the object store of the replica that started the actor.
+    """
+
+    deployment: str
+    run_dir: str
+    monitor: MonitorSpec
+    reference: str | None = None  # the folder of the reference profile to judge against; None: training saved none
+    min_replicas: int = 1  # the replicas the deployment starts with: at least this many share each window
 
 
-def reference_for(run_dir: str | Path, int8: bool = False) -> ReferenceProfile | None:
-    """The reference profile at `reference_dir`, or None when training saved none."""
-    folder = reference_dir(run_dir, int8)
-    return load_reference(folder) if folder else None
-
-
-def monitor_actor(spec: dict, run_dir: str, deployment: str) -> Any:
+def monitor_actor(target: MonitorTarget) -> Any:
     """The deployment's monitor actor: found by name, or started (detached, restarted by Ray if it dies)."""
-    return Monitor.options(  # type: ignore[attr-defined]
-        name=actor_name(deployment, run_dir), namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_restarts=-1, max_task_retries=3, runtime_env={"env_vars": ACTOR_ENV},
-    ).remote(spec, run_dir, deployment)  # fmt: skip
+    options = Monitor.options(  # type: ignore[attr-defined]
+        name=actor_name(target.deployment, target.run_dir),
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        num_cpus=0,
+        max_restarts=-1,
+        max_task_retries=3,
+        runtime_env={"env_vars": ACTOR_ENV},
+    )
+    return options.remote(target)
+
+
+def stop_monitors(deployment: str) -> None:
+    """Save and stop the deployment's monitor actors (one per model version it served)."""
+    # the deployment's actors are named by it and a run id: another deployment's name may start with this one's
+    mine = re.compile(re.escape(actor_name(deployment, "")) + r"\d{8}-\d{6}-[0-9a-f]{4}")
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == NAMESPACE and mine.fullmatch(actor["name"]):
+            handle = ray.get_actor(actor["name"], namespace=NAMESPACE)
+            ray.get(handle.persist.remote())
+            ray.kill(handle, no_restart=True)
 
 
 class Exporter:
@@ -117,14 +139,12 @@ class Exporter:
 class Monitor:
     """Windows of one deployment's traffic, their judgements, open alerts; persisted every persist_interval_s."""
 
-    def __init__(self, spec: dict, run_dir: str, deployment: str) -> None:
-        job = JobSpec.model_validate(spec)
-        assert job.monitor is not None, "a monitor actor needs the spec's monitor section"
+    def __init__(self, target: MonitorTarget) -> None:
         _lower_priority()
-        self.cfg, self.deployment = job.monitor, deployment
-        self.run_dir, self.folder = Path(run_dir), monitor_folder(run_dir, deployment)
+        self.cfg, self.deployment = target.monitor, target.deployment
+        self.run_dir, self.folder = Path(target.run_dir), monitor_folder(target.run_dir, target.deployment)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.ref_dir = reference_dir(run_dir, int8=job.serve is not None and job.serve.quantize == "int8")
+        self.ref_dir = Path(target.reference) if target.reference else None
         self.ref = load_reference(self.ref_dir) if self.ref_dir else None
         bins = self.ref.bins() if self.ref else Bins()
         window = self.cfg.window
@@ -136,11 +156,11 @@ class Monitor:
         # changed since the last save of the statistics / of the waiting predictions: an idle monitor writes nothing
         self.dirty = self.pending_dirty = False
         self.pushers: dict[str, float] = {}  # replica -> when it last pushed
-        # the replicas the deployment starts with: a window is shared by at least that many before each has pushed
-        # (else the first to push was told all of the window, and a window of 200 closed at 320)
-        self.min_pushers = max(1, job.serve.replica_range[0]) if job.serve else 1
+        # a window is shared by at least the replicas the deployment starts with, before each has pushed: the first
+        # to push is not told the whole window while the others are still filling their shares
+        self.min_pushers = max(1, target.min_replicas)
         self.in_pane: dict[str, int] = {}  # replica -> records it pushed into the open pane
-        self.exporter = Exporter(deployment)
+        self.exporter = Exporter(target.deployment)
         self._restore()
         self._ticker: asyncio.Task | None = None
 
@@ -152,8 +172,7 @@ class Monitor:
         (the window's size over the replicas pushing, at least those the deployment starts with), and its share of a
         whole window (for after a push of its own closes one); inf for time windows, which close by the clock.
         Replicas pushing at their shares close a window within a request of its size with one push each, where a
-        fixed quarter-window push took four (each push is a Ray call: ~2 ms of CPU in the replica for a 500-record
-        push).
+        fixed quarter-window push would take four (each push is a Ray call, which costs the replica CPU).
         """
         self._start_ticker()
         self.records, self.pushes = self.records + state.n, self.pushes + 1
@@ -205,14 +224,15 @@ class Monitor:
     def _snapshot(self, pending: bool) -> dict[str, str]:
         """The texts of state.json and, with `pending`, pending.json."""
         self.saved_at, self.dirty = time.monotonic(), False
-        texts = {"state.json": json.dumps({
+        state = {
             "records": self.records,
             "reference": str(self.ref_dir.relative_to(self.run_dir)) if self.ref_dir else None,
             "windows": self.windows.to_dict(pending=False),
             "history": list(self.history),
             "alerts": self.alerts.to_dict(),
             "saved": time.time(),
-        })}  # fmt: skip
+        }
+        texts = {"state.json": json.dumps(state)}
         if pending:
             self.pending_saved_at, self.pending_dirty = self.saved_at, False
             texts["pending.json"] = json.dumps(self.windows.pane.pending_to_dict())
@@ -234,7 +254,7 @@ class Monitor:
         self.windows.restore(doc["windows"])
         self.history.extend(doc["history"])
         self.alerts.restore(doc["alerts"])
-        if pending.exists():  # else a state saved before pending.json, with them inside
+        if pending.exists():  # else state.json holds them, as saves made before pending.json existed do
             self.windows.pane.restore_pending(json.loads(pending.read_text()))
         logger.info("monitor %s resumed from %s (%d records)", self.deployment, path, self.records)
 
@@ -273,7 +293,7 @@ class Monitor:
 
     async def _judge(self, closed: list[WindowState]) -> None:
         for window in closed:
-            # the MMD permutations take ~50 ms: off the event loop, so pushes keep flowing meanwhile
+            # the MMD permutations are the slow part of judging: off the event loop, so pushes keep flowing meanwhile
             report = await asyncio.to_thread(window_report, window, self.ref, self.cfg, len(self.history))
             self.history.append(report)
             events = self.alerts.update(report)
@@ -288,8 +308,10 @@ class Monitor:
         with (self.folder / "events.jsonl").open("a") as log:
             log.write(json.dumps(event) + "\n")
         kind = "raised" if event["event"] == "alert" else "cleared"
-        audit.record(f"monitor.alert.{kind}", log=audit.log_path(self.run_dir.parent.parent), run=self.run_dir.name,
-                     **{k: v for k, v in event.items() if k not in ("event", "time")})  # fmt: skip
+        fields = {k: v for k, v in event.items() if k not in ("event", "time")}
+        audit.record(
+            f"monitor.alert.{kind}", log=audit.log_path(self.run_dir.parent.parent), run=self.run_dir.name, **fields
+        )
         if self.cfg.alerts.webhook:
             await asyncio.to_thread(_post, self.cfg.alerts.webhook, event)
 

@@ -2,7 +2,8 @@
 
 Every metric is computed in two steps: `group_counts` reduces the arrays to per-group counts (records, selected,
 and the binary confusion matrix for `positive`), then a `*_from_counts` function turns counts into the metric.
-The streaming window (`window.py`) keeps exactly these counts, so live metrics and offline metrics are the same code.
+The streaming window state (`window_state.py`) keeps exactly these counts, so live metrics and offline metrics are
+the same code.
 
 Multiclass models are judged one-vs-rest: a record is "selected" when its prediction equals `positive`, and (for
 the label-based metrics) "positive" when its label equals `positive`. For per-class monitoring call once per class.

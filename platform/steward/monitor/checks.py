@@ -17,15 +17,15 @@ from steward.monitor.bins import Bins
 from steward.monitor.drift import correct_pvalues, ks_test, mmd_test, psi
 from steward.monitor.reference import CONFIDENCE, PREDICTED_CLASS, TEXT_LENGTH, TEXT_UNK_RATE, ReferenceProfile
 from steward.monitor.reservoir import SampleSpec
-from steward.monitor.window import WindowState
+from steward.monitor.window_state import WindowState
 from steward.spec.monitor import BiasSpec, DriftSpec, MonitorSpec
 
-MMD_POINTS = 200  # per side: about the reference sample's size (the validation split; 179 digits for the quickstart),
-# beyond which live points add little power; 200 + 179 points make one test ~3 ms, 300 cost ~5
+# Points per side of the MMD test: about the size of a reference sample (the validation split), beyond which live
+# points add little power and each test costs more (its kernel matrix grows with the square of the points).
+MMD_POINTS = 200
 # What live windows keep of each sample: as many embeddings as the MMD test judges, in float16 (MMD computes in float64;
-# the rounding, 5e-4 relative, is far below the kernel's bandwidth). A replica's push of 500 quickstart records then
-# pickles to ~80 KB, under Ray's 100 KB limit for arguments sent inline with a call: at 282 KB (500 float32 rows) it
-# went through the object store, ~6.3 ms of CPU over the replica, Ray's daemons and the monitor against ~2.4 inline.
+# the rounding, 5e-4 relative, is far below the kernel's bandwidth). Half the bytes keep a replica's push small enough
+# for Ray to send it inline with the call (under 100 KB) rather than through the object store, which costs more CPU.
 LIVE_SAMPLES = {"embedding": SampleSpec(MMD_POINTS, "float16")}
 BIAS_FUNCTIONS = {
     "statistical_parity_difference": bias.statistical_parity_difference_from_counts,
@@ -96,7 +96,7 @@ def drift_checks(window: WindowState, ref: ReferenceProfile, cfg: DriftSpec, see
     if "embeddings" in cfg.signals and live is not None and "embedding" in ref.samples and len(live.sample) > 1:
         rng = np.random.default_rng(seed)
         # the reference rounded as live samples are kept (float16): else a model whose embeddings spread less than
-        # that rounding (seen: a text model's 64 dims spread by 1e-4 around 0.8) looked drifted by the rounding alone
+        # that rounding would look drifted by the rounding alone
         x = _subsample(ref.samples["embedding"], MMD_POINTS, rng).astype(live.sample.dtype)
         y = _subsample(live.sample, MMD_POINTS, rng)
         p = mmd_test(x, y, cfg.mmd_permutations, rng)[1]

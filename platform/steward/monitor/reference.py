@@ -1,8 +1,9 @@
 """The reference profile: what live traffic is compared against, computed from arrays of the validation split.
 
 Training calls these on the validation split and saves the result beside the checkpoint (`save_reference`);
-serving loads it (`load_reference`) and builds its window bins from it (`ReferenceProfile.bins`), so live
-histograms are counted on exactly the reference's bins. Pure numpy: whoever runs the model passes arrays in.
+serving loads it (`reference_for`: an int8 deployment's own profile, else training's) and builds its window bins
+from it (`ReferenceProfile.bins`), so live histograms are counted on exactly the reference's bins. Pure numpy: whoever
+runs the model passes arrays in.
 
 On disk: `reference.json` (profiles, rates, metadata; NaN written as null) and `reference.npz` (the samples:
 embedding reservoir, feature rows), loaded without pickle.
@@ -19,6 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from steward.errors import StewardError
 from steward.monitor.bias import group_counts
 from steward.monitor.bins import Bins
 from steward.monitor.drift import bin_counts, category_counts, quantile_edges
@@ -66,9 +68,14 @@ def feature_profile(values: Any, name: str, bins: int = 10, kind: str = "auto") 
     edges = quantile_edges(present, bins)
     qs = np.quantile(present, QUANTILES)
     return FeatureProfile(
-        name, "numeric", int(present.size), bin_counts(present, edges).tolist(), edges=edges.tolist(),
-        quantiles={str(q): float(v) for q, v in zip(QUANTILES, qs, strict=True)}, missing=int(arr.size - present.size),
-    )  # fmt: skip
+        name,
+        "numeric",
+        int(present.size),
+        bin_counts(present, edges).tolist(),
+        edges=edges.tolist(),
+        quantiles={str(q): float(v) for q, v in zip(QUANTILES, qs, strict=True)},
+        missing=int(arr.size - present.size),
+    )
 
 
 def feature_profiles(
@@ -101,8 +108,9 @@ def reservoir_sample(rows: Any, size: int = 1000, seed: int = 0) -> np.ndarray:
     return arr[np.sort(np.random.default_rng(seed).choice(len(arr), size, replace=False))]
 
 
-def text_statistics(token_ids: Sequence[Sequence[int]] | np.ndarray, unk_id: int, pad_id: int | None = None,
-                    bins: int = 10) -> dict[str, Any]:  # fmt: skip
+def text_statistics(
+    token_ids: Sequence[Sequence[int]] | np.ndarray, unk_id: int, pad_id: int | None = None, bins: int = 10
+) -> dict[str, Any]:
     """Sequence lengths and unknown-token rates. `token_ids` is a list of id sequences, or a padded 2-D array with
     `pad_id` (padding is not counted). Returns the length and per-sequence unk-rate profiles and the pooled rate
     (unknown tokens over all tokens)."""
@@ -262,11 +270,14 @@ def load_reference(directory: str | Path) -> ReferenceProfile:
         raise FileNotFoundError(f"no reference profile at {doc_path}: was the model trained with steward?")
     doc = json.loads(doc_path.read_text())
     if doc.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{doc_path} has format version {doc.get('version')!r}; this steward reads {FORMAT_VERSION}")
+        raise StewardError(
+            f"{doc_path} has format version {doc.get('version')!r}; this steward reads {FORMAT_VERSION}: "
+            "retrain the run with this steward"
+        )
     with np.load(path / "reference.npz", allow_pickle=False) as npz:
         samples = {k: npz[k] for k in doc["samples"]}
-    nan = lambda d: {k: (math.nan if v is None and k in ("selection_rate", "tpr", "fpr", "error_rate") else v)  # noqa: E731
-                     for k, v in d.items()}  # fmt: skip
+    rates = ("selection_rate", "tpr", "fpr", "error_rate")  # NaN, written as null
+    nan = lambda d: {k: (math.nan if v is None and k in rates else v) for k, v in d.items()}  # noqa: E731
     return ReferenceProfile(
         features={k: FeatureProfile(**v) for k, v in doc["features"].items()},
         predictions={k: FeatureProfile(**v) for k, v in doc["predictions"].items()},
@@ -275,3 +286,19 @@ def load_reference(directory: str | Path) -> ReferenceProfile:
         meta=doc["meta"],
         samples=samples,
     )
+
+
+def reference_dir(run_dir: str | Path, int8: bool = False) -> Path | None:
+    """Where the reference a deployment of the run is judged against lives: serving int8, the int8 model's own profile
+    (model/int8/, saved with the int8 gate), else training's (model/); None when training saved none."""
+    model_dir = Path(run_dir) / "model"
+    for folder in ([model_dir / INT8_REFERENCE] if int8 else []) + [model_dir]:
+        if (folder / "reference.json").exists():
+            return folder
+    return None
+
+
+def reference_for(run_dir: str | Path, int8: bool = False) -> ReferenceProfile | None:
+    """The reference profile at `reference_dir`, or None when training saved none."""
+    folder = reference_dir(run_dir, int8)
+    return load_reference(folder) if folder else None

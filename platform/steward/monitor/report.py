@@ -16,9 +16,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from steward.errors import StewardError  # noqa: E402
 from steward.monitor.reference import ReferenceProfile, load_reference  # noqa: E402
-from steward.monitor.window import WindowState  # noqa: E402
-from steward.monitor.windows import Windows  # noqa: E402
+from steward.monitor.window_state import WindowState  # noqa: E402
+from steward.monitor.windowing import Windows  # noqa: E402
 
 
 def find_monitor(target: Path, runs: Path) -> Path:
@@ -28,7 +29,7 @@ def find_monitor(target: Path, runs: Path) -> Path:
     candidates = list(target.glob("monitor/*/state.json")) if target.is_dir() else []
     candidates = candidates or list(runs.glob(f"*/*/monitor/{target.name}/state.json"))
     if not candidates:
-        raise ValueError(
+        raise StewardError(
             f"{target}: no monitor state here (a run folder, run/monitor/<deployment>, or a deployment name with "
             f"runs under {runs}); deploy with a monitor section and send traffic first"
         )
@@ -72,8 +73,8 @@ def plot_rates(history: list[dict], path: Path) -> None:
     start = min((w["end"] for w in history if w["end"]), default=0)
     groups = sorted({g for w in history for g in w["selection_rates"]})
     for group in groups:
-        points = [(w["end"] - start, w["selection_rates"][group]) for w in history
-                  if w["selection_rates"].get(group) is not None]  # fmt: skip
+        rates = [(w["end"], w["selection_rates"].get(group)) for w in history]
+        points = [(end - start, rate) for end, rate in rates if rate is not None]
         if points:
             axis.plot(*zip(*points, strict=True), marker=".", label=f"group {group}")
     axis.set(title="favourable rate per group", xlabel="seconds", ylabel="selection rate", ylim=(0, 1))
@@ -112,8 +113,8 @@ def write_report(folder: Path, out: Path | None = None) -> Path:
     plot_drift(history, out / "drift.png")
     plot_rates(history, out / "selection_rates.png")
     latest = history[-1]["checks"] if history else []
-    drifted = sorted((c for c in latest if c["name"].startswith("psi:") and c["value"] is not None),
-                     key=lambda c: -c["value"])[:3]  # fmt: skip
+    psi = [c for c in latest if c["name"].startswith("psi:") and c["value"] is not None]
+    drifted = sorted(psi, key=lambda c: -c["value"])[:3]
     run_dir = folder.parent.parent
     ref_dir = run_dir / (state.get("reference") or "model")  # the one the monitor judged against (int8's own)
     images = ["drift.png", "selection_rates.png"]

@@ -34,7 +34,7 @@ class Reservoir:
             raise ValueError(f"`capacity` and `dim` must be positive, got {capacity} and {dim}")
         self.capacity, self.dim, self.seen = capacity, dim, 0
         self._rows = np.empty((capacity, dim), dtype=dtype)
-        self._rng = random.Random(seed)  # the stdlib generator: ~0.1 us a draw, against ~1 us for numpy scalars
+        self._rng = random.Random(seed)  # the stdlib generator: a scalar draw costs less than numpy's
 
     @property
     def sample(self) -> np.ndarray:
@@ -51,8 +51,8 @@ class Reservoir:
             self._rows[j] = row
 
     def add_batch(self, rows: Any) -> None:
-        """`add` each row in order, with the same random draws, but the rows copied in two numpy writes (a row at a
-        time cost ~0.7 us; a replica's push fills its fresh reservoir with one slice)."""
+        """`add` each row in order, with the same random draws, but the rows copied in two numpy writes rather than a
+        row at a time (a replica's push fills its fresh reservoir with one slice)."""
         rows = np.asarray(rows).reshape(-1, self.dim)  # cast as rows are stored: only the kept ones
         fill = min(max(self.capacity - self.seen, 0), len(rows))
         self._rows[self.seen : self.seen + fill] = rows[:fill]
@@ -92,9 +92,9 @@ class Reservoir:
         return out
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled (a replica's push to the monitor) with the kept rows only, not the capacity-sized buffer: a push
-        of 125 records with 128-d embeddings was 522 KB, over Ray's 100 KB limit for arguments sent inline with the
-        call, so every push went through the object store; with the kept rows only it is ~70 KB."""
+        """Pickled (a replica's push to the monitor) with the kept rows only, not the capacity-sized buffer, so a
+        push stays small enough for Ray to send inline with the call (under 100 KB) rather than through the object
+        store."""
         return {**self.__dict__, "_rows": self.sample}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -106,8 +106,8 @@ class Reservoir:
     def to_dict(self) -> dict[str, Any]:
         """Plain data; the random generator is not kept (a restored reservoir is reseeded, still uniform).
 
-        The rows are their little-endian bytes in base64: exact, and the monitor saves two full reservoirs every
-        persist_interval_s, which as JSON number lists (1000 x 128) cost ~60 ms of CPU each time against ~1 ms.
+        The rows are their little-endian bytes in base64: exact, and far cheaper to write and read than JSON number
+        lists, which matters as the monitor saves its full reservoirs every persist_interval_s.
         """
         dtype = self._rows.dtype.newbyteorder("<")
         rows = base64.b64encode(np.ascontiguousarray(self.sample, dtype=dtype).tobytes()).decode("ascii")

@@ -10,7 +10,7 @@ Labels may arrive after the prediction (feedback by request id). A prediction wi
 the window where its label arrives. Pending maps are bounded (`max_pending`, oldest dropped first, counted in
 `evicted`); merge is exact, and order-independent, as long as nothing is evicted.
 
-`steward.monitor.windows.Windows` cuts a stream of states into windows by record count or by time.
+`steward.monitor.windowing.Windows` cuts a stream of states into windows by record count or by time.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ class WindowState:
 
     def _trim(self, pending: dict[Hashable, Any]) -> None:
         """Drop the oldest entries over max_pending (dicts keep insertion order) in one pass: taking them one at a
-        time from the front rescans the slots already emptied each time, ~25 ms a 500-record push at 100k waiting."""
+        time from the front would rescan the slots already emptied each time."""
         excess = len(pending) - self.max_pending
         if excess > 0:
             for key in list(itertools.islice(pending, excess)):
@@ -212,7 +212,7 @@ class WindowState:
         """Add `other`'s stream into this state, in place (as `merge`, which calls it); returns self.
 
         The monitor's open pane takes every pushed delta this way: its cost follows the delta, not the up to
-        `max_pending` predictions waiting here for a label (copying those on every push cost ~5 us a record).
+        `max_pending` predictions waiting here for a label (which `merge` copies).
         """
         if other.bins is not self.bins and self.bins != other.bins:
             raise ValueError("cannot merge window states built on different reference bins")
@@ -298,8 +298,8 @@ class WindowState:
 
     def pending_to_dict(self) -> dict[str, Any]:
         """The predictions and labels waiting for their other half, as plain data."""
-        # by column: a list per pending id (up to max_pending) cost ~150 ms per save in the monitor, mostly the
-        # garbage collector walking the new lists; three lists of scalars cost a few ms
+        # by column: three lists of scalars, not a list per pending id (up to max_pending), which the garbage
+        # collector would walk on every save
         return {
             "pending_predictions": {
                 "ids": list(self.pending_predictions),

@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal
 
-from steward.monitor.window import WindowState
+from steward.monitor.window_state import WindowState
 
 
 class Windows:

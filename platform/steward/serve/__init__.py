@@ -1,1 +1,7 @@
-"""Serving on Ray Serve: `deploy.py` (driver side), `app.py` (the replica), `protocol.py`, `auth.py`, int8."""
+"""Serving on Ray Serve.
+
+Driver side: `source.py` (which run, served with which spec), `deploy.py` (gates, deploy / status / stop, config
+export), `options.py` (what Serve is told: no Ray, no torch). The application: `app.py` (the replica and what it is
+given), `model.py`, `protocol.py`, `auth.py`, `explain.py`, `monitoring.py` (the replica's side of the monitor),
+`quantize.py` (int8 and its gate).
+"""

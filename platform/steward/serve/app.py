@@ -2,6 +2,9 @@
 
 Routes (under serve.route_prefix): POST /predict (steward's JSON), the Open Inference Protocol (KServe v2)
 routes under /v2, GET /healthz and GET /info. Every refused request is a 4xx JSON body naming the field.
+
+The application is built (`build_app`) where the spec is: a replica gets a `ReplicaConfig`, the sections it needs
+as plain data, and never the job spec.
 """
 
 import asyncio
@@ -9,7 +12,7 @@ import logging
 import time
 import uuid
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -19,8 +22,9 @@ from ray import serve
 from ray.serve import Application
 
 from steward.serve.auth import key_is_valid, load_keys, presented_key
-from steward.serve.model import Output, ServedModel, load_served_model
-from steward.serve.monitoring import ReplicaMonitor
+from steward.serve.model import ModelSource, Output, ServedModel, model_source, open_served_model
+from steward.serve.monitoring import ReplicaMonitor, monitor_target
+from steward.serve.options import DEPLOYMENT, app_name, deployment_options
 from steward.serve.protocol import (
     BadRequest,
     FeedbackRequest,
@@ -37,12 +41,34 @@ from steward.serve.protocol import (
     parse_body,
     validated,
 )
+from steward.serve.quantize import GateResult
+from steward.serve.source import find_run
 from steward.spec import JobSpec
+from steward.spec.explain import ExplainSpec
+from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec
 
 logger = logging.getLogger("steward.serve")
 api = FastAPI(title="steward model server", docs_url=None, redoc_url=None)
-DEPLOYMENT = "ModelServer"
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """What a replica needs, as plain data validated once where the application is built: its deployment's name and
+    serve section, the model to load, and the explain and monitor sections."""
+
+    name: str
+    serve: ServeSpec
+    model: ModelSource
+    explain: ExplainSpec | None = None
+    monitor: MonitorSpec | None = None
+
+
+def replica_config(spec: JobSpec, run_dir: str, gate: GateResult | None = None) -> ReplicaConfig:
+    """The replicas' part of `spec` for serving `run_dir` (with int8, the accuracy gate runs here unless `gate` holds
+    its result: QuantizationRefused before any replica starts)."""
+    model = model_source(spec, run_dir, gate)
+    return ReplicaConfig(app_name(spec), spec.serve or ServeSpec(), model, spec.explain, spec.monitor)
 
 
 @api.exception_handler(BadRequest)
@@ -79,16 +105,17 @@ def predict_response(served: ServedModel, name: str, probabilities: Any) -> Pred
 class ModelServer:
     """One replica: the run's model (fp32 or int8), its API keys, and batching as the spec sets them."""
 
-    def __init__(self, spec: dict, run_dir: str, gate: dict | None = None) -> None:
-        job = JobSpec.model_validate(spec)
-        self.cfg: ServeSpec = job.serve or ServeSpec()
+    def __init__(self, replica: ReplicaConfig) -> None:
+        self.cfg, self.name, self.explain_cfg = replica.serve, replica.name, replica.explain
         torch.set_num_threads(self.cfg.torch_threads)
-        self.served: ServedModel = load_served_model(job, run_dir, gate)
-        self.name = self.cfg.name or job.name
+        self.served: ServedModel = open_served_model(replica.model)
         self.keys = load_keys(self.cfg.auth)
         self.batch_sizes: Counter[int] = Counter()
         self.started = time.time()
-        self.monitor = ReplicaMonitor(job, self.served, self.name) if job.monitor else None
+        self.monitor: ReplicaMonitor | None = None
+        if replica.monitor is not None:
+            target = monitor_target(replica.monitor, self.cfg, self.name, self.served)
+            self.monitor = ReplicaMonitor(self.served, target)
         if self.cfg.batching is not None:
             self._run_batch.set_max_batch_size(self.cfg.batching.max_batch_size)  # type: ignore[attr-defined]
             wait_s = self.cfg.batching.batch_wait_timeout_ms / 1000
@@ -121,7 +148,7 @@ class ModelServer:
         return {
             "name": self.name,
             "model_version": self.served.version,
-            "family": self.served.spec.model.family,
+            "family": self.served.source.family,
             "modality": info.modality,
             "input_shape": list(info.input_shape),
             "labels": info.label_names,
@@ -142,14 +169,13 @@ class ModelServer:
         self._check_name(name)
         info, classes = self.served.info, len(self.served.info.label_names)
         text = info.modality == "text"
+        tensor = TensorMetadata(
+            name="input", datatype="BYTES" if text else "FP32", shape=[-1] if text else [-1, *info.input_shape]
+        )
         return ModelMetadata(
             name=self.name,
             versions=[self.served.version],
-            inputs=[
-                TensorMetadata(
-                    name="input", datatype="BYTES" if text else "FP32", shape=[-1] if text else [-1, *info.input_shape]
-                )
-            ],  # fmt: skip
+            inputs=[tensor],
             outputs=[
                 TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, classes]),
                 TensorMetadata(name="class_id", datatype="INT64", shape=[-1]),
@@ -198,7 +224,7 @@ class ModelServer:
         self._authorize(request)
         payload = parse_body(await self._body(request), self.cfg.max_body_bytes)
         # Off the event loop: IG runs n_steps forward and backward passes, and other requests must keep flowing.
-        return JSONResponse(await asyncio.to_thread(explain_request, self.served, payload))
+        return JSONResponse(await asyncio.to_thread(explain_request, self.served, self.explain_cfg, payload))
 
     # -- monitoring ----------------------------------------------------------------------------------------
     @api.get("/monitor")
@@ -223,7 +249,7 @@ class ModelServer:
         return self.monitor
 
     def _monitor(self, output: Output, attributes: dict, request_ids: list[str]) -> None:
-        if self.monitor is not None:  # only queued here (~0.3 us; cheaper than scheduling a callback): counted at push
+        if self.monitor is not None:  # only queued here (cheaper than scheduling a callback): counted at push
             self.monitor.record(output, attributes, request_ids)
 
     async def _probabilities(self, instances: Any, field: str) -> Output:
@@ -254,8 +280,8 @@ class ModelServer:
 
     def _check_count(self, count: int, field: str) -> None:
         if count > self.cfg.max_instances:
-            raise BadRequest(413, field, f"{count} instances is over the limit of {self.cfg.max_instances} per "
-                             "request (serve.max_instances); split the request")  # fmt: skip
+            limit = f"the limit of {self.cfg.max_instances} per request (serve.max_instances)"
+            raise BadRequest(413, field, f"{count} instances is over {limit}; split the request")
 
     async def _body(self, request: Request) -> bytes:
         """The body, refused as soon as it passes serve.max_body_bytes (before it is all read)."""
@@ -271,29 +297,11 @@ class ModelServer:
         return b"".join(chunks)
 
 
-def deployment_options(cfg: ServeSpec) -> dict[str, Any]:
-    """Serve deployment options from the serve section: replicas or autoscaling, resources, queue depth."""
-    options: dict[str, Any] = {
-        "max_ongoing_requests": cfg.max_ongoing_requests,
-        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-    }
-    if cfg.autoscaling is not None:
-        options["autoscaling_config"] = cfg.autoscaling.model_dump()
-        # Ray 2.60 is moving the load-report interval from the autoscaling config (still read by replicas, which
-        # report their own load under the HAProxy ingress) to environment variables: set both.
-        interval = str(cfg.autoscaling.metrics_interval_s)
-        env = {f"RAY_SERVE_{kind}_AUTOSCALING_METRIC_PUSH_INTERVAL_S": interval for kind in ("REPLICA", "HANDLE")}
-        options["ray_actor_options"]["runtime_env"] = {"env_vars": env}
-    else:
-        options["num_replicas"] = cfg.num_replicas or 1
-    return options
-
-
-def build_app(spec: JobSpec, run_dir: str, gate: dict | None = None) -> Application:
+def build_app(spec: JobSpec, run_dir: str, gate: GateResult | None = None) -> Application:
     """The Serve application for `spec` serving the model in `run_dir` (`gate`: an int8 check already made)."""
-    cfg = spec.serve or ServeSpec()
-    deployment = ModelServer.options(**deployment_options(cfg))  # type: ignore[attr-defined]
-    return deployment.bind(spec.model_dump(mode="json"), str(run_dir), gate)
+    replica = replica_config(spec, run_dir, gate)
+    deployment = ModelServer.options(**deployment_options(replica.serve))  # type: ignore[attr-defined]
+    return deployment.bind(replica)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
@@ -302,7 +310,5 @@ def app_builder(args: dict[str, Any]) -> Application:
     Deployment options come from the spec here; a config file's `deployments:` entries override them. Without
     run_dir (a RayService made by `steward k8s`), the newest succeeded run under the spec's output_dir is served.
     """
-    from steward.serve.deploy import find_run
-
     spec = JobSpec.model_validate(args["spec"])
     return build_app(spec, args.get("run_dir") or str(find_run(spec)))

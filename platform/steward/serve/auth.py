@@ -5,10 +5,11 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from steward.errors import StewardError
 from steward.spec.serve import AuthSpec
 
 
-class AuthConfigError(ValueError):
+class AuthConfigError(StewardError):
     """The auth section points at keys that are not there; the message names the field, never a key."""
 
 

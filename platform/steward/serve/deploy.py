@@ -1,27 +1,30 @@
-"""Driver side of serving: which run, the int8 check, deploy / status / stop on a Ray cluster, config export."""
+"""Driver side of serving: the fairness gate, deploy / status / stop on a Ray cluster, Serve config export.
+
+Which run is served, and with which spec, is `steward.serve.source`; the replicas' part of the spec is
+`steward.serve.app.replica_config`.
+"""
 
 import json
-import os
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
 
+from steward.errors import StewardError
 from steward.govern import audit
-from steward.runs import list_runs, read_spec
+from steward.monitor.actor import stop_monitors
+from steward.ray_env import connect, is_local, worker_env
+from steward.serve.app import build_app
 from steward.serve.auth import load_keys
-from steward.serve.monitoring import reference_problem
+from steward.serve.monitoring import MonitorUnavailable, reference_problem
+from steward.serve.options import APP_BUILDER, DEPLOYMENT, app_name, deployment_options
+from steward.serve.quantize import check_int8
+from steward.serve.source import serving_spec
 from steward.spec import JobSpec
 from steward.spec.serve import ServeSpec
-from steward.storage import fetch_run, is_uri, join
-
-APP_BUILDER = "steward.serve.app:app_builder"
-# Ray's high-throughput Serve mode: HAProxy as the ingress and requests sent straight to replicas. Measured here it
-# takes Serve's overhead over bare FastAPI from ~8 ms to ~0.3 ms per request (benchmarks/serve_overhead.py).
-HIGH_THROUGHPUT = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 @dataclass(frozen=True)
@@ -32,46 +35,7 @@ class Deployed:
     gate: dict | None
 
 
-def prefer_high_throughput(cfg: ServeSpec | None) -> bool:
-    """Turn on Ray's high-throughput Serve mode for `cfg` when haproxy is installed and the user has not chosen.
-
-    Only for a fixed number of replicas: under Ray 2.60's HAProxy ingress the autoscaler did not add replicas under
-    load in our tests (tests/test_serve_autoscale.py runs Serve's default proxy, which does). Serve reads these
-    variables when its processes start, so call this before an embedded Ray starts; a cluster joined with
-    --address keeps its own setting. Returns whether the mode is on for Rays started from now on.
-    """
-    wanted = cfg is not None and cfg.autoscaling is None
-    if wanted and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ and shutil.which("haproxy"):
-        os.environ.update(HIGH_THROUGHPUT)
-    return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
-
-
-def find_run(spec: JobSpec, run: Path | None = None) -> Path:
-    """`run` when given (checked), else the newest succeeded run of this spec's name under its output_dir.
-
-    With a URI output_dir (cluster storage) the newest succeeded run there is downloaded to its local staging
-    folder first (steward.storage.fetch_run).
-    """
-    if spec.serve is None:
-        raise ValueError("serve: the spec has no serve section; add one (e.g. `serve: {route_prefix: /digits}`)")
-    if run is not None:
-        if not (Path(run) / "model" / "model.json").exists():
-            raise ValueError(f"--run {run}: not a finished run folder (no model/model.json); pass runs/<name>/<id>")
-        return Path(run).resolve()
-    uri = is_uri(spec.output_dir)
-    for summary in list_runs(spec.output_dir if uri else Path(spec.output_dir)):
-        if summary.name != spec.name or summary.state != "succeeded":
-            continue
-        if uri:
-            return fetch_run(join(spec.output_dir, spec.name, summary.path.name), "output_dir")
-        if (summary.path / "model").is_dir():
-            return summary.path.resolve()
-    raise ValueError(
-        f"no succeeded run of {spec.name!r} under {spec.output_dir}/; train it first (steward run SPEC) or pass --run"
-    )
-
-
-class FairnessGateFailed(ValueError):
+class FairnessGateFailed(StewardError):
     """The run failed its fairness gate and no override with a reason was given."""
 
 
@@ -96,53 +60,6 @@ def check_fairness_gate(job: JobSpec, run_dir: Path, override: str | None = None
     )
 
 
-def serving_spec(spec: JobSpec, run_dir: Path) -> JobSpec:
-    """The run's own spec (data and model as trained) with the serve and monitor sections of `spec`.
-
-    The explain section (POST /explain's settings and caps) is `spec`'s when it has one, else the run's.
-    """
-    if spec.serve is None:
-        raise ValueError("serve: the spec has no serve section; add one (e.g. `serve: {route_prefix: /digits}`)")
-    run_spec = read_spec(run_dir)
-    explain = spec.explain or run_spec.explain
-    return run_spec.model_copy(update={"serve": spec.serve, "monitor": spec.monitor, "explain": explain})
-
-
-def check_int8(job: JobSpec, run_dir: Path) -> dict | None:
-    """Run the int8 accuracy gate before deploying (QuantizationRefused, a ValueError, when it fails)."""
-    if job.serve is None or job.serve.quantize != "int8":
-        return None
-    from steward.serve.model import load_served_model
-
-    gate = load_served_model(job, run_dir).gate
-    return gate.to_dict() if gate else None
-
-
-def app_name(job: JobSpec) -> str:
-    return (job.serve.name if job.serve else None) or job.name
-
-
-def connect(address: str | None, job: JobSpec | None = None) -> None:
-    """Join the Ray at `address` (`auto`, ray://..., a GCS address) or start an embedded one (None)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address in (None, "", "local"):
-        from steward.train.launch import connect as connect_local
-
-        prefer_high_throughput(job.serve if job else None)
-
-        connect_local(None, job) if job else ray.init(include_dashboard=False, log_to_driver=False)
-        return
-    try:
-        ray.init(address=address, log_to_driver=False)
-    except ConnectionError as err:
-        raise ValueError(
-            f"--address {address}: no Ray cluster there ({err}); start one with `ray start --head`"
-        ) from None
-
-
 def deploy(
     spec: JobSpec,
     run_dir: Path,
@@ -153,17 +70,15 @@ def deploy(
 ) -> Deployed:
     """Deploy the run's model as the spec's serve section says; returns once every replica is up.
 
-    A run that failed its fairness gate is refused unless `override_fairness_gate` gives a reason.
+    Everything a user can fix is refused before Ray starts: a run that failed its fairness gate (unless
+    `override_fairness_gate` gives a reason), monitoring the run cannot provide, missing API keys, int8 that loses
+    too much accuracy.
     """
-    from ray import serve
-
-    from steward.serve.app import build_app
-
     job = serving_spec(spec, run_dir)
     check_fairness_gate(job, run_dir, override_fairness_gate)
-    if problem := reference_problem(job, run_dir):
-        raise ValueError(problem)
-    if address in (None, "", "local"):  # replicas of an embedded Ray see this environment: check keys up front
+    if problem := reference_problem(job.monitor, run_dir):
+        raise MonitorUnavailable(problem)
+    if is_local(address):  # replicas of an embedded Ray see this environment: check keys up front
         load_keys(job.serve.auth if job.serve else None)
     gate = check_int8(job, run_dir)
     connect(address, job)
@@ -172,7 +87,7 @@ def deploy(
     existed = app_name(job) in serve.status().applications
     serve.run(build_app(job, str(run_dir), gate), name=app_name(job), route_prefix=cfg.route_prefix)
     _record_deployment("deployment.updated" if existed else "deployment.created", job, run_dir, address)
-    return Deployed(app_name(job), f"http://{host}:{port}{cfg.prefix}", run_dir, gate)
+    return Deployed(app_name(job), f"http://{host}:{port}{cfg.prefix}", run_dir, gate.to_dict() if gate else None)
 
 
 def _record_deployment(event: str, job: JobSpec, run_dir: Path, address: str | None) -> None:
@@ -183,8 +98,6 @@ def _record_deployment(event: str, job: JobSpec, run_dir: Path, address: str | N
 
 def status_rows(address: str | None = "auto") -> list[dict[str, Any]]:
     """One row per Serve application on the cluster: name, status, route, replicas per state."""
-    from ray import serve
-
     connect(address)
     rows = []
     for name, app in serve.status().applications.items():
@@ -197,29 +110,13 @@ def status_rows(address: str | None = "auto") -> list[dict[str, Any]]:
 
 
 def stop(name: str, address: str | None = "auto", output_dir: str | Path = "runs") -> None:
-    """Delete the Serve application `name` (ValueError when there is none); audited under `output_dir`."""
-    from ray import serve
-
+    """Delete the Serve application `name` (StewardError when there is none); audited under `output_dir`."""
     connect(address)
     if name not in serve.status().applications:
-        raise ValueError(f"no Serve application named {name!r}; `steward serve status` lists them")
+        raise StewardError(f"no Serve application named {name!r}; `steward serve status` lists them")
     serve.delete(name)
-    stop_monitor(name)
+    stop_monitors(name)
     audit.record("deployment.stopped", log=audit.log_path(output_dir), deployment=name, address=address or "local")
-
-
-def stop_monitor(name: str) -> None:
-    """Save and stop the deployment's monitor actors (one per model version it served)."""
-    import ray
-
-    from steward.monitor.actor import NAMESPACE, actor_name
-
-    mine = re.compile(re.escape(actor_name(name, "")) + r"\d{8}-\d{6}-[0-9a-f]{4}")  # the run id follows the name
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["namespace"] == NAMESPACE and mine.fullmatch(actor["name"]):
-            handle = ray.get_actor(actor["name"], namespace=NAMESPACE)
-            ray.get(handle.persist.remote())
-            ray.kill(handle, no_restart=True)
 
 
 def export_config(
@@ -234,25 +131,18 @@ def export_config(
 
     The file deploys the run elsewhere, so the fairness gate is checked here as for `deploy`.
     """
-    from ray.serve.schema import ServeDeploySchema
-
-    from steward.serve.app import DEPLOYMENT, deployment_options
-    from steward.train.launch import worker_env
-
     job = serving_spec(spec, run_dir)
     check_fairness_gate(job, run_dir, override_fairness_gate, action="export")
     cfg = job.serve or ServeSpec()
-    config = {
-        "http_options": {"host": host, "port": port},
-        "applications": [{
-            "name": app_name(job),
-            "route_prefix": cfg.route_prefix,
-            "import_path": APP_BUILDER,
-            "runtime_env": {"env_vars": worker_env(job)},
-            "args": {"spec": job.model_dump(mode="json"), "run_dir": str(run_dir)},
-            "deployments": [{"name": DEPLOYMENT, **deployment_options(cfg)}],
-        }],
-    }  # fmt: skip
+    application = {
+        "name": app_name(job),
+        "route_prefix": cfg.route_prefix,
+        "import_path": APP_BUILDER,
+        "runtime_env": {"env_vars": worker_env(job)},
+        "args": {"spec": job.model_dump(mode="json"), "run_dir": str(run_dir)},
+        "deployments": [{"name": DEPLOYMENT, **deployment_options(cfg)}],
+    }
+    config = {"http_options": {"host": host, "port": port}, "applications": [application]}
     ServeDeploySchema.model_validate(config)  # refuse to write what `serve deploy` would reject
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))

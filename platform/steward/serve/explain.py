@@ -36,9 +36,10 @@ def explained_model(served: ServedModel) -> nn.Module:
     return served.model if served.gate is None else _fp32_model(str(served.run_dir))
 
 
-def explain_request(served: ServedModel, payload: Any) -> dict[str, Any]:
-    """The /explain reply for a parsed JSON body; BadRequest (4xx naming the field and the cap) when refused."""
-    cfg = served.spec.explain or ExplainSpec()
+def explain_request(served: ServedModel, cfg: ExplainSpec | None, payload: Any) -> dict[str, Any]:
+    """The /explain reply for a parsed JSON body under the explain section `cfg` (its defaults without one);
+    BadRequest (4xx naming the field and the cap) when refused."""
+    cfg = cfg or ExplainSpec()
     body = validated(ExplainRequest, payload)
     if len(body.instances) > cfg.max_instances:
         count, cap = len(body.instances), cfg.max_instances
@@ -50,7 +51,7 @@ def explain_request(served: ServedModel, payload: Any) -> dict[str, Any]:
     labels = served.info.label_names
     if body.target is not None and body.target not in labels:
         raise BadRequest(422, "target", f"{body.target!r} is not a label of this model; labels are {labels[:20]}")
-    problem = baseline_problem(cfg.baseline, served.spec.model.family, served.info.modality)
+    problem = baseline_problem(cfg.baseline, served.source.family, served.info.modality)
     if problem:
         raise BadRequest(422, "explain.baseline", problem)
     try:
@@ -59,7 +60,7 @@ def explain_request(served: ServedModel, payload: Any) -> dict[str, Any]:
             served.info,
             cfg,
             body.instances,
-            served.spec.data.max_length,
+            served.source.max_length,
             target=body.target,
             n_steps=steps,
         )

@@ -1,4 +1,8 @@
-"""The model a replica serves: loaded from a run folder, optionally int8, with input checks. No Ray, no HTTP."""
+"""The model a replica serves: loaded from a run folder, optionally int8, with input checks. No Ray, no HTTP.
+
+A replica never sees the job spec: it gets a `ModelSource`, the plain data that loading and serving the model need,
+made once where the application is built (`model_source`).
+"""
 
 import json
 from dataclasses import dataclass, field
@@ -14,8 +18,28 @@ from steward.evaluate.profile import EmbeddingTap, penultimate_layer
 from steward.evaluate.thresholds import Thresholds, adjust_probabilities, load_thresholds
 from steward.runs import spec_hash
 from steward.serve.protocol import BadRequest
-from steward.serve.quantize import GateResult, accuracy_gate, quantize_int8, save_int8_reference
+from steward.serve.quantize import GateResult, check_int8, quantize_int8
 from steward.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a replica needs to load and serve a run's model, as plain data."""
+
+    run_dir: str
+    family: str  # model.family: /info shows it, /explain checks its baseline against it
+    max_length: int  # data.max_length: requests are encoded as training encoded its data
+    spec_hash: str  # of the spec served, for /info when the run's status.json has none
+    int8: GateResult | None = None  # serve int8: the accuracy gate it passed before any replica started
+
+
+def model_source(spec: JobSpec, run_dir: str | Path, gate: GateResult | None = None) -> ModelSource:
+    """What replicas need to serve `run_dir`'s model as `spec` says. With serve.quantize int8 the accuracy gate runs
+    here (QuantizationRefused when it fails) unless `gate` carries its result."""
+    int8 = spec.serve is not None and spec.serve.quantize == "int8"
+    if int8 and gate is None:
+        gate = check_int8(spec, run_dir)
+    return ModelSource(str(run_dir), spec.model.family, spec.data.max_length, spec_hash(spec), gate if int8 else None)
 
 
 @dataclass
@@ -34,9 +58,7 @@ class ServedModel:
 
     model: nn.Module
     info: DataInfo
-    spec: JobSpec
-    run_dir: Path
-    gate: GateResult | None = None
+    source: ModelSource
     metadata: dict[str, Any] = field(default_factory=dict)
     thresholds: Thresholds | None = None  # per-group decision thresholds saved with the model (train.mitigation)
 
@@ -49,6 +71,15 @@ class ServedModel:
             layer = dict(self.model.named_modules())[penultimate_layer(self.model)]
             self._tapped = (self.model, EmbeddingTap(layer))
         return self._tapped[1]
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.source.run_dir)
+
+    @property
+    def gate(self) -> GateResult | None:
+        """The int8 accuracy gate this model passed; None when it is served in fp32."""
+        return self.source.int8
 
     @property
     def version(self) -> str:
@@ -68,7 +99,7 @@ class ServedModel:
                     raise BadRequest(422, f"{field}[{i}]", problem)
             return list(instances)
         try:
-            return encode_instances(instances, self.info, self.spec.data.max_length, field=field)[0]
+            return encode_instances(instances, self.info, self.source.max_length, field=field)[0]
         except DataError as err:
             where, message = err.problems[0]
             raise BadRequest(422, where, message) from None
@@ -80,7 +111,7 @@ class ServedModel:
         sizes = [len(p) for p in prepared]
         if self.info.modality == "text":  # padded to max_length as in training: batching never changes a result
             texts = [text for p in prepared for text in p]
-            inputs, mask = encode_instances(texts, self.info, self.spec.data.max_length)
+            inputs, mask = encode_instances(texts, self.info, self.source.max_length)
         else:
             inputs, mask = (prepared[0] if len(prepared) == 1 else torch.cat(prepared)), None
         tap = self.embedding_tap() if embed else None
@@ -90,7 +121,7 @@ class ServedModel:
             out = torch.softmax(self.model(inputs, mask).float(), dim=-1).numpy()
         finally:
             seen = tap.stop() if tap is not None else []
-        # one conversion each, then numpy slices (views): a torch slice per request costs ~1 us more
+        # one conversion each, then numpy slices (views), cheaper than a torch slice per request
         embeddings = (seen[0] if len(seen) == 1 else torch.cat(seen)).numpy() if seen else None
         x = inputs.numpy() if embed else None
         m = mask.numpy() if embed and mask is not None else None
@@ -115,8 +146,8 @@ class ServedModel:
             return probabilities
         column = self.thresholds.group_column
         if column not in attributes:
-            raise BadRequest(422, f"attributes.{column}", "this model applies per-group decision thresholds; "
-                             f"send each instance's {column!r} in attributes")  # fmt: skip
+            problem = f"this model applies per-group decision thresholds; send each instance's {column!r} in attributes"
+            raise BadRequest(422, f"attributes.{column}", problem)
         return adjust_probabilities(probabilities, attributes[column], self.thresholds)
 
     def probabilities(self, instances: Any, field: str = "instances") -> np.ndarray:
@@ -140,32 +171,29 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def load_served_model(spec: JobSpec, run_dir: str | Path, gate: dict | None = None) -> ServedModel:
-    """The run's consolidated model, quantized to int8 when serve.quantize says so.
-
-    int8 is checked against fp32 on the validation split (QuantizationRefused when it drops more than
-    serve.quantize_tolerance) unless `gate` carries the result of that same check, made before deploying. With the
-    check, a monitored int8 model is also profiled for the monitor (`save_int8_reference`).
-    """
+def open_served_model(source: ModelSource) -> ServedModel:
+    """The run's consolidated model as a replica serves it: quantized to int8 when its gate passed."""
     from steward.evaluate.run import load_servable
 
-    run_dir = Path(run_dir)
+    run_dir = Path(source.run_dir)
     model, info = load_servable(run_dir / "model")
-    result = None
-    if spec.serve is not None and spec.serve.quantize == "int8":
-        int8 = quantize_int8(model)
-        if gate:
-            result = GateResult(**{k: v for k, v in gate.items() if k != "passed"})
-        else:
-            result = accuracy_gate(model, int8, info, spec)
-            if spec.monitor is not None and spec.monitor.drift is not None:
-                save_int8_reference(int8, info, spec, run_dir)
-        model = int8
+    if source.int8 is not None:
+        model = quantize_int8(model)
     thresholds = load_thresholds(run_dir / "model")
-    return ServedModel(model, info, spec, run_dir, result, run_metadata(spec, run_dir), thresholds)
+    return ServedModel(model, info, source, run_metadata(run_dir, source.spec_hash), thresholds)
 
 
-def run_metadata(spec: JobSpec, run_dir: Path) -> dict[str, Any]:
+def load_served_model(spec: JobSpec, run_dir: str | Path, gate: GateResult | None = None) -> ServedModel:
+    """The run's model as a replica would serve it under `spec` (offline, and where the int8 gate is checked).
+
+    With serve.quantize int8, int8 is checked against fp32 on the validation split (QuantizationRefused when it drops
+    more than serve.quantize_tolerance) unless `gate` carries the result of that same check; with the check, a
+    monitored int8 model is also profiled for the monitor (`save_int8_reference`).
+    """
+    return open_served_model(model_source(spec, run_dir, gate))
+
+
+def run_metadata(run_dir: Path, spec_hash: str) -> dict[str, Any]:
     """What the model info route shows about the run: ids, hashes, training metrics, model card."""
     status_file, metrics_file = run_dir / "status.json", run_dir / "metrics.json"
     status = json.loads(status_file.read_text()) if status_file.exists() else {}
@@ -173,7 +201,7 @@ def run_metadata(spec: JobSpec, run_dir: Path) -> dict[str, Any]:
     return {
         "run_id": run_dir.name,
         "run_dir": str(run_dir),
-        "spec_hash": status.get("spec_hash") or spec_hash(spec),
+        "spec_hash": status.get("spec_hash") or spec_hash,
         "training_metrics": json.loads(metrics_file.read_text()) if metrics_file.exists() else None,
         "model_card": json.loads(card_file.read_text()) if card_file.exists() else None,
     }

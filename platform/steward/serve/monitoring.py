@@ -14,36 +14,44 @@ from typing import Any
 
 import numpy as np
 
+from steward.errors import StewardError
 from steward.evaluate.profile import unknown_token_id
-from steward.monitor.actor import monitor_actor, reference_for
+from steward.monitor.actor import MonitorTarget, monitor_actor
 from steward.monitor.bins import Bins
 from steward.monitor.checks import live_state
-from steward.monitor.reference import PREDICTED_CLASS
+from steward.monitor.reference import PREDICTED_CLASS, load_reference, reference_dir
 from steward.monitor.signals import record_signals
-from steward.monitor.window import WindowState
+from steward.monitor.window_state import WindowState
 from steward.serve.model import Output, ServedModel
-from steward.spec import JobSpec
+from steward.spec.monitor import MonitorSpec
+from steward.spec.serve import ServeSpec
 
 logger = logging.getLogger("steward.serve")
 
 
-class MonitorUnavailable(ValueError):
+class MonitorUnavailable(StewardError):
     """The spec asks for monitoring this run cannot provide."""
+
+
+def monitor_target(cfg: MonitorSpec, serve: ServeSpec, deployment: str, served: ServedModel) -> MonitorTarget:
+    """What the deployment's monitor actor is told: `cfg`, and the run and reference of the model `served`."""
+    ref_dir = reference_dir(served.run_dir, int8=served.gate is not None)
+    reference = str(ref_dir) if ref_dir else None
+    return MonitorTarget(deployment, str(served.run_dir), cfg, reference, serve.replica_range[0])
 
 
 class ReplicaMonitor:
     """Window state of the records this replica answered since its last push."""
 
-    def __init__(self, job: JobSpec, served: ServedModel, deployment: str) -> None:
-        assert job.monitor is not None
-        self.cfg, self.served = job.monitor, served
-        if problem := reference_problem(job, served.run_dir):
+    def __init__(self, served: ServedModel, target: MonitorTarget) -> None:
+        self.cfg, self.served = target.monitor, served
+        if problem := reference_problem(self.cfg, served.run_dir):
             raise MonitorUnavailable(problem)
-        self.ref = reference_for(served.run_dir, int8=served.gate is not None)
+        self.ref = load_reference(target.reference) if target.reference else None
         self.bins = self.ref.bins() if self.ref else Bins()
         self.state = live_state(self.bins)
         self.queue = RecordQueue(served, self.bins, self.cfg.bias.group if self.cfg.bias else None)
-        self.actor = monitor_actor(job.model_dump(mode="json"), str(served.run_dir), deployment)
+        self.actor = monitor_actor(target)
         self.pusher: asyncio.Task | None = None
         self.id = uuid.uuid4().hex
         # Count windows close at the first delta that fills them. Each push's reply says how many records this
@@ -109,8 +117,8 @@ class ReplicaMonitor:
 
 
 class RecordQueue:
-    """Answered requests' outputs waiting to be counted; counted into a window state in one vectorised pass (a
-    request at a time cost ~20 us a record in Python; a pass over a push's worth costs a few)."""
+    """Answered requests' outputs waiting to be counted; counted into a window state in one vectorised pass over a
+    push's worth of requests, far cheaper than counting each request in Python as it is answered."""
 
     def __init__(self, served: ServedModel, bins: Bins, group: str | None) -> None:
         self.served, self.bins, self.group = served, bins, group
@@ -137,22 +145,34 @@ class RecordQueue:
             return None if parts[0] is None else np.concatenate(parts)
 
         signals = record_signals(
-            info.modality, joined("inputs"), joined("probabilities"), info.label_names, joined("embeddings"),
-            joined("attention_mask"), self.unk,
-        )  # fmt: skip
+            info.modality,
+            joined("inputs"),
+            joined("probabilities"),
+            info.label_names,
+            joined("embeddings"),
+            joined("attention_mask"),
+            self.unk,
+        )
         groups = [None if g is None else str(g) for _, gs, ids, _ in queue for g in (gs or [None] * len(ids))]
         samples = {"embedding": signals.embeddings} if signals.embeddings is not None else {}
         if signals.features is not None:
             samples["features"] = signals.features
         state.add_batch(
-            signals.predicted, groups, signals.rows(self.bins.names), samples, t=(queue[0][3], queue[-1][3]),
-            categories={PREDICTED_CLASS: signals.predicted}, request_ids=[r for _, _, ids, _ in queue for r in ids],
-        )  # fmt: skip
+            signals.predicted,
+            groups,
+            signals.rows(self.bins.names),
+            samples,
+            t=(queue[0][3], queue[-1][3]),
+            categories={PREDICTED_CLASS: signals.predicted},
+            request_ids=[r for _, _, ids, _ in queue for r in ids],
+        )
 
 
-def reference_problem(job: JobSpec, run_dir: Path) -> str | None:
-    """Why this run cannot be deployed with the spec's monitoring, checked before deploying."""
-    if job.monitor is not None and job.monitor.drift is not None and reference_for(run_dir) is None:
-        return (f"monitor.drift needs the reference profile training saves beside the model, and {run_dir}/model "
-                "has no reference.json: retrain the run with this steward, or remove monitor.drift")  # fmt: skip
+def reference_problem(cfg: MonitorSpec | None, run_dir: Path) -> str | None:
+    """Why this run cannot be deployed with the monitor section `cfg`, checked before deploying."""
+    if cfg is not None and cfg.drift is not None and reference_dir(run_dir) is None:
+        return (
+            f"monitor.drift needs the reference profile training saves beside the model, and {run_dir}/model "
+            "has no reference.json: retrain the run with this steward, or remove monitor.drift"
+        )
     return None

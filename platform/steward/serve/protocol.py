@@ -151,8 +151,8 @@ def oip_instances(request: InferRequest, modality: str, input_shape: tuple[int, 
     except (TypeError, ValueError):
         raise BadRequest(422, "inputs[0].data", "expected numbers (flat, row-major, or nested)") from None
     if flat.size != math.prod(tensor.shape):
-        raise BadRequest(422, "inputs[0].data", f"holds {flat.size} numbers, shape {tensor.shape} needs "
-                         f"{math.prod(tensor.shape)}")  # fmt: skip
+        needed = math.prod(tensor.shape)
+        raise BadRequest(422, "inputs[0].data", f"holds {flat.size} numbers, shape {tensor.shape} needs {needed}")
     return flat.reshape(tensor.shape)
 
 

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from steward.data import DataInfo
+from steward.errors import StewardError
 from steward.monitor.reference import INT8_REFERENCE
 from steward.spec import JobSpec
 
 
-class QuantizationRefused(ValueError):
+class QuantizationRefused(StewardError):
     """int8 lost more validation accuracy than serve.quantize_tolerance allows: the deployment must not start."""
 
 
@@ -37,6 +38,22 @@ class GateResult:
         return {**self.__dict__, "passed": self.passed}
 
 
+def check_int8(spec: JobSpec, run_dir: str | Path) -> GateResult | None:
+    """The int8 accuracy gate of the run's model when serve.quantize is int8 (else None); QuantizationRefused when it
+    fails. With drift monitoring it also profiles the int8 model for the monitor (`save_int8_reference`), as the gate
+    has the data at hand. Made once, where the application is built: replicas only quantize."""
+    if spec.serve is None or spec.serve.quantize != "int8":
+        return None
+    from steward.evaluate.run import load_servable
+
+    model, info = load_servable(Path(run_dir) / "model")
+    int8 = quantize_int8(model)
+    result = accuracy_gate(model, int8, info, spec)
+    if spec.monitor is not None and spec.monitor.drift is not None:
+        save_int8_reference(int8, info, spec, Path(run_dir))
+    return result
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
     """A dynamically quantized copy of `model`: int8 weights for Linear / LSTM, activations quantized per batch.
 
@@ -45,8 +62,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     import copy
 
     with warnings.catch_warnings():
-        # torch >= 2.10 warns that eager-mode quantization moves to torchao; the eager API still works and is
-        # the one both the tests and the benchmark measure.
+        # torch >= 2.10 warns that eager-mode quantization moves to torchao; the eager API still works.
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(
             copy.deepcopy(model).eval(), {nn.Linear, nn.LSTM}, dtype=torch.qint8
@@ -86,9 +102,9 @@ def accuracy_gate(fp32: nn.Module, int8: nn.Module, info: DataInfo, spec: JobSpe
 
 def save_int8_reference(int8: nn.Module, info: DataInfo, spec: JobSpec, run_dir: Path) -> None:
     """Profile the validation split with the int8 model into model/int8/, beside training's fp32 profile, so a
-    monitored int8 deployment is judged against int8 outputs (on the text job, fp32's embeddings sat 0.020 from
-    int8's on average, at a norm of 6.8). Made with the gate, which has the data at hand; once per run: callers at
-    the same time each profile, the first rename wins and the others' (the same profile) is dropped."""
+    monitored int8 deployment is judged against int8 outputs, not against fp32's slightly different embeddings.
+    Kept once per run: callers at the same time each profile, the first rename wins and the others' (the same
+    profile) is dropped."""
     from steward.evaluate.profile import capture_reference
 
     target = Path(run_dir) / "model" / INT8_REFERENCE
