@@ -13,6 +13,7 @@ import ray
 import yaml
 
 from steward.cluster.k8s import dump, manifests
+from steward.errors import StewardError
 from steward.spec import load_job
 from tests.conftest import JOBS, ROOT
 
@@ -133,7 +134,7 @@ def test_rayservice_carries_the_serve_autoscaling_and_ray_autoscaler_bounds():
 
 def test_rayservice_needs_a_serve_section():
     spec = load_job(JOBS / "tune-digits-asha.yaml")
-    with pytest.raises(ValueError, match="no `serve` section"):
+    with pytest.raises(StewardError, match="no `serve` section"):
         manifests(spec, "rayservice")
 
 

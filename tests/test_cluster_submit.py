@@ -13,6 +13,7 @@ from steward.cli import app
 from steward.cluster import package as packaging
 from steward.cluster.jobs import entrypoint, jobs_address
 from steward.cluster.package import package_job, requirements
+from steward.errors import StewardError
 from steward.spec import load_job
 from tests.conftest import JOBS
 
@@ -73,13 +74,13 @@ def test_requirements_pin_the_local_versions_without_local_labels():
 
 
 def test_relative_output_dir_is_refused_with_the_fix(csv_job):
-    with pytest.raises(ValueError, match=r"output_dir 'runs' is relative.*--storage"):
+    with pytest.raises(StewardError, match=r"output_dir 'runs' is relative.*--storage"):
         package_job(load_job(csv_job, ["output_dir=runs"]))
 
 
 def test_a_package_above_rays_limit_fails_clearly(csv_job, monkeypatch):
     monkeypatch.setattr(packaging, "PACKAGE_LIMIT", 1000)
-    with pytest.raises(ValueError, match=r"above Ray's runtime_env limit of .*largest files: .*shared storage"):
+    with pytest.raises(StewardError, match=r"above Ray's runtime_env limit of .*largest files: .*shared storage"):
         package_job(load_job(csv_job))
 
 
