@@ -55,3 +55,4 @@ lint: setup
 	$(BIN)/ruff check platform tests benchmarks
 	$(BIN)/ruff format --check platform tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
