@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 
 from steward.errors import StewardError
+from steward.serve.options import APP_BUILDER, DEPLOYMENT, app_name, deployment_options
 from steward.spec import JobSpec
 from steward.storage import is_uri
 
@@ -71,9 +72,6 @@ def ray_job(spec: JobSpec, name: str, image: str) -> dict:
 
 def ray_service(spec: JobSpec, name: str, image: str, run_dir: str | None) -> dict:
     """A RayService whose serveConfigV2 is the spec's Serve application over a run folder on the runs volume."""
-    from steward.serve.app import DEPLOYMENT, deployment_options
-    from steward.serve.deploy import APP_BUILDER, app_name
-
     if spec.serve is None:
         raise StewardError(
             "--kind rayservice: the spec has no `serve` section; add one (e.g. serve: {route_prefix: /x})"
