@@ -44,7 +44,8 @@ def serve_deploy(
     override_fairness_gate: Override = None,
 ) -> None:
     """Deploy the spec's model (embedded Ray: serves until Ctrl-C; --address: returns once deployed)."""
-    from steward.serve.deploy import export_config, find_run
+    from steward.serve.deploy import export_config
+    from steward.serve.source import find_run
     from steward.storage import fetch_run
 
     job = load_job(spec, set_ or [])
