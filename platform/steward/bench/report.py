@@ -4,11 +4,7 @@ import json
 import statistics
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.table import Table
 
 # What must match between two machines for their results to compare.
 COMPARED = ("cpu", "cores", "gpu", "ram_gib", "torch", "ray", "deepspeed", "transformers")
@@ -149,6 +145,11 @@ def _serving(result: dict) -> bool:
 
 
 def _bars(cells: list[dict], metric: str, label: str, path: Path, formula: list[float] | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt  # plotting only: `steward bench compare` needs no matplotlib
+
     stats = [c.get("summary", {}).get(metric, {"median": 0, "min": 0, "max": 0}) for c in cells]
     medians = [s["median"] for s in stats]
     spread = [
