@@ -79,9 +79,9 @@ def loop_config(
     initial_checkpoint: Checkpoint | None = None,
     run_uri: str | None = None,
 ) -> dict:
-    """What `train_loop` is given: the spec as a plain dict, where to write, the data's description, where from."""
+    """What `train_loop` is given: the validated spec, where to write, the data's description, where from."""
     return {
-        "spec": spec.model_dump(mode="json"),
+        "spec": spec,
         "run_dir": str(run_dir),
         "data_info": info.to_dict(),
         "initial_checkpoint": initial_checkpoint,

@@ -27,11 +27,12 @@ HISTORY = "history.jsonl"
 
 
 def train_loop(config: dict, session: Session | None = None) -> None:
-    """Train one worker's share: re-validate the spec, build data, model and engine, then epochs until done.
+    """Train one worker's share: build data, model and engine from the spec (validated once, by the driver or the
+    trial), then epochs until done.
 
     Ray Train calls it with the config alone (a Train worker's session); a one-worker Tune trial passes its own.
     """
-    spec = JobSpec.model_validate(config["spec"])
+    spec: JobSpec = config["spec"]
     run_dir, info = Path(config["run_dir"]), DataInfo.from_dict(config["data_info"])
     run_uri = config.get("run_uri")
     session = session or train_session()
