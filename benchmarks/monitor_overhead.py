@@ -390,9 +390,11 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
     runs: dict[str, list[list[dict]]] = {f"{cell}, c={c}": [] for cell in CELLS.values() for c in (1, 32)}
     pushes: list[float] = []  # the monitor's pushes per record at c=32, each repeat
     batches: dict[str, int] = {}  # the monitored replica's forward passes per batch size at c=32, all repeats
+    repeat_s: list[float] = []  # each repeat's wall time, deployments and their deletion included
     try:
         transport = _push_transport_us(delta)
         for r in range(repeats):
+            started = time.monotonic()
             # Fresh replicas every repeat: a replica process keeps its own speed all its life, so only new processes
             # average it out.
             urls = {}
@@ -421,11 +423,12 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
             pushes.append((seen["pushes"] - before_c["pushes"]) / (seen["records"] - before_c["records"]))
             for size, count in _batch_sizes(urls[CELLS["on"]]).items():
                 batches[size] = batches.get(size, 0) + count - sizes.get(size, 0)
-            console.print(f"serving repeat {r + 1}/{repeats} done")
             for app in CELLS:  # deleted apps drain slowly: all at once, then wait for the last
                 serve.delete(app, _blocking=False)
             while set(serve.status().applications) & set(CELLS):
                 time.sleep(0.5)
+            repeat_s.append(time.monotonic() - started)
+            console.print(f"serving repeat {r + 1}/{repeats} done in {repeat_s[-1]:.0f} s")
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -440,6 +443,7 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
         "push_bytes": len(pickle.dumps(delta)),
         "pushes_per_record": pushes,
         "batch_sizes c=32": batches,
+        "repeat_s": repeat_s,
     }
     for c in (1, 32):
         off, twin, on = (runs[f"{cell}, c={c}"] for cell in CELLS.values())

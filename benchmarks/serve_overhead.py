@@ -10,7 +10,8 @@
 3. int8 vs fp32: the same BERT offline at batch 16 and served with batching at concurrency 32.
 Serve runs Ray's high-throughput mode (HAProxy, `RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1`)
 when `haproxy` is installed, as `steward serve` does and `make setup` arranges. Cells alternate (A B A B) so the
-machine's drift hits both alike.
+machine's drift hits both alike; figures are medians over repeats, with the judged ones' min and max repeat by
+repeat beside them.
 Writes benchmarks/results/serve_overhead.json and prints the ratios.
 """
 
@@ -128,7 +129,8 @@ def overhead(cnn, args, port: int) -> dict:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    return {cell: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for cell, runs in cells.items()}
+    medians = {cell: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for cell, runs in cells.items()}
+    return {cell: medians[cell] | {"each": runs} for cell, runs in cells.items()}
 
 
 def batching_and_int8(bert, args, port: int) -> dict:
@@ -155,6 +157,8 @@ def batching_and_int8(bert, args, port: int) -> dict:
         "batch_sizes_seen": seen,
         "served_qps_c32": {c: statistics.median(v) for c, v in served.items()},
         "offline_per_s": {c: statistics.median(v) for c, v in alone.items()},
+        "served_qps_c32_each": served,
+        "offline_per_s_each": alone,
     }
 
 
@@ -174,16 +178,27 @@ def overhead_table(result: dict, console: Console) -> None:
         table.add_row(cell, f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['qps_c32']:.0f}")
     p50, p99 = steward["p50_ms"] - bare["p50_ms"], steward["p99_ms"] - bare["p99_ms"]
     table.add_row("steward - bare", f"{p50:+.2f}", f"{p99:+.2f}", f"x{steward['qps_c32'] / bare['qps_c32']:.2f}")
+    pairs = list(zip(bare["each"], steward["each"], strict=True))  # repeat by repeat: the spread
+    p50s = [s["p50_ms"] - b["p50_ms"] for b, s in pairs]
+    p99s = [s["p99_ms"] - b["p99_ms"] for b, s in pairs]
+    qps = [s["qps_c32"] / b["qps_c32"] for b, s in pairs]
+    table.add_row("  each repeat: min, max", _range(p50s, "+.2f"), _range(p99s, "+.2f"), _range(qps, ".2f", "x"))
     console.print(table)
+
+
+def _range(values: list[float], spec: str, prefix: str = "") -> str:
+    return f"{prefix}{min(values):{spec}}, {prefix}{max(values):{spec}}"
 
 
 def batching_table(result: dict, console: Console) -> None:
     qps, off = result["batching"]["served_qps_c32"], result["batching"]["offline_per_s"]
     table = Table(title="BERT 4x256, 64 tokens: batching and int8 (served: 1 instance per request, c=32)")
-    for column in ("", "served", "offline", "served / offline"):
+    for column in ("", "served", "offline", "served / offline", "each repeat, min, max: served; served / offline"):
         table.add_column(column, justify="right")
     for name, (s, o) in result["ratios"].items():
-        table.add_row(name, f"x{s:.2f}", f"x{o:.2f}" if o else "", f"{s / o:.2f}" if o else "")
+        each = result["ratios_each"][name]
+        spread = f"{_range([a for a, _ in each], '.2f', 'x')}; {_range([a / b for a, b in each], '.2f')}"
+        table.add_row(name, f"x{s:.2f}", f"x{o:.2f}", f"{s / o:.2f}", spread)
     for cell, value in qps.items():
         table.add_row(f"served QPS, {cell}", f"{value:.0f}", "", "")
     for cell, value in off.items():
@@ -191,8 +206,20 @@ def batching_table(result: dict, console: Console) -> None:
     console.print(table)
 
 
-def ratios(result: dict) -> dict[str, tuple[float, float | None]]:
-    qps, off = result["batching"]["served_qps_c32"], result["batching"]["offline_per_s"]
+def ratios(result: dict) -> dict[str, tuple[float, float]]:
+    """Served and offline gains of batching and of int8, from the medians over repeats."""
+    return gains(result["batching"]["served_qps_c32"], result["batching"]["offline_per_s"])
+
+
+def ratios_each(result: dict) -> dict[str, list[tuple[float, float]]]:
+    """The same gains repeat by repeat (a repeat's served and offline cells ran together): their spread."""
+    served, alone = result["batching"]["served_qps_c32_each"], result["batching"]["offline_per_s_each"]
+    repeats = len(next(iter(served.values())))
+    each = [gains({c: v[i] for c, v in served.items()}, {c: v[i] for c, v in alone.items()}) for i in range(repeats)]
+    return {name: [gain[name] for gain in each] for name in each[0]}
+
+
+def gains(qps: dict[str, float], off: dict[str, float]) -> dict[str, tuple[float, float]]:
     return {
         "batching gain (on / off)": (
             qps["fp32 batching on"] / qps["fp32 batching off"],
@@ -237,6 +264,7 @@ def main() -> None:
             serve.delete(name)
         result["batching"] = batching_and_int8(bert, args, port)
         result["ratios"] = ratios(result)
+        result["ratios_each"] = ratios_each(result)
         result["benchmark_s"] = time.monotonic() - started
     finally:
         serve.shutdown()

@@ -179,15 +179,18 @@ def throughput_table(model: str, samples: dict[str, list[float]], console: Conso
     """Print one model's cells with ratios: steward DDP against torchrun, each ZeRO stage against steward DDP."""
     median = {name: statistics.median(values) for name, values in samples.items()}
     table = Table(title=f"Training throughput, {model}, 2 workers x 1 thread (median over repeats)")
-    for column in ("cell", "samples/s", "min", "max", "ratio", "vs", "target"):
+    for column in ("cell", "samples/s", "min", "max", "ratio", "each repeat", "vs", "target"):
         table.add_column(column, justify="left" if column in ("cell", "vs") else "right")
     ratios: dict[str, float | None] = {}
     for name, values in samples.items():
         base = {"torchrun ddp": name, "steward ddp": "torchrun ddp"}.get(name, "steward ddp")
         ratios[name] = median[name] / median[base] if base in median else None
         ratio = "-" if ratios[name] is None else f"{ratios[name]:.3f}"
+        # a repeat runs every cell once, in turn: its ratio pairs runs made close together
+        each = ", ".join(f"{v / b:.3f}" for v, b in zip(values, samples[base], strict=True)) if base in median else ""
         target = f">= {TARGETS[name]}" if name in TARGETS and model == JUDGED_ON else ""
-        table.add_row(name, f"{median[name]:.0f}", f"{min(values):.0f}", f"{max(values):.0f}", ratio, base, target)
+        row = [f"{median[name]:.0f}", f"{min(values):.0f}", f"{max(values):.0f}", ratio, each, base, target]
+        table.add_row(name, *row)
     console.print(table)
     return ratios
 
