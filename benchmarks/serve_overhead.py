@@ -238,6 +238,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="Sequential requests per latency cell.")
     parser.add_argument("--repeats", type=int, default=3, help="Interleaved repeats per cell (medians reported).")
     parser.add_argument("--skip-overhead", action="store_true", help="Only the batching and int8 cells.")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_overhead.json")
     args = parser.parse_args()
     console = Console()
     started = time.monotonic()
@@ -269,14 +270,14 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-    out = ROOT / "benchmarks" / "results" / "serve_overhead.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     if result["overhead"]:
         overhead_table(result, console)
     batching_table(result, console)
     console.print(f"batch sizes seen (size: batches): {result['batching']['batch_sizes_seen']}")
-    console.print(f"wrote {out.relative_to(ROOT)}")
+    console.print(f"wrote {out}")
 
 
 if __name__ == "__main__":
