@@ -14,7 +14,7 @@ from steward.spec.serve import ServeSpec
 from tests.serving import trained_run, validation_inputs
 
 
-@pytest.mark.slow  # trains the quickstart CNN for an epoch (~30 s on the shared cores)
+@pytest.mark.slow  # trains the quickstart CNN for an epoch
 def test_embed_returns_each_requests_own_embeddings_and_inputs_per_thread(tmp_path):
     spec, run_dir = trained_run(tmp_path, "quickstart.yaml", epochs=1)
     served = load_served_model(spec, run_dir)
@@ -64,7 +64,7 @@ def test_a_monitored_int8_model_is_profiled_as_it_is_served_once(tmp_path):
     (out,) = served.run([served.prepare(validation_inputs(spec, 10_000))], embed=True)
     int8, fp32 = reference_for(run_dir, int8=True).samples["embedding"], reference_for(run_dir).samples["embedding"]
     np.testing.assert_allclose(int8, out.embeddings, rtol=1e-5, atol=1e-5)
-    assert np.abs(fp32 - out.embeddings).max() > 1e-3  # what int8 traffic was compared with before
+    assert np.abs(fp32 - out.embeddings).max() > 1e-3  # training's fp32 profile differs: int8 needs its own
 
     saved = (model_dir / "int8" / "reference.npz").stat().st_mtime_ns
     load_served_model(job, run_dir)
