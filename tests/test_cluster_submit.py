@@ -71,6 +71,7 @@ def test_requirements_pin_the_local_versions_without_local_labels():
     pins = dict(p.split("==") for p in requirements())
     assert pins["numpy"] == importlib.metadata.version("numpy")
     assert "+" not in pins["torch"]  # torch==2.13.0+cpu names this machine's wheel; the cluster's index picks its own
+    assert not {"moto", "psutil", "pytest"} & set(pins)  # what only the tests use is never installed on the cluster
 
 
 def test_relative_output_dir_is_refused_with_the_fix(csv_job):
