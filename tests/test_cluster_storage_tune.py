@@ -130,7 +130,7 @@ def test_an_interrupted_sweep_in_s3_resumes_without_rerunning_finished_trials(s3
     out, err = first.communicate(timeout=300)
     (run_id,) = run_ids(s3, name)
     run_uri = join(s3["uri"], name, run_id)
-    assert first.returncode == 2 and f"--resume {run_uri}" in " ".join(err.split()), out + err
+    assert first.returncode == 130 and f"--resume {run_uri}" in " ".join(err.split()), out + err  # Ctrl-C
     assert json.loads(read(s3, f"runs/{name}/{run_id}/status.json"))["state"] == "interrupted"
     done = [p.split("/")[1] for p in stored(s3, f"runs/{name}/{run_id}") if p.endswith("/completed")]
 
