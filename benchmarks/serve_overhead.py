@@ -1,6 +1,6 @@
 """Serving overhead, side by side in one run: steward on Ray Serve vs bare FastAPI, batching, int8.
 
-    python benchmarks/serve_overhead.py [--seconds 5] [--requests 400] [--repeats 3]
+    python benchmarks/serve_overhead.py [--seconds 3] [--requests 400] [--repeats 3]
 
 1. Overhead: the quickstart CNN (cheap, so fixed per-request costs show most), one replica / one uvicorn process,
    one torch thread, batching off, the same /predict handler (benchmarks/bare_fastapi.py). p50 / p99 latency of
@@ -234,7 +234,7 @@ def gains(qps: dict[str, float], off: dict[str, float]) -> dict[str, tuple[float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=5.0, help="Measured seconds per throughput cell.")
+    parser.add_argument("--seconds", type=float, default=3.0, help="Measured seconds per throughput cell.")
     parser.add_argument("--requests", type=int, default=400, help="Sequential requests per latency cell.")
     parser.add_argument("--repeats", type=int, default=3, help="Interleaved repeats per cell (medians reported).")
     parser.add_argument("--skip-overhead", action="store_true", help="Only the batching and int8 cells.")
