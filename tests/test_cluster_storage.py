@@ -40,8 +40,17 @@ def trained(s3):
 def test_training_writes_its_run_folder_and_checkpoints_to_s3(s3, trained):
     out, run_id = trained
     files = stored(s3, f"runs/quickstart/{run_id}")
-    for name in ("spec.yaml", "data_info.json", "history.jsonl", "metrics.json", "model/model.json",
-                 "model/model.safetensors", "model/reference.json", "curves.png", "model_card.md"):  # fmt: skip
+    for name in (
+        "spec.yaml",
+        "data_info.json",
+        "history.jsonl",
+        "metrics.json",
+        "model/model.json",
+        "model/model.safetensors",
+        "model/reference.json",
+        "curves.png",
+        "model_card.md",
+    ):
         assert name in files, (name, sorted(files))
     assert any(f.startswith("train/checkpoint_") for f in files), sorted(files)  # Ray Train wrote them itself
     status = json.loads(read(s3, f"runs/quickstart/{run_id}/status.json"))

@@ -53,8 +53,19 @@ def swept(s3):
 def test_a_sweep_writes_trials_results_and_model_to_s3(s3, swept):
     out, run_id = swept
     files = stored(s3, f"runs/tune-digits-asha/{run_id}")
-    for name in ("spec.yaml", "best.yaml", "results.csv", "trials.png", "metrics.json", "model/model.safetensors",
-                 "model/reference.json", "history.jsonl", "curves.png", "model_card.md", "tune/tuner.pkl"):  # fmt: skip
+    for name in (
+        "spec.yaml",
+        "best.yaml",
+        "results.csv",
+        "trials.png",
+        "metrics.json",
+        "model/model.safetensors",
+        "model/reference.json",
+        "history.jsonl",
+        "curves.png",
+        "model_card.md",
+        "tune/tuner.pkl",
+    ):
         assert name in files, (name, sorted(files))
     assert json.loads(read(s3, f"runs/tune-digits-asha/{run_id}/status.json"))["state"] == "succeeded"
     rows = list(csv.DictReader(io.StringIO(read(s3, f"runs/tune-digits-asha/{run_id}/results.csv"))))
@@ -86,8 +97,17 @@ def test_runs_lists_the_sweep_and_evaluate_and_serve_read_its_model_from_s3(s3, 
     assert (staged / "model" / "model.json").exists()
     assert not (staged / "tune").exists() and not (staged / "trials").exists()  # checkpoints stay in the bucket
     exported = tmp_path / "serve.yaml"
-    out = steward(s3, "serve", JOBS / "tune-digits-asha.yaml", "--set", "serve={route_prefix: /digits}",
-                  "--run", join(s3["uri"], "tune-digits-asha", run_id), "--export", exported)  # fmt: skip
+    out = steward(
+        s3,
+        "serve",
+        JOBS / "tune-digits-asha.yaml",
+        "--set",
+        "serve={route_prefix: /digits}",
+        "--run",
+        join(s3["uri"], "tune-digits-asha", run_id),
+        "--export",
+        exported,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert str(staged) in exported.read_text()  # the sweep's model, downloaded to serve
 
@@ -100,8 +120,14 @@ def test_train_resumes_a_run_from_s3_at_its_checkpoint(s3):
     assert len(ids) == 1, sorted(stored(s3, "runs/quickstart"))
     (run_id,) = ids
     # The spec's own output_dir (runs) is left as is: the run's URI says where it lives and where it goes on.
-    resumed = steward(s3, "train", JOBS / "quickstart.yaml", *sets(*QUICK, "train.epochs=2"),
-                      "--resume", join(s3["uri"], "quickstart", run_id))  # fmt: skip
+    resumed = steward(
+        s3,
+        "train",
+        JOBS / "quickstart.yaml",
+        *sets(*QUICK, "train.epochs=2"),
+        "--resume",
+        join(s3["uri"], "quickstart", run_id),
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     records = history(s3, f"quickstart/{run_id}")
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]  # epoch 1 was not trained again

@@ -157,11 +157,21 @@ def test_a_failed_job_leads_with_stewards_own_error_line_not_rays_noise():
 
     from steward.cluster.jobs import failure
 
-    log = "\n".join(["epoch 1", "training failed: a worker was lost (...)", "[state-dump] Pull - 1 total",
-                     "[2026-11-22 20:01:11,952 I 1487 1487] (raylet) worker_pool.cc:564: Started worker"])  # fmt: skip
+    log = "\n".join(
+        [
+            "epoch 1",
+            "training failed: a worker was lost (...)",
+            "[state-dump] Pull - 1 total",
+            "[2026-11-22 20:01:11,952 I 1487 1487] (raylet) worker_pool.cc:564: Started worker",
+        ]
+    )
     reason = "Job entrypoint command failed with exit code 1"
-    info = SimpleNamespace(submission_id="steward-q-train-1", job_id=None, status="FAILED",
-                           message=f"{reason}, last available logs (truncated): [state-dump] x")  # fmt: skip
+    info = SimpleNamespace(
+        submission_id="steward-q-train-1",
+        job_id=None,
+        status="FAILED",
+        message=f"{reason}, last available logs (truncated): [state-dump] x",
+    )
     text = str(failure(info, log))
     first = text.splitlines()[0]
     assert first == f"job steward-q-train-1 FAILED: training failed: a worker was lost (...) ({reason})"

@@ -106,16 +106,28 @@ def write_job(tmp_path, **sections):
     ("sections", "path", "fragment"),
     [
         ({"train": {"mitigation": {"method": "reweigh"}}}, "train.mitigation", "set data.group_columns"),
-        ({"evaluate": {"fairness": {"thresholds": {"demographic_parity_difference": 0.1}}}},
-         "evaluate.fairness.thresholds", "needs a group attribute"),
-        ({"data": {"group_columns": ["group"]}, "evaluate": {"fairness": {"group_column": "region"}}},
-         "evaluate.fairness.group_column", "'region' is not one of data.group_columns"),
-        ({"data": {"group_columns": ["group"]}, "evaluate": {"fairness": {"thresholds": {"parity": 0.1}}}},
-         "evaluate.fairness.thresholds.parity.[key]", "demographic_parity_difference"),
-        ({"data": {"group_columns": ["group"]}, "train": {"mitigation": {"method": "reweighing"}}},
-         "train.mitigation.method", "'resample', 'reweigh' or 'thresholds'"),
+        (
+            {"evaluate": {"fairness": {"thresholds": {"demographic_parity_difference": 0.1}}}},
+            "evaluate.fairness.thresholds",
+            "needs a group attribute",
+        ),
+        (
+            {"data": {"group_columns": ["group"]}, "evaluate": {"fairness": {"group_column": "region"}}},
+            "evaluate.fairness.group_column",
+            "'region' is not one of data.group_columns",
+        ),
+        (
+            {"data": {"group_columns": ["group"]}, "evaluate": {"fairness": {"thresholds": {"parity": 0.1}}}},
+            "evaluate.fairness.thresholds.parity.[key]",
+            "demographic_parity_difference",
+        ),
+        (
+            {"data": {"group_columns": ["group"]}, "train": {"mitigation": {"method": "reweighing"}}},
+            "train.mitigation.method",
+            "'resample', 'reweigh' or 'thresholds'",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_fairness_settings_name_the_field_and_the_fix(tmp_path, sections, path, fragment):
     with pytest.raises(SpecError) as err:
         load_job(write_job(tmp_path, **sections))

@@ -24,11 +24,13 @@ def fake_run(tmp_path, metrics=METRICS, job="quickstart.yaml"):
     spec = load_job(JOBS / job, [f"output_dir={tmp_path}"])
     run_dir = create_run(spec)
     (run_dir / "model").mkdir()
-    (run_dir / "model" / "model.json").write_text(json.dumps({"num_parameters": 12345, "data": {"modality": "image",
-                                                  "label_names": [str(i) for i in range(10)]}}))  # fmt: skip
+    (run_dir / "model" / "model.json").write_text(
+        json.dumps({"num_parameters": 12345, "data": {"modality": "image", "label_names": [str(i) for i in range(10)]}})
+    )
     (run_dir / "model" / "model.safetensors").write_bytes(b"weights")
-    epochs = [{"kind": "epoch", "epoch": e, "epoch_seconds": 1.5, "samples_per_s": 900.0, "train_loss": 0.2}
-              for e in (1, 2)]  # fmt: skip
+    epochs = [
+        {"kind": "epoch", "epoch": e, "epoch_seconds": 1.5, "samples_per_s": 900.0, "train_loss": 0.2} for e in (1, 2)
+    ]
     (run_dir / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs))
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
     return spec, run_dir
@@ -50,8 +52,17 @@ def test_a_card_is_filled_from_the_run_folder_and_meets_the_schema(tmp_path):
     assert card["metrics"]["fairness_gate"] == "not_evaluated" and card["tuning"] is None
     assert card["completeness"] == {"complete": True, "missing": []}
     markdown = (run_dir / CARD_MD).read_text()
-    for section in ("Model details", "Intended use", "Factors", "Metrics", "Evaluation data", "Training data",
-                    "Quantitative analyses", "Ethical considerations", "Caveats and recommendations"):  # fmt: skip
+    for section in (
+        "Model details",
+        "Intended use",
+        "Factors",
+        "Metrics",
+        "Evaluation data",
+        "Training data",
+        "Quantitative analyses",
+        "Ethical considerations",
+        "Caveats and recommendations",
+    ):
         assert f"## {section}" in markdown
     assert "0.9611" in markdown and "group=a | 90 | 0.9700" in markdown
 

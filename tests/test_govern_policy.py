@@ -64,19 +64,34 @@ def test_every_example_job_meets_the_example_policy_or_is_a_listed_violation(job
 RULES = [
     # rule, passing changes, failing changes, field named
     ("max_workers", {}, {"distributed": {"num_workers": 9}}, "distributed.num_workers"),
-    ("max_gpus", {"distributed": {"num_workers": 2, "use_gpu": True, "gpus_per_worker": 4}},
-     {"distributed": {"num_workers": 3, "use_gpu": True, "gpus_per_worker": 4}}, "distributed.gpus_per_worker"),
-    ("allowed_sources", {"data": {"source": "hf:acme-corp/reviews", "input_column": "text", "label_column": "y"}},
-     {"data": {"source": "hf:someone/scraped-web", "input_column": "text", "label_column": "y"}}, "data.source"),
+    (
+        "max_gpus",
+        {"distributed": {"num_workers": 2, "use_gpu": True, "gpus_per_worker": 4}},
+        {"distributed": {"num_workers": 3, "use_gpu": True, "gpus_per_worker": 4}},
+        "distributed.gpus_per_worker",
+    ),
+    (
+        "allowed_sources",
+        {"data": {"source": "hf:acme-corp/reviews", "input_column": "text", "label_column": "y"}},
+        {"data": {"source": "hf:someone/scraped-web", "input_column": "text", "label_column": "y"}},
+        "data.source",
+    ),
     ("require_governance", {}, {"governance": None}, "governance"),
     ("serving_requires_auth", {"serve": {"auth": {"api_keys_env": "KEYS"}}}, {"serve": {}}, "serve.auth"),
-    ("max_replicas", {"serve": {"num_replicas": 4, "auth": {"api_keys_env": "KEYS"}}},
-     {"serve": {"autoscaling": {"max_replicas": 5}, "auth": {"api_keys_env": "KEYS"}}},
-     "serve.autoscaling.max_replicas"),
+    (
+        "max_replicas",
+        {"serve": {"num_replicas": 4, "auth": {"api_keys_env": "KEYS"}}},
+        {"serve": {"autoscaling": {"max_replicas": 5}, "auth": {"api_keys_env": "KEYS"}}},
+        "serve.autoscaling.max_replicas",
+    ),
     ("high_risk_requires", {"governance": {**COMPLETE, "risk": "medium"}}, {"governance": COMPLETE}, "monitor.bias"),
-    ("text_requires_pii_masking", {"data": {"source": "builtin:synthetic-sequence"}},
-     {"data": {"source": "builtin:synthetic-text"}, "model": {"family": "lstm"}}, "privacy"),
-]  # fmt: skip
+    (
+        "text_requires_pii_masking",
+        {"data": {"source": "builtin:synthetic-sequence"}},
+        {"data": {"source": "builtin:synthetic-text"}, "model": {"family": "lstm"}},
+        "privacy",
+    ),
+]
 
 
 @pytest.mark.parametrize(("rule", "passing", "failing", "field"), RULES, ids=[r[0] for r in RULES])

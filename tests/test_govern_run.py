@@ -44,7 +44,11 @@ def test_the_quickstart_card_holds_the_runs_own_numbers(quickstart):
     training = card["training"]
     assert card["model_details"]["num_parameters"] == training["num_parameters"] == model["num_parameters"]
     assert (training["strategy"], training["zero_stage"], training["workers"], training["epochs_run"]) == (
-        "ddp", 0, 1, 2)  # fmt: skip
+        "ddp",
+        0,
+        1,
+        2,
+    )
     assert training["train_time_s"] > 0 and training["wall_time_s"] >= training["train_time_s"]
     assert card["training_data"]["data_sha256"] == data_hash(read_spec(quickstart))
     assert f"{metrics['overall']['accuracy']:.4f}" in (quickstart / "model_card.md").read_text()
@@ -64,8 +68,14 @@ def test_the_cli_run_events_carry_spec_data_and_model_hashes(quickstart):
 
 
 def test_the_text_job_card_holds_its_per_group_numbers(ray_local, tmp_path):
-    tiny = ["data.options.num_samples=600", "train.epochs=1", "model.params.hidden_size=32",
-            "model.params.intermediate_size=64", f"output_dir={tmp_path}", *DDP]  # fmt: skip
+    tiny = [
+        "data.options.num_samples=600",
+        "train.epochs=1",
+        "model.params.hidden_size=32",
+        "model.params.intermediate_size=64",
+        f"output_dir={tmp_path}",
+        *DDP,
+    ]
     spec = load_job(JOBS / "text-transformer.yaml", tiny)
     run_dir = create_run(spec)
     metrics = train_model(spec, run_dir)

@@ -135,11 +135,18 @@ def pii_job(tmp_path, privacy, rows=40, **data):
     raw = {
         "name": "pii",
         "output_dir": str(tmp_path / "runs"),
-        "data": {"source": "file:pii.jsonl", "input_column": "text", "label_column": "label",
-                 "group_columns": ["group"], "max_length": 16, "tokenizer": {"vocab_size": 60}, **data},
+        "data": {
+            "source": "file:pii.jsonl",
+            "input_column": "text",
+            "label_column": "label",
+            "group_columns": ["group"],
+            "max_length": 16,
+            "tokenizer": {"vocab_size": 60},
+            **data,
+        },
         "model": {"family": "lstm", "params": {"hidden_size": 8, "embedding_dim": 8}},
         "privacy": privacy,
-    }  # fmt: skip
+    }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(raw))
     return tmp_path / "job.yaml"
 
@@ -204,8 +211,11 @@ def test_privacy_scan_command_shows_counts_never_values(tmp_path):
     result = CliRunner().invoke(app, ["privacy", "scan", str(path)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "sample of 40 rows" in result.output and "dropped columns: ssn" in result.output
-    counts = {line.split("│")[2].strip(): line.split("│")[3].strip() for line in result.output.splitlines()
-              if line.count("│") == 4}  # fmt: skip
+    counts = {
+        line.split("│")[2].strip(): line.split("│")[3].strip()
+        for line in result.output.splitlines()
+        if line.count("│") == 4
+    }
     assert set(counts) == {"email", "phone", "credit_card", "iban"} and set(counts.values()) == {"7"}
     assert "jane" not in result.output and "4111" not in result.output
     bad = CliRunner().invoke(app, ["privacy", "scan", str(path), "--set", "privacy.entities=[emial]"])

@@ -28,8 +28,9 @@ GATED = "demographic_parity_difference"
 
 
 def fair_text(tmp_path_factory, method):
-    spec = load_job(JOBS / "fair-text.yaml", [f"train.mitigation.method={method}",
-                                              f"output_dir={tmp_path_factory.mktemp(method)}"])  # fmt: skip
+    spec = load_job(
+        JOBS / "fair-text.yaml", [f"train.mitigation.method={method}", f"output_dir={tmp_path_factory.mktemp(method)}"]
+    )
     run_dir = create_run(spec)
     return spec, run_dir, train_model(spec, run_dir)
 
@@ -48,8 +49,10 @@ def test_baseline_fails_the_gate_and_thresholds_pass_it(runs):
     spec, run_dir, metrics = runs["thresholds"]
     limits = spec.evaluate.fairness.thresholds
     before, after = (metrics["mitigation"]["model"]["test"][k] for k in ("before", "after"))
-    print(f"\nbaseline {GATED}={before[GATED]:.3f} acc={before['accuracy']:.3f}; "
-          f"thresholds {GATED}={after[GATED]:.3f} acc={after['accuracy']:.3f}")  # fmt: skip
+    print(
+        f"\nbaseline {GATED}={before[GATED]:.3f} acc={before['accuracy']:.3f}; "
+        f"thresholds {GATED}={after[GATED]:.3f} acc={after['accuracy']:.3f}"
+    )
     assert before[GATED] > 0.2 and gate(before, limits)  # the baseline breaks the gate (at 0.1) by far
     assert metrics["fairness_gate"] == "passed" and metrics["fairness_gate_problems"] == []
     assert after[GATED] == pytest.approx(gated(metrics)) and before[GATED] - after[GATED] > 0.2
@@ -99,8 +102,17 @@ def test_no_raw_pii_reaches_the_run_folder(ray_local, tmp_path):
     run_dir = create_run(spec)
     metrics = train_model(spec, run_dir)
     assert metrics["privacy"]["entities"]["text"] == {"email": 20, "phone": 20, "credit_card": 20, "iban": 20}
-    raw_values = ["jane.roe@mail.com", "+44 20 7946 0958", "7946", "4111 1111 1111 1111", "4111",
-                  "GB82 WEST 1234 5698 7654 32", "west", "run-folder-key", "-45-6789"]  # fmt: skip
+    raw_values = [
+        "jane.roe@mail.com",
+        "+44 20 7946 0958",
+        "7946",
+        "4111 1111 1111 1111",
+        "4111",
+        "GB82 WEST 1234 5698 7654 32",
+        "west",
+        "run-folder-key",
+        "-45-6789",
+    ]
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert any(p.name == "model.safetensors" for p in files) and len(files) > 10
     for path in files:

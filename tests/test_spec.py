@@ -92,8 +92,11 @@ def test_malformed_yaml_gives_the_line(tmp_path):
 
 
 def test_monitor_section_errors_name_the_field_and_the_fix(tmp_path):
-    monitor = {"bias": {"group": "g", "favourable": "1", "thresholds": {"disparate_impact_ratio": [1.2, 0.8]}},
-               "window": {"size": 100, "step": 30}, "alerts": {"webhook": "ftp://x"}}  # fmt: skip
+    monitor = {
+        "bias": {"group": "g", "favourable": "1", "thresholds": {"disparate_impact_ratio": [1.2, 0.8]}},
+        "window": {"size": 100, "step": 30},
+        "alerts": {"webhook": "ftp://x"},
+    }
     found = {p.path: p.message for p in problems(write(tmp_path, {**MINIMAL, "monitor": monitor}))}
     assert "set privileged" in found["monitor.bias.privileged"]
     assert "give [low, high]" in found["monitor.bias.thresholds.disparate_impact_ratio"]

@@ -36,9 +36,13 @@ def starts(run_dir, trial_id):
 
 def test_asha_stops_trials_early_and_best_yaml_retrains_to_the_reported_metric(ray_local, tmp_path):
     spec, run_dir, result, rows, best = sweep(
-        tmp_path, "tune-digits-asha.yaml", "train.epochs=4", "tune.num_samples=4", "tune.max_concurrent_trials=1",
+        tmp_path,
+        "tune-digits-asha.yaml",
+        "train.epochs=4",
+        "tune.num_samples=4",
+        "tune.max_concurrent_trials=1",
         "tune.scheduler={name: asha, grace_period: 1, reduction_factor: 2}",
-    )  # fmt: skip
+    )
     # One trial at a time, so every rung already holds the earlier trials' results when a trial reaches it.
     pruned = [r for r in rows if r.status == "pruned"]
     assert len(rows) == 4 and pruned, [(r.status, r.iterations) for r in rows]
@@ -62,10 +66,16 @@ def test_asha_stops_trials_early_and_best_yaml_retrains_to_the_reported_metric(r
 
 def test_grid_over_zero_stage_runs_two_worker_deepspeed_trials(ray_local, tmp_path):
     spec, run_dir, result, rows, best = sweep(
-        tmp_path, "tune-digits-asha.yaml", "train.epochs=1", "distributed.num_workers=2",
-        "distributed.strategy=deepspeed", "tune.search=grid", "tune.num_samples=1", "tune.scheduler={name: fifo}",
+        tmp_path,
+        "tune-digits-asha.yaml",
+        "train.epochs=1",
+        "distributed.num_workers=2",
+        "distributed.strategy=deepspeed",
+        "tune.search=grid",
+        "tune.num_samples=1",
+        "tune.scheduler={name: fifo}",
         "tune.search_space={distributed.zero_stage: {grid: [1, 2]}}",
-    )  # fmt: skip
+    )
     assert sorted(r.config["distributed.zero_stage"] for r in rows) == [1, 2]
     assert all(r.status == "completed" for r in rows)
     for row in rows:
@@ -76,10 +86,16 @@ def test_grid_over_zero_stage_runs_two_worker_deepspeed_trials(ray_local, tmp_pa
 
 def test_one_worker_deepspeed_trials_train_one_after_another_in_a_reused_trial_process(ray_local, tmp_path):
     spec, run_dir, result, rows, best = sweep(
-        tmp_path, "tune-digits-asha.yaml", "train.epochs=1", "distributed.strategy=deepspeed", "tune.search=grid",
-        "tune.num_samples=1", "tune.max_concurrent_trials=1", "tune.scheduler={name: fifo}",
+        tmp_path,
+        "tune-digits-asha.yaml",
+        "train.epochs=1",
+        "distributed.strategy=deepspeed",
+        "tune.search=grid",
+        "tune.num_samples=1",
+        "tune.max_concurrent_trials=1",
+        "tune.scheduler={name: fifo}",
         "tune.search_space={distributed.zero_stage: {grid: [1, 2]}}",
-    )  # fmt: skip
+    )
     # the second trial joins the process group (and DeepSpeed's hold on it) that the first one left behind
     assert sorted(r.config["distributed.zero_stage"] for r in rows) == [1, 2]
     assert all(r.status == "completed" for r in rows), [(r.status, r.error) for r in rows]
@@ -88,10 +104,15 @@ def test_one_worker_deepspeed_trials_train_one_after_another_in_a_reused_trial_p
 
 def test_optuna_with_median_stopping_then_retrain_best_on_train_and_validation(ray_local, tmp_path):
     spec, run_dir, result, rows, best = sweep(
-        tmp_path, "tune-digits-asha.yaml", "train.epochs=3", "tune.num_samples=4", "tune.search=optuna",
+        tmp_path,
+        "tune-digits-asha.yaml",
+        "train.epochs=3",
+        "tune.num_samples=4",
+        "tune.search=optuna",
         "tune.on_finish=retrain_best",
-        "tune.seed=3", "tune.scheduler={name: median_stopping, grace_period: 1, min_samples_required: 2}",
-    )  # fmt: skip
+        "tune.seed=3",
+        "tune.scheduler={name: median_stopping, grace_period: 1, min_samples_required: 2}",
+    )
     assert len(rows) == 4 and len({r.config["train.optimizer.lr"] for r in rows}) == 4
     assert all(r.status in ("completed", "pruned") for r in rows) and best.status == "completed"
     # retrain_best: the best config again, on train + validation, for as many epochs as the best trial ran
@@ -102,12 +123,15 @@ def test_optuna_with_median_stopping_then_retrain_best_on_train_and_validation(r
 
 def test_pbt_copies_a_better_trial_and_perturbs_its_config(ray_local, tmp_path):
     spec, run_dir, result, rows, best = sweep(
-        tmp_path, "tune-lstm-pbt.yaml", "train.epochs=3", "tune.num_samples=2",
+        tmp_path,
+        "tune-lstm-pbt.yaml",
+        "train.epochs=3",
+        "tune.num_samples=2",
         # synch: these trials take ~2 s, less than their start-up jitter, so asynchronous PBT may never see
         # both trials alive at an interval. Interval 2 of 3 epochs: no perturbation at the final result.
         "tune.scheduler={name: pbt, perturbation_interval: 2, quantile_fraction: 0.5, synch: true}",
         "tune.search_space={train.optimizer.lr: {loguniform: [1.0e-5, 1.0e-2]}}",
-    )  # fmt: skip
+    )
     exploited = [
         (row.trial_id, start)
         for row in rows
@@ -124,9 +148,23 @@ def test_pbt_copies_a_better_trial_and_perturbs_its_config(ray_local, tmp_path):
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path):
-    args = [sys.executable, "-m", "steward", "tune", str(JOBS / "tune-digits-asha.yaml"), "--set",
-            f"output_dir={tmp_path}", "--set", "train.epochs=2", "--set", "tune.num_samples=4", "--set",
-            "tune.max_concurrent_trials=1", "--set", "tune.scheduler={name: fifo}"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "steward",
+        "tune",
+        str(JOBS / "tune-digits-asha.yaml"),
+        "--set",
+        f"output_dir={tmp_path}",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "tune.num_samples=4",
+        "--set",
+        "tune.max_concurrent_trials=1",
+        "--set",
+        "tune.scheduler={name: fifo}",
+    ]
     env = {**os.environ, "COLUMNS": "200"}
     first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300  # 4 trials one at a time: Ctrl+C after the first lands with 3 (~1 s each) left

@@ -121,10 +121,22 @@ def test_a_trial_spec_is_validated_and_pbt_perturbations_are_brought_back_into_r
 def test_cli_refuses_an_invalid_search_space_before_ray_starts(tmp_path):
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "steward", "tune", str(ASHA), "--set", f"output_dir={tmp_path}",
-         "--set", "tune.search_space.model.params.hidden_sizes={choice: [32]}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "steward",
+            "tune",
+            str(ASHA),
+            "--set",
+            f"output_dir={tmp_path}",
+            "--set",
+            "tune.search_space.model.params.hidden_sizes={choice: [32]}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr
     assert "did you mean `hidden_size`?" in done.stderr and "Traceback" not in done.stderr
     assert "Ray" not in done.stdout + done.stderr and not any(tmp_path.iterdir())
