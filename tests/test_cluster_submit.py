@@ -176,3 +176,18 @@ def test_a_failed_job_leads_with_stewards_own_error_line_not_rays_noise():
     first = text.splitlines()[0]
     assert first == f"job steward-q-train-1 FAILED: training failed: a worker was lost (...) ({reason})"
     assert "state-dump" not in text and "(raylet)" not in text and "  | epoch 1" in text
+
+
+def test_the_jobs_api_client_sends_rays_token_as_rays_own_clients_do(monkeypatch, tmp_path):
+    from steward.cluster.jobs import ray_auth_header
+
+    token_file = tmp_path / "auth_token"
+    token_file.write_text("from-file\n")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    assert ray_auth_header() == {"Authorization": "Bearer from-file"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert ray_auth_header() == {"Authorization": "Bearer from-env"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert ray_auth_header() == {}

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from steward.errors import ClusterUnreachable, RunFailed, StewardError
@@ -155,7 +156,7 @@ def _call(address: str | None, method: str, path: str) -> Any:
     ClusterUnreachable when nothing answers; StewardError naming the job when it does not exist.
     """
     url = jobs_address(address)
-    request = urllib.request.Request(f"{url}/api/jobs/{path}", method=method)
+    request = urllib.request.Request(f"{url}/api/jobs/{path}", method=method, headers=ray_auth_header())
     try:
         with urllib.request.urlopen(request, timeout=30) as reply:
             return json.loads(reply.read() or b"null")
@@ -168,6 +169,18 @@ def _call(address: str | None, method: str, path: str) -> Any:
         raise ClusterUnreachable(f"--address {url}: the Jobs API answered {answer}") from None
     except (urllib.error.URLError, OSError) as err:
         raise ClusterUnreachable(unreachable(url, getattr(err, "reason", err))) from None
+
+
+def ray_auth_header() -> dict[str, str]:
+    """The bearer token Ray's own clients send when the cluster uses token authentication (on by default for
+    clusters Ray starts): $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def job_info(address: str | None, job_id: str) -> Job:
