@@ -54,6 +54,21 @@ def _delete_serve_apps_after(request):
             serve.delete(name)
 
 
+def own_processes(title: str) -> list[int]:
+    """PIDs of this process's descendants whose title starts with `title`: the workers of a Ray that this test
+    process started itself (ray.init's raylet is its child), never another job's processes on the machine."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if (child.cmdline() or [""])[0].startswith(title):
+                found.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
 STEWARD = [sys.executable, "-m", "steward"]
 BUCKET = "steward-runs"
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}

@@ -4,7 +4,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import threading
 import time
 
@@ -18,7 +17,7 @@ from steward.runs import create_run
 from steward.spec import load_job
 from steward.stages import evaluate_target, train_model
 from steward.train.curves import read_history
-from tests.conftest import JOBS
+from tests.conftest import JOBS, own_processes
 from tests.serving import trained_run
 
 pytestmark = pytest.mark.slow
@@ -150,8 +149,9 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):
     while not [r for r in read_history(run_dir / "history.jsonl") if r["kind"] == "epoch" and r["epoch"] >= 3]:
         assert time.monotonic() < deadline, "training never reached epoch 3"
         time.sleep(0.2)
-    pids = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
-    os.kill(int(pids[-1]), signal.SIGKILL)
+    pids = own_processes("ray::RayTrainWorker")  # this test's own workers, on the Ray this process started
+    assert len(pids) == 2, pids
+    os.kill(pids[-1], signal.SIGKILL)
     worker.join(timeout=600)
     assert outcome and outcome[0]["overall"]["accuracy"] > 0.9
     starts = [r for r in read_history(run_dir / "history.jsonl") if r["kind"] == "start"]
