@@ -13,8 +13,8 @@ from tests.conftest import JOBS, ROOT
 STEWARD = [sys.executable, "-m", "steward"]
 
 
-def steward(*args, cwd=ROOT, timeout=900, env=None):
-    env = {**os.environ, "COLUMNS": "200", **(env or {})}
+def steward(*args, cwd=ROOT, timeout=900):
+    env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run([*STEWARD, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
