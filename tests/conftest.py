@@ -1,5 +1,4 @@
-"""Shared fixtures: the environment every test needs, one local Ray (and Serve) shared by the modules that ask
-for it, and an S3 server."""
+"""Shared fixtures: the environment every test needs, one local Ray per module that asks for it, and an S3 server."""
 
 import os
 import socket
@@ -21,101 +20,27 @@ ROOT = Path(__file__).resolve().parent.parent
 JOBS = ROOT / "jobs"
 
 
-class _Shared:
-    """The local Ray (and Serve on it) that the modules asking for `ray_local` share: ray.init (~7 s here), Serve's
-    start (~6 s) and their shutdowns are paid once for all of them, not once a module."""
-
-    env: dict[str, str] | None = None  # the environment the running Ray was started with; None: no shared Ray
-    serve_port: int | None = None  # Serve's port on it; None: Serve not started
-    ray_modules: set[str] = set()  # modules whose tests use ray_local (serve_port asks for it too)
-    serve_modules: set[str] = set()
-
-
-# Set in this process by pytest, or by torch as a test imports its compiler: no Ray process reads them.
-NOT_FOR_RAY = {"PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR"}
-
-
-def _environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in NOT_FOR_RAY}
-
-
-def _stop_serve() -> None:
-    if _Shared.serve_port is not None:
-        import ray
-        from ray import serve
-
-        _Shared.serve_port = None
-        if ray.is_initialized():  # a test may have ended Ray itself
-            serve.shutdown()
-
-
-def _stop_ray() -> None:
-    _stop_serve()
-    if _Shared.env is not None:
-        import ray
-
-        _Shared.env = None
-        ray.shutdown()
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """The modules that use the shared Ray run last, one after another (in their usual order), so it starts once
-    and nothing else runs beside it; a module that starts a Ray of its own runs before, never next to it."""
-    for item in items:
-        if "ray_local" in item.fixturenames:
-            _Shared.ray_modules.add(item.module.__name__)
-        if "serve_port" in item.fixturenames:
-            _Shared.serve_modules.add(item.module.__name__)
-    items[:] = sorted(items, key=lambda item: item.module.__name__ in _Shared.ray_modules)  # stable
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _shared_ray_ends_with_the_session():
-    yield
-    _stop_ray()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_ray_only_where_asked(request):
-    """A module that does not ask for the shared Ray (or Serve) does not run beside it."""
-    if request.module.__name__ not in _Shared.ray_modules:
-        _stop_ray()
-    elif request.module.__name__ not in _Shared.serve_modules:
-        _stop_serve()
-
-
 @pytest.fixture(scope="module")
 def ray_local():
-    """The local Ray the CLI starts (`ray_env.connect`: every core, the dashboard's state API, the workers'
-    environment), shared with the other modules that ask for it.
-
-    Ray's processes inherit the environment Ray starts with, so a module whose environment differs from the one the
-    running Ray was started with (Serve's proxy mode, a key the workers read) gets a Ray of its own, started anew.
-    """
+    """One real local Ray with 2 CPUs for the whole module."""
     import ray
 
-    from steward.ray_env import connect
-
-    if _Shared.env is not None and (_Shared.env != _environment() or not ray.is_initialized()):
-        changed = sorted(k for k in {*_Shared.env, *_environment()} if _Shared.env.get(k) != os.environ.get(k))
-        print(f"\na new shared Ray: the environment changed in {changed}", file=sys.stderr)  # seen with -s
-        _stop_ray()
-    if _Shared.env is None:
-        connect(None)
-        _Shared.env = _environment()  # as connect left it: it sets the variables the workers read
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def serve_port(ray_local):
-    """Serve on a free port, started once on the shared Ray; every application a test deploys is deleted after it."""
+    """Serve on a free port for the whole module."""
     from ray import serve
 
-    if _Shared.serve_port is None:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        _Shared.serve_port = port
-    yield _Shared.serve_port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": free})
+    yield free
+    serve.shutdown()
 
 
 @pytest.fixture(autouse=True)
@@ -129,30 +54,19 @@ def _delete_serve_apps_after(request):
             serve.delete(name)
 
 
-def own_actor_pids(class_name: str) -> list[int]:
-    """PIDs of the alive `class_name` actors of the Ray this process is connected to, never another Ray's.
+def own_processes(title: str) -> list[int]:
+    """PIDs of this process's descendants whose title starts with `title`: the workers of a Ray that this test
+    process started itself (ray.init's raylet is its child), never another job's processes on the machine."""
+    import psutil
 
-    Listed by this cluster's own GCS, then each checked on /proc: the process still carries the actor's title and
-    its parent is a raylet of this cluster (by its --gcs-address), so a PID reused since the listing, or an actor of
-    another job's Ray on the same machine, is never returned. Tests signal only what this returns.
-    """
-    import ray
-    from ray.util.state import list_actors
-
-    gcs = ray.get_runtime_context().gcs_address
-    alive = [("class_name", "=", class_name), ("state", "=", "ALIVE")]
-    return [a.pid for a in list_actors(address=gcs, filters=alive) if _actor_of_this_ray(a.pid, class_name, gcs)]
-
-
-def _actor_of_this_ray(pid: int, class_name: str, gcs_address: str) -> bool:
-    try:
-        title = Path(f"/proc/{pid}/cmdline").read_bytes()
-        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        raylet = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
-    except (OSError, IndexError, ValueError):
-        return False
-    ours = raylet[0].endswith(b"/raylet") and f"--gcs-address={gcs_address}".encode() in b" ".join(raylet)
-    return title.startswith(f"ray::{class_name}".encode()) and ours
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if (child.cmdline() or [""])[0].startswith(title):
+                found.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return found
 
 
 STEWARD = [sys.executable, "-m", "steward"]
