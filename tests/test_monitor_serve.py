@@ -11,7 +11,6 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
-import psutil
 import pytest
 import requests
 
@@ -20,7 +19,7 @@ from steward.monitor.actor import NICE
 from steward.serve.deploy import deploy
 from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec
-from tests.conftest import JOBS, ROOT
+from tests.conftest import JOBS, ROOT, own_processes
 from tests.serving import trained_run, wait_for
 
 pytestmark = pytest.mark.slow
@@ -371,9 +370,7 @@ def test_two_serve_replicas_close_windows_near_their_size_with_a_push_each(tmp_p
     # a push per replica per window, plus the first pushes (a quarter window, before any reply) and the last ones
     assert state["pushes"] <= 2 * state["windows_closed"] + 8, state["pushes"]
     # and monitors yield the CPU to serving: every thread of every monitor actor's process runs at a lower priority
-    monitors = [
-        p.pid for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or []).startswith("ray::Monitor")
-    ]
+    monitors = own_processes("ray::Monitor")  # this test's own Ray's monitor actors, never another job's
     assert monitors
     for pid in monitors:
         assert {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")} == {NICE}
