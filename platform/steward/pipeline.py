@@ -26,7 +26,7 @@ from steward.runs import create_run, publish, resume_run, run_uri, set_status, s
 from steward.spec import JobSpec
 from steward.stages import evaluate_target, keep_sweep_model, train_model
 from steward.storage import fetch_run, is_uri
-from steward.tune.finish import tune_job
+from steward.tune.finish import SweepResult, tune_job
 
 RUN_LOG = "steward.log"  # a bug's traceback, inside the run folder
 
@@ -107,7 +107,7 @@ class Trained:
 
     run_dir: Path
     result: dict
-    sweep: Any = None
+    sweep: SweepResult | None = None
 
 
 def train(

@@ -98,11 +98,15 @@ def check_reachable(uri: str, field: str) -> None:
         raise StewardError(f"{field} {uri}: bucket {top!r} does not exist; create it first or fix the URI")
 
 
+def cache_dir() -> Path:
+    """steward's own local folder: $STEWARD_CACHE, default ~/.cache/steward."""
+    return Path(os.environ.get("STEWARD_CACHE") or Path.home() / ".cache" / "steward")
+
+
 def staging_dir(uri: str) -> Path:
-    """The local folder that mirrors `uri`: $STEWARD_CACHE (default ~/.cache/steward)/runs/<scheme>/<path>."""
+    """The local folder that mirrors `uri`: <cache_dir>/runs/<scheme>/<path>."""
     split = urlsplit(uri)
-    cache = Path(os.environ.get("STEWARD_CACHE") or Path.home() / ".cache" / "steward")
-    return cache / "runs" / split.scheme / (split.netloc + split.path).strip("/")
+    return cache_dir() / "runs" / split.scheme / (split.netloc + split.path).strip("/")
 
 
 def upload(local: Path, uri: str, names: list[str] | None = None) -> None:

@@ -13,6 +13,7 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 from steward.errors import RunFailed, RunInterrupted, StewardError
+from steward.storage import cache_dir
 
 console, errors = Console(), Console(stderr=True)
 Spec = Annotated[Path, typer.Argument(help="Job spec YAML file.")]
@@ -64,8 +65,7 @@ def write_traceback(err: BaseException) -> Path:
     """Append the traceback to the run's log (the pipeline names it on the error), else to steward's cache."""
     log = getattr(err, "run_log", None)
     if log is None:
-        cache = Path(os.environ.get("STEWARD_CACHE") or Path.home() / ".cache" / "steward")
-        log = cache / "errors" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        log = cache_dir() / "errors" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:

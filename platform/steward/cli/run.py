@@ -44,8 +44,6 @@ def tune(spec: Spec, set_: Sets = None, address: Address = None, resume: Resume 
     from steward import pipeline
 
     job = load_job(spec, set_ or [])
-    if job.tune is None:
-        raise StewardError(f"{spec}: no `tune` section; add one (see `steward schema`) or use `steward train`")
     admit(job, policy, "tune", str(spec))
     print_sweep(job, pipeline.tune(job, address, resume, console))
 
@@ -187,8 +185,8 @@ def print_metrics(result: dict, run_dir: Path) -> None:
 def print_sweep(job: JobSpec, trained: "Trained") -> None:
     from steward.tune.report import results_table
 
-    assert job.tune is not None
     sweep = trained.sweep
+    assert job.tune is not None and sweep is not None
     console.print(results_table(sweep.rows, job.tune.metric, list(job.tune.search_space), sweep.best))
     console.print(f"best trial {sweep.best.trial_id}: {job.tune.metric} = {sweep.best.metric:.4f} -> best.yaml")
     print_metrics(trained.result, trained.run_dir)
