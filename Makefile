@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/steward run jobs/quickstart.yaml --no-serve
 
 test: lint
-	$(BIN)/pytest -q --timeout 1500 --durations=15
+	$(BIN)/pytest -q --timeout 1500 --durations=15 -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"

@@ -169,7 +169,8 @@ def history(run):
 
 
 def test_losing_the_worker_node_mid_training_recovers_from_the_checkpoint(cluster):
-    argv = ["--stage", "train", "--set", "train.epochs=30", "--set", "train.early_stopping=null",
+    # 12 epochs: the node is lost after epoch 2, and the survivor waits in a collective until the job restarts
+    argv = ["--stage", "train", "--set", "train.epochs=12", "--set", "train.early_stopping=null",
             "--set", "distributed.max_failures=1", "--no-wait", *TORCH_ADAM]  # fmt: skip
     before = set(run_folders(cluster, "quickstart"))
     code, output, job_id = submit(cluster, "quickstart.yaml", *argv)
@@ -183,7 +184,7 @@ def test_losing_the_worker_node_mid_training_recovers_from_the_checkpoint(cluste
     assert str(final.status) == "SUCCEEDED", log_text[-3000:]
     starts = [r for r in history(run) if r["kind"] == "start"]
     assert len(starts) == 2 and starts[1]["epoch"] >= 2 and "checkpoint_" in starts[1]["from"]
-    assert max(r["epoch"] for r in history(run) if r["kind"] == "epoch") == 30
+    assert max(r["epoch"] for r in history(run) if r["kind"] == "epoch") == 12
 
 
 def test_losing_a_worker_node_with_no_restarts_left_fails_with_the_fix(cluster):

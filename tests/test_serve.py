@@ -36,10 +36,7 @@ FAMILIES = {
 @pytest.fixture(scope="module", autouse=True)
 def _serve_mode_as_the_cli_picks_it():
     """Serve in the mode `steward serve` picks for fixed replicas (HAProxy high-throughput when installed)."""
-    # A stopping replica stays 30 s for HAProxy to drain it; 1 s keeps deleting apps between tests quick.
-    fast_drain = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
-    before = {k: os.environ.get(k) for k in [*HIGH_THROUGHPUT, *fast_drain]}
-    os.environ.update(fast_drain)
+    before = {k: os.environ.get(k) for k in HIGH_THROUGHPUT}
     prefer_high_throughput(ServeSpec(num_replicas=1))
     yield
     for key, value in before.items():

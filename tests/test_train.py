@@ -36,7 +36,8 @@ def step_losses(history):
     return [r["loss"] for r in history if r["kind"] == "step"]
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+# Stages 2 and 3 are trained below, step for step against DDP.
+@pytest.mark.parametrize("stage", [0, 1])
 def test_zero_stages_train_and_the_loss_goes_down(ray_local, tmp_path, stage):
     _, run_dir, result, history = train(
         tmp_path, "quickstart.yaml", *SMALL, f"distributed.zero_stage={stage}", "train.max_steps=30", "train.epochs=1"
@@ -69,17 +70,17 @@ def test_zero_follows_ddp_on_the_same_seed_and_data(ray_local, tmp_path, stage, 
 
 
 def test_resume_continues_from_the_checkpoint_with_the_same_losses(ray_local, tmp_path):
-    # A constant schedule: a cosine one would decay to zero by the end of the 2-epoch run and differ from a 3-epoch one.
+    # A constant schedule: a cosine one would decay to zero by the end of the 1-epoch run and differ from a 2-epoch one.
     common = [*SMALL, "distributed.zero_stage=2", "train.early_stopping=null", "train.scheduler.name=constant"]
-    _, _, _, straight = train(tmp_path, "quickstart.yaml", *common, "train.epochs=3")
-    _, run_dir, _, _ = train(tmp_path / "b", "quickstart.yaml", *common, "train.epochs=2")
-    _, _, _, resumed = train(tmp_path / "b", "quickstart.yaml", *common, "train.epochs=3", run_dir=run_dir)
+    _, _, _, straight = train(tmp_path, "quickstart.yaml", *common, "train.epochs=2")
+    _, run_dir, _, _ = train(tmp_path / "b", "quickstart.yaml", *common, "train.epochs=1")
+    _, _, _, resumed = train(tmp_path / "b", "quickstart.yaml", *common, "train.epochs=2", run_dir=run_dir)
     epochs = [r for r in resumed if r["kind"] == "epoch"]
-    assert [r["epoch"] for r in epochs] == [1, 2, 3]
-    third = next(r for r in straight if r["kind"] == "epoch" and r["epoch"] == 3)
-    assert epochs[2]["step"] == third["step"]
-    assert math.isclose(epochs[2]["train_loss"], third["train_loss"], rel_tol=1e-5)
-    assert math.isclose(epochs[2]["val_loss"], third["val_loss"], rel_tol=1e-5)
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    second = next(r for r in straight if r["kind"] == "epoch" and r["epoch"] == 2)
+    assert epochs[1]["step"] == second["step"]
+    assert math.isclose(epochs[1]["train_loss"], second["train_loss"], rel_tol=1e-5)
+    assert math.isclose(epochs[1]["val_loss"], second["val_loss"], rel_tol=1e-5)
 
 
 def test_consolidated_zero3_model_reloads_without_deepspeed_and_predicts_the_same(ray_local, tmp_path):
@@ -140,7 +141,7 @@ def test_bf16_with_gradient_accumulation_trains_and_exports_fp32(ray_local, tmp_
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):
     spec = load_job(JOBS / "quickstart.yaml", [f"output_dir={tmp_path}", "distributed.max_failures=1",
-                                               "train.epochs=30", "train.early_stopping=null"])  # fmt: skip
+                                               "train.epochs=12", "train.early_stopping=null"])  # fmt: skip
     run_dir = create_run(spec)
     outcome: list = []
     worker = threading.Thread(target=lambda: outcome.append(train_model(spec, run_dir)))
@@ -157,7 +158,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):
     starts = [r for r in read_history(run_dir / "history.jsonl") if r["kind"] == "start"]
     assert len(starts) == 2 and starts[0]["epoch"] == 0 and starts[1]["epoch"] >= 2  # from a checkpoint, not 0
     epochs = [r["epoch"] for r in read_history(run_dir / "history.jsonl") if r["kind"] == "epoch"]
-    assert epochs == list(range(1, 31))  # the lost attempt's records past the checkpoint were rewound
+    assert epochs == list(range(1, 13))  # the lost attempt's records past the checkpoint were rewound
 
 
 def test_one_ddp_worker_on_a_jsonl_file_with_string_labels(ray_local, tmp_path):

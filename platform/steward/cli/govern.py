@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.table import Column, Table
 
 from steward.cli.common import PolicyOption, Sets, Spec, console, errors, user_errors
 from steward.errors import StewardError
@@ -63,7 +63,10 @@ def audit_show(
     """A readable history: when, who, what, which run or deployment, and the details."""
     from steward.govern.audit import history
 
-    table = Table("#", "time (UTC)", "who", "event", "run / deployment", "details")
+    # Event names and times are never cut short: the free-text columns wrap instead.
+    table = Table(
+        "#", Column("time (UTC)", no_wrap=True), "who", Column("event", no_wrap=True), "run / deployment", "details"
+    )
     skip = {"seq", "time", "who", "event", "prev", "hash", "run_dir", "run_id", "job", "deployment"}
     for e in history(_log(log, output_dir), run, deployment):
         subject = " / ".join(str(e[k]) for k in ("job", "run_id", "deployment") if e.get(k))

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray.train
 import torch
 
@@ -32,14 +33,28 @@ def restore(
 
     `latest`, Ray's own latest checkpoint of this run, wins (a restart after a worker failure, a --resume);
     otherwise `initial`, a checkpoint handed in from outside (a Tune trial restored or copied by PBT), local or in
-    cluster storage (as_directory downloads it).
+    cluster storage.
     """
     checkpoint = latest or initial
     if checkpoint is None:
         return None
-    with checkpoint.as_directory() as folder:
-        engine.load(Path(folder))
-        return json.loads((Path(folder) / STATE_FILE).read_text()) | {"source": checkpoint.path}
+    with _local_folder(checkpoint) as folder:
+        engine.load(folder)
+        return json.loads((folder / STATE_FILE).read_text()) | {"source": checkpoint.path}
+
+
+@contextmanager
+def _local_folder(checkpoint: ray.train.Checkpoint):
+    """The checkpoint as a local folder: in place when it is local, else downloaded into this rank's own folder.
+
+    Not Ray's `as_directory`: it shares one download between the ranks of a node and deletes it when the first rank
+    is done, under a rank that is still waiting for it.
+    """
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    with tempfile.TemporaryDirectory(prefix="steward-restore-") as folder:
+        yield Path(checkpoint.to_directory(folder))
 
 
 def consolidate_checkpoint(folder: Path, zero_stage: int) -> dict[str, torch.Tensor]:
