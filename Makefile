@@ -8,6 +8,9 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# DeepSpeed's CPU ops (shared-memory all-reduce, fused Adam, CPU Adam for offload) are C++ compiled at first use.
+# They are built once by `setup`, into the venv: in ~/.cache every checkout's venv would rebuild them for its paths.
+export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 
 .PHONY: setup demo test test-fast bench lint
 
@@ -22,6 +25,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	pids=""; for op in ShareMemCommBuilder FusedAdamBuilder CPUAdamBuilder; do \
+		$(BIN)/python -c "from deepspeed.ops.op_builder.cpu import $$op; $$op().load(verbose=False)" & pids="$$pids $$!"; \
+	done; for pid in $$pids; do wait $$pid || exit 1; done
 	touch $(STAMP)
 
 demo: setup

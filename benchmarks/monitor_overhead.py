@@ -466,7 +466,7 @@ def _steady_state(push: Push, run_dir: Path, url: str) -> dict[str, Any]:
     filler = WindowState(push.bins)
     filler.pending_predictions = {f"steady{i:026d}": ("a", "0") for i in range(filler.max_pending)}
     monitor = ray.get_actor(actor_name("on", run_dir), namespace=NAMESPACE)
-    ray.get(monitor.push.remote(filler, "steady-state filler"))
+    ray.get(monitor.push.remote([(1, filler)], "steady-state filler", 1, 1))
     time.sleep(3 * push.monitor.push_interval_s)
     return requests.get(f"{url}/monitor", timeout=30).json()
 
@@ -529,11 +529,11 @@ def _push_transport_us(delta: WindowState, pushes: int = 300) -> dict[str, float
 
     @ray.remote(num_cpus=0)
     class Sink:
-        def push(self, state: Any, replica: str) -> int:
+        def push(self, deltas: Any, replica: str, kept_from: int, latest: int) -> int:
             return os.getpid()
 
     sink = Sink.remote()  # type: ignore[attr-defined]
-    skip = {os.getpid(), ray.get(sink.push.remote(delta, "replica"))}
+    skip = {os.getpid(), ray.get(sink.push.remote([(1, delta)], "replica", 1, 1))}
 
     def daemons() -> float:
         total = 0.0
@@ -547,7 +547,7 @@ def _push_transport_us(delta: WindowState, pushes: int = 300) -> dict[str, float
     time.sleep(2.0)
     d1, c1, t1 = daemons(), time.process_time(), time.perf_counter()
     for _ in range(pushes):
-        ray.get(sink.push.remote(delta, "replica"))
+        ray.get(sink.push.remote([(1, delta)], "replica", 1, 1))
     d2, c2, t2 = daemons(), time.process_time(), time.perf_counter()
     ray.kill(sink)
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -372,3 +373,19 @@ def test_encode_numeric_instances_names_the_bad_one():
         encode_instances(["nope"], info, 8)
     with pytest.raises(DataError, match=r"^instances\[1\]: contains NaN"):
         encode_instances([np.zeros((2, 3)), np.full((2, 3), np.nan)], info, 8)
+
+
+@pytest.mark.parametrize(
+    ("row", "fragment"),
+    [
+        ([["0.5", "1", "2"], ["3", "4", "5"]], "got values that are not all numbers"),  # numbers as strings
+        ([[True, False, True], [True, True, True]], "got values that are not all numbers"),
+        ([[10**30, 1, 2], [3, 4, 5]], "got values that are not all numbers"),  # past 64-bit integers
+        ([[1e300, 1, 2], [3, 4, 5]], "past float32's range"),
+        ([[1, 2, 3], [4, 5]], "got rows of unequal lengths"),
+    ],
+)
+def test_encode_takes_numbers_only_and_names_what_else_it_got(row, fragment):
+    info = DataInfo(modality="image", input_shape=(2, 3), num_classes=2, label_names=["a", "b"])
+    with pytest.raises(DataError, match=rf"^instances\[1\]: .*{re.escape(fragment)}"):
+        encode_instances([np.zeros((2, 3)).tolist(), row], info, 8)

@@ -56,6 +56,7 @@ def refuses_over_cap_and_bad_requests_with_4xx(spec, url, headers):
         "bad shape (as /predict)": ({"instances": [[1, 2]]}, 422, "instances[0]"),
         "unknown label": ({"instances": one, "target": "cat"}, 422, "target"),
         "unknown field": ({"instances": one, "steps": 4}, 422, "steps"),
+        "overflows the model": ({"instances": [[[3e38] * 8] * 8]}, 422, "instances[0]: the model's output"),
     }
     for what, (body, status, fragment) in refusals.items():
         reply = post(f"{url}/explain", json=body, headers=headers)

@@ -119,6 +119,25 @@ def test_bias_checks_on_known_counts():
     assert {c.status for c in bias_checks(few, spec.bias)} == {"insufficient"}  # b has 20 < 50 records
 
 
+def test_records_refused_as_invalid_are_judged_by_their_share_and_survive_merge_and_persistence():
+    spec = MonitorSpec.model_validate({"max_invalid_rate": 0.02})
+    clean, poisoned = WindowState(), WindowState()
+    clean.add_batch(["1"] * 98)
+    poisoned.invalid = 2
+    assert "invalid_rate" not in {c["name"] for c in window_report(clean, None, spec)["checks"]}
+    window = clean.merge(poisoned)
+    assert (window.n, window.invalid) == (98, 2)
+    (check,) = window_report(window, None, spec)["checks"]
+    assert (check["name"], check["value"], check["status"]) == ("invalid_rate", 0.02, "ok")
+    window.invalid += 1
+    (check,) = window_report(window, None, spec)["checks"]
+    assert check["status"] == "fail" and window_report(window, None, spec)["invalid_records"] == 3
+    assert WindowState.from_dict(window.to_dict()).invalid == 3
+    older = window.to_dict()
+    del older["invalid"]
+    assert WindowState.from_dict(older).invalid == 0
+
+
 def test_alerts_need_consecutive_failures_and_recover_once():
     tracker = AlertTracker(2)
 

@@ -80,8 +80,14 @@ def test_served_predictions_equal_the_offline_model_and_oip_round_trips(runs, se
     assert infer.status_code == 200, infer.text
     outputs = {o["name"]: o for o in infer.json()["outputs"]}
     assert infer.json()["id"] == "r1" and outputs["probabilities"]["shape"] == list(expected.shape)
+    issued = infer.json()["parameters"]["request_ids"]  # what /feedback takes: the server's ids, not the client's
+    assert len(issued) == len(instances) and len(set(issued)) == len(issued) and all(len(i) == 32 for i in issued)
     np.testing.assert_allclose(np.reshape(outputs["probabilities"]["data"], expected.shape), expected, atol=1e-5)
     assert outputs["class_id"]["data"] == expected.argmax(-1).tolist()
+    # as KServe's SDK sends it: the model's name in the body too, and only the outputs asked for
+    asked = {"model_name": spec.name, "inputs": [oip_input(family, instances)], "outputs": [{"name": "label"}]}
+    (label,) = post(f"{url}/v2/models/{spec.name}/infer", json=asked).json()["outputs"]
+    assert label["name"] == "label" and label["data"] == [body["labels"][i] for i in expected.argmax(-1)]
 
 
 def test_health_metadata_and_model_info(runs, serve_port):
@@ -92,6 +98,7 @@ def test_health_metadata_and_model_info(runs, serve_port):
     meta = requests.get(f"{url}/v2/models/{spec.name}").json()
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 8, 8]}]
     assert requests.get(f"{url}/v2/models/nope").status_code == 404
+    assert requests.get(f"{url}/v2").json()["name"] == "steward"  # OIP server metadata
     info = requests.get(f"{url}/info").json()
     status = json.loads((run_dir / "status.json").read_text())
     assert info["run_id"] == run_dir.name and info["spec_hash"] == status["spec_hash"]
@@ -113,6 +120,9 @@ def test_auth_401_without_a_valid_key_200_with_one(runs, serve_port, tmp_path):
     assert post(f"{url}/predict", json=body, headers={"Authorization": "Bearer first-key-123"}).status_code == 200
     assert post(f"{url}/predict", json=body, headers={"X-API-Key": "second-key-456"}).status_code == 200
     assert requests.get(f"{url}/healthz").status_code == 200  # load balancers probe without a key
+    assert requests.get(f"{url}/openapi.json").status_code == 401
+    schema = requests.get(f"{url}/openapi.json", headers={"X-API-Key": "second-key-456"}).json()
+    assert "/predict" in schema["paths"] and "/openapi.json" not in schema["paths"]
 
 
 def test_batching_really_batches_under_concurrent_load(runs, serve_port):
@@ -201,6 +211,25 @@ BAD_IMAGE_REQUESTS = [
     ("too many instances", json.dumps({"instances": [[[0.0] * 8] * 8] * 5}).encode(), 413, "instances"),
     ("no instances", json.dumps({"instances": []}).encode(), 422, "instances"),
     ("unknown key", json.dumps({"instances": [[[0.0] * 8] * 8], "extra": 1}).encode(), 422, "extra"),
+    # finite, but overflows inside the CNN: refused rather than answered with NaN probabilities
+    (
+        "overflowing instance",
+        json.dumps({"instances": [[[0.0] * 8] * 8, [[3e38] * 8] * 8]}).encode(),
+        422,
+        "instances[1]",
+    ),
+    (
+        "lone surrogate group",
+        json.dumps({"instances": [[[0.0] * 8] * 8], "attributes": {"group": ["\ud800"]}}).encode(),
+        422,
+        "attributes.group[0]",
+    ),
+    (
+        "overlong group",
+        json.dumps({"instances": [[[0.0] * 8] * 8], "attributes": {"group": ["x" * 200]}}).encode(),
+        422,
+        "attributes.group[0]",
+    ),
     (
         "attributes of the wrong length",
         json.dumps({"instances": [[[0.0] * 8] * 8], "attributes": {"g": [1, 2]}}).encode(),
@@ -229,6 +258,14 @@ def test_every_bad_input_gets_its_4xx_and_the_next_good_request_succeeds(runs, s
         ({"inputs": [{"name": "x", "shape": [1, 8, 8], "datatype": "FP32", "data": [0.0] * 60}]}, "inputs[0].data"),
         ({"inputs": [{"name": "x", "shape": [5, 8, 8], "datatype": "FP32", "data": [0.0] * 320}]}, "inputs[0].shape"),
         ({"inputs": []}, "inputs"),
+        ({"inputs": [{"name": "x", "shape": [1, 8, 8], "datatype": "INT32", "data": [0.5] * 64}]}, "inputs[0].data"),
+        ({"inputs": [{"name": "x", "shape": [1, 8, 8], "datatype": "FP32", "data": ["0.5"] * 64}]}, "inputs[0].data"),
+        (
+            {"inputs": [{"name": "x", "shape": [1, 8, 8], "datatype": "BOOL", "data": [True] * 64}]},
+            "inputs[0].datatype",
+        ),
+        ({"model_name": "other", "inputs": [oip_input("cnn", good["instances"])]}, "model_name"),
+        ({"inputs": [oip_input("cnn", good["instances"])], "outputs": [{"name": "logits"}]}, "outputs[0].name"),
     ]
     for body, field in bad_oip:
         refused = post(oip, json=body)

@@ -1,15 +1,18 @@
 """The served model offline (no Ray): what a monitored replica takes from each forward pass."""
 
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from steward.evaluate.profile import embedding_tap, penultimate_layer
+from steward.monitor.checks import live_state
 from steward.monitor.reference import reference_dir, reference_for
-from steward.serve.model import load_served_model
-from steward.spec.monitor import MonitorSpec
+from steward.serve.model import load_served_model, non_finite_row
+from steward.serve.monitoring import OTHER_GROUP, RecordQueue
+from steward.spec.monitor import BiasSpec, MonitorSpec
 from steward.spec.serve import ServeSpec
 from tests.serving import trained_run, validation_inputs
 
@@ -70,3 +73,33 @@ def test_a_monitored_int8_model_is_profiled_as_it_is_served_once(tmp_path):
     load_served_model(job, run_dir)
     assert (model_dir / "int8" / "reference.npz").stat().st_mtime_ns == saved
     assert not list(model_dir.glob(".int8-reference-*")), "a partial profile was left behind"
+
+
+@pytest.mark.slow  # trains the quickstart CNN for an epoch
+def test_inputs_that_overflow_the_model_are_found_and_group_values_are_bounded(tmp_path):
+    spec, run_dir = trained_run(tmp_path, "quickstart.yaml", epochs=1)
+    served = load_served_model(spec, run_dir)
+    instances = validation_inputs(spec, 3)
+    instances[1] = (np.asarray(instances[1]) * 0 + 3e38).tolist()  # finite in float32, far past the training range
+    (output,) = served.run([served.prepare(instances)], embed=True)
+    assert non_finite_row(output) == 1
+    (clean,) = served.run([served.prepare(instances[:1] + instances[2:])], embed=True)
+    assert non_finite_row(clean) is None
+
+    # groups: the spec's attribute only, the first max_groups values (and the privileged one) kept, the rest pooled
+    bias = BiasSpec(group="region", favourable="1", privileged="north", max_groups=3)
+    bins = reference_for(run_dir).bins()
+    queue = RecordQueue(served, bins, bias)
+    regions = ["a", "b", "c", "north", "a", "d"]
+    six = replace(
+        clean, probabilities=np.repeat(clean.probabilities[:1], 6, 0), inputs=np.repeat(clean.inputs[:1], 6, 0)
+    )
+    queue.append(replace(six, embeddings=None), {"region": regions, "other": list("xxxxxx")}, list("012345"))
+    state = live_state(bins)
+    queue.count_into(state)
+    assert {group for group, _ in state.predicted} == {"north", "a", "b", OTHER_GROUP}
+    unbiased = RecordQueue(served, bins, None)
+    unbiased.append(clean, {"": ["x", "y"], "region": ["a", "b"]}, ["p", "q"])
+    state = live_state(bins)
+    unbiased.count_into(state)
+    assert {group for group, _ in state.predicted} == {None}

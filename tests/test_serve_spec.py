@@ -5,7 +5,17 @@ import pytest
 import yaml
 
 from steward.serve.auth import AuthConfigError, key_is_valid, load_keys, presented_key
-from steward.serve.protocol import BadRequest, InferRequest, PredictRequest, oip_instances, parse_body, validated
+from steward.serve.model import Output, non_finite_row
+from steward.serve.protocol import (
+    MAX_ATTRIBUTE_CHARS,
+    BadRequest,
+    InferRequest,
+    PredictRequest,
+    check_attributes,
+    oip_instances,
+    parse_body,
+    validated,
+)
 from steward.spec import SpecError, load_job
 from steward.spec.serve import AuthSpec, ServeSpec
 from tests.conftest import JOBS
@@ -85,11 +95,13 @@ def test_key_checks():
         (b"x" * 2000, 413, "2000 bytes is over the 1024-byte limit"),
         (b'{"a": "\xc3\x28"}', 400, "not valid UTF-8 (byte 7)"),
         (b'{"a": ', 400, "not valid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+        (b'{"instances": [' + b"9" * 5000 + b"]}", 400, "not valid JSON here"),
     ],
 )
 def test_parse_body_refusals(raw, status, fragment):
     with pytest.raises(BadRequest) as err:
-        parse_body(raw, 1024)
+        parse_body(raw, 1024 if status == 413 else 1_000_000)
     assert err.value.status == status and fragment in err.value.message and err.value.field == "body"
 
 
@@ -98,6 +110,36 @@ def test_validation_errors_name_nested_fields():
         validated(InferRequest, {"inputs": [{"name": "x", "shape": "1", "datatype": "FP32", "data": []}]})
     assert err.value.field == "inputs[0].shape" and err.value.status == 422
     assert validated(PredictRequest, {"instances": [1]}).attributes == {}
+
+
+@pytest.mark.parametrize(
+    ("attributes", "field", "fragment"),
+    [
+        ({"group": ["a", "\ud800"]}, "attributes.group[1]", "not valid UTF-8"),
+        ({"group": ["x" * (MAX_ATTRIBUTE_CHARS + 1)]}, "attributes.group[0]", "over the limit of"),
+        ({"group": [float("nan")]}, "attributes.group[0]", "not a finite number"),
+        ({"group": [10**30]}, "attributes.group[0]", "beyond 64 bits"),
+        ({"gr\udc00oup": ["a"]}, "attributes", "attribute name not valid UTF-8"),
+    ],
+)
+def test_attributes_that_cannot_be_kept_as_group_keys_are_refused_by_element(attributes, field, fragment):
+    with pytest.raises(BadRequest) as err:
+        check_attributes(attributes)
+    assert err.value.status == 422 and err.value.field == field and fragment in err.value.message
+
+
+def test_attributes_that_make_plain_group_keys_pass():
+    check_attributes({"group": ["a", "x" * MAX_ATTRIBUTE_CHARS, 3, 2.5, True, None, -(2**63) + 1]})
+
+
+def test_the_first_instance_with_a_non_finite_output_is_found():
+    probabilities = np.full((3, 2), 0.5, dtype=np.float32)
+    assert non_finite_row(Output(probabilities)) is None
+    probabilities[2, 0] = np.nan
+    assert non_finite_row(Output(probabilities)) == 2
+    embeddings = np.zeros((3, 4), dtype=np.float32)
+    embeddings[1, 3] = np.inf
+    assert non_finite_row(Output(probabilities, embeddings)) == 1
 
 
 def test_oip_tensors_to_instances():

@@ -69,6 +69,20 @@ def encode_labels(values: Sequence[Any], names: list[str], split: str) -> Tensor
     return torch.tensor([ids[k] for k in keys], dtype=torch.int64)
 
 
+NUMBERS = "fiu"  # numpy kinds of float, signed and unsigned integer arrays
+
+
+def as_numbers(value: Any) -> np.ndarray | None:
+    """`value` as a numeric array, or None when it holds anything else: numpy would take strings ("0.5") and
+    booleans as numbers (booleans even silently, among numbers), and integers past 64 bits make an object array."""
+    array = np.asarray(value)
+    if array.dtype.kind not in NUMBERS:
+        return None
+    if isinstance(value, list) and bool in set(map(type, np.asarray(value, dtype=object).ravel())):
+        return None
+    return array
+
+
 def encode_instances(
     instances: Sequence[Any], info: DataInfo, max_length: int, field: str = "instances"
 ) -> tuple[Tensor, Tensor | None]:
@@ -106,22 +120,30 @@ def _encode_text(instances: Sequence[Any], info: DataInfo, max_length: int, fiel
 
 def _encode_arrays(instances: Sequence[Any], shape: tuple[int, ...], field: str) -> Tensor:
     try:  # one conversion for the common case; the loop below only runs to name the bad instance
-        array = np.asarray(instances, dtype=np.float32)
-        if array.shape[1:] == tuple(shape) and np.isfinite(array).all():
-            return torch.from_numpy(np.ascontiguousarray(array))
-    except (TypeError, ValueError):
+        array = as_numbers(instances)
+        if array is not None and array.shape[1:] == tuple(shape):
+            with np.errstate(over="ignore"):  # past float32's range becomes inf, refused below
+                array = array.astype(np.float32)
+            if np.isfinite(array).all():
+                return torch.from_numpy(np.ascontiguousarray(array))
+    except (TypeError, ValueError, OverflowError):
         pass
     expected = "x".join(map(str, shape))
     for i, item in enumerate(instances):
         try:
-            row = np.asarray(item, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise DataError(
-                f"{field}[{i}]", f"expected a {expected} array of numbers, got {type(item).__name__}"
-            ) from None
+            row = as_numbers(item)
+        except (TypeError, ValueError, OverflowError):
+            problem = f"expected a {expected} array of numbers, got rows of unequal lengths"
+            raise DataError(f"{field}[{i}]", problem) from None
+        if row is None:
+            got = type(item).__name__ if np.ndim(item) == 0 else "values that are not all numbers"
+            raise DataError(f"{field}[{i}]", f"expected a {expected} array of numbers, got {got}")
         if row.shape != tuple(shape):
             got = "x".join(map(str, row.shape)) or "a scalar"
             raise DataError(f"{field}[{i}]", f"expected a {expected} array of numbers, got shape {got}")
-        if not np.isfinite(row).all():
-            raise DataError(f"{field}[{i}]", "contains NaN or infinity; clean or drop that row")
+        with np.errstate(over="ignore"):
+            finite = np.isfinite(row.astype(np.float32)).all()
+        if not finite:
+            problem = "contains NaN, infinity or a number past float32's range; clean or drop that row"
+            raise DataError(f"{field}[{i}]", problem)
     raise DataError(field, f"expected a list of {expected} arrays of numbers")

@@ -73,6 +73,18 @@ class MonitorTarget:
     min_replicas: int = 1  # the replicas the deployment starts with: at least this many share each window
 
 
+@dataclass(frozen=True)
+class PushReply:
+    """What a replica learns from a push: when to push next (`push_at`, `share`: records), up to which of its pushes
+    the monitor has saved everything (`saved`: the replica may forget those), and, after a monitor restart that lost
+    pushes it had merged but not saved, the first push to send again (`resend_from`)."""
+
+    push_at: float
+    share: float
+    saved: int
+    resend_from: int | None = None
+
+
 def monitor_actor(target: MonitorTarget) -> Any:
     """The deployment's monitor actor: found by name, or started (detached, restarted by Ray if it dies)."""
     options = Monitor.options(  # type: ignore[attr-defined]
@@ -112,9 +124,12 @@ class Exporter:
             "steward_monitor_drift", "Drift statistic (PSI) or p-value.", ("deployment", "test", "signal")
         )
         self.failing = Gauge("steward_monitor_alert_open", "1 while a check is alerting.", ("deployment", "check"))
+        self.invalid = Gauge(
+            "steward_monitor_invalid_rate", "Share of the last window's records refused as invalid.", ("deployment",)
+        )
         self.records = Counter("steward_monitor_records", "Records monitored.", ("deployment",))
         self.alerts = Counter("steward_monitor_alerts", "Alerts raised.", ("deployment", "check"))
-        for metric in (self.bias, self.rate, self.drift, self.failing, self.records, self.alerts):
+        for metric in (self.bias, self.rate, self.drift, self.failing, self.invalid, self.records, self.alerts):
             metric.set_default_tags(tags)
 
     def window(self, report: dict, events: list[dict]) -> None:
@@ -123,6 +138,8 @@ class Exporter:
                 continue
             if check["kind"] == "bias":
                 self.bias.set(check["value"], {"metric": check["name"]})
+            elif check["kind"] == "input":
+                self.invalid.set(check["value"])
             else:
                 test, _, signal = check["name"].partition(":")
                 self.drift.set(check["value"], {"test": test, "signal": signal})
@@ -160,22 +177,67 @@ class Monitor:
         # to push is not told the whole window while the others are still filling their shares
         self.min_pushers = max(1, target.min_replicas)
         self.in_pane: dict[str, int] = {}  # replica -> records it pushed into the open pane
+        # replica -> the last of its pushes (numbered from 1) merged here, and as of the last save of the statistics
+        # and of the waiting predictions: a replica keeps every push the monitor has not saved both ways, and sends
+        # them again when a restarted monitor (resumed from those saves) says what it is missing
+        self.applied: dict[str, int] = {}
+        self.ahead: dict[str, set[int]] = {}
+        self.saved_stats: dict[str, int] = {}
+        self.saved_pending: dict[str, int] = {}
+        self.heard: set[str] = set()  # replicas that have pushed to this actor since it started
+        self.resync: dict[str, int] = {}  # replica -> the first of its pushes asked for again, until they come
         self.exporter = Exporter(target.deployment)
         self._restore()
         self._ticker: asyncio.Task | None = None
 
     # -- what replicas and the HTTP routes call --------------------------------------------------------------
-    async def push(self, state: WindowState, replica: str) -> tuple[float, float]:
-        """Merge one replica's delta; judge every window it closes.
+    async def push(self, deltas: list[tuple[int, WindowState]], replica: str, kept_from: int, latest: int) -> PushReply:
+        """Merge one replica's numbered deltas, in order and each once; judge every window they close.
 
-        Returns when that replica should push again, in records: what is left of its share of the open count window
-        (the window's size over the replicas pushing, at least those the deployment starts with), and its share of a
-        whole window (for after a push of its own closes one); inf for time windows, which close by the clock.
-        Replicas pushing at their shares close a window within a request of its size with one push each, where a
-        fixed quarter-window push would take four (each push is a Ray call, which costs the replica CPU).
+        `kept_from` is the oldest push the replica still holds, `latest` its last. At a replica's first push to this
+        actor (after a restart, or ever), the pushes it holds that this actor may lack are asked for again: those
+        past the last save of the waiting predictions. A delta already merged is skipped, except for its waiting
+        predictions when only the statistics had been saved.
+
+        The reply says when the replica should push again, in records: what is left of its share of the open count
+        window (the window's size over the replicas pushing, at least those the deployment starts with), and its
+        share of a whole window (for after a push of its own closes one); inf for time windows, which close by the
+        clock. Replicas pushing at their shares close a window within a request of its size with one push each,
+        where a fixed quarter-window push would take four (each push is a Ray call, which costs the replica CPU).
         """
         self._start_ticker()
-        self.records, self.pushes = self.records + state.n, self.pushes + 1
+        if replica not in self.heard:
+            self.heard.add(replica)
+            first = deltas[0][0] if deltas else latest + 1
+            if (oldest := max(kept_from, self.saved_pending.get(replica, 0) + 1)) < first:
+                self.resync[replica] = oldest
+        if (start := self.resync.get(replica)) is not None:  # until they come, every push is answered with this
+            if not deltas or deltas[0][0] > start:
+                return PushReply(*self._shares(replica), self._saved(replica), resend_from=start)
+            del self.resync[replica]
+        for seq, state in deltas:
+            if self._take(replica, seq):  # bookkept before any await: a push arriving meanwhile sees it merged
+                await self._merge(state, replica)
+            elif seq > self.saved_pending.get(replica, 0):  # its statistics were saved, its waiting predictions not
+                await self._merge(state.take_pending(), replica)
+        self.pushes += bool(deltas)  # not a replica's asking whether what it sent is saved yet
+        return PushReply(*self._shares(replica), self._saved(replica))
+
+    def _take(self, replica: str, seq: int) -> bool:
+        """Whether push `seq` of `replica` is new here, marking it merged. Ray runs an async actor's calls in no set
+        order, so a replica's pushes may come out of order: all up to `applied` are in, and those in `ahead`."""
+        low, ahead = self.applied.get(replica, 0), self.ahead.setdefault(replica, set())
+        if seq <= low or seq in ahead:
+            return False
+        ahead.add(seq)
+        while low + 1 in ahead:
+            low += 1
+            ahead.remove(low)
+        self.applied[replica] = low
+        return True
+
+    async def _merge(self, state: WindowState, replica: str) -> None:
+        self.records += state.n
         self.dirty = self.pending_dirty = True
         if state.n:
             self.exporter.records.inc(float(state.n))
@@ -183,11 +245,12 @@ class Monitor:
         closed = self.windows.add_state(state)
         if self.windows.pane is pane:
             self.in_pane[replica] = self.in_pane.get(replica, 0) + state.n
-        else:  # the push closed the pane: the next starts empty
+        else:  # the delta closed the pane: the next starts empty
             self.in_pane = {}
-        shares = self._shares(replica)
         await self._judge(closed)
-        return shares
+
+    def _saved(self, replica: str) -> int:
+        return min(self.saved_stats.get(replica, 0), self.saved_pending.get(replica, 0))
 
     async def feedback(self, request_id: str, label: str) -> bool:
         """A late label for an earlier prediction; True when its prediction was already here and is now counted."""
@@ -213,8 +276,12 @@ class Monitor:
     async def persist(self, pending: bool = True) -> Path:
         """Save the statistics (never payloads) atomically, and with `pending` the predictions waiting for a label;
         runs every persist_interval_s (statistics) and pending_persist_interval_s (waiting predictions)."""
+        applied = dict(self.applied)
         texts = self._snapshot(pending)  # on the event loop: no push changes the windows while they are copied
         await asyncio.to_thread(self._write, texts)
+        self.saved_stats = applied
+        if pending:
+            self.saved_pending = applied
         return self.folder / "state.json"
 
     def __ray_shutdown__(self) -> None:
@@ -230,12 +297,14 @@ class Monitor:
             "windows": self.windows.to_dict(pending=False),
             "history": list(self.history),
             "alerts": self.alerts.to_dict(),
+            "applied": self.applied,
+            "ahead": {replica: sorted(seqs) for replica, seqs in self.ahead.items() if seqs},
             "saved": time.time(),
         }
         texts = {"state.json": json.dumps(state)}
         if pending:
             self.pending_saved_at, self.pending_dirty = self.saved_at, False
-            texts["pending.json"] = json.dumps(self.windows.pane.pending_to_dict())
+            texts["pending.json"] = json.dumps({**self.windows.pane.pending_to_dict(), "applied": self.applied})
         return texts
 
     def _write(self, texts: dict[str, str]) -> None:
@@ -254,8 +323,17 @@ class Monitor:
         self.windows.restore(doc["windows"])
         self.history.extend(doc["history"])
         self.alerts.restore(doc["alerts"])
+        self.applied, self.saved_stats = dict(doc.get("applied", {})), dict(doc.get("applied", {}))
+        self.ahead = {replica: set(seqs) for replica, seqs in doc.get("ahead", {}).items()}
         if pending.exists():  # else state.json holds them, as saves made before pending.json existed do
-            self.windows.pane.restore_pending(json.loads(pending.read_text()))
+            waiting = json.loads(pending.read_text())
+            self.windows.pane.restore_pending(waiting)
+            self.saved_pending = dict(waiting.get("applied", {}))
+        # Ray's metrics live in this process: the gauges of the last window and of the open alerts come back with it
+        if self.history:
+            self.exporter.window(self.history[-1], [])
+        for name in self.alerts.open:
+            self.exporter.failing.set(1.0, {"check": name})
         logger.info("monitor %s resumed from %s (%d records)", self.deployment, path, self.records)
 
     def _shares(self, replica: str) -> tuple[float, float]:

@@ -125,6 +125,12 @@ def bias_checks(window: WindowState, cfg: BiasSpec) -> list[Check]:
     return checks
 
 
+def invalid_check(window: WindowState, cfg: MonitorSpec) -> Check:
+    """The share of the window's records refused as invalid: traffic built to overflow the model is a signal too."""
+    rate = window.invalid / (window.n + window.invalid)
+    return Check.judge("invalid_rate", "input", rate, 0.0, cfg.max_invalid_rate)
+
+
 def window_report(window: WindowState, ref: ReferenceProfile | None, cfg: MonitorSpec, seed: int = 0) -> dict:
     """Everything judged about one window, JSON-ready: its span, checks and per-group selection rates."""
     checks = []
@@ -132,10 +138,13 @@ def window_report(window: WindowState, ref: ReferenceProfile | None, cfg: Monito
         checks += drift_checks(window, ref, cfg.drift, seed)
     if cfg.bias is not None:
         checks += bias_checks(window, cfg.bias)
+    if window.invalid:
+        checks.append(invalid_check(window, cfg))
     favourable = cfg.bias.favourable if cfg.bias else None
     rates = {str(g): c.selection_rate for g, c in window.group_counts(favourable).items() if g is not None}
     return {
         "records": window.n,
+        "invalid_records": window.invalid,
         "start": window.start,
         "end": window.end,
         "checks": [c.to_dict() for c in checks],

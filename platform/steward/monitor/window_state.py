@@ -58,6 +58,7 @@ class WindowState:
         self.reservoir_capacity, self.max_pending, self.seed = reservoir_capacity, max_pending, seed
         self.samples = dict(samples or {})
         self.n, self.evicted = 0, 0
+        self.invalid = 0  # records refused as invalid (e.g. a non-finite model output): never counted in n
         self.start: float | None = None
         self.end: float | None = None
         self.predicted: dict[tuple[Hashable, Hashable], int] = {}  # (group, predicted class) -> records
@@ -201,6 +202,7 @@ class WindowState:
     def copy(self) -> WindowState:
         out = self._empty()
         out.n, out.evicted, out.start, out.end = self.n, self.evicted, self.start, self.end
+        out.invalid = self.invalid
         out.predicted, out.confusion = dict(self.predicted), dict(self.confusion)
         out.histograms = self.histograms.copy()
         out.categorical = {k: v.copy() for k, v in self.categorical.items()}
@@ -216,7 +218,11 @@ class WindowState:
         """
         if other.bins is not self.bins and self.bins != other.bins:
             raise ValueError("cannot merge window states built on different reference bins")
-        self.n, self.evicted = self.n + other.n, self.evicted + other.evicted
+        self.n, self.evicted, self.invalid = (
+            self.n + other.n,
+            self.evicted + other.evicted,
+            self.invalid + other.invalid,
+        )
         starts = [s for s in (self.start, other.start) if s is not None]
         ends = [e for e in (self.end, other.end) if e is not None]
         self.start, self.end = (min(starts) if starts else None), (max(ends) if ends else None)
@@ -284,6 +290,7 @@ class WindowState:
             "start": self.start,
             "end": self.end,
             "evicted": self.evicted,
+            "invalid": self.invalid,
             "reservoir_capacity": self.reservoir_capacity,
             "max_pending": self.max_pending,
             "samples": {name: [spec.capacity, spec.dtype] for name, spec in self.samples.items()},
@@ -317,6 +324,7 @@ class WindowState:
         capacity, max_pending = int(data["reservoir_capacity"]), int(data["max_pending"])
         out = cls(Bins.from_dict(data["bins"]), capacity, max_pending, samples=samples)
         out.n, out.evicted, out.start, out.end = int(data["n"]), int(data["evicted"]), data["start"], data["end"]
+        out.invalid = int(data.get("invalid", 0))  # saved before invalid records were counted: none
         # JSON turns tuples into lists; keys must be hashable again
         key = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
         out.predicted = {(key(g), key(p)): int(c) for g, p, c in data["predicted"]}

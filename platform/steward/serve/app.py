@@ -21,8 +21,17 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve import Application
 
+from steward import __version__
 from steward.serve.auth import key_is_valid, load_keys, presented_key
-from steward.serve.model import ModelSource, Output, ServedModel, model_source, open_served_model
+from steward.serve.model import (
+    NON_FINITE,
+    ModelSource,
+    Output,
+    ServedModel,
+    model_source,
+    non_finite_row,
+    open_served_model,
+)
 from steward.serve.monitoring import ReplicaMonitor, monitor_target
 from steward.serve.options import DEPLOYMENT, app_name, deployment_options
 from steward.serve.protocol import (
@@ -35,10 +44,12 @@ from steward.serve.protocol import (
     PredictRequest,
     PredictResponse,
     TensorMetadata,
+    check_attributes,
     json_response,
     oip_instances,
     oip_outputs,
     parse_body,
+    requested_outputs,
     validated,
 )
 from steward.serve.quantize import GateResult
@@ -49,7 +60,8 @@ from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec
 
 logger = logging.getLogger("steward.serve")
-api = FastAPI(title="steward model server", docs_url=None, redoc_url=None)
+# The schema is served by a route of the replica's own, behind the API key like everything but the health checks.
+api = FastAPI(title="steward model server", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @dataclass(frozen=True)
@@ -162,6 +174,18 @@ class ModelServer:
             },
         }
 
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> dict:
+        """The API's OpenAPI schema (for clients and fuzzers)."""
+        self._authorize(request)
+        return api.openapi()
+
+    @api.get("/v2")
+    async def server_metadata(self, request: Request) -> dict:
+        """OIP server metadata."""
+        self._authorize(request)
+        return {"name": "steward", "version": __version__, "extensions": []}
+
     @api.get("/v2/models/{name}")
     async def metadata(self, name: str, request: Request) -> ModelMetadata:
         """OIP model metadata: the input tensor's datatype and shape, and the three output tensors."""
@@ -190,6 +214,7 @@ class ModelServer:
         self._authorize(request)
         body = validated(PredictRequest, parse_body(await self._body(request), self.cfg.max_body_bytes))
         self._check_count(len(body.instances), "instances")
+        check_attributes(body.attributes)
         output = await self._probabilities(body.instances, "instances")
         # Per-group decision thresholds (train.mitigation), if the run has them: the reply and the monitor see them.
         output = replace(output, probabilities=self.served.decide(output.probabilities, body.attributes))
@@ -203,17 +228,24 @@ class ModelServer:
         self._authorize(request)
         self._check_name(name)
         body = validated(InferRequest, parse_body(await self._body(request), self.cfg.max_body_bytes))
+        if body.model_name not in (None, name):
+            raise BadRequest(422, "model_name", f"{body.model_name!r} is not the model of the path, {name!r}")
+        names = requested_outputs(body)
         info = self.served.info
         instances = oip_instances(body, info.modality, info.input_shape)
         self._check_count(len(instances), "inputs[0].shape")
         output = await self._probabilities(instances, "inputs[0].data")
+        # Late labels name a prediction by an id this server issued (parameters.request_ids, one per instance),
+        # never by the client's `id`, which another client may also use.
+        request_ids = [uuid.uuid4().hex for _ in range(len(instances))]
         reply = InferResponse(
             model_name=self.name,
             model_version=self.served.version,
             id=body.id or uuid.uuid4().hex,
-            outputs=oip_outputs(output.probabilities, info.label_names),
+            parameters={"request_ids": request_ids},
+            outputs=oip_outputs(output.probabilities, info.label_names, names),
         )
-        self._monitor(output, {}, [f"{reply.id}/{i}" for i in range(len(instances))])
+        self._monitor(output, {}, request_ids)
         return json_response(reply)
 
     @api.post("/explain")
@@ -256,8 +288,14 @@ class ModelServer:
         prepared = self.served.prepare(instances, field)  # bad input fails here, alone, before any batch
         if self.cfg.batching is None:  # on the event loop: the lowest latency for one small forward pass
             self.batch_sizes[1] += 1
-            return self.served.run([prepared], self.monitor is not None)[0]
-        return await self._run_batch(prepared)
+            output = self.served.run([prepared], self.monitor is not None)[0]
+        else:
+            output = await self._run_batch(prepared)
+        if (row := non_finite_row(output)) is not None:  # neither the client nor the monitor gets NaN
+            if self.monitor is not None:
+                self.monitor.refused(len(output.probabilities))
+            raise BadRequest(422, f"{field}[{row}]", NON_FINITE)
+        return output
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _run_batch(self, requests: list[Any]) -> list[Any]:

@@ -13,7 +13,7 @@ from torch import nn
 
 from steward.data import DataError
 from steward.explain.explainer import explain_instances
-from steward.serve.model import ServedModel
+from steward.serve.model import NON_FINITE, ServedModel, non_finite_row
 from steward.serve.protocol import BadRequest, Strict, validated
 from steward.spec.explain import ExplainSpec, baseline_problem
 
@@ -47,7 +47,10 @@ def explain_request(served: ServedModel, cfg: ExplainSpec | None, payload: Any) 
     steps = body.n_steps or cfg.n_steps
     if steps > cfg.max_steps:
         raise BadRequest(422, "n_steps", f"{steps} is over the limit of {cfg.max_steps} (explain.max_steps)")
-    served.prepare(body.instances, "instances")  # the same checks, and the same 422s, as /predict
+    # the same checks, and the same 422s, as /predict: an instance that overflows the model has no explanation
+    (output,) = served.run([served.prepare(body.instances, "instances")])
+    if (row := non_finite_row(output)) is not None:
+        raise BadRequest(422, f"instances[{row}]", NON_FINITE)
     labels = served.info.label_names
     if body.target is not None and body.target not in labels:
         raise BadRequest(422, "target", f"{body.target!r} is not a label of this model; labels are {labels[:20]}")

@@ -52,6 +52,21 @@ class Output:
     attention_mask: np.ndarray | None = None
 
 
+NON_FINITE = "the model's output for this instance is not finite: its values are far outside the training data's"
+
+
+def non_finite_row(output: Output) -> int | None:
+    """The first instance whose probabilities (or embedding, when taken) are not finite, or None.
+
+    Finite inputs far outside the training range can overflow inside the model (1e36 pixels through a CNN); the
+    rows that did are refused rather than answered with NaN, and never reach the monitor.
+    """
+    bad = ~np.isfinite(output.probabilities).all(axis=-1)
+    if output.embeddings is not None:
+        bad |= ~np.isfinite(output.embeddings.reshape(len(output.embeddings), -1)).all(axis=-1)
+    return int(bad.argmax()) if bad.any() else None
+
+
 @dataclass
 class ServedModel:
     """A run's model ready for inference: `probabilities(instances)` -> float32 [N, C]."""

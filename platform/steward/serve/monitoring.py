@@ -23,10 +23,11 @@ from steward.monitor.reference import PREDICTED_CLASS, load_reference, reference
 from steward.monitor.signals import record_signals
 from steward.monitor.window_state import WindowState
 from steward.serve.model import Output, ServedModel
-from steward.spec.monitor import MonitorSpec
+from steward.spec.monitor import BiasSpec, MonitorSpec
 from steward.spec.serve import ServeSpec
 
 logger = logging.getLogger("steward.serve")
+OTHER_GROUP = "(other)"  # the group of values first seen after monitor.bias.max_groups others
 
 
 class MonitorUnavailable(StewardError):
@@ -50,7 +51,7 @@ class ReplicaMonitor:
         self.ref = load_reference(target.reference) if target.reference else None
         self.bins = self.ref.bins() if self.ref else Bins()
         self.state = live_state(self.bins)
-        self.queue = RecordQueue(served, self.bins, self.cfg.bias.group if self.cfg.bias else None)
+        self.queue = RecordQueue(served, self.bins, self.cfg.bias)
         self.actor = monitor_actor(target)
         self.pusher: asyncio.Task | None = None
         self.id = uuid.uuid4().hex
@@ -61,14 +62,25 @@ class ReplicaMonitor:
         quarter = (window.step or window.size) / 4 if window.by == "count" else float("inf")
         self.push_at, self.window_share, self.pushes = quarter, quarter, 0
         self.pushed_at = time.monotonic()  # when everything counted so far was last sent
+        # pushes are numbered; those the monitor has not saved yet are kept, and sent again if it restarts without them
+        self.seq = 0
+        self.unsaved: list[tuple[int, WindowState]] = []
 
     def record(self, output: Output, attributes: dict[str, list[Any]], request_ids: list[str]) -> None:
         """Queue one request's outputs until the next push counts them; from then on only statistics are kept."""
         self.queue.append(output, attributes, request_ids)
-        if self.pusher is None:
-            self.pusher = asyncio.get_running_loop().create_task(self._push_forever())
+        self._start_pushing()
         if self.queue.queued >= self.push_at:
             asyncio.get_running_loop().create_task(self.flush())
+
+    def refused(self, records: int) -> None:
+        """Count records refused as invalid into the window (they are kept out of every other statistic)."""
+        self.state.invalid += records
+        self._start_pushing()
+
+    def _start_pushing(self) -> None:
+        if self.pusher is None:
+            self.pusher = asyncio.get_running_loop().create_task(self._push_forever())
 
     def count(self) -> None:
         """Count every queued record into the window state."""
@@ -86,21 +98,35 @@ class ReplicaMonitor:
         return await self.actor.report.remote()
 
     async def flush(self) -> None:
-        """Send what was counted since the last push (a replica that dies loses at most one interval)."""
+        """Send what was counted since the last push, and again what a restarted monitor lost (a replica that dies
+        loses at most one interval; a monitor that dies, nothing)."""
         self.pushed_at = time.monotonic()
         self.count()
-        if not (self.state.n or self.state.pending_labels):
+        delta = self.state
+        if delta.n or delta.invalid or delta.pending_labels:
+            self.state = live_state(self.bins)
+            self.seq += 1
+            self.unsaved.append((self.seq, delta))
+            # What is left of this replica's share (or, if this push closes the window, its share of the next)
+            # until the reply says: a reply waits for the windows its push closed to be judged, and one to an
+            # earlier push misses the later ones.
+            self.push_at = self.push_at - delta.n if delta.n < self.push_at else self.window_share
+            sent = [(self.seq, delta)]
+        elif self.unsaved:
+            sent = []  # nothing new: ask whether the monitor has saved what it was sent
+        else:
             return
-        delta, self.state = self.state, live_state(self.bins)
-        # What is left of this replica's share (or, if this push closes the window, its share of the next) until
-        # the reply says: a reply waits for the windows its push closed to be judged, and one to an earlier push
-        # misses the later ones.
-        self.push_at = self.push_at - delta.n if delta.n < self.push_at else self.window_share
         self.pushes += 1
         push = self.pushes
-        shares = await self.actor.push.remote(delta, self.id)  # pickled with its numpy arrays as they are
+        kept_from = self.unsaved[0][0] if self.unsaved else self.seq + 1
+        # pickled with its numpy arrays as they are
+        reply = await self.actor.push.remote(sent, self.id, kept_from, self.seq)
+        if reply.resend_from is not None:
+            lost = [entry for entry in self.unsaved if entry[0] >= reply.resend_from]
+            reply = await self.actor.push.remote(lost, self.id, kept_from, self.seq)
+        self.unsaved = [entry for entry in self.unsaved if entry[0] > reply.saved]
         if push == self.pushes:
-            self.push_at, self.window_share = shares
+            self.push_at, self.window_share = reply.push_at, reply.share
 
     async def _push_forever(self) -> None:
         """Push once push_interval_s has passed since the last push: a replica that dies loses at most an interval,
@@ -120,15 +146,19 @@ class RecordQueue:
     """Answered requests' outputs waiting to be counted; counted into a window state in one vectorised pass over a
     push's worth of requests, far cheaper than counting each request in Python as it is answered."""
 
-    def __init__(self, served: ServedModel, bins: Bins, group: str | None) -> None:
-        self.served, self.bins, self.group = served, bins, group
+    def __init__(self, served: ServedModel, bins: Bins, bias: BiasSpec | None) -> None:
+        self.served, self.bins = served, bins
+        self.group: str | None = bias.group if bias else None
+        self.max_groups = bias.max_groups if bias else 0
+        self.groups_kept: set[str] = {bias.privileged} if bias and bias.privileged else set()
         self.unk = unknown_token_id(served.info)
         self.items: list[tuple[Output, list[Any] | None, list[str], float]] = []
         self.queued = 0
 
     def append(self, output: Output, attributes: dict[str, list[Any]], request_ids: list[str]) -> None:
         assert output.inputs is not None, "the replica runs the model with embed=True when monitored"
-        self.items.append((output, attributes.get(self.group or ""), request_ids, time.time()))
+        groups = attributes.get(self.group) if self.group else None  # without a bias section nothing is grouped
+        self.items.append((output, groups, request_ids, time.time()))
         self.queued += len(request_ids)
 
     def count_into(self, state: WindowState) -> None:
@@ -153,7 +183,7 @@ class RecordQueue:
             joined("attention_mask"),
             self.unk,
         )
-        groups = [None if g is None else str(g) for _, gs, ids, _ in queue for g in (gs or [None] * len(ids))]
+        groups = [self._kept(g) for _, gs, ids, _ in queue for g in (gs or [None] * len(ids))]
         samples = {"embedding": signals.embeddings} if signals.embeddings is not None else {}
         if signals.features is not None:
             samples["features"] = signals.features
@@ -166,6 +196,17 @@ class RecordQueue:
             categories={PREDICTED_CLASS: signals.predicted},
             request_ids=[r for _, _, ids, _ in queue for r in ids],
         )
+
+    def _kept(self, group: Any) -> str | None:
+        """The group key a value is counted under: itself while fewer than max_groups values are kept, else OTHER."""
+        if group is None:
+            return None
+        key = str(group)
+        if key not in self.groups_kept:
+            if len(self.groups_kept) >= self.max_groups:
+                return OTHER_GROUP
+            self.groups_kept.add(key)
+        return key
 
 
 def reference_problem(cfg: MonitorSpec | None, run_dir: Path) -> str | None:

@@ -6,14 +6,21 @@ Bodies are parsed here by hand (size, UTF-8, JSON) so every bad request becomes 
 
 import json
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
 from fastapi import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from steward.data.encode import as_numbers
+
 Attribute = str | int | float | bool | None
-NUMERIC = {"BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"}
+# Attribute values become group keys in the monitor's persisted state and Prometheus labels: kept short.
+MAX_ATTRIBUTE_CHARS = 128
+INTEGERS = {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64"}
+NUMERIC = {*INTEGERS, "FP16", "FP32", "FP64"}
+OUTPUTS = ("probabilities", "class_id", "label")
 
 
 class BadRequest(Exception):
@@ -74,11 +81,18 @@ class InferTensor(Strict):
     data: list[Any]
 
 
+class RequestedOutput(Strict):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
 class InferRequest(Strict):
+    model_name: str | None = None  # KServe's SDK sends it in the body as well as in the path
+    model_version: str | None = None
     id: str | None = None
     parameters: dict[str, Any] | None = None
     inputs: list[InferTensor] = Field(min_length=1, max_length=1)
-    outputs: list[dict[str, Any]] | None = None
+    outputs: list[RequestedOutput] | None = None
 
 
 class InferResponse(Strict):
@@ -120,6 +134,10 @@ def parse_body(raw: bytes, max_bytes: int) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise BadRequest(400, "body", f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    except RecursionError:
+        raise BadRequest(400, "body", "JSON nested too deeply; flatten the body") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise BadRequest(400, "body", f"not valid JSON here: {err}") from None
 
 
 def validated(schema: type[Strict], payload: Any) -> Any:
@@ -130,6 +148,33 @@ def validated(schema: type[Strict], payload: Any) -> Any:
         first = err.errors()[0]
         field = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in first["loc"]).replace(".[", "[")
         raise BadRequest(422, field or "body", first["msg"].removeprefix("Value error, ")) from None
+
+
+def check_attributes(attributes: dict[str, list[Attribute]]) -> None:
+    """BadRequest 422 naming the first attribute name or value that could not be kept as a group key: text that is
+    not valid UTF-8, longer than MAX_ATTRIBUTE_CHARS, or a number that is not finite or not an exact integer."""
+    for name, values in attributes.items():
+        if problem := _key_problem(name):
+            raise BadRequest(422, "attributes", f"attribute name {problem}")
+        for i, value in enumerate(values):
+            if problem := _key_problem(value):
+                raise BadRequest(422, f"attributes.{name}[{i}]", problem)
+
+
+def _key_problem(value: Attribute) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "not a finite number; send a string or a finite number"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+        return "an integer beyond 64 bits; send a string"
+    if not isinstance(value, str):
+        return None
+    if len(value) > MAX_ATTRIBUTE_CHARS:
+        return f"{len(value)} characters is over the limit of {MAX_ATTRIBUTE_CHARS}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid UTF-8 (lone surrogate escape)"
+    return None
 
 
 def oip_instances(request: InferRequest, modality: str, input_shape: tuple[int, ...]) -> Any:
@@ -147,21 +192,40 @@ def oip_instances(request: InferRequest, modality: str, input_shape: tuple[int, 
         expected = "[N, " + ", ".join(map(str, input_shape)) + "]"
         raise BadRequest(422, "inputs[0].shape", f"expected {expected}, got {tensor.shape}")
     try:
-        flat = np.asarray(tensor.data, dtype=np.float32).reshape(-1)
-    except (TypeError, ValueError):
-        raise BadRequest(422, "inputs[0].data", "expected numbers (flat, row-major, or nested)") from None
+        numbers = as_numbers(tensor.data)
+    except (TypeError, ValueError, OverflowError):
+        numbers = None
+    integers = tensor.datatype in INTEGERS
+    if numbers is None or (integers and numbers.dtype.kind not in "iu"):
+        kind = "integers" if integers else "numbers"
+        raise BadRequest(422, "inputs[0].data", f"{tensor.datatype} takes {kind} (flat, row-major, or nested)")
+    with np.errstate(over="ignore"):  # past float32's range becomes inf, refused with the instance's index later
+        flat = numbers.astype(np.float32).reshape(-1)
     if flat.size != math.prod(tensor.shape):
         needed = math.prod(tensor.shape)
         raise BadRequest(422, "inputs[0].data", f"holds {flat.size} numbers, shape {tensor.shape} needs {needed}")
     return flat.reshape(tensor.shape)
 
 
-def oip_outputs(probabilities: np.ndarray, labels: list[str]) -> list[InferTensor]:
-    """Probabilities FP32 [N, C], class ids INT64 [N] and labels BYTES [N], row-major flat data."""
+def requested_outputs(request: InferRequest) -> list[str]:
+    """The output tensors the request asks for (all of OUTPUTS when it names none); 422 naming an unknown one."""
+    if not request.outputs:
+        return list(OUTPUTS)
+    for i, output in enumerate(request.outputs):
+        if output.name not in OUTPUTS:
+            raise BadRequest(422, f"outputs[{i}].name", f"no output {output.name!r}; outputs are {list(OUTPUTS)}")
+    return [output.name for output in request.outputs]
+
+
+def oip_outputs(probabilities: np.ndarray, labels: list[str], names: Sequence[str] = OUTPUTS) -> list[InferTensor]:
+    """Those of probabilities FP32 [N, C], class ids INT64 [N] and labels BYTES [N] named, row-major flat data."""
     ids = probabilities.argmax(-1)
     n, c = probabilities.shape
-    return [
-        InferTensor(name="probabilities", shape=[n, c], datatype="FP32", data=probabilities.reshape(-1).tolist()),
-        InferTensor(name="class_id", shape=[n], datatype="INT64", data=ids.tolist()),
-        InferTensor(name="label", shape=[n], datatype="BYTES", data=[labels[i] for i in ids]),
-    ]
+    tensors = {
+        "probabilities": lambda: InferTensor(
+            name="probabilities", shape=[n, c], datatype="FP32", data=probabilities.reshape(-1).tolist()
+        ),
+        "class_id": lambda: InferTensor(name="class_id", shape=[n], datatype="INT64", data=ids.tolist()),
+        "label": lambda: InferTensor(name="label", shape=[n], datatype="BYTES", data=[labels[i] for i in ids]),
+    }
+    return [tensors[name]() for name in names]

@@ -42,6 +42,13 @@ class BiasSpec(Section):
         description="Allowed [low, high] per metric (defaults: |SPD| <= 0.1, DIR in [0.8, 1.25], gaps <= 0.1).",
     )
     min_records_per_group: int = Field(30, ge=1, description="Records a group needs in a window before it is judged.")
+    max_groups: int = Field(
+        50,
+        ge=2,
+        le=1000,
+        description="Distinct group values a replica keeps apart; values first seen after that many are counted "
+        "together as `(other)`, so clients cannot grow the monitor's state (or its metric labels) without bound.",
+    )
 
     @model_validator(mode="after")
     def _privileged_for_signed(self) -> "BiasSpec":
@@ -116,3 +123,10 @@ class MonitorSpec(Section):
         "prediction made since the last such save is not matched.",
     )
     history: int = Field(200, ge=1, le=100_000, description="Closed windows kept (and persisted).")
+    max_invalid_rate: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Share of a window's records refused as invalid (their model output is not finite) above which "
+        "the window fails the `invalid_rate` check.",
+    )
