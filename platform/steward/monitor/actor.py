@@ -31,6 +31,7 @@ import ray
 from steward.govern import audit
 from steward.monitor.bins import Bins
 from steward.monitor.checks import AlertTracker, live_state, window_report
+from steward.monitor.pushes import PushLedger
 from steward.monitor.reference import load_reference
 from steward.monitor.window_state import WindowState
 from steward.monitor.windowing import Windows
@@ -177,15 +178,7 @@ class Monitor:
         # to push is not told the whole window while the others are still filling their shares
         self.min_pushers = max(1, target.min_replicas)
         self.in_pane: dict[str, int] = {}  # replica -> records it pushed into the open pane
-        # replica -> the last of its pushes (numbered from 1) merged here, and as of the last save of the statistics
-        # and of the waiting predictions: a replica keeps every push the monitor has not saved both ways, and sends
-        # them again when a restarted monitor (resumed from those saves) says what it is missing
-        self.applied: dict[str, int] = {}
-        self.ahead: dict[str, set[int]] = {}
-        self.saved_stats: dict[str, int] = {}
-        self.saved_pending: dict[str, int] = {}
-        self.heard: set[str] = set()  # replicas that have pushed to this actor since it started
-        self.resync: dict[str, int] = {}  # replica -> the first of its pushes asked for again, until they come
+        self.ledger = PushLedger()  # which pushes of each replica are merged and saved
         self.exporter = Exporter(target.deployment)
         self._restore()
         self._ticker: asyncio.Task | None = None
@@ -206,35 +199,17 @@ class Monitor:
         where a fixed quarter-window push would take four (each push is a Ray call, which costs the replica CPU).
         """
         self._start_ticker()
-        if replica not in self.heard:
-            self.heard.add(replica)
-            first = deltas[0][0] if deltas else latest + 1
-            if (oldest := max(kept_from, self.saved_pending.get(replica, 0) + 1)) < first:
-                self.resync[replica] = oldest
-        if (start := self.resync.get(replica)) is not None:  # until they come, every push is answered with this
-            if not deltas or deltas[0][0] > start:
-                return PushReply(*self._shares(replica), self._saved(replica), resend_from=start)
-            del self.resync[replica]
+        ledger = self.ledger
+        start = ledger.resend_from(replica, kept_from, deltas[0][0] if deltas else latest + 1)
+        if start is not None:
+            return PushReply(*self._shares(replica), ledger.saved(replica), resend_from=start)
         for seq, state in deltas:
-            if self._take(replica, seq):  # bookkept before any await: a push arriving meanwhile sees it merged
+            if ledger.take(replica, seq):  # bookkept before any await: a push arriving meanwhile sees it merged
                 await self._merge(state, replica)
-            elif seq > self.saved_pending.get(replica, 0):  # its statistics were saved, its waiting predictions not
+            elif ledger.pending_lost(replica, seq):
                 await self._merge(state.take_pending(), replica)
         self.pushes += bool(deltas)  # not a replica's asking whether what it sent is saved yet
-        return PushReply(*self._shares(replica), self._saved(replica))
-
-    def _take(self, replica: str, seq: int) -> bool:
-        """Whether push `seq` of `replica` is new here, marking it merged. Ray runs an async actor's calls in no set
-        order, so a replica's pushes may come out of order: all up to `applied` are in, and those in `ahead`."""
-        low, ahead = self.applied.get(replica, 0), self.ahead.setdefault(replica, set())
-        if seq <= low or seq in ahead:
-            return False
-        ahead.add(seq)
-        while low + 1 in ahead:
-            low += 1
-            ahead.remove(low)
-        self.applied[replica] = low
-        return True
+        return PushReply(*self._shares(replica), ledger.saved(replica))
 
     async def _merge(self, state: WindowState, replica: str) -> None:
         self.records += state.n
@@ -248,9 +223,6 @@ class Monitor:
         else:  # the delta closed the pane: the next starts empty
             self.in_pane = {}
         await self._judge(closed)
-
-    def _saved(self, replica: str) -> int:
-        return min(self.saved_stats.get(replica, 0), self.saved_pending.get(replica, 0))
 
     async def feedback(self, request_id: str, label: str) -> bool:
         """A late label for an earlier prediction; True when its prediction was already here and is now counted."""
@@ -276,12 +248,10 @@ class Monitor:
     async def persist(self, pending: bool = True) -> Path:
         """Save the statistics (never payloads) atomically, and with `pending` the predictions waiting for a label;
         runs every persist_interval_s (statistics) and pending_persist_interval_s (waiting predictions)."""
-        applied = dict(self.applied)
+        applied = dict(self.ledger.applied)
         texts = self._snapshot(pending)  # on the event loop: no push changes the windows while they are copied
         await asyncio.to_thread(self._write, texts)
-        self.saved_stats = applied
-        if pending:
-            self.saved_pending = applied
+        self.ledger.mark_saved(applied, pending)
         return self.folder / "state.json"
 
     def __ray_shutdown__(self) -> None:
@@ -297,14 +267,14 @@ class Monitor:
             "windows": self.windows.to_dict(pending=False),
             "history": list(self.history),
             "alerts": self.alerts.to_dict(),
-            "applied": self.applied,
-            "ahead": {replica: sorted(seqs) for replica, seqs in self.ahead.items() if seqs},
+            **self.ledger.to_dict(),
             "saved": time.time(),
         }
         texts = {"state.json": json.dumps(state)}
         if pending:
             self.pending_saved_at, self.pending_dirty = self.saved_at, False
-            texts["pending.json"] = json.dumps({**self.windows.pane.pending_to_dict(), "applied": self.applied})
+            waiting = {**self.windows.pane.pending_to_dict(), "applied": self.ledger.applied}
+            texts["pending.json"] = json.dumps(waiting)
         return texts
 
     def _write(self, texts: dict[str, str]) -> None:
@@ -323,12 +293,10 @@ class Monitor:
         self.windows.restore(doc["windows"])
         self.history.extend(doc["history"])
         self.alerts.restore(doc["alerts"])
-        self.applied, self.saved_stats = dict(doc.get("applied", {})), dict(doc.get("applied", {}))
-        self.ahead = {replica: set(seqs) for replica, seqs in doc.get("ahead", {}).items()}
-        if pending.exists():  # else state.json holds them, as saves made before pending.json existed do
-            waiting = json.loads(pending.read_text())
+        waiting = json.loads(pending.read_text()) if pending.exists() else None
+        if waiting is not None:  # else state.json holds them, as saves made before pending.json existed do
             self.windows.pane.restore_pending(waiting)
-            self.saved_pending = dict(waiting.get("applied", {}))
+        self.ledger.restore(doc, waiting)
         # Ray's metrics live in this process: the gauges of the last window and of the open alerts come back with it
         if self.history:
             self.exporter.window(self.history[-1], [])
