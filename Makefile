@@ -11,6 +11,9 @@ export TOKENIZERS_PARALLELISM := false
 # DeepSpeed's CPU ops (shared-memory all-reduce, fused Adam, CPU Adam for offload) are C++ compiled at first use.
 # They are built once by `setup`, into the venv: in ~/.cache every checkout's venv would rebuild them for its paths.
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
+# ...with the venv's own ninja (a dependency of deepspeed) for every process, Ray's workers included: two ninja
+# versions hash a build's command differently, so each would see the other's build as stale and rebuild it.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup demo test test-fast bench lint
 

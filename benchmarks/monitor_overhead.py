@@ -217,7 +217,7 @@ class Push:
     def queue(self) -> Any:
         from steward.serve.monitoring import RecordQueue
 
-        queue = RecordQueue(self.served, self.bins, "group")
+        queue = RecordQueue(self.served, self.bins, self.monitor.bias)
         for output, attributes, ids in zip(self.outputs, self.attributes, self.ids, strict=True):
             queue.append(output, attributes, ids)
         return queue

@@ -145,13 +145,17 @@ def serve_port(ray_local):
 
 @pytest.fixture(autouse=True)
 def _delete_serve_apps_after(request):
-    """Every Serve application a test deployed is deleted after it."""
+    """Every Serve application a test deployed is deleted after it, with its monitor actors (as `steward serve
+    stop` does): they are detached, and would otherwise live on beside the next tests."""
     yield
     if "serve_port" in request.fixturenames:
         from ray import serve
 
+        from steward.monitor.actor import stop_monitors
+
         for name in list(serve.status().applications):
             serve.delete(name)
+            stop_monitors(name)
 
 
 def own_processes(title: str) -> list[int]:

@@ -49,16 +49,31 @@ def test_zero_stages_train_and_the_loss_goes_down(ray_local, tmp_path, stage):
     assert result["overall"]["accuracy"] > 0.5
 
 
+# SGD, not Adam: Adam's first updates are ~lr * sign(grad), so a weight whose gradient is ~0 moves by +-lr on 1e-7
+# of reduction-order noise, which hides whether sharding is exact. SGD's update is linear in the gradient.
+COMPARED = [*SMALL, "model.params.dropout=0", "train.max_steps=15", "train.epochs=1", "train.optimizer.name=sgd",
+            "train.optimizer.lr=0.1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def compared(ray_local, tmp_path_factory):
+    """The runs of the DDP comparison, by their overrides: each trained once, then also checked after training."""
+    done = {}
+
+    def run(*overrides):
+        if overrides not in done:
+            done[overrides] = train(tmp_path_factory.mktemp("compared"), "quickstart.yaml", *COMPARED, *overrides)
+        return done[overrides]
+
+    return run
+
+
 # ZeRO-2 runs without clipping: DeepSpeed then skips the gradient norm, and its own default (clip at 1.0) must not
 # come back when the spec says grad_clip: null.
-@pytest.mark.parametrize(("stage", "clip"), [(3, []), (2, ["train.grad_clip=null"])], ids=["zero-3", "zero-2-noclip"])
-def test_zero_follows_ddp_on_the_same_seed_and_data(ray_local, tmp_path, stage, clip):
-    # SGD, not Adam: Adam's first updates are ~lr * sign(grad), so a weight whose gradient is ~0 moves by +-lr on
-    # 1e-7 of reduction-order noise, which hides whether sharding is exact. SGD's update is linear in the gradient.
-    common = [*SMALL, "model.params.dropout=0", "train.max_steps=15", "train.epochs=1", "train.optimizer.name=sgd"]
-    common += ["train.optimizer.lr=0.1", *clip]
-    _, _, _, ddp = train(tmp_path, "quickstart.yaml", *common, "distributed.strategy=ddp", "distributed.zero_stage=0")
-    _, _, _, zero = train(tmp_path, "quickstart.yaml", *common, f"distributed.zero_stage={stage}")
+@pytest.mark.parametrize(("stage", "clip"), [(3, ()), (2, ("train.grad_clip=null",))], ids=["zero-3", "zero-2-noclip"])
+def test_zero_follows_ddp_on_the_same_seed_and_data(compared, stage, clip):
+    _, _, _, ddp = compared("distributed.strategy=ddp", "distributed.zero_stage=0", *clip)
+    _, _, _, zero = compared(f"distributed.zero_stage={stage}", *clip)
     a, b = step_losses(ddp), step_losses(zero)
     assert len(a) == len(b) == 15
     assert a[-1] < 0.7 * a[0]
@@ -83,8 +98,8 @@ def test_resume_continues_from_the_checkpoint_with_the_same_losses(ray_local, tm
     assert math.isclose(epochs[1]["val_loss"], second["val_loss"], rel_tol=1e-5)
 
 
-def test_consolidated_zero3_model_reloads_without_deepspeed_and_predicts_the_same(ray_local, tmp_path):
-    spec, run_dir, _, history = train(tmp_path, "quickstart.yaml", *SMALL, "distributed.zero_stage=3", "train.epochs=2")
+def test_consolidated_zero3_model_reloads_without_deepspeed_and_predicts_the_same(compared):
+    spec, run_dir, _, history = compared("distributed.zero_stage=3")  # the ZeRO-3 run compared with DDP above
     last = [r for r in history if r["kind"] == "epoch"][-1]
     reloaded = evaluate_model(run_dir / "model", spec, "validation")
     model, _ = load_servable(run_dir / "model")
