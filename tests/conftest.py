@@ -19,12 +19,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Under Serve's HAProxy ingress a deleted application's replica stays 30 s for the proxy to drain it; tests delete
 # their applications between them (and the CLIs they start do), so 1 s.
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
-# `make test` runs two pytest-xdist workers (gw0, gw1), each with a Ray and Serve of its own. Serve's HAProxy
-# ingress takes fixed machine-wide ports by default, so each worker gets its own.
+# `make test` runs two pytest-xdist workers (gw0, gw1), each with a Ray and Serve of its own. Each embedded Serve
+# takes free ports for its HAProxy ingress (`ray_env.take_haproxy_ports`); its direct-ingress port ranges are the
+# worker's own.
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
-_PORTS = {"HAPROXY_STATS": 8404, "HAPROXY_METRICS": 9101, "FALLBACK_PROXY_HTTP": 8500, "FALLBACK_PROXY_GRPC": 9500}
-for _name, _port in _PORTS.items():
-    os.environ.setdefault(f"RAY_SERVE_{_name}_PORT", str(_port + 10 * _WORKER))
 for _kind, _port in {"HTTP": 30000, "GRPC": 40000}.items():
     os.environ.setdefault(f"RAY_SERVE_DIRECT_INGRESS_MIN_{_kind}_PORT", str(_port + 500 * _WORKER))
     os.environ.setdefault(f"RAY_SERVE_DIRECT_INGRESS_MAX_{_kind}_PORT", str(_port + 500 * _WORKER + 499))

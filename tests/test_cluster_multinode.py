@@ -154,14 +154,10 @@ def worker_raylet(temp, node_manager_port):
     return pids[0]
 
 
-def lose_worker_node(cluster):
-    """SIGKILL the worker node's raylet: the node is gone, mid-training."""
+def replace_worker_node(cluster, name, port, before_back=lambda: None):
+    """SIGKILL the worker node's raylet (the node is gone, mid-training), call `before_back`, then start `name`."""
     os.kill(worker_raylet(cluster["env"]["STEWARD_CLUSTER_TEMP"], cluster["worker_port"]), signal.SIGKILL)
-
-
-def replace_worker_node(cluster, name, port):
-    """Lose the worker node, then start `name` in its place."""
-    lose_worker_node(cluster)
+    before_back()
     up = [ROOT / "cluster" / "local-up.sh", "worker", name, port]
     subprocess.run(up, env=cluster["env"], check=True, capture_output=True, timeout=180)
     cluster["worker_port"] = port
@@ -189,6 +185,29 @@ def test_losing_the_worker_node_mid_training_recovers_from_the_checkpoint(cluste
     starts = [r for r in history(run) if r["kind"] == "start"]
     assert len(starts) == 2 and starts[1]["epoch"] >= 2 and "checkpoint_" in starts[1]["from"]
     assert max(r["epoch"] for r in history(run) if r["kind"] == "epoch") == 12
+
+
+def test_losing_a_worker_node_with_no_restarts_left_fails_with_the_fix(cluster):
+    argv = ["--stage", "train", "--set", "train.epochs=30", "--set", "train.early_stopping=null",
+            "--set", "distributed.max_failures=0", "--no-wait", *TORCH_ADAM]  # fmt: skip
+    before = set(run_folders(cluster, "quickstart"))
+    code, output, job_id = submit(cluster, "quickstart.yaml", *argv)
+    assert code == 0, output
+    status = wait_for(lambda: set(run_folders(cluster, "quickstart")) - before, 120, "the job's run folder").pop()
+    wait_for(lambda: any(r["kind"] == "epoch" for r in history(status.parent)), 240, "an epoch")
+
+    def job_ended():
+        final = wait_for(lambda: (i := job_info(API, job_id)).ended and i, 300, "the job to end")
+        assert str(final.status) == "FAILED", logs(API, job_id)[-3000:]
+
+    replace_worker_node(cluster, "worker3", "14000", before_back=job_ended)  # the next tests get two nodes again
+    shown = CliRunner().invoke(app, ["jobs", "status", job_id, "--address", API])
+    text = flat(shown.output)
+    assert shown.exit_code == 1, text
+    assert "training failed: a worker was lost" in text and "distributed.max_failures=0" in text, text
+    assert "raise distributed.max_failures" in text and "Traceback" not in text, text
+    failed = json.loads(status.read_text())
+    assert failed["state"] == "failed" and "distributed.max_failures=0" in failed["error"]
 
 
 def test_serve_on_the_cluster_scales_replicas_across_nodes(cluster, trained):
@@ -234,25 +253,3 @@ def _keep_busy(url, body, stop):
     with requests.Session() as session:
         while not stop.is_set():
             session.post(url, json=body, timeout=60)
-
-
-def test_losing_a_worker_node_with_no_restarts_left_fails_with_the_fix(cluster):
-    argv = ["--stage", "train", "--set", "train.epochs=30", "--set", "train.early_stopping=null",
-            "--set", "distributed.max_failures=0", "--no-wait", *TORCH_ADAM]  # fmt: skip
-    before = set(run_folders(cluster, "quickstart"))
-    code, output, job_id = submit(cluster, "quickstart.yaml", *argv)
-    assert code == 0, output
-    status = wait_for(lambda: set(run_folders(cluster, "quickstart")) - before, 120, "the job's run folder").pop()
-    wait_for(lambda: any(r["kind"] == "epoch" for r in history(status.parent)), 240, "an epoch")
-
-    # The module's last test: the node stays lost (the cluster is torn down next), no node is started in its place.
-    lose_worker_node(cluster)
-    final = wait_for(lambda: (i := job_info(API, job_id)).ended and i, 300, "the job to end")
-    assert str(final.status) == "FAILED", logs(API, job_id)[-3000:]
-    shown = CliRunner().invoke(app, ["jobs", "status", job_id, "--address", API])
-    text = flat(shown.output)
-    assert shown.exit_code == 1, text
-    assert "training failed: a worker was lost" in text and "distributed.max_failures=0" in text, text
-    assert "raise distributed.max_failures" in text and "Traceback" not in text, text
-    failed = json.loads(status.read_text())
-    assert failed["state"] == "failed" and "distributed.max_failures=0" in failed["error"]

@@ -5,13 +5,14 @@ One Serve per module on a free port; every test deploys what it needs and the au
 
 import json
 import os
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
 
-from steward.ray_env import HIGH_THROUGHPUT, prefer_high_throughput
+from steward.ray_env import HAPROXY_PORTS, HIGH_THROUGHPUT, prefer_high_throughput, take_haproxy_ports
 from steward.serve.deploy import deploy
 from steward.serve.quantize import QuantizationRefused
 from steward.spec.serve import ServeSpec
@@ -44,6 +45,22 @@ def _serve_mode_as_the_cli_picks_it():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def test_an_embedded_serve_takes_free_haproxy_ports_where_another_serve_holds_the_defaults(monkeypatch):
+    monkeypatch.setattr(os, "environ", {"RAY_SERVE_HAPROXY_METRICS_PORT": "9999"})  # the user's setting stays
+    with socket.socket() as held:
+        try:
+            held.bind(("0.0.0.0", HAPROXY_PORTS["RAY_SERVE_HAPROXY_STATS_PORT"]))
+            held.listen()
+        except OSError:
+            pass  # another process here holds it already: the same case
+        take_haproxy_ports()
+        stats = int(os.environ["RAY_SERVE_HAPROXY_STATS_PORT"])
+    assert stats != HAPROXY_PORTS["RAY_SERVE_HAPROXY_STATS_PORT"]
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", stats))  # free
+    assert os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] == "9999"
 
 
 @pytest.fixture(scope="module")

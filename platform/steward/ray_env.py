@@ -6,6 +6,7 @@ connected driver. Ray itself is imported only inside the functions, so light com
 
 import os
 import shutil
+import socket
 from collections.abc import Mapping
 
 from steward.errors import ClusterUnreachable, StewardError
@@ -15,6 +16,13 @@ from steward.spec.serve import ServeSpec
 # Ray's high-throughput Serve mode: HAProxy as the ingress and requests sent straight to replicas
 # (benchmarks/serve_overhead.py measures it against the default proxy).
 HIGH_THROUGHPUT = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+# The machine-wide ports Serve's HAProxy ingress binds (Ray's defaults), which another Serve here may hold.
+HAPROXY_PORTS = {
+    "RAY_SERVE_HAPROXY_STATS_PORT": 8404,
+    "RAY_SERVE_HAPROXY_METRICS_PORT": 9101,
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500,
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500,
+}
 # Passed on from the driver to every worker and replica when set.
 INHERITED = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS")
 
@@ -54,6 +62,29 @@ def prefer_high_throughput(cfg: ServeSpec | None) -> bool:
     return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
 
 
+def take_haproxy_ports() -> None:
+    """Give an embedded Serve's HAProxy ingress Ray's default ports, or free ones where another Serve on this
+    machine holds them; ports the user set stay as set. Serve reads them when its processes start."""
+    for name, default in HAPROXY_PORTS.items():
+        if name not in os.environ and not _bindable(default):
+            os.environ[name] = str(_free_port())
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        return s.getsockname()[1]
+
+
 def connect(address: str | None, spec: JobSpec | None = None) -> None:
     """Keep the current Ray connection, else start an embedded Ray (`address` None) or join `auto` / ray://host:port.
 
@@ -68,7 +99,8 @@ def connect(address: str | None, spec: JobSpec | None = None) -> None:
     if is_local(address):
         # Train's preemption watcher, an actor (a process start) per run, only logs drains of other nodes.
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        prefer_high_throughput(spec.serve if spec is not None else None)
+        if prefer_high_throughput(spec.serve if spec is not None else None):
+            take_haproxy_ports()
         os.environ.update(env)  # the embedded Ray's controller inherits the driver's environment
         # The dashboard serves Ray's state API, which Train's placement-group cleaner needs to free a stopped
         # run's workers (a trial stopped by a Tune scheduler), and `serve status` / `serve deploy` use.
