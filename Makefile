@@ -57,7 +57,7 @@ bench: setup
 	$(BIN)/python benchmarks/train_overhead.py --models "bert 4x256" --no-memory \
 		--cells "torchrun ddp" "steward ddp" "steward zero-1" "steward zero-2"
 	$(BIN)/python benchmarks/tune_efficiency.py
-	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python benchmarks/monitor_overhead.py
+	OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 $(BIN)/python benchmarks/monitor_overhead.py --repeats 3
 	$(BIN)/python benchmarks/serve_overhead.py
 
 lint: setup
