@@ -1,5 +1,6 @@
 """Ray tier: real Ray Train workers, real DeepSpeed engines (ZeRO 0-3), checkpoints and resume, on 2 CPUs."""
 
+import functools
 import json
 import math
 import os
@@ -51,19 +52,17 @@ def test_zero_stages_train_and_the_loss_goes_down(ray_local, tmp_path, stage):
 
 # SGD, not Adam: Adam's first updates are ~lr * sign(grad), so a weight whose gradient is ~0 moves by +-lr on 1e-7
 # of reduction-order noise, which hides whether sharding is exact. SGD's update is linear in the gradient.
-COMPARED = [*SMALL, "model.params.dropout=0", "train.max_steps=15", "train.epochs=1", "train.optimizer.name=sgd",
-            "train.optimizer.lr=0.1"]  # fmt: skip
+COMPARED = [*SMALL, "model.params.dropout=0", "train.max_steps=15", "train.epochs=1", "train.optimizer.name=sgd"]
+COMPARED += ["train.optimizer.lr=0.1"]
 
 
 @pytest.fixture(scope="module")
 def compared(ray_local, tmp_path_factory):
     """The runs of the DDP comparison, by their overrides: each trained once, then also checked after training."""
-    done = {}
 
+    @functools.cache
     def run(*overrides):
-        if overrides not in done:
-            done[overrides] = train(tmp_path_factory.mktemp("compared"), "quickstart.yaml", *COMPARED, *overrides)
-        return done[overrides]
+        return train(tmp_path_factory.mktemp("compared"), "quickstart.yaml", *COMPARED, *overrides)
 
     return run
 
