@@ -33,11 +33,11 @@ from steward.serve.model import (
     open_served_model,
 )
 from steward.serve.monitoring import ReplicaMonitor, monitor_target
+from steward.serve.oip_binary import EXTENSIONS, HEADER, binary_outputs, oip_reply, read_request
 from steward.serve.options import DEPLOYMENT, app_name, deployment_options
 from steward.serve.protocol import (
     BadRequest,
     FeedbackRequest,
-    InferRequest,
     InferResponse,
     ModelMetadata,
     Prediction,
@@ -184,7 +184,7 @@ class ModelServer:
     async def server_metadata(self, request: Request) -> dict:
         """OIP server metadata."""
         self._authorize(request)
-        return {"name": "steward", "version": __version__, "extensions": []}
+        return {"name": "steward", "version": __version__, "extensions": list(EXTENSIONS)}
 
     @api.get("/v2/models/{name}")
     async def metadata(self, name: str, request: Request) -> ModelMetadata:
@@ -224,15 +224,18 @@ class ModelServer:
 
     @api.post("/v2/models/{name}/infer", response_model=InferResponse)
     async def infer(self, name: str, request: Request) -> Response:
-        """OIP inference: one input tensor (BYTES [N] for text, FP32 [N, *shape] otherwise), three outputs."""
+        """OIP inference: one input tensor (BYTES [N] for text, FP32 [N, *shape] otherwise), three outputs; tensors
+        in JSON or as binary data after it (the binary tensor data extension), both ways."""
         self._authorize(request)
         self._check_name(name)
-        body = validated(InferRequest, parse_body(await self._body(request), self.cfg.max_body_bytes))
+        raw = await self._body(request)
+        body, data = read_request(raw, request.headers.get(HEADER), self.cfg.max_body_bytes)
         if body.model_name not in (None, name):
             raise BadRequest(422, "model_name", f"{body.model_name!r} is not the model of the path, {name!r}")
         names = requested_outputs(body)
+        binary = binary_outputs(body, names)
         info = self.served.info
-        instances = oip_instances(body, info.modality, info.input_shape)
+        instances = oip_instances(body, info.modality, info.input_shape, data[0])
         self._check_count(len(instances), "inputs[0].shape")
         output = await self._probabilities(instances, "inputs[0].data")
         # Late labels name a prediction by an id this server issued (parameters.request_ids, one per instance),
@@ -246,7 +249,7 @@ class ModelServer:
             outputs=oip_outputs(output.probabilities, info.label_names, names),
         )
         self._monitor(output, {}, request_ids)
-        return json_response(reply)
+        return oip_reply(reply, binary)
 
     @api.post("/explain")
     async def explain(self, request: Request) -> JSONResponse:

@@ -78,7 +78,7 @@ class InferTensor(Strict):
     shape: list[int]
     datatype: str
     parameters: dict[str, Any] | None = None
-    data: list[Any]
+    data: list[Any] | None = None  # None when the tensor's values come as binary data (oip_binary)
 
 
 class RequestedOutput(Strict):
@@ -177,22 +177,28 @@ def _key_problem(value: Attribute) -> str | None:
     return None
 
 
-def oip_instances(request: InferRequest, modality: str, input_shape: tuple[int, ...]) -> Any:
-    """The one OIP input tensor as instances: a list of strings (BYTES [N]) or an array [N, *input_shape]."""
+def oip_instances(request: InferRequest, modality: str, input_shape: tuple[int, ...], data: Any = None) -> Any:
+    """The one OIP input tensor as instances: a list of strings (BYTES [N]) or an array [N, *input_shape].
+
+    `data`: the tensor's values when they came as binary data (`oip_binary.read_request`), else its JSON `data`.
+    """
     tensor = request.inputs[0]
+    values = tensor.data if data is None else data
+    if values is None:
+        raise BadRequest(422, "inputs[0].data", "missing; send `data`, or binary data (parameters.binary_data_size)")
     if modality == "text":
         if tensor.datatype != "BYTES":
             raise BadRequest(422, "inputs[0].datatype", f"text models take BYTES, got {tensor.datatype}")
-        if len(tensor.shape) not in (1, 2) or math.prod(tensor.shape) != len(tensor.data):
-            raise BadRequest(422, "inputs[0].shape", f"expected [N] matching {len(tensor.data)} strings")
-        return tensor.data
+        if len(tensor.shape) not in (1, 2) or math.prod(tensor.shape) != len(values):
+            raise BadRequest(422, "inputs[0].shape", f"expected [N] matching {len(values)} strings")
+        return list(values)
     if tensor.datatype not in NUMERIC:
         raise BadRequest(422, "inputs[0].datatype", f"expected a numeric datatype such as FP32, got {tensor.datatype}")
     if tuple(tensor.shape[1:]) != tuple(input_shape) or len(tensor.shape) != len(input_shape) + 1:
         expected = "[N, " + ", ".join(map(str, input_shape)) + "]"
         raise BadRequest(422, "inputs[0].shape", f"expected {expected}, got {tensor.shape}")
     try:
-        numbers = as_numbers(tensor.data)
+        numbers = as_numbers(values)
     except (TypeError, ValueError, OverflowError):
         numbers = None
     integers = tensor.datatype in INTEGERS
