@@ -7,6 +7,7 @@ the Serve deployment (`steward.serve.app`), without Ray Serve: no proxy, no repl
 """
 
 import sys
+import uuid
 from pathlib import Path
 
 import torch
@@ -27,7 +28,8 @@ def build(run_dir: Path) -> FastAPI:
     @app.post("/predict", response_model=PredictResponse)
     async def predict(request: Request) -> Response:
         body = validated(PredictRequest, parse_body(await request.body(), 4_000_000))
-        return json_response(predict_response(served, spec.name, served.probabilities(body.instances)))
+        ids = [uuid.uuid4().hex for _ in body.instances]  # as an unmonitored replica issues them
+        return json_response(predict_response(served, spec.name, served.probabilities(body.instances), ids))
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -103,6 +103,33 @@ def send(url, instances, groups=None):
     return ids
 
 
+def check_feedback(url, ids):
+    """One label per prediction this deployment made, within monitor.feedback_rate (10 here); every refusal is a
+    4xx naming the part, and counted."""
+
+    def label(request_id, value="1", **kwargs):
+        return requests.post(f"{url}/feedback", json={"request_id": request_id, "label": value}, timeout=30, **kwargs)
+
+    accepted = label(ids[0])
+    assert accepted.status_code == 200 and accepted.json()["request_id"] == ids[0], accepted.text
+    assert accepted.json()["status"] == "matched"  # pushed already: the monitor holds its prediction
+    refused = {
+        "duplicate": (label(ids[0], "0"), 409, "request_id"),
+        "label": (label(ids[1], "no-such-class"), 422, "label"),
+        "unknown": (label("0" * 48), 404, "request_id"),  # shaped like an id, not issued: labels sent ahead too
+        "forged": (label(ids[2][:-1] + ("0" if ids[2][-1] != "0" else "1")), 404, "request_id"),
+        "malformed": (requests.post(f"{url}/feedback", data=b"x" * 5000, timeout=30), 413, "body"),
+    }
+    for name, (reply, status, field) in refused.items():
+        assert (reply.status_code, reply.json()["field"]) == (status, field), (name, reply.text)
+    burst = [label(ids[3 + i]) for i in range(30)]
+    limited = [reply for reply in burst if reply.status_code == 429]
+    assert limited and all(int(r.headers["Retry-After"]) >= 1 for r in limited), [r.status_code for r in burst]
+    assert {r.status_code for r in burst} == {200, 429}
+    counted = requests.get(f"{url}/info", timeout=30).json()["replica"]["labels_refused"]
+    assert counted == {"duplicate": 1, "label": 1, "unknown": 2, "malformed": 1, "rate": len(limited)}, counted
+
+
 def report(url):
     reply = requests.get(f"{url}/monitor", timeout=60)
     assert reply.status_code == 200, reply.text
@@ -260,7 +287,7 @@ def test_traffic_poisoned_to_overflow_the_model_alerts_itself_and_cannot_hide_dr
 
 
 def test_text_vocabulary_shift_raises_drift_and_feedback_labels_count(tmp_path, ports):
-    monitor = {"drift": {"min_records": 100}, "window": {"size": 250}, "push_interval_s": 0.3}
+    monitor = {"drift": {"min_records": 100}, "window": {"size": 250}, "push_interval_s": 0.3, "feedback_rate": 10}
     spec, run_dir, url = monitored(
         tmp_path, ports, "text-transformer.yaml", monitor, "data.options.num_samples=2500", prefix="/text-watched"
     )
@@ -274,11 +301,7 @@ def test_text_vocabulary_shift_raises_drift_and_feedback_labels_count(tmp_path, 
         c["name"] for c in first["recent"][-1]["checks"]
     }
 
-    # Feedback for a served prediction is accepted; a label the model does not know is refused by field.
-    reply = requests.post(f"{url}/feedback", json={"request_id": ids[0], "label": spec.name and "1"}, timeout=30)
-    assert reply.status_code == 200 and reply.json()["request_id"] == ids[0]
-    bad = requests.post(f"{url}/feedback", json={"request_id": ids[0], "label": "no-such-class"}, timeout=30)
-    assert bad.status_code == 422 and bad.json()["field"] == "label"
+    check_feedback(url, ids)
 
     # New vocabulary: every word replaced by one the tokenizer never saw.
     words = ["".join(RNG.choice(list("qxzjvkw"), 7)) for _ in range(200)]
@@ -364,9 +387,19 @@ def test_waiting_predictions_are_saved_apart_and_a_restarted_monitor_matches_the
     ray.kill(actor, no_restart=False)  # a crash: Ray restarts the actor, which resumes from both files
     restarted = ray.get_actor(actor_name("labels", tmp_path), namespace=NAMESPACE)
     assert wait_for(lambda: ray.get(restarted.report.remote())["records"] == 3, 30, "the restarted monitor")
-    assert ray.get(restarted.feedback.remote("r2", "1")) is True  # matched a prediction made before the crash
-    assert ray.get(restarted.feedback.remote("r9", "1")) is False  # nothing to match: waits for its prediction
-    ray.kill(restarted, no_restart=True)
+    key = ray.get(restarted.request_id_key.remote())
+    assert ray.get(restarted.feedback.remote("r2", "1")) == "matched"  # a prediction made before the crash
+    assert ray.get(restarted.feedback.remote("r9", "1")) == "waiting"  # nothing to match yet
+    assert ray.get(restarted.feedback.remote("r2", "0")) == "duplicate"  # one label a prediction
+
+    # which predictions had their label is saved with the waiting ones: a second crash still refuses the duplicate
+    wait_for(lambda: "r2" in json.loads((folder / "pending.json").read_text())["labelled"], 10, "labels saved")
+    ray.kill(restarted, no_restart=False)
+    again = ray.get_actor(actor_name("labels", tmp_path), namespace=NAMESPACE)
+    assert ray.get(again.feedback.remote("r2", "1")) == "duplicate"
+    assert ray.get(again.request_id_key.remote()) == key and len(key) == 32  # old ids stay valid
+    assert (folder / "request-ids.key").stat().st_mode & 0o077 == 0  # readable by its owner only
+    ray.kill(again, no_restart=True)
 
 
 def test_two_serve_replicas_close_windows_near_their_size_with_a_push_each(tmp_path, ports):
@@ -504,3 +537,21 @@ def test_monitor_report_from_a_persisted_state_of_an_int8_deployment(tmp_path, p
         assert (tmp_path / "report" / image).stat().st_size > 1000, image
     missing = CliRunner().invoke(app, ["monitor", "report", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no monitor state" in missing.output
+
+
+def test_stopping_a_deployment_sends_what_its_replicas_hold_and_saves_the_monitor(tmp_path, ports):
+    """`steward serve stop`, and Ctrl-C on an embedded `steward serve`, lose no record: each replica pushes what it
+    counted as Serve stops it, then the monitor saves both ways before it is stopped."""
+    from steward.serve.deploy import stop
+
+    # nothing is pushed while serving: no timer push in the test's time, and 100 records are under a share
+    monitor = {"push_interval_s": 60, "window": {"size": 1000}}
+    spec, run_dir, url = monitored(tmp_path, ports, "quickstart.yaml", monitor, prefix="/stopped")
+    images, _ = digits(spec)
+    ids = send(url, [x.tolist() for x in images[:100]])
+    stop("stopped", None, spec.output_dir)
+    folder = run_dir / "monitor" / "stopped"
+    assert json.loads((folder / "state.json").read_text())["records"] == 100
+    assert sorted(json.loads((folder / "pending.json").read_text())["pending_predictions"]["ids"]) == sorted(ids)
+    audited = audit.history(audit.log_path(spec.output_dir), deployment="stopped")
+    assert audited[-1]["event"] == "deployment.stopped"

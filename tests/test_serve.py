@@ -14,6 +14,7 @@ import requests
 
 from steward.ray_env import HAPROXY_PORTS, HIGH_THROUGHPUT, prefer_high_throughput, take_haproxy_ports
 from steward.serve.deploy import deploy
+from steward.serve.labels import REQUEST_ID_LENGTH
 from steward.serve.quantize import QuantizationRefused
 from steward.spec.serve import ServeSpec
 from tests.serving import (
@@ -90,7 +91,9 @@ def test_served_predictions_equal_the_offline_model_and_oip_round_trips(runs, se
     served = np.array([r.json()["predictions"][0]["probabilities"] for r in replies])
     np.testing.assert_allclose(served, expected, atol=1e-5)
     body = replies[0].json()
-    assert body["model_version"] == run_dir.name and len(body["predictions"][0]["request_id"]) == 32
+    # a monitored deployment's ids carry its signature (what /feedback checks); others are plain uuids
+    id_length = REQUEST_ID_LENGTH if spec.monitor else 32
+    assert body["model_version"] == run_dir.name and len(body["predictions"][0]["request_id"]) == id_length
     assert body["predictions"][0]["label"] == body["labels"][int(expected[0].argmax())]
 
     infer = post(f"{url}/v2/models/{spec.name}/infer", json={"id": "r1", "inputs": [oip_input(family, instances)]})
@@ -98,7 +101,7 @@ def test_served_predictions_equal_the_offline_model_and_oip_round_trips(runs, se
     outputs = {o["name"]: o for o in infer.json()["outputs"]}
     assert infer.json()["id"] == "r1" and outputs["probabilities"]["shape"] == list(expected.shape)
     issued = infer.json()["parameters"]["request_ids"]  # what /feedback takes: the server's ids, not the client's
-    assert len(issued) == len(instances) and len(set(issued)) == len(issued) and all(len(i) == 32 for i in issued)
+    assert len(issued) == len(set(issued)) == len(instances) and all(len(i) == id_length for i in issued)
     np.testing.assert_allclose(np.reshape(outputs["probabilities"]["data"], expected.shape), expected, atol=1e-5)
     assert outputs["class_id"]["data"] == expected.argmax(-1).tolist()
     # as KServe's SDK sends it: the model's name in the body too, and only the outputs asked for

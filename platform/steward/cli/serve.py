@@ -89,7 +89,7 @@ def deploy_and_wait(
     """Deploy and print the endpoints; with an embedded Ray, keep serving until Ctrl-C."""
     import threading
 
-    from steward.serve.deploy import deploy
+    from steward.serve.deploy import deploy, stop
 
     try:
         deployed = deploy(job, run_dir, address, host, port, override_fairness_gate=override)
@@ -107,3 +107,6 @@ def deploy_and_wait(
         console.print("embedded Ray: serving until Ctrl-C")
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
+        # the embedded Ray ends with this process: its replicas send what they hold and the monitor saves first
+        console.print(f"stopping {deployed.name}: saving the monitor's state")
+        stop(deployed.name, address, job.output_dir)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -180,6 +181,9 @@ class Monitor:
         self.in_pane: dict[str, int] = {}  # replica -> records it pushed into the open pane
         self.ledger = PushLedger()  # which pushes of each replica are merged and saved
         self.exporter = Exporter(target.deployment)
+        self.id_key = _id_key(self.folder)
+        # request ids that have had their label, oldest first: one label per prediction
+        self.labelled: dict[str, None] = {}
         self._restore()
         self._ticker: asyncio.Task | None = None
 
@@ -224,11 +228,22 @@ class Monitor:
             self.in_pane = {}
         await self._judge(closed)
 
-    async def feedback(self, request_id: str, label: str) -> bool:
-        """A late label for an earlier prediction; True when its prediction was already here and is now counted."""
+    async def request_id_key(self) -> bytes:
+        """The key replicas sign request ids with, the same across restarts and redeployments of this run."""
+        return self.id_key
+
+    async def feedback(self, request_id: str, label: str) -> str:
+        """A late label for an earlier prediction: "matched" (counted now), "waiting" (for its prediction, which a
+        replica still holds) or "duplicate" (the prediction already had its label; nothing is counted)."""
+        if request_id in self.labelled:
+            return "duplicate"
         self._start_ticker()
         self.dirty = self.pending_dirty = True
-        return self.windows.add_feedback(request_id, label)
+        self.labelled[request_id] = None
+        if len(self.labelled) > (limit := self.windows.pane.max_pending):
+            for old in list(itertools.islice(self.labelled, len(self.labelled) - limit)):
+                del self.labelled[old]
+        return "matched" if self.windows.add_feedback(request_id, label) else "waiting"
 
     async def report(self, recent: int = 10) -> dict:
         """The monitor's view: the open window judged so far, recent closed windows, open alerts, thresholds."""
@@ -273,7 +288,11 @@ class Monitor:
         texts = {"state.json": json.dumps(state)}
         if pending:
             self.pending_saved_at, self.pending_dirty = self.saved_at, False
-            waiting = {**self.windows.pane.pending_to_dict(), "applied": self.ledger.applied}
+            waiting = {
+                **self.windows.pane.pending_to_dict(),
+                "labelled": list(self.labelled),
+                "applied": self.ledger.applied,
+            }
             texts["pending.json"] = json.dumps(waiting)
         return texts
 
@@ -296,6 +315,7 @@ class Monitor:
         waiting = json.loads(pending.read_text()) if pending.exists() else None
         if waiting is not None:  # else state.json holds them, as saves made before pending.json existed do
             self.windows.pane.restore_pending(waiting)
+            self.labelled = dict.fromkeys(waiting.get("labelled", []))
         self.ledger.restore(doc, waiting)
         # Ray's metrics live in this process: the gauges of the last window and of the open alerts come back with it
         if self.history:
@@ -360,6 +380,17 @@ class Monitor:
         )
         if self.cfg.alerts.webhook:
             await asyncio.to_thread(_post, self.cfg.alerts.webhook, event)
+
+
+def _id_key(folder: Path) -> bytes:
+    """The deployment's request-id key: made once, readable by its owner only, written whole or not at all."""
+    path = folder / "request-ids.key"
+    if not path.exists():
+        partial = path.with_suffix(".partial")
+        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+            out.write(os.urandom(32))
+        partial.replace(path)
+    return path.read_bytes()
 
 
 def _lower_priority() -> None:

@@ -60,6 +60,7 @@ from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec
 
 logger = logging.getLogger("steward.serve")
+FEEDBACK_BYTES = 4096  # a label's body: a request id and a class name
 # The schema is served by a route of the replica's own, behind the API key like everything but the health checks.
 api = FastAPI(title="steward model server", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -85,8 +86,7 @@ def replica_config(spec: JobSpec, run_dir: str, gate: GateResult | None = None) 
 
 @api.exception_handler(BadRequest)
 async def _refused(request: Request, err: BadRequest) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 @api.exception_handler(Exception)
@@ -96,17 +96,17 @@ async def _failed(request: Request, err: Exception) -> JSONResponse:
     return JSONResponse({"error": f"internal error ({type(err).__name__})", "field": None}, status_code=500)
 
 
-def predict_response(served: ServedModel, name: str, probabilities: Any) -> PredictResponse:
+def predict_response(served: ServedModel, name: str, probabilities: Any, request_ids: list[str]) -> PredictResponse:
     """steward's JSON reply: one prediction (request id, label, class id, probabilities) per instance."""
     labels = served.info.label_names
     predictions = [
         Prediction(
-            request_id=uuid.uuid4().hex,
+            request_id=request_id,
             label=labels[int(row.argmax())],
             class_id=int(row.argmax()),
             probabilities=row.tolist(),
         )
-        for row in probabilities
+        for row, request_id in zip(probabilities, request_ids, strict=True)
     ]
     return PredictResponse(model=name, model_version=served.version, labels=labels, predictions=predictions)
 
@@ -132,6 +132,14 @@ class ModelServer:
             self._run_batch.set_max_batch_size(self.cfg.batching.max_batch_size)  # type: ignore[attr-defined]
             wait_s = self.cfg.batching.batch_wait_timeout_ms / 1000
             self._run_batch.set_batch_wait_timeout_s(wait_s)  # type: ignore[attr-defined]
+
+    async def __del__(self) -> None:
+        """Serve's graceful stop (scale-down, redeploy, delete): what this replica counted reaches the monitor."""
+        if self.monitor is not None:
+            try:
+                await asyncio.wait_for(self.monitor.flush(), timeout=10)
+            except Exception:  # a monitor that is gone must not hold up the stop
+                logger.exception("last monitor push failed")
 
     # -- health and metadata -------------------------------------------------------------------------------
     @api.get("/healthz")
@@ -171,6 +179,7 @@ class ModelServer:
                 "id": serve.get_replica_context().replica_id.unique_id,
                 "uptime_s": time.time() - self.started,
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                "labels_refused": dict(self.monitor.refused_labels) if self.monitor else {},
             },
         }
 
@@ -218,8 +227,9 @@ class ModelServer:
         output = await self._probabilities(body.instances, "instances")
         # Per-group decision thresholds (train.mitigation), if the run has them: the reply and the monitor see them.
         output = replace(output, probabilities=self.served.decide(output.probabilities, body.attributes))
-        reply = predict_response(self.served, self.name, output.probabilities)
-        self._monitor(output, body.attributes, [p.request_id for p in reply.predictions])
+        request_ids = self._request_ids(len(body.instances))
+        reply = predict_response(self.served, self.name, output.probabilities, request_ids)
+        self._monitor(output, body.attributes, request_ids)
         return json_response(reply)
 
     @api.post("/v2/models/{name}/infer", response_model=InferResponse)
@@ -240,7 +250,7 @@ class ModelServer:
         output = await self._probabilities(instances, "inputs[0].data")
         # Late labels name a prediction by an id this server issued (parameters.request_ids, one per instance),
         # never by the client's `id`, which another client may also use.
-        request_ids = [uuid.uuid4().hex for _ in range(len(instances))]
+        request_ids = self._request_ids(len(instances))
         reply = InferResponse(
             model_name=self.name,
             model_version=self.served.version,
@@ -270,18 +280,29 @@ class ModelServer:
 
     @api.post("/feedback")
     async def feedback(self, request: Request) -> dict:
-        """A label that arrived later for an earlier prediction, by its request_id."""
+        """A label that arrived later for an earlier prediction, by the request_id this server issued; one label a
+        prediction. "status" is "matched" (counted now) or "waiting" (for a replica still holding the prediction)."""
         self._authorize(request)
         monitor = self._monitoring()
-        body = validated(FeedbackRequest, parse_body(await self._body(request), self.cfg.max_body_bytes))
+        monitor.admit_label()
+        try:
+            body = validated(FeedbackRequest, parse_body(await self._body(request, FEEDBACK_BYTES), FEEDBACK_BYTES))
+        except BadRequest as err:
+            raise monitor.refuse("malformed", err) from None
         if body.label not in self.served.info.label_names:
-            raise BadRequest(422, "label", f"unknown class {body.label!r}; one of {self.served.info.label_names}")
-        return {"request_id": body.request_id, "matched": await monitor.feedback(body.request_id, body.label)}
+            problem = f"unknown class {body.label!r}; one of {self.served.info.label_names}"
+            raise monitor.refuse("label", BadRequest(422, "label", problem))
+        status = await monitor.feedback(body.request_id, body.label)
+        return {"request_id": body.request_id, "status": status, "matched": status == "matched"}
 
     def _monitoring(self) -> ReplicaMonitor:
         if self.monitor is None:
             raise BadRequest(404, "monitor", "this deployment is not monitored; add a monitor section to its spec")
         return self.monitor
+
+    def _request_ids(self, count: int) -> list[str]:
+        """Ids of `count` predictions: signed where /feedback takes them, so a made-up id is refused at once."""
+        return self.monitor.ids.issue(count) if self.monitor else [uuid.uuid4().hex for _ in range(count)]
 
     def _monitor(self, output: Output, attributes: dict, request_ids: list[str]) -> None:
         if self.monitor is not None:  # only queued here (cheaper than scheduling a callback): counted at push
@@ -324,16 +345,17 @@ class ModelServer:
             limit = f"the limit of {self.cfg.max_instances} per request (serve.max_instances)"
             raise BadRequest(413, field, f"{count} instances is over {limit}; split the request")
 
-    async def _body(self, request: Request) -> bytes:
-        """The body, refused as soon as it passes serve.max_body_bytes (before it is all read)."""
-        limit, declared = self.cfg.max_body_bytes, request.headers.get("content-length", "")
+    async def _body(self, request: Request, limit: int | None = None) -> bytes:
+        """The body, refused as soon as it passes `limit` (serve.max_body_bytes by default), before it is all read."""
+        what = "serve.max_body_bytes" if limit is None else request.url.path.rsplit("/", 1)[-1]
+        limit, declared = limit or self.cfg.max_body_bytes, request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise BadRequest(413, "body", f"{declared} bytes is over the {limit}-byte limit (serve.max_body_bytes)")
+            raise BadRequest(413, "body", f"{declared} bytes is over the {limit}-byte limit ({what})")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise BadRequest(413, "body", f"over the {limit}-byte limit (serve.max_body_bytes)")
+                raise BadRequest(413, "body", f"over the {limit}-byte limit ({what})")
             chunks.append(chunk)
         return b"".join(chunks)
 

@@ -9,10 +9,13 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
+from ray.util import metrics
 
 from steward.errors import StewardError
 from steward.evaluate.profile import unknown_token_id
@@ -22,7 +25,9 @@ from steward.monitor.checks import live_state
 from steward.monitor.reference import PREDICTED_CLASS, load_reference, reference_dir
 from steward.monitor.signals import record_signals
 from steward.monitor.window_state import WindowState
+from steward.serve.labels import RateLimit, RequestIds
 from steward.serve.model import Output, ServedModel
+from steward.serve.protocol import BadRequest
 from steward.spec.monitor import BiasSpec, MonitorSpec
 from steward.spec.serve import ServeSpec
 
@@ -53,6 +58,13 @@ class ReplicaMonitor:
         self.state = live_state(self.bins)
         self.queue = RecordQueue(served, self.bins, self.cfg.bias)
         self.actor = monitor_actor(target)
+        self.ids = RequestIds(ray.get(self.actor.request_id_key.remote()))
+        self.labels_allowed = RateLimit(self.cfg.feedback_rate)
+        self.refused_labels: Counter[str] = Counter()
+        self.refused_metric = metrics.Counter(
+            "steward_feedback_refused", "Late labels refused, by reason.", ("deployment", "reason")
+        )
+        self.refused_metric.set_default_tags({"deployment": target.deployment})
         self.pusher: asyncio.Task | None = None
         self.id = uuid.uuid4().hex
         # Count windows close at the first delta that fills them. Each push's reply says how many records this
@@ -86,12 +98,32 @@ class ReplicaMonitor:
         """Count every queued record into the window state."""
         self.queue.count_into(self.state)
 
-    async def feedback(self, request_id: str, label: str) -> bool:
-        """A late label: counted here if this replica still holds the prediction, else matched by the monitor."""
-        self.count()
-        if self.state.add_feedback(request_id, label):
-            return True
-        return await self.actor.feedback.remote(request_id, label)
+    def admit_label(self) -> None:
+        """Refuse a label over monitor.feedback_rate (429 with Retry-After) before reading its body."""
+        if wait := self.labels_allowed.wait():
+            message = f"over this replica's {self.cfg.feedback_rate:g} labels a second (monitor.feedback_rate)"
+            raise self.refuse("rate", BadRequest(429, "feedback", message, {"Retry-After": str(wait)}))
+
+    def refuse(self, reason: str, err: BadRequest) -> BadRequest:
+        """`err`, counted as a label refused for `reason` (Prometheus and /info)."""
+        self.refused_labels[reason] += 1
+        self.refused_metric.inc(1.0, {"reason": reason})
+        return err
+
+    async def feedback(self, request_id: str, label: str) -> str:
+        """A late label for a prediction this deployment made, sent to the monitor, which keeps one per prediction:
+        "matched", or "waiting" while a replica still holds its prediction."""
+        if not self.ids.issued(request_id):
+            raise self.refuse("unknown", BadRequest(404, "request_id", "no prediction of this deployment has this id"))
+        try:
+            outcome = await self.actor.feedback.remote(request_id, label)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            raise BadRequest(
+                503, "monitor", "the monitor is restarting; send the label again", {"Retry-After": "1"}
+            ) from None
+        if outcome == "duplicate":
+            raise self.refuse("duplicate", BadRequest(409, "request_id", "this prediction already has its label"))
+        return outcome
 
     async def report(self) -> dict:
         await self.flush()

@@ -26,9 +26,11 @@ OUTPUTS = ("probabilities", "class_id", "label")
 class BadRequest(Exception):
     """A request the server refuses: HTTP status, the field at fault, and what to do."""
 
-    def __init__(self, status: int, field: str, message: str):
+    def __init__(self, status: int, field: str, message: str, headers: dict[str, str] | None = None):
         super().__init__(f"{field}: {message}")
         self.status, self.field, self.message = status, field, message
+        self.headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+        self.headers.update(headers or {})
 
     def body(self) -> dict:
         return {"error": f"{self.field}: {self.message}", "field": self.field}

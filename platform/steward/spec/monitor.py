@@ -122,6 +122,13 @@ class MonitorSpec(Section):
         "apart from the statistics and less often: saving that many is costly): after a restart, a label for a "
         "prediction made since the last such save is not matched.",
     )
+    feedback_rate: float = Field(
+        50.0,
+        gt=0,
+        le=100_000,
+        description="Late labels (POST /feedback) each replica accepts a second, in bursts of up to a second's "
+        "worth; more are refused with 429 and Retry-After.",
+    )
     history: int = Field(200, ge=1, le=100_000, description="Closed windows kept (and persisted).")
     max_invalid_rate: float = Field(
         0.01,
