@@ -4,7 +4,8 @@
 
 1. Overhead: the quickstart CNN (cheap, so fixed per-request costs show most), one replica / one uvicorn process,
    one torch thread, batching off, the same /predict handler (benchmarks/bare_fastapi.py). p50 / p99 latency of
-   sequential requests (concurrency 1) and the most requests/s at concurrency 32.
+   sequential requests (concurrency 1) and the most requests/s at concurrency 32; for a fixed deployment and an
+   autoscaled one (held at one replica: its forward passes run in a worker thread and it reports its load).
 2. Batching: a 4-layer, 256-wide BERT on 64 tokens, one instance per request at concurrency 32, batching off vs
    on (max 16, 5 ms wait); the served gain against the model's own offline gain (batch-16 vs batch-1 forward).
 3. int8 vs fp32: the same BERT offline at batch 16 and served with batching at concurrency 32.
@@ -51,6 +52,9 @@ BERT = [
     "data.options.num_samples=1500",
     "data.tokenizer.vocab_size=2000",
 ]
+
+
+AUTOSCALED = {"min_replicas": 1, "max_replicas": 1, "metrics_interval_s": 1.0, "look_back_period_s": 5.0}
 
 
 def free_port() -> int:
@@ -120,12 +124,20 @@ def overhead(cnn, args, port: int) -> dict:
     spec, run_dir = cnn
     bodies = [{"instances": [x]} for x in raw_inputs(spec, "validation", 64)]
     proc, bare_url = bare_server(run_dir)
-    serve_url = serve_deploy(spec, run_dir, port, "/cnn", batching=None)
-    cells: dict[str, list[dict]] = {"bare FastAPI": [], "steward on Serve": []}
+    urls = {
+        "bare FastAPI": bare_url,
+        "steward on Serve": serve_deploy(spec, run_dir, port, "/cnn", batching=None),
+        # the autoscaled replica's path (forward passes in a worker thread, load reports to the autoscaler), held
+        # at one replica so that it is compared with one bare process
+        "steward on Serve, autoscaled": serve_deploy(
+            spec, run_dir, port, "/cnn-auto", batching=None, num_replicas=None, autoscaling=AUTOSCALED
+        ),
+    }
+    cells: dict[str, list[dict]] = {cell: [] for cell in urls}
     try:
         for _ in range(args.repeats):
-            cells["bare FastAPI"].append(measure(f"{bare_url}/predict", bodies, args, latency=True))
-            cells["steward on Serve"].append(measure(f"{serve_url}/predict", bodies, args, latency=True))
+            for cell, url in urls.items():
+                cells[cell].append(measure(f"{url}/predict", bodies, args, latency=True))
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -170,19 +182,23 @@ def _batch_sizes(url: str) -> dict[str, int]:
 
 def overhead_table(result: dict, console: Console) -> None:
     over = result["overhead"]
-    bare, steward = over["bare FastAPI"], over["steward on Serve"]
+    bare = over["bare FastAPI"]
     table = Table(title=f"Serving overhead, quickstart CNN, 1 replica x 1 thread (proxy: {result['proxy']})")
     for column in ("", "p50 ms (c=1)", "p99 ms (c=1)", "max QPS (c=32)"):
         table.add_column(column, justify="right")
     for cell, r in over.items():
         table.add_row(cell, f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['qps_c32']:.0f}")
-    p50, p99 = steward["p50_ms"] - bare["p50_ms"], steward["p99_ms"] - bare["p99_ms"]
-    table.add_row("steward - bare", f"{p50:+.2f}", f"{p99:+.2f}", f"x{steward['qps_c32'] / bare['qps_c32']:.2f}")
-    pairs = list(zip(bare["each"], steward["each"], strict=True))  # repeat by repeat: the spread
-    p50s = [s["p50_ms"] - b["p50_ms"] for b, s in pairs]
-    p99s = [s["p99_ms"] - b["p99_ms"] for b, s in pairs]
-    qps = [s["qps_c32"] / b["qps_c32"] for b, s in pairs]
-    table.add_row("  each repeat: min, max", _range(p50s, "+.2f"), _range(p99s, "+.2f"), _range(qps, ".2f", "x"))
+    for cell, steward in over.items():
+        if cell == "bare FastAPI":
+            continue
+        p50, p99 = steward["p50_ms"] - bare["p50_ms"], steward["p99_ms"] - bare["p99_ms"]
+        qps = f"x{steward['qps_c32'] / bare['qps_c32']:.2f}"
+        table.add_row(f"{cell} - bare", f"{p50:+.2f}", f"{p99:+.2f}", qps)
+        pairs = list(zip(bare["each"], steward["each"], strict=True))  # repeat by repeat: the spread
+        p50s = [s["p50_ms"] - b["p50_ms"] for b, s in pairs]
+        p99s = [s["p99_ms"] - b["p99_ms"] for b, s in pairs]
+        qpss = [s["qps_c32"] / b["qps_c32"] for b, s in pairs]
+        table.add_row("  each repeat: min, max", _range(p50s, "+.2f"), _range(p99s, "+.2f"), _range(qpss, ".2f", "x"))
     console.print(table)
 
 
@@ -245,8 +261,7 @@ def main() -> None:
     from steward.ray_env import prefer_high_throughput
 
     # As `steward serve` does with an embedded Ray; set RAY_SERVE_ENABLE_HA_PROXY=0 to measure the default proxy.
-    fixed = ServeSpec(num_replicas=1)  # every deployment here has one replica
-    proxy = "haproxy (high-throughput mode)" if prefer_high_throughput(fixed) else "Serve's default proxy"
+    proxy = "haproxy (high-throughput mode)" if prefer_high_throughput(ServeSpec()) else "Serve's default proxy"
     import ray
     from ray import serve
     from tests.serving import trained_run

@@ -1,7 +1,5 @@
-"""Ray tier: autoscaling on a real Ray Serve: 1 -> 2 replicas under load and back, scale to zero and cold start.
-
-Its own module, hence its own Ray: autoscaled specs run on Serve's default proxy (what `steward serve` picks for
-them), while tests/test_serve.py runs fixed-replica specs behind HAProxy when it is installed.
+"""Ray tier: autoscaling on a real Ray Serve behind its HAProxy ingress (the mode `steward serve` picks when haproxy
+is installed): 1 -> 2 replicas under load, the new one serving, and back; scale to zero and cold start.
 """
 
 import os
@@ -11,7 +9,8 @@ import numpy as np
 import pytest
 import requests
 
-from steward.ray_env import HIGH_THROUGHPUT
+from steward.ray_env import HIGH_THROUGHPUT, prefer_high_throughput
+from steward.spec.serve import AutoscalingSpec, ServeSpec
 from tests.serving import (
     offline_probabilities,
     post,
@@ -25,11 +24,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _default_proxy():
-    """Serve's default proxy, as `steward serve` picks for autoscaled specs, set before this module's Ray starts."""
-    before = {k: os.environ.pop(k, None) for k in HIGH_THROUGHPUT}
+def _fast_ingress():
+    """Serve's HAProxy ingress, as `steward serve` picks it for an autoscaled spec, set before this module's Ray."""
+    before = {k: os.environ.get(k) for k in HIGH_THROUGHPUT}
+    assert prefer_high_throughput(ServeSpec(autoscaling=AutoscalingSpec())), "make setup installs haproxy"
     yield
-    os.environ.update({k: v for k, v in before.items() if v is not None})
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +80,9 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(runs, serve_
     workers = keep_busy(url, {"instances": validation_inputs(spec, 4)}, stop)
     try:
         wait_for(lambda: running_replicas(spec.name) == 2, 90, "a second replica under load")
+        # HAProxy sends the new replica its share of requests
+        serving = {requests.get(f"{url}/info", timeout=60).json()["replica"]["id"] for _ in range(40)}
+        assert len(serving) == 2, serving
     finally:
         stop.set()
         for worker in workers:

@@ -51,13 +51,10 @@ def worker_env(spec: JobSpec | None) -> dict[str, str]:
 def prefer_high_throughput(cfg: ServeSpec | None) -> bool:
     """Turn on Ray's high-throughput Serve mode for `cfg` when haproxy is installed and the user has not chosen.
 
-    Only for a fixed number of replicas: under Ray 2.60's HAProxy ingress the autoscaler does not add replicas
-    under load (tests/test_serve_autoscale.py runs Serve's default proxy, which does). Serve reads these variables
-    when its processes start, so this acts only before an embedded Ray starts; a joined cluster keeps its own
-    setting. Returns whether the mode is on for Rays started from now on.
+    Serve reads these variables when its processes start, so this acts only before an embedded Ray starts; a joined
+    cluster keeps its own setting. Returns whether the mode is on for Rays started from now on.
     """
-    wanted = cfg is not None and cfg.autoscaling is None
-    if wanted and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ and shutil.which("haproxy"):
+    if cfg is not None and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ and shutil.which("haproxy"):
         os.environ.update(HIGH_THROUGHPUT)
     return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
 

@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -123,6 +124,10 @@ class ModelServer:
         self.served: ServedModel = open_served_model(replica.model)
         self.keys = load_keys(self.cfg.auth)
         self.batch_sizes: Counter[int] = Counter()
+        # An autoscaled replica runs forward passes off the event loop, one at a time, so that requests waiting for
+        # one are in flight here: under Serve's HAProxy ingress the replicas' in-flight counts are all the autoscaler
+        # sees (HAProxy's own queue is not), and a pass on the loop would keep every other request outside.
+        self.forward_thread = ThreadPoolExecutor(1) if self.cfg.autoscaling is not None else None
         self.started = time.time()
         self.monitor: ReplicaMonitor | None = None
         if replica.monitor is not None:
@@ -310,9 +315,14 @@ class ModelServer:
 
     async def _probabilities(self, instances: Any, field: str) -> Output:
         prepared = self.served.prepare(instances, field)  # bad input fails here, alone, before any batch
-        if self.cfg.batching is None:  # on the event loop: the lowest latency for one small forward pass
+        monitored = self.monitor is not None
+        if self.cfg.batching is None:
             self.batch_sizes[1] += 1
-            output = self.served.run([prepared], self.monitor is not None)[0]
+            if self.forward_thread is None:  # on the event loop: the lowest latency for one small forward pass
+                output = self.served.run([prepared], monitored)[0]
+            else:
+                loop = asyncio.get_running_loop()
+                output = (await loop.run_in_executor(self.forward_thread, self.served.run, [prepared], monitored))[0]
         else:
             output = await self._run_batch(prepared)
         if (row := non_finite_row(output)) is not None:  # neither the client nor the monitor gets NaN
