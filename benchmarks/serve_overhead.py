@@ -25,11 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests.serving: the fast trained-run helper the serve tests use
 
+import requests  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
@@ -39,6 +41,7 @@ from steward.bench.machine import manifest  # noqa: E402
 from steward.data import raw_inputs  # noqa: E402
 from steward.serve.model import load_served_model  # noqa: E402
 from steward.serve.quantize import quantize_int8  # noqa: E402
+from steward.serve.timing import parse_header  # noqa: E402
 from steward.spec.bench import LoadSpec  # noqa: E402
 from steward.spec.serve import ServeSpec  # noqa: E402
 
@@ -138,11 +141,40 @@ def overhead(cnn, args, port: int) -> dict:
         for _ in range(args.repeats):
             for cell, url in urls.items():
                 cells[cell].append(measure(f"{url}/predict", bodies, args, latency=True))
+        where = {cell: breakdown(f"{url}/predict", bodies, args.requests // 2, 1) for cell, url in urls.items()}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     medians = {cell: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for cell, runs in cells.items()}
-    return {cell: medians[cell] | {"each": runs} for cell, runs in cells.items()}
+    return {cell: medians[cell] | {"each": runs, "breakdown_ms": where[cell]} for cell, runs in cells.items()}
+
+
+def breakdown(url: str, bodies: list[dict], count: int, concurrency: int) -> dict[str, float]:
+    """Median milliseconds of each phase the replica reports (Server-Timing) and of the whole request as the client
+    waited for it, over `count` requests at `concurrency`; `outside` is the rest: proxy, network, Serve's own."""
+
+    def one(i: int) -> dict[str, float]:
+        reply = session.post(url, json=bodies[i % len(bodies)], timeout=60)
+        reply.raise_for_status()
+        return {"client": reply.elapsed.total_seconds() * 1000, **parse_header(reply.headers.get("Server-Timing", ""))}
+
+    with requests.Session() as session, ThreadPoolExecutor(concurrency) as pool:
+        rows = list(pool.map(one, range(count)))
+    names = dict.fromkeys(name for row in rows for name in row)  # in the order the replica reports them
+    medians = {name: statistics.median(row.get(name, 0.0) for row in rows) for name in names}
+    inside = sum(ms for name, ms in medians.items() if name != "client")
+    return medians | {"outside": medians["client"] - inside}
+
+
+def breakdown_table(title: str, cells: dict[str, dict[str, float]], console: Console) -> None:
+    """Where a request's time goes, cell by cell (medians of each phase; bare FastAPI reports none)."""
+    names = list(dict.fromkeys(name for phases in cells.values() for name in phases))
+    table = Table(title=title)
+    for column in ("", *names):
+        table.add_column(column, justify="right")
+    for cell, phases in cells.items():
+        table.add_row(cell, *(f"{phases[n]:.2f}" if n in phases else "" for n in names))
+    console.print(table)
 
 
 def batching_and_int8(bert, args, port: int) -> dict:
@@ -166,6 +198,7 @@ def batching_and_int8(bert, args, port: int) -> dict:
             alone[cell].append(offline(models[kind], texts[:batch], args.seconds))
     seen = {cell: _batch_sizes(url) for cell, url in urls.items() if "on" in cell.split()}
     return {
+        "breakdown_ms_c32": {cell: breakdown(f"{url}/predict", bodies, 600, 32) for cell, url in urls.items()},
         "batch_sizes_seen": seen,
         "served_qps_c32": {c: statistics.median(v) for c, v in served.items()},
         "offline_per_s": {c: statistics.median(v) for c, v in alone.items()},
@@ -290,7 +323,10 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     if result["overhead"]:
         overhead_table(result, console)
+        where = {cell: r["breakdown_ms"] for cell, r in result["overhead"].items()}
+        breakdown_table("Where a request's time goes, ms (medians at c=1; outside: proxy, network)", where, console)
     batching_table(result, console)
+    breakdown_table("BERT at c=32, ms (medians)", result["batching"]["breakdown_ms_c32"], console)
     console.print(f"batch sizes seen (size: batches): {result['batching']['batch_sizes_seen']}")
     console.print(f"wrote {out}")
 

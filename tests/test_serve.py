@@ -16,6 +16,7 @@ from steward.ray_env import HAPROXY_PORTS, HIGH_THROUGHPUT, prefer_high_throughp
 from steward.serve.deploy import deploy
 from steward.serve.labels import REQUEST_ID_LENGTH
 from steward.serve.quantize import QuantizationRefused
+from steward.serve.timing import parse_header
 from steward.spec.serve import ServeSpec
 from tests.serving import (
     offline_probabilities,
@@ -90,6 +91,11 @@ def test_served_predictions_equal_the_offline_model_and_oip_round_trips(runs, se
     assert all(r.status_code == 200 for r in replies), replies[0].text
     served = np.array([r.json()["predictions"][0]["probabilities"] for r in replies])
     np.testing.assert_allclose(served, expected, atol=1e-5)
+    # where each request's time went in the replica: within what the client waited
+    for reply in replies:
+        phases = parse_header(reply.headers["Server-Timing"])
+        assert {"parse", "prepare", "wait", "encode", "forward", "reply"} <= phases.keys(), phases
+        assert min(phases.values()) >= 0 and sum(phases.values()) <= reply.elapsed.total_seconds() * 1000
     body = replies[0].json()
     # a monitored deployment's ids carry its signature (what /feedback checks); others are plain uuids
     id_length = REQUEST_ID_LENGTH if spec.monitor else 32

@@ -55,6 +55,7 @@ from steward.serve.protocol import (
 )
 from steward.serve.quantize import GateResult
 from steward.serve.source import find_run
+from steward.serve.timing import Timing
 from steward.spec import JobSpec
 from steward.spec.explain import ExplainSpec
 from steward.spec.monitor import MonitorSpec
@@ -225,22 +226,27 @@ class ModelServer:
     @api.post("/predict", response_model=PredictResponse)
     async def predict(self, request: Request) -> Response:
         """steward's JSON: {"instances": [...], "attributes": {...}} -> one prediction per instance."""
+        timing = Timing()
         self._authorize(request)
         body = validated(PredictRequest, parse_body(await self._body(request), self.cfg.max_body_bytes))
         self._check_count(len(body.instances), "instances")
         check_attributes(body.attributes)
-        output = await self._probabilities(body.instances, "instances")
+        timing.mark("parse")
+        output = await self._probabilities(body.instances, "instances", timing)
         # Per-group decision thresholds (train.mitigation), if the run has them: the reply and the monitor see them.
         output = replace(output, probabilities=self.served.decide(output.probabilities, body.attributes))
         request_ids = self._request_ids(len(body.instances))
-        reply = predict_response(self.served, self.name, output.probabilities, request_ids)
-        self._monitor(output, body.attributes, request_ids)
-        return json_response(reply)
+        response = json_response(predict_response(self.served, self.name, output.probabilities, request_ids))
+        timing.mark("reply")
+        self._monitor(output, body.attributes, request_ids, timing)
+        response.headers["Server-Timing"] = timing.header()
+        return response
 
     @api.post("/v2/models/{name}/infer", response_model=InferResponse)
     async def infer(self, name: str, request: Request) -> Response:
         """OIP inference: one input tensor (BYTES [N] for text, FP32 [N, *shape] otherwise), three outputs; tensors
         in JSON or as binary data after it (the binary tensor data extension), both ways."""
+        timing = Timing()
         self._authorize(request)
         self._check_name(name)
         raw = await self._body(request)
@@ -252,7 +258,8 @@ class ModelServer:
         info = self.served.info
         instances = oip_instances(body, info.modality, info.input_shape, data[0])
         self._check_count(len(instances), "inputs[0].shape")
-        output = await self._probabilities(instances, "inputs[0].data")
+        timing.mark("parse")
+        output = await self._probabilities(instances, "inputs[0].data", timing)
         # Late labels name a prediction by an id this server issued (parameters.request_ids, one per instance),
         # never by the client's `id`, which another client may also use.
         request_ids = self._request_ids(len(instances))
@@ -263,8 +270,11 @@ class ModelServer:
             parameters={"request_ids": request_ids},
             outputs=oip_outputs(output.probabilities, info.label_names, names),
         )
-        self._monitor(output, {}, request_ids)
-        return oip_reply(reply, binary)
+        response = oip_reply(reply, binary)
+        timing.mark("reply")
+        self._monitor(output, {}, request_ids, timing)
+        response.headers["Server-Timing"] = timing.header()
+        return response
 
     @api.post("/explain")
     async def explain(self, request: Request) -> JSONResponse:
@@ -309,12 +319,14 @@ class ModelServer:
         """Ids of `count` predictions: signed where /feedback takes them, so a made-up id is refused at once."""
         return self.monitor.ids.issue(count) if self.monitor else [uuid.uuid4().hex for _ in range(count)]
 
-    def _monitor(self, output: Output, attributes: dict, request_ids: list[str]) -> None:
+    def _monitor(self, output: Output, attributes: dict, request_ids: list[str], timing: Timing) -> None:
         if self.monitor is not None:  # only queued here (cheaper than scheduling a callback): counted at push
             self.monitor.record(output, attributes, request_ids)
+            timing.mark("monitor")
 
-    async def _probabilities(self, instances: Any, field: str) -> Output:
+    async def _probabilities(self, instances: Any, field: str, timing: Timing) -> Output:
         prepared = self.served.prepare(instances, field)  # bad input fails here, alone, before any batch
+        timing.mark("prepare")
         monitored = self.monitor is not None
         if self.cfg.batching is None:
             self.batch_sizes[1] += 1
@@ -325,6 +337,8 @@ class ModelServer:
                 output = (await loop.run_in_executor(self.forward_thread, self.served.run, [prepared], monitored))[0]
         else:
             output = await self._run_batch(prepared)
+        timing.mark("wait")
+        timing.split("wait", encode=output.encode_s, forward=output.forward_s)
         if (row := non_finite_row(output)) is not None:  # neither the client nor the monitor gets NaN
             if self.monitor is not None:
                 self.monitor.refused(len(output.probabilities))

@@ -5,6 +5,7 @@ made once where the application is built (`model_source`).
 """
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ class Output:
     embeddings: np.ndarray | None = None
     inputs: np.ndarray | None = None
     attention_mask: np.ndarray | None = None
+    encode_s: float = 0.0  # the whole pass's tokenizing and forward times, which every request in it waited for
+    forward_s: float = 0.0
 
 
 NON_FINITE = "the model's output for this instance is not finite: its values are far outside the training data's"
@@ -124,11 +127,13 @@ class ServedModel:
         """Class probabilities (float32 [n_i, C]) for each prepared request, in one forward pass over all of them;
         with `embed`, also the penultimate layer's output and the encoded inputs (what the monitor profiles)."""
         sizes = [len(p) for p in prepared]
+        started = time.perf_counter()
         if self.info.modality == "text":  # padded to max_length as in training: batching never changes a result
             texts = [text for p in prepared for text in p]
             inputs, mask = encode_instances(texts, self.info, self.source.max_length)
         else:
             inputs, mask = (prepared[0] if len(prepared) == 1 else torch.cat(prepared)), None
+        encoded = time.perf_counter()
         tap = self.embedding_tap() if embed else None
         if tap is not None:
             tap.start()
@@ -137,6 +142,7 @@ class ServedModel:
         finally:
             seen = tap.stop() if tap is not None else []
         # one conversion each, then numpy slices (views), cheaper than a torch slice per request
+        forward_s = time.perf_counter() - encoded
         embeddings = (seen[0] if len(seen) == 1 else torch.cat(seen)).numpy() if seen else None
         x = inputs.numpy() if embed else None
         m = mask.numpy() if embed and mask is not None else None
@@ -147,6 +153,8 @@ class ServedModel:
                 None if embeddings is None else embeddings[s : s + n],
                 None if x is None else x[s : s + n],
                 None if m is None else m[s : s + n],
+                encoded - started,
+                forward_s,
             )
             for s, n in zip(starts, sizes, strict=True)
         ]
