@@ -251,6 +251,25 @@ def test_digits_clean_traffic_is_quiet_noise_raises_drift_and_skew_raises_bias(t
 
     wait_for(exported, 60, f"all of {sorted(used)} on the metrics endpoint")
 
+    # 4. The monitor dies: Ray restarts it from its saves with its open alerts, and their gauges are back at 1 in
+    # Prometheus, so the shipped StewardMonitorAlert rule stays firing.
+    import ray
+
+    from steward.monitor.actor import NAMESPACE, actor_name
+
+    open_before = {a["name"] for a in report(url)["alerts"]}
+    ray.kill(ray.get_actor(actor_name("watched", run_dir), namespace=NAMESPACE), no_restart=False)
+    wait_for(lambda: {a["name"] for a in report(url)["alerts"]} == open_before, 60, "the restarted monitor's alerts")
+
+    def alert_gauges():
+        text = urllib.request.urlopen(metrics_url).read().decode()
+        series = re.findall(r"^ray_steward_monitor_alert_open\{([^}]*)\} (\S+)$", text, re.M)
+        watched = [tags for tags, value in series if 'deployment="watched"' in tags and float(value) == 1]
+        open_now = {re.search(r'check="([^"]*)"', tags)[1] for tags in watched}
+        return open_before <= open_now and open_now
+
+    wait_for(alert_gauges, 60, f"alert_open = 1 for {sorted(open_before)} after the restart")
+
 
 def texts(spec):
     from steward.data.prepare import _tables

@@ -367,6 +367,8 @@ class Monitor:
             self.exporter.window(report, events)
             for event in events:
                 await self._emit(event)
+            if events:  # an alert opened or cleared is saved at once: a restart must not forget it
+                await self.persist(pending=False)
 
     async def _emit(self, event: dict) -> None:
         event = {**event, "deployment": self.deployment}
