@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve import Application
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steward import __version__
 from steward.serve.auth import key_is_valid, load_keys, presented_key
@@ -89,6 +90,14 @@ def replica_config(spec: JobSpec, run_dir: str, gate: GateResult | None = None) 
 @api.exception_handler(BadRequest)
 async def _refused(request: Request, err: BadRequest) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _no_route(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    # Starlette's own refusals (no route at this path, a method the route does not take) are shaped like ours
+    part = "method" if err.status_code == 405 else "path"
+    refusal = BadRequest(err.status_code, part, f"{err.detail} ({request.method} {request.url.path})")
+    return JSONResponse(refusal.body(), status_code=err.status_code, headers=err.headers)
 
 
 @api.exception_handler(Exception)
@@ -365,6 +374,8 @@ class ModelServer:
             raise BadRequest(404, "name", f"no model {name!r} here; this server serves {self.name!r}")
 
     def _check_count(self, count: int, field: str) -> None:
+        if count == 0:  # nothing to predict, and an empty batch is no shape the model and its checks take
+            raise BadRequest(422, field, "holds no instance; send at least one")
         if count > self.cfg.max_instances:
             limit = f"the limit of {self.cfg.max_instances} per request (serve.max_instances)"
             raise BadRequest(413, field, f"{count} instances is over {limit}; split the request")

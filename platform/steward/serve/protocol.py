@@ -27,6 +27,9 @@ class BadRequest(Exception):
     """A request the server refuses: HTTP status, the field at fault, and what to do."""
 
     def __init__(self, status: int, field: str, message: str, headers: dict[str, str] | None = None):
+        # A field can be a key the client sent, and a message can quote one: a lone surrogate in it would make the
+        # reply unencodable (a 500), so it is kept escaped, as JSON would write it.
+        field, message = utf8_safe(field), utf8_safe(message)
         super().__init__(f"{field}: {message}")
         self.status, self.field, self.message = status, field, message
         self.headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
@@ -34,6 +37,11 @@ class BadRequest(Exception):
 
     def body(self) -> dict:
         return {"error": f"{self.field}: {self.message}", "field": self.field}
+
+
+def utf8_safe(text: str) -> str:
+    """`text` with every lone surrogate (which no UTF-8 text can hold) as its escape, \\udXXX."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class Strict(BaseModel):
@@ -95,6 +103,14 @@ class InferRequest(Strict):
     parameters: dict[str, Any] | None = None
     inputs: list[InferTensor] = Field(min_length=1, max_length=1)
     outputs: list[RequestedOutput] | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _echoable(cls, value: str | None) -> str | None:
+        # the reply carries the id back: text that no UTF-8 reply can hold is refused here rather than at the reply
+        if value is not None and utf8_safe(value) != value:
+            raise ValueError("not valid UTF-8 (lone surrogate escape)")
+        return value
 
 
 class InferResponse(Strict):
