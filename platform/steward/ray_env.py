@@ -10,13 +10,13 @@ import os
 import shlex
 import shutil
 import socket
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from steward.errors import ClusterUnreachable, StewardError
 from steward.spec import JobSpec
 from steward.spec.serve import ServeSpec
+from steward.storage import cache_dir
 
 # Ray's high-throughput Serve mode: HAProxy as the ingress and requests sent straight to replicas
 # (benchmarks/serve_overhead.py measures it against the default proxy).
@@ -109,12 +109,13 @@ def take_haproxy_failover() -> None:
 
 def haproxy_shim(real: str) -> Path:
     """The script that starts HAProxy `real` with steward's lines added to Ray's config (see _SHIM), beside the 503 it
-    names: written once per content in the temporary folder, where Ray's HAProxy reads them for as long as it runs."""
+    names: written once per content in steward's own cache folder, where Ray's HAProxy reads them for as long as it
+    runs. Not in the shared temporary folder: another user could plant a script there for Ray to execute."""
     body = json.dumps(UNAVAILABLE).encode()
     head = "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
     reply = f"{head}Cache-Control: no-store\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
     digest = hashlib.sha256(reply + _shim_script(real, "ERRORFILE").encode()).hexdigest()[:16]
-    folder = Path(tempfile.gettempdir()) / "steward-haproxy" / digest
+    folder = cache_dir() / "haproxy" / digest
     _write_once(folder / "503.http", reply, 0o644)
     _write_once(folder / "haproxy", _shim_script(real, str(folder / "503.http")).encode(), 0o755)
     return folder / "haproxy"
