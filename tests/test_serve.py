@@ -65,6 +65,28 @@ def test_an_embedded_serve_takes_free_haproxy_ports_where_another_serve_holds_th
     assert os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"] == "9999"
 
 
+def test_two_embedded_serves_starting_together_do_not_both_take_the_default_haproxy_ports(monkeypatch):
+    """HAProxy binds seconds after the ports are chosen: a steward that has just chosen a default holds a claim on it,
+    and another starting meanwhile takes a free port."""
+    import subprocess
+    import sys
+
+    claim = "from steward.ray_env import _claim; import sys; print(_claim(int(sys.argv[1])), flush=True); input()"
+    port = HAPROXY_PORTS["RAY_SERVE_HAPROXY_STATS_PORT"]
+    other = subprocess.Popen(
+        [sys.executable, "-c", claim, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        claimed = other.stdout.readline().strip() == "True"  # False: this test process claimed it earlier
+        monkeypatch.setattr(os, "environ", {})
+        take_haproxy_ports()
+        if claimed:
+            assert int(os.environ["RAY_SERVE_HAPROXY_STATS_PORT"]) != port
+    finally:
+        other.communicate("", timeout=30)
+    assert claimed or "RAY_SERVE_HAPROXY_STATS_PORT" not in os.environ  # then this process holds the default
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One trained run per model family: {family: (spec, run_dir)}."""

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 def _fast_ingress():
     """Serve's HAProxy ingress, as `steward serve` picks it for an autoscaled spec, set before this module's Ray."""
     before = {k: os.environ.get(k) for k in HIGH_THROUGHPUT}
-    assert prefer_high_throughput(ServeSpec(autoscaling=AutoscalingSpec())), "make setup installs haproxy"
+    assert prefer_high_throughput(ServeSpec(autoscaling=AutoscalingSpec())), "ray[serve] ships HAProxy on Linux"
     yield
     for key, value in before.items():
         if value is None:

@@ -4,12 +4,14 @@ Every command that needs Ray calls `connect` once; the stages below it (training
 connected driver. Ray itself is imported only inside the functions, so light commands never load it.
 """
 
+import fcntl
 import hashlib
 import json
 import os
 import shlex
 import shutil
 import socket
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -53,6 +55,7 @@ if [ -n "$config" ] && ! grep -qF {marker} "$config"; then
 fi
 exec {real} "$@"
 """
+_CLAIMS: dict[int, int] = {}  # port -> the descriptor holding this process's claim on it
 # Passed on from the driver to every worker and replica when set.
 INHERITED = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS")
 
@@ -79,22 +82,45 @@ def worker_env(spec: JobSpec | None) -> dict[str, str]:
 
 
 def prefer_high_throughput(cfg: ServeSpec | None) -> bool:
-    """Turn on Ray's high-throughput Serve mode for `cfg` when haproxy is installed and the user has not chosen.
+    """Turn on Ray's high-throughput Serve mode for `cfg` when an HAProxy binary is at hand (ray[serve] ships one on
+    Linux) and the user has not chosen.
 
     Serve reads these variables when its processes start, so this acts only before an embedded Ray starts; a joined
     cluster keeps its own setting. Returns whether the mode is on for Rays started from now on.
     """
-    if cfg is not None and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ and shutil.which("haproxy"):
+    if cfg is not None and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ and haproxy_binary():
         os.environ.update(HIGH_THROUGHPUT)
     return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
 
 
 def take_haproxy_ports() -> None:
     """Give an embedded Serve's HAProxy ingress Ray's default ports, or free ones where another Serve on this
-    machine holds them; ports the user set stay as set. Serve reads them when its processes start."""
+    machine holds them or is about to; ports the user set stay as set. Serve reads them when its processes start."""
     for name, default in HAPROXY_PORTS.items():
-        if name not in os.environ and not _bindable(default):
+        if name not in os.environ and not (_bindable(default) and _claim(default)):
             os.environ[name] = str(_free_port())
+
+
+def _claim(port: int) -> bool:
+    """Claim `port` on this machine for as long as this process lives (an exclusive lock on a file named by it).
+
+    HAProxy binds seconds after the ports are chosen: two stewards starting together would both find a default
+    free. The one whose claim fails takes free ports instead.
+    """
+    if port in _CLAIMS:
+        return True
+    try:
+        path = Path(tempfile.gettempdir()) / f"steward-port-{port}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError:  # another user's file: theirs to use
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _CLAIMS[port] = fd  # kept open: the lock ends with this process
+    return True
 
 
 def take_haproxy_failover() -> None:
