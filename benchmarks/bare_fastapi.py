@@ -15,8 +15,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from steward.runs import read_spec
-from steward.serve.app import predict_response
-from steward.serve.model import load_served_model
+from steward.serve.model import load_served_model, predict_response
 from steward.serve.protocol import PredictRequest, PredictResponse, json_response, parse_body, validated
 
 

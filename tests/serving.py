@@ -2,6 +2,7 @@
 deploying, offline predictions to compare with, and polling."""
 
 import contextlib
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -109,3 +110,21 @@ def offline_probabilities(run_dir, spec, instances, int8=False):
 
 def post(url, **kwargs):
     return requests.post(url, timeout=60, **kwargs)
+
+
+@contextlib.contextmanager
+def serve_mode_as_the_cli_picks_it(cfg):
+    """Serve's ingress mode as `steward serve` picks it for the serve section `cfg` (HAProxy's high-throughput mode
+    where a binary is at hand), for Rays started inside; the caller's setting comes back after. Yields whether the
+    mode is on."""
+    from steward.ray_env import HIGH_THROUGHPUT, prefer_high_throughput
+
+    before = {k: os.environ.get(k) for k in HIGH_THROUGHPUT}
+    try:
+        yield prefer_high_throughput(cfg)
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

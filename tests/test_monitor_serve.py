@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from steward.govern import audit
-from steward.monitor.actor import NICE
+from steward.monitor.process import NICE
 from steward.serve.deploy import deploy
 from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec

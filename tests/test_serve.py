@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from steward.ray_env import HAPROXY_PORTS, HIGH_THROUGHPUT, prefer_high_throughput, take_haproxy_ports
+from steward.ray_env import HAPROXY_PORTS, take_haproxy_ports
 from steward.serve.deploy import deploy
 from steward.serve.labels import REQUEST_ID_LENGTH
 from steward.serve.quantize import QuantizationRefused
@@ -22,6 +22,7 @@ from tests.serving import (
     offline_probabilities,
     post,
     serve_it,
+    serve_mode_as_the_cli_picks_it,
     trained_run,
     validation_inputs,
     wait_for,
@@ -39,14 +40,8 @@ FAMILIES = {
 @pytest.fixture(scope="module", autouse=True)
 def _serve_mode_as_the_cli_picks_it():
     """Serve in the mode `steward serve` picks for fixed replicas (HAProxy high-throughput when installed)."""
-    before = {k: os.environ.get(k) for k in HIGH_THROUGHPUT}
-    prefer_high_throughput(ServeSpec(num_replicas=1))
-    yield
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with serve_mode_as_the_cli_picks_it(ServeSpec(num_replicas=1)):
+        yield
 
 
 def test_an_embedded_serve_takes_free_haproxy_ports_where_another_serve_holds_the_defaults(monkeypatch):

@@ -2,19 +2,18 @@
 is installed): 1 -> 2 replicas under load, the new one serving, and back; scale to zero and cold start.
 """
 
-import os
 import threading
 
 import numpy as np
 import pytest
 import requests
 
-from steward.ray_env import HIGH_THROUGHPUT, prefer_high_throughput
 from steward.spec.serve import AutoscalingSpec, ServeSpec
 from tests.serving import (
     offline_probabilities,
     post,
     serve_it,
+    serve_mode_as_the_cli_picks_it,
     trained_run,
     validation_inputs,
     wait_for,
@@ -26,14 +25,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module", autouse=True)
 def _fast_ingress():
     """Serve's HAProxy ingress, as `steward serve` picks it for an autoscaled spec, set before this module's Ray."""
-    before = {k: os.environ.get(k) for k in HIGH_THROUGHPUT}
-    assert prefer_high_throughput(ServeSpec(autoscaling=AutoscalingSpec())), "ray[serve] ships HAProxy on Linux"
-    yield
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with serve_mode_as_the_cli_picks_it(ServeSpec(autoscaling=AutoscalingSpec())) as fast:
+        assert fast, "ray[serve] ships HAProxy on Linux"
+        yield
 
 
 @pytest.fixture(scope="module")

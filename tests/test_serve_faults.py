@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import pytest
 import requests
 
-from steward.ray_env import HIGH_THROUGHPUT, UNAVAILABLE, haproxy_binary, haproxy_shim, prefer_high_throughput
+from steward.ray_env import UNAVAILABLE, haproxy_binary, haproxy_shim
 from steward.serve.deploy import deploy
 from steward.spec.serve import ServeSpec
 from tests.conftest import free_port, own_processes
-from tests.serving import trained_run, validation_inputs, wait_for
+from tests.serving import serve_mode_as_the_cli_picks_it, trained_run, validation_inputs, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -36,14 +36,9 @@ ROUTING_S = 5.0
 @pytest.fixture(scope="module", autouse=True)
 def _haproxy_ingress():
     """Serve behind HAProxy, as `steward serve` starts it when haproxy is installed."""
-    before = {k: os.environ.get(k) for k in HIGH_THROUGHPUT}
-    assert prefer_high_throughput(ServeSpec(num_replicas=2)), "make setup installs haproxy"
-    yield
-    for key, value in before.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with serve_mode_as_the_cli_picks_it(ServeSpec(num_replicas=2)) as fast:
+        assert fast, "ray[serve] ships HAProxy on Linux"
+        yield
 
 
 # -- the shim on its own ---------------------------------------------------------------------------------------------

@@ -13,15 +13,12 @@ The actor gets a `MonitorTarget`: its monitor section and where its deployment's
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
 import math
-import os
 import re
 import time
-import urllib.request
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +29,7 @@ import ray
 from steward.govern import audit
 from steward.monitor.bins import Bins
 from steward.monitor.checks import AlertTracker, live_state, window_report
+from steward.monitor.process import id_key, lower_priority, post
 from steward.monitor.pushes import PushLedger
 from steward.monitor.reference import load_reference
 from steward.monitor.window_state import WindowState
@@ -43,9 +41,6 @@ NAMESPACE = "steward"
 # cores shared with the replicas an idle OpenBLAS thread spins. Set in the actor's environment because OpenBLAS reads
 # it when numpy loads.
 ACTOR_ENV = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-# Monitoring is background work: where the monitor and a replica want the same core, the replica should win.
-# At nice 10 the kernel gives the monitor about a tenth of a contended core, far more than it needs.
-NICE = 10
 logger = logging.getLogger("steward.monitor")
 
 
@@ -159,7 +154,7 @@ class Monitor:
     """Windows of one deployment's traffic, their judgements, open alerts; persisted every persist_interval_s."""
 
     def __init__(self, target: MonitorTarget) -> None:
-        _lower_priority()
+        lower_priority()
         self.cfg, self.deployment = target.monitor, target.deployment
         self.run_dir, self.folder = Path(target.run_dir), monitor_folder(target.run_dir, target.deployment)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -181,7 +176,7 @@ class Monitor:
         self.in_pane: dict[str, int] = {}  # replica -> records it pushed into the open pane
         self.ledger = PushLedger()  # which pushes of each replica are merged and saved
         self.exporter = Exporter(target.deployment)
-        self.id_key = _id_key(self.folder)
+        self.id_key = id_key(self.folder)
         # request ids that have had their label, oldest first: one label per prediction
         self.labelled: dict[str, None] = {}
         self._restore()
@@ -381,36 +376,4 @@ class Monitor:
             f"monitor.alert.{kind}", log=audit.log_path(self.run_dir.parent.parent), run=self.run_dir.name, **fields
         )
         if self.cfg.alerts.webhook:
-            await asyncio.to_thread(_post, self.cfg.alerts.webhook, event)
-
-
-def _id_key(folder: Path) -> bytes:
-    """The deployment's request-id key: made once, readable by its owner only, written whole or not at all."""
-    path = folder / "request-ids.key"
-    if not path.exists():
-        partial = path.with_suffix(".partial")
-        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
-            out.write(os.urandom(32))
-        partial.replace(path)
-    return path.read_bytes()
-
-
-def _lower_priority() -> None:
-    """Nice every thread of this process (Linux sets niceness per thread; threads started later inherit it)."""
-    try:
-        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
-    except FileNotFoundError:  # no /proc (macOS): there niceness is per process
-        threads = [0]
-    for tid in threads:
-        with contextlib.suppress(AttributeError, OSError):  # Windows has no setpriority; a thread may have ended
-            os.setpriority(os.PRIO_PROCESS, tid, NICE)
-
-
-def _post(url: str, event: dict) -> None:
-    request = urllib.request.Request(
-        url, json.dumps(event).encode(), {"Content-Type": "application/json"}, method="POST"
-    )
-    try:
-        urllib.request.urlopen(request, timeout=5).close()
-    except OSError as err:  # a webhook that is down must not stop the monitor
-        logger.warning("webhook %s failed: %s", url, err)
+            await asyncio.to_thread(post, self.cfg.alerts.webhook, event)

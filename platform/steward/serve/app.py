@@ -33,6 +33,7 @@ from steward.serve.model import (
     model_source,
     non_finite_row,
     open_served_model,
+    predict_response,
 )
 from steward.serve.monitoring import ReplicaMonitor, monitor_target
 from steward.serve.oip_binary import EXTENSIONS, HEADER, binary_outputs, oip_reply, read_request
@@ -42,7 +43,6 @@ from steward.serve.protocol import (
     FeedbackRequest,
     InferResponse,
     ModelMetadata,
-    Prediction,
     PredictRequest,
     PredictResponse,
     TensorMetadata,
@@ -105,21 +105,6 @@ async def _failed(request: Request, err: Exception) -> JSONResponse:
     # A bug must not take the replica down or leak a traceback to the client; the log keeps the detail.
     logger.exception("unexpected error on %s", request.url.path)
     return JSONResponse({"error": f"internal error ({type(err).__name__})", "field": None}, status_code=500)
-
-
-def predict_response(served: ServedModel, name: str, probabilities: Any, request_ids: list[str]) -> PredictResponse:
-    """steward's JSON reply: one prediction (request id, label, class id, probabilities) per instance."""
-    labels = served.info.label_names
-    predictions = [
-        Prediction(
-            request_id=request_id,
-            label=labels[int(row.argmax())],
-            class_id=int(row.argmax()),
-            probabilities=row.tolist(),
-        )
-        for row, request_id in zip(probabilities, request_ids, strict=True)
-    ]
-    return PredictResponse(model=name, model_version=served.version, labels=labels, predictions=predictions)
 
 
 # Helpers the replica calls are defined above the class: Serve serializes the class when it is decorated.

@@ -18,7 +18,7 @@ from steward.data import DataError, DataInfo, encode_instances
 from steward.evaluate.profile import EmbeddingTap, penultimate_layer
 from steward.evaluate.thresholds import Thresholds, adjust_probabilities, load_thresholds
 from steward.runs import spec_hash
-from steward.serve.protocol import BadRequest
+from steward.serve.protocol import BadRequest, Prediction, PredictResponse
 from steward.serve.quantize import GateResult, check_int8, quantize_int8
 from steward.spec import JobSpec
 
@@ -228,3 +228,18 @@ def run_metadata(run_dir: Path, spec_hash: str) -> dict[str, Any]:
         "training_metrics": json.loads(metrics_file.read_text()) if metrics_file.exists() else None,
         "model_card": json.loads(card_file.read_text()) if card_file.exists() else None,
     }
+
+
+def predict_response(served: ServedModel, name: str, probabilities: Any, request_ids: list[str]) -> PredictResponse:
+    """steward's JSON reply: one prediction (request id, label, class id, probabilities) per instance."""
+    labels = served.info.label_names
+    predictions = [
+        Prediction(
+            request_id=request_id,
+            label=labels[int(row.argmax())],
+            class_id=int(row.argmax()),
+            probabilities=row.tolist(),
+        )
+        for row, request_id in zip(probabilities, request_ids, strict=True)
+    ]
+    return PredictResponse(model=name, model_version=served.version, labels=labels, predictions=predictions)
