@@ -1,8 +1,8 @@
 """Run folders in cluster storage: a real S3 API (moto's server on loopback) as output_dir, through the real CLI.
 
 Training writes its run to s3://, Ray Train its checkpoints; `steward runs --storage`, `steward evaluate` and
-`steward serve --export` read it back; a bucket that is missing or unreachable is refused with the field named.
-Sweeps and --resume in cluster storage: test_cluster_storage_tune.py.
+`steward serve --export` read it back, `--resume URI` continues it from its checkpoint in the bucket; a bucket that is
+missing or unreachable is refused with the field named. Sweeps in cluster storage: test_cluster_storage_tune.py.
 """
 
 import json
@@ -26,11 +26,14 @@ SMALL = [
 ]
 
 
+def sets(*overrides):
+    return [a for s in overrides for a in ("--set", s)]
+
+
 @pytest.fixture(scope="module")
 def trained(s3):
     """The quickstart trained through `steward train` into the bucket: (CLI result, run id)."""
-    sets = [a for s in [f"output_dir={s3['uri']}", *SMALL] for a in ("--set", s)]
-    out = steward(s3, "train", JOBS / "quickstart.yaml", *sets)
+    out = steward(s3, "train", JOBS / "quickstart.yaml", *sets(f"output_dir={s3['uri']}", *SMALL))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run_id,) = {p.split("/")[0] for p in stored(s3, "runs/quickstart")}
     return out, run_id
@@ -127,3 +130,22 @@ def test_a_uri_output_dir_is_packaged_for_the_cluster_as_is(s3):
         package.cleanup()
     with pytest.raises(StewardError, match=r"output_dir nosuch://b/runs: cannot open it"):
         package_job(load_job(JOBS / "quickstart.yaml", ["output_dir=nosuch://b/runs"]), deps="preinstalled")
+
+
+# Last in the module: it adds an epoch to the run that the tests above read.
+@pytest.mark.slow
+def test_train_resumes_the_run_from_s3_at_its_checkpoint(s3, trained):
+    _, run_id = trained
+    # The spec's own output_dir (runs) is left as is: the run's URI says where it lives and where it goes on.
+    run_uri = join(s3["uri"], "quickstart", run_id)
+    resumed = steward(s3, "train", JOBS / "quickstart.yaml", *sets(*SMALL, "train.epochs=2"), "--resume", run_uri)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    records = [json.loads(line) for line in read(s3, f"runs/quickstart/{run_id}/history.jsonl").splitlines()]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]  # epoch 1 was not trained again
+    starts = [r for r in records if r["kind"] == "start"]
+    assert [s["epoch"] for s in starts] == [0, 1] and "/train/checkpoint_" in starts[1]["from"]
+    assert json.loads(read(s3, f"runs/quickstart/{run_id}/status.json"))["state"] == "succeeded"
+    files = stored(s3, f"runs/quickstart/{run_id}")
+    checkpoints = {f.split("/")[1] for f in files if f.startswith("train/checkpoint_") and f.count("/") > 1}
+    assert len(checkpoints) == 2  # the first run's, then the resumed epoch's, beside it in the bucket
+    assert not (ROOT / "runs" / "quickstart" / run_id).exists()  # nothing went to the spec's local output_dir

@@ -31,3 +31,15 @@ def test_the_norm_stays_where_deepspeed_needs_it():
     assert "compute_grad_norm" not in config("distributed.zero_stage=3", "train.grad_clip=null")["zero_optimization"]
     bf16 = config("distributed.zero_stage=1", "train.grad_clip=null", "train.precision=bf16")
     assert "compute_grad_norm" not in bf16["zero_optimization"]
+
+
+def test_deepspeed_op_builders_get_the_cpu_from_one_py_cpuinfo_subprocess_a_process(monkeypatch):
+    import cpuinfo
+
+    from steward.train.strategy import _ask_for_the_cpu_once
+
+    asked = []
+    monkeypatch.setattr(cpuinfo, "get_cpu_info", lambda: asked.append(1) or {"arch": "X86_64", "flags": ["avx2"]})
+    _ask_for_the_cpu_once()
+    _ask_for_the_cpu_once()  # a second engine in the same process (a reused Tune trial) wraps nothing again
+    assert cpuinfo.get_cpu_info() is cpuinfo.get_cpu_info() and asked == [1]

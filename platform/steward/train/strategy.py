@@ -3,6 +3,7 @@
 Both wrappers expose the same small surface, so the training loop never branches on the strategy.
 """
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -114,6 +115,15 @@ def build_engine(
     return DDPEngine(prepare(model), spec, total_steps)
 
 
+def _ask_for_the_cpu_once() -> None:
+    """DeepSpeed's op builders ask py-cpuinfo about the CPU twice for every op they load, and each answer comes from a
+    new Python subprocess (about a second here); the answer cannot change within a process, so it is asked once."""
+    import cpuinfo  # a dependency of deepspeed
+
+    if not hasattr(cpuinfo.get_cpu_info, "cache_info"):
+        cpuinfo.get_cpu_info = functools.cache(cpuinfo.get_cpu_info)
+
+
 class DeepSpeedEngine:
     """A DeepSpeed engine; ZeRO shards optimizer state (1), gradients (2) and parameters (3)."""
 
@@ -122,6 +132,7 @@ class DeepSpeedEngine:
     def __init__(self, model: nn.Module, spec: JobSpec, total_steps: int):
         import deepspeed
 
+        _ask_for_the_cpu_once()
         scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))  # noqa: E731
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=deepspeed_config(spec), lr_scheduler=scheduler
