@@ -41,11 +41,11 @@ def _log(log: Path | None, output_dir: Path) -> Path:
 @audit_app.command("verify")
 @user_errors
 def audit_verify(log: LogOption = None, output_dir: OutputDir = Path("runs")) -> None:
-    """Check the hash chain; name the first edited, removed or reordered line (exit 1), else print ok."""
+    """Check the chain, signatures, head and run folders' pins; name the first tampered line (exit 1), else ok."""
     from steward.govern.audit import verify
 
     path = _log(log, output_dir)
-    verdict = verify(path)
+    verdict = verify(path, output_dir)
     if not verdict.ok:
         errors.print(f"{path}: {verdict}", style="red", markup=False, soft_wrap=True)
         raise typer.Exit(1)

@@ -1,14 +1,25 @@
-"""The audit trail: an append-only JSONL log per project, hash-chained so that edits, removals and reorders show.
+"""The audit trail: an append-only JSONL log per project, hash-chained and signed, so that edits, removals,
+reorders, forged appends and a shortened log show.
 
-Every event is one line: `seq`, `time` (UTC), `who`, `event`, its own fields, `prev` (the previous event's hash)
-and `hash` (SHA-256 of the line without `hash`). Writers take an exclusive `flock` on the log, read the last
-line for `prev` and `seq`, and append the new line with one `write` on an O_APPEND descriptor, so several
-processes (CLI calls, Ray workers on this node) never interleave or lose lines. A `.head` file beside the log
-keeps the last `seq` and `hash`, so cutting lines off the end is caught too.
+Every event is one line: `seq`, `time` (UTC), `who`, `event`, its own fields, `key_id`, `prev` (the previous
+event's hash), `hash` (SHA-256 of the line without `hash` and `mac`) and `mac` (an HMAC of `hash` under the audit
+key, steward.govern.audit_key, kept outside the log's folder). Writers take an exclusive `flock` on the log, read
+the last line for `prev` and `seq`, and append the new line with one `write` on an O_APPEND descriptor, so several
+processes (CLI calls, Ray workers on this node) never interleave or lose lines. A signed `.head` file beside the
+log keeps the last `seq` and `hash`; every run folder pins the event of its last state change (`audit_head.json`)
+and its model card the head when the card was written.
 
-The log lives at $STEWARD_AUDIT_LOG, else `<output_dir>/audit.jsonl` (`runs/audit.jsonl` by default). A chain
-proves order and integrity against edits of the file, not against someone who rewrites the whole chain and its
-head: ship the head hash elsewhere (a ticket, a signed commit) when that matters.
+What `steward audit verify` catches, for someone who can write the log's folder but does not hold the key:
+- an edited event, even rehashed (its `mac` no longer matches), a removed, inserted or reordered one (the chain);
+- an appended or replaced event, even with a correct hash (it cannot be signed without the key);
+- the last events cut off (the signed head, and the pins of runs that saw them), the head deleted or edited, the
+  head deleted together with the last events (a log with lines needs its head), an emptied log.
+What it does not catch: someone who holds the key (the user, or whoever reads their key file or
+$STEWARD_AUDIT_KEY) can rewrite everything; the log cut back to an earlier state together with a copy of the head
+saved at that state, when no run folder pins a later event (deleting those pins too goes unseen); a whole log and
+its head deleted. Ship a head's hash elsewhere (a ticket, a signed commit) when that matters.
+
+The log lives at $STEWARD_AUDIT_LOG, else `<output_dir>/audit.jsonl` (`runs/audit.jsonl` by default).
 """
 
 import fcntl
@@ -25,11 +36,15 @@ from typing import Any
 
 from steward import storage
 from steward.errors import StewardError
+from steward.govern import audit_key
 
 ENV_LOG = "STEWARD_AUDIT_LOG"
 LOG_NAME = "audit.jsonl"
 GENESIS = "0" * 64
-RESERVED_KEYS = ("seq", "time", "who", "event", "prev", "hash")
+RESERVED_KEYS = ("seq", "time", "who", "event", "key_id", "prev", "hash", "mac")
+EMPTY = "the audit log is empty; steward never leaves it empty, so its events were removed"
+CARD_FILE = "model_card.json"  # steward.govern.card's name for it (card imports this module, not the other way)
+PIN = "audit_head.json"  # in a run folder: the signed event of the run's last state change
 
 
 class AuditError(StewardError):
@@ -63,8 +78,8 @@ def who() -> str:
 
 
 def event_hash(entry: dict[str, Any]) -> str:
-    """SHA-256 of the entry's canonical JSON, without its own `hash`."""
-    body = {k: v for k, v in entry.items() if k != "hash"}
+    """SHA-256 of the entry's canonical JSON, without its own `hash` and `mac`."""
+    body = {k: v for k, v in entry.items() if k not in ("hash", "mac")}
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -103,6 +118,7 @@ def record(event: str, *, log: str | Path | None = None, **fields: Any) -> dict[
     if clash:
         raise ValueError(f"audit.record: {sorted(clash)} are set by the log itself; rename those fields")
     path = Path(log) if log is not None else log_path()
+    key = audit_key.load_key(create=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -114,11 +130,13 @@ def record(event: str, *, log: str | Path | None = None, **fields: Any) -> dict[
             "who": who(),
             "event": event,
             **json.loads(json.dumps(fields, default=str)),  # the hash covers exactly what is stored
+            "key_id": audit_key.key_id(key),
             "prev": last["hash"] if last else GENESIS,
         }
         entry["hash"] = event_hash(entry)
+        entry["mac"] = audit_key.sign(key, "event", entry["hash"])
         os.write(fd, (json.dumps(entry) + "\n").encode())  # one write on O_APPEND: never interleaved
-        _write_head(path, entry)
+        _write_head(path, entry, key)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
@@ -137,19 +155,71 @@ def _last_entry(fd: int, path: Path) -> dict[str, Any] | None:
             break
         chunk *= 8
     try:
-        return json.loads(tail[-1])
-    except json.JSONDecodeError:
-        raise AuditError(f"{path}: the last line is not a JSON event; run `steward audit verify`") from None
+        last = json.loads(tail[-1])
+    except ValueError:  # not JSON, or not UTF-8
+        last = None
+    if not isinstance(last, dict) or not isinstance(last.get("seq"), int) or not isinstance(last.get("hash"), str):
+        raise AuditError(f"{path}: the last line is not a JSON event; run `steward audit verify`")
+    return last
 
 
 def head_path(log: Path) -> Path:
     return log.with_name(log.name + ".head")
 
 
-def _write_head(log: Path, entry: dict[str, Any]) -> None:
+def _write_head(log: Path, entry: dict[str, Any], key: bytes) -> None:
     partial = log.with_name(log.name + ".head.partial")  # we hold the log's lock: one writer at a time
-    partial.write_text(json.dumps({"seq": entry["seq"], "hash": entry["hash"]}) + "\n")
+    mac = audit_key.sign(key, "head", entry["seq"], entry["hash"])
+    partial.write_text(json.dumps({"seq": entry["seq"], "hash": entry["hash"], "key_id": entry["key_id"], "mac": mac}))
     partial.replace(head_path(log))
+
+
+# -- pins: a signed event copied into a run folder, so a log cut back to before it shows ---------------------------
+
+
+def pin_of(entry: dict[str, Any], log: str | Path) -> dict[str, Any]:
+    """The pin of an event as `record` returned it: which log, which event, and the event's own signature."""
+    return {"log": str(Path(log).resolve()), "seq": entry["seq"], "hash": entry["hash"], "mac": entry["mac"]}
+
+
+def pin(run_dir: str | Path, entry: dict[str, Any], log: str | Path) -> None:
+    """Pin `entry` into the run folder (replacing the pin of the run's previous state change)."""
+    (Path(run_dir) / PIN).write_text(json.dumps(pin_of(entry, log)) + "\n")
+
+
+def last_pin(log: str | Path) -> dict[str, Any] | None:
+    """The log's last event as a pin (a model card carries it), or None when there is no log yet."""
+    path = Path(log)
+    if not path.is_file():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        last = _last_entry(fd, path)
+    finally:
+        os.close(fd)  # closing releases the lock
+    return pin_of(last, path) if last and "mac" in last else None
+
+
+Pins = dict[int, tuple[str, Path]]  # seq -> (hash, the file that pins that event)
+
+
+def _pins(runs: Path, log: Path, key: bytes) -> tuple[Pins, "Verdict | None"]:
+    """The pins of this log in the run folders under `runs`; a forged pin is a finding, a foreign one is skipped."""
+    target = str(log.resolve())
+    pinned: Pins = {}
+    for path in sorted([*runs.glob(f"*/*/{PIN}"), *runs.glob(f"*/*/{CARD_FILE}")]):
+        try:
+            data = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        found = data.get("audit") if isinstance(data, dict) and path.name == CARD_FILE else data
+        if not isinstance(found, dict) or found.get("log") != target or not isinstance(found.get("seq"), int):
+            continue
+        if not audit_key.signed(key, found.get("mac"), "event", found.get("hash")):
+            return {}, Verdict(0, found["seq"], f"the pin in {path} is not signed by the audit key: it was edited")
+        pinned.setdefault(found["seq"], (found["hash"], path))
+    return pinned, None
 
 
 @dataclass(frozen=True)
@@ -162,39 +232,77 @@ class Verdict:
 
     @property
     def ok(self) -> bool:
-        return self.bad_line is None
+        return self.problem is None
 
     def __str__(self) -> str:
         if self.ok:
-            return f"ok: {self.events} events, hash chain intact"
-        return f"line {self.bad_line}: {self.problem}"
+            return f"ok: {self.events} events, hash chain, signatures and head intact"
+        return f"line {self.bad_line}: {self.problem}" if self.bad_line else str(self.problem)
 
 
-def verify(log: str | Path) -> Verdict:
-    """Check every line's hash, its link to the line before, its sequence number, and the head file."""
+def verify(log: str | Path, runs: str | Path | None = None) -> Verdict:
+    """Check every line's hash, signature, link and sequence number, the signed head, and the pins of the run
+    folders under `runs`. What is no audit log at all (a folder, not UTF-8, empty, a garbage head) is a
+    StewardError naming the file."""
     log = Path(log)
-    if not log.exists():
-        raise StewardError(f"{log}: no audit log there (set {ENV_LOG} or pass --log)")
-    prev, count = GENESIS, 0
+    _check_is_log(log)
+    key = audit_key.load_key()
+    pinned, forged = _pins(Path(runs), log, key) if runs is not None else ({}, None)
+    if forged:
+        return forged
+    before, prev, count = GENESIS, GENESIS, 0
     with log.open("rb") as f:
         for number, raw in enumerate(f, 1):
-            problem = _line_problem(raw, prev, number)
-            if problem:
+            entry, problem = _line(raw, log, number, prev, key)
+            if entry and number in pinned and entry["hash"] != pinned[number][0]:
+                problem = f"{pinned[number][1]} pins another event here: the log was rewritten after that run"
+            if problem or entry is None:
                 return Verdict(count, number, problem)
-            entry = json.loads(raw)
-            prev, count = entry["hash"], count + 1
-    return _check_head(log, count, prev)
+            before, prev, count = prev, entry["hash"], count + 1
+    if count == 0:
+        raise StewardError(f"{log}: {EMPTY}")
+    beyond = [seq for seq in pinned if seq > count]
+    if beyond:
+        where = pinned[max(beyond)][1]
+        return Verdict(count, count + 1, f"missing: {where} pins event {max(beyond)}, the log holds {count}")
+    return _check_head(log, count, prev, before, key)
 
 
-def _line_problem(raw: bytes, prev: str, number: int) -> str | None:
+def _check_is_log(log: Path) -> None:
+    if not log.exists():
+        raise StewardError(f"{log}: no audit log there (set {ENV_LOG} or pass --log)")
+    if not log.is_file():
+        raise StewardError(f"{log}: a folder, not an audit log; pass the audit.jsonl file with --log")
+
+
+def _text(raw: bytes, log: Path, number: int) -> str:
     try:
-        entry = json.loads(raw)
-    except json.JSONDecodeError:
-        return "not a JSON event (edited or truncated)"
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise StewardError(f"{log}: line {number} is not UTF-8 text, so this is no audit log; check --log") from None
+
+
+def _line(raw: bytes, log: Path, number: int, prev: str, key: bytes) -> tuple[dict[str, Any] | None, str | None]:
+    """The line's event and what is wrong with it (None when it is good)."""
+    try:
+        entry = json.loads(_text(raw, log, number))
+    except ValueError:
+        return None, "not a JSON event (edited or truncated)"
     if not isinstance(entry, dict) or not {"hash", "prev", "seq"} <= set(entry):
-        return "not an audit event (no hash, prev or seq)"
+        return None, "not an audit event (no hash, prev or seq)"
     if entry["hash"] != event_hash(entry):
-        return "its content does not match its hash: the line was edited"
+        return None, "its content does not match its hash: the line was edited"
+    if not audit_key.signed(key, entry.get("mac"), "event", entry["hash"]):
+        mine, theirs = audit_key.key_id(key), entry.get("key_id")
+        if theirs and theirs != mine:
+            return None, f"signed with key {theirs}, not yours ({mine}): verify with the key that wrote it"
+        return None, "its signature does not match: the line was forged, or edited and rehashed"
+    return entry, _link_problem(entry, prev, number)
+
+
+def _link_problem(entry: dict[str, Any], prev: str, number: int) -> str | None:
+    if entry["prev"] != prev and number == 1:
+        return f"the log starts at event {entry['seq']}, which follows another: events were removed from its start"
     if entry["prev"] != prev:
         return (
             f"does not follow line {number - 1}: a line was removed, reordered or inserted here, "
@@ -205,29 +313,49 @@ def _line_problem(raw: bytes, prev: str, number: int) -> str | None:
     return None
 
 
-def _check_head(log: Path, count: int, last_hash: str) -> Verdict:
+def _check_head(log: Path, count: int, last: str, before: str, key: bytes) -> Verdict:
     head = head_path(log)
     if not head.exists():
-        return Verdict(count)
-    recorded = json.loads(head.read_text())
-    if recorded["seq"] > count:
-        return Verdict(count, count + 1, f"missing: the head records {recorded['seq']} events, the log holds {count}")
-    if recorded["seq"] == count and recorded["hash"] != last_hash:
+        return Verdict(count, count, f"the signed head {head.name} is missing: the last events may be gone with it")
+    try:
+        recorded = json.loads(head.read_bytes())
+    except (OSError, ValueError):
+        recorded = None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("seq"), int):
+        raise StewardError(f"{head}: not an audit head (a JSON object with seq, hash, mac); the log cannot be checked")
+    seq, recorded_hash = recorded["seq"], recorded.get("hash")
+    if not audit_key.signed(key, recorded.get("mac"), "head", seq, recorded_hash):
+        return Verdict(count, None, f"{head.name}: its signature does not match: the head was edited or forged")
+    if seq > count:
+        return Verdict(count, count + 1, f"missing: the head records {seq} events, the log holds {count}")
+    if seq == count and recorded_hash != last:
         return Verdict(count, count, "does not match the hash the head file recorded for it")
-    return Verdict(count)  # a head behind by one: a writer stopped between the line and the head
+    if seq == count - 1 and recorded_hash == before:
+        return Verdict(count)  # a writer stopped between its (signed) line and the head
+    if seq < count:
+        return Verdict(count, seq + 1, f"the head records {seq} events, the log holds {count}: the head is stale")
+    return Verdict(count)
 
 
 def events(log: str | Path) -> Iterator[dict[str, Any]]:
-    """Every event of the log, in order (unparseable lines are skipped: `verify` reports them)."""
+    """Every event of the log, in order (lines that are no event are skipped: `verify` reports them).
+
+    No log yet is no events; a folder, a file that is not UTF-8 text, or an emptied log is a StewardError.
+    """
     log = Path(log)
     if not log.exists():
         return
-    with log.open() as f:
-        for raw in f:
+    _check_is_log(log)
+    if log.stat().st_size == 0:
+        raise StewardError(f"{log}: {EMPTY}")
+    with log.open("rb") as f:
+        for number, raw in enumerate(f, 1):
             try:
-                yield json.loads(raw)
-            except json.JSONDecodeError:
+                entry = json.loads(_text(raw, log, number))
+            except ValueError:
                 continue
+            if isinstance(entry, dict) and all(isinstance(entry.get(k), str) for k in ("time", "who", "event")):
+                yield entry
 
 
 def history(log: str | Path, run: str | None = None, deployment: str | None = None) -> list[dict[str, Any]]:

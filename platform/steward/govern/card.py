@@ -19,11 +19,12 @@ import numpy as np
 import yaml
 
 from steward.errors import StewardError
+from steward.govern import audit
 from steward.govern.audit import file_hash
 from steward.spec import JobSpec
 
 SCHEMA_FILE = Path(__file__).with_name("model_card.schema.json")
-CARD_JSON, CARD_MD = "model_card.json", "model_card.md"
+CARD_JSON, CARD_MD = audit.CARD_FILE, "model_card.md"
 SCHEMA_VERSION = "1.0"
 # Files other stages write into a run folder; the first one found of each kind is summarised.
 PRIVACY_FILES = ("privacy.json", "privacy_report.json")
@@ -186,6 +187,8 @@ def build_card(run_dir: str | Path, spec: JobSpec | None = None, data_sha256: st
         "ethical_considerations": gov["ethical_considerations"],
         "caveats_and_recommendations": [*gov["caveats_and_recommendations"], _evaluated_on(spec, metrics)],
         "completeness": {"complete": not gov["missing"], "missing": gov["missing"]},
+        # the audit log's last event when the card was written: a log cut back before it fails `audit verify`
+        "audit": audit.last_pin(audit.log_path(run_spec.output_dir)),
     }
 
 

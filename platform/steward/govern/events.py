@@ -12,7 +12,8 @@ from steward.govern.card import CARD_JSON
 def record_run(event: str, run_dir: Path, output_dir: str | Path, **extra: Any) -> dict[str, Any]:
     """Record `event` for the run folder; a finished run's event carries its data and model hashes.
 
-    When the run's metrics say its fairness gate failed, `fairness_gate.failed` is recorded after it.
+    When the run's metrics say its fairness gate failed, `fairness_gate.failed` is recorded after it. The run
+    folder pins the last event recorded (audit.PIN), so a log cut back before it fails `steward audit verify`.
     """
     fields = audit.run_fields(run_dir)
     card_file = Path(run_dir) / CARD_JSON
@@ -27,5 +28,7 @@ def record_run(event: str, run_dir: Path, output_dir: str | Path, **extra: Any) 
     log = audit.log_path(output_dir)
     entry = audit.record(event, log=log, **fields, **extra)
     if fields.get("fairness_gate") == "failed":
-        audit.record("fairness_gate.failed", log=log, **audit.run_fields(run_dir))
+        audit.pin(run_dir, audit.record("fairness_gate.failed", log=log, **audit.run_fields(run_dir)), log)
+    else:
+        audit.pin(run_dir, entry, log)
     return entry
