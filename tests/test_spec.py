@@ -59,7 +59,7 @@ def test_all_problems_are_listed_at_once(tmp_path):
         ("distributed.zero_stage=5", "distributed.zero_stage", "0, 1, 2 or 3"),
         ("train.optimizer.lr=-1", "train.optimizer.lr", "greater than 0"),
         ("data.batch_size=many", "data.batch_size", "valid integer"),
-        ("model.family=rnn", "model", "cnn, lstm or transformer"),
+        ("model.family=rnn", "model.family", "cnn, lstm or transformer"),
         ("data.source=builtin:mnist", "data.source", "unknown builtin source"),
         ("distributed.offload_params=cpu", "distributed.offload_params", "zero_stage: 3"),
         ("train.precision=fp16", "train.precision", "use_gpu"),

@@ -68,7 +68,7 @@ def test_loguniform_needs_a_positive_low(tmp_path):
         ({"scheduler": {"name": "pbt"}, "search": "optuna"}, "tune.search", "pbt explores by itself"),
         ({"scheduler": {"name": "pbt", "hyperparam_mutations": ["seed"]}}, "tune.scheduler.hyperparam_mutations", ""),
         ({"scheduler": {"name": "asha", "bogus": 1}}, "tune.scheduler.bogus", "unknown key"),
-        ({"scheduler": {"name": "hyperband"}}, "tune.scheduler", "use fifo, asha, pbt or median_stopping"),
+        ({"scheduler": {"name": "hyperband"}}, "tune.scheduler.name", "use fifo, asha, pbt or median_stopping"),
     ],
 )
 def test_conflicting_tune_settings_are_refused(tmp_path, extra, path, fragment):

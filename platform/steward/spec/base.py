@@ -8,12 +8,23 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
 class Section(BaseModel):
-    """A spec section: no unknown keys, immutable once validated."""
+    """A spec section: no unknown keys, immutable once validated, finite numbers only.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    Infinity and NaN have no JSON form (the resolved spec is written as JSON and YAML) and no consumer of a
+    spec field (torch, Ray, DeepSpeed) takes them.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
-_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+# The largest seed every consumer takes: numpy's legacy RandomState and Optuna's samplers want 32 bits.
+MAX_SEED = 2**32 - 1
+# Counts of steps, epochs, records or seconds: far beyond any run, within a C int (Ray, DeepSpeed, torch).
+MAX_COUNT = 2**31 - 1
+
+
+# `\d+(\.\d*)?` rather than `\d+\.?\d*`: the latter backtracks quadratically on a long run of digits.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+$")
 
 
 def coerce_exponent(value: Any) -> Any:
@@ -21,6 +32,11 @@ def coerce_exponent(value: Any) -> Any:
     if isinstance(value, str) and _EXPONENT_FLOAT.match(value):
         return float(value)
     return value
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """Text cut to `limit` characters for an error message: a hostile value must not flood the terminal."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 # Mappings whose keys are dotted paths themselves: `tune.search_space.train.optimizer.lr` is one key of search_space.

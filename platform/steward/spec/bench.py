@@ -1,6 +1,7 @@
 """The `bench` section: a matrix of spec variants, what to measure of each, and which cell the others are divided by."""
 
 import itertools
+import math
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -8,11 +9,12 @@ from pydantic import Field, model_validator
 from steward.spec.base import Section, raise_problems
 
 Measure = Literal["train_throughput", "serve_latency", "serve_throughput"]
+MAX_CELLS = 256
 
 
 class LoadSpec(Section):
     concurrency: list[int] = Field(
-        [1, 32], min_length=1, description="Concurrent clients; each level is measured on its own."
+        [1, 32], min_length=1, max_length=32, description="Concurrent clients; each level is measured on its own."
     )
     seconds: float = Field(5.0, gt=0.0, le=300.0, description="How long each concurrency level sends requests.")
     max_requests: int = Field(20_000, ge=10, le=1_000_000, description="Most requests sent at one level.")
@@ -29,10 +31,14 @@ class LoadSpec(Section):
 class BenchSpec(Section):
     matrix: dict[str, list[Any]] = Field(
         min_length=1,
+        max_length=16,
         description="Dotted spec paths to the values each takes, e.g. `distributed.zero_stage: [0, 1, 2, 3]`.",
     )
     cells: list[dict[str, Any]] | None = Field(
-        None, min_length=1, description="Run only these combinations of matrix values (default: the cross product)."
+        None,
+        min_length=1,
+        max_length=MAX_CELLS,
+        description="Run only these combinations of matrix values (default: the cross product).",
     )
     baseline: dict[str, Any] | None = Field(
         None, description="The cell every other is divided by, as its matrix values (default: the first cell)."
@@ -55,10 +61,15 @@ class BenchSpec(Section):
             bad = [i for i, cell in enumerate(self.cells) if _not_in_matrix(cell, self.matrix)]
             if bad:
                 problems["cells"] = f"cells {bad} are not combinations of the matrix values; give every path one"
-        if self.baseline is not None and self.baseline not in self.combinations():
+        if self.baseline is not None and self.size <= MAX_CELLS and self.baseline not in self.combinations():
             problems["baseline"] = "is not one of the cells; give a value for every matrix path, as in `cells`"
         raise_problems(self, problems)
         return self
+
+    @property
+    def size(self) -> int:
+        """How many cells the bench runs, counted without listing them (a cross product can be huge)."""
+        return len(self.cells) if self.cells is not None else math.prod(len(v) for v in self.matrix.values())
 
     @property
     def training(self) -> bool:

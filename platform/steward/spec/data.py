@@ -39,6 +39,7 @@ class DataSpec(Section):
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer trained from scratch.")
     options: dict[str, int | float | str] = Field(
         default_factory=dict,
+        max_length=64,
         description="Options of a builtin generator (e.g. num_samples, bias) or `datasets.load_dataset` kwargs.",
     )
 

@@ -10,8 +10,10 @@ from steward.spec.base import Section, raise_problems
 class DistributedSpec(Section):
     num_workers: int = Field(1, ge=1, le=4096, description="Ray Train workers (one process each).")
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL and DeepSpeed's CUDA accelerator.")
-    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per worker (also its torch threads).")
-    gpus_per_worker: float = Field(1.0, ge=0.0, description="GPUs per worker when use_gpu is set.")
+    cpus_per_worker: float = Field(
+        1.0, gt=0.0, le=1024, description="CPUs reserved per worker (also its torch threads)."
+    )
+    gpus_per_worker: float = Field(1.0, ge=0.0, le=64, description="GPUs per worker when use_gpu is set.")
     strategy: Literal["ddp", "deepspeed"] = Field("deepspeed", description="PyTorch DDP or DeepSpeed.")
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage (0 = data parallel only).")
     offload_optimizer: Literal["none", "cpu"] = Field(
@@ -21,7 +23,9 @@ class DistributedSpec(Section):
     deepspeed_overrides: dict[str, Any] = Field(
         default_factory=dict, description="Merged last into the DeepSpeed config; DeepSpeed validates it at start."
     )
-    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the last checkpoint (-1: forever).")
+    max_failures: int = Field(
+        0, ge=-1, le=10_000, description="Worker-group restarts from the last checkpoint (-1: forever)."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> "DistributedSpec":

@@ -6,8 +6,8 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from steward.spec.base import Section, raise_problems, set_dotted
-from steward.spec.bench import BenchSpec
+from steward.spec.base import MAX_SEED, Section, raise_problems, set_dotted, shorten
+from steward.spec.bench import MAX_CELLS, BenchSpec
 from steward.spec.data import DataSpec
 from steward.spec.distributed import DistributedSpec
 from steward.spec.evaluate import EvaluateSpec
@@ -22,13 +22,12 @@ from steward.spec.train import TrainSpec
 from steward.spec.tune import TuneSpec, tune_problems
 
 UNTUNABLE = ("name", "description", "output_dir", "tune", "bench")
-MAX_CELLS = 256
 
 
 class JobSpec(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Run name: letters, digits, _ . -")
     description: str = Field("", description="What this job is for.")
-    seed: int = Field(0, ge=0, description="Seeds data splits, shuffling and initialisation.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seeds data splits, shuffling and initialisation.")
     output_dir: str = Field(
         "runs",
         description="Folder that run folders are created under, or cluster storage: s3://bucket/path, "
@@ -115,11 +114,13 @@ class JobSpec(Section):
         for path in self.bench.matrix:
             if problem := _path_problem(base, path):
                 problems[("bench", "matrix", path)] = problem
-        cells = self.bench.combinations()
-        if len(cells) > MAX_CELLS:
-            problems[("bench", "matrix")] = f"{len(cells)} cells; at most {MAX_CELLS}: list a subset in bench.cells"
+        if self.bench.size > MAX_CELLS:
+            problems[("bench", "matrix")] = (
+                f"{self.bench.size} cells; at most {MAX_CELLS}: list a subset in bench.cells"
+            )
         if problems:
             return problems
+        cells = self.bench.combinations()
         if self.serve is None and self.bench.serving:
             problems[("bench", "measure")] = "serve measures need a serve section; add one or measure training"
         for i, cell in enumerate(cells):
@@ -162,5 +163,5 @@ def _candidate_problem(spec: dict, path: str, values: list[Any]) -> str | None:
     """Validate the spec with each bounding value at `path`, so a bad range fails before any trial starts."""
     for value in values:
         if problem := _variant_problem(spec, {path: value}):
-            return f"value {value!r} makes the spec invalid: {problem}"
+            return f"value {shorten(repr(value))} makes the spec invalid: {shorten(problem, 400)}"
     return None

@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
-import yaml
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from steward.errors import StewardError
-from steward.spec.base import coerce_exponent, set_dotted
+from steward.spec.base import coerce_exponent, set_dotted, shorten
+from steward.spec.document import DocumentError, read_document, read_value
 from steward.spec.job import JobSpec
 
 
@@ -27,7 +27,7 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"line {self.line}" if self.line else "--set" if self.line == 0 else "spec"
-        shown = "" if self.value is None else f" (got {self.value!r})"
+        shown = "" if self.value is None else f" (got {shorten(repr(self.value))})"
         return f"{self.path or '<root>'} [{where}]: {self.message}{shown}"
 
 
@@ -47,16 +47,9 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> J
     """Read a YAML job spec, apply `a.b.c=value` overrides and validate it; raise SpecError listing every problem."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise SpecError(str(path), [Problem("", f"cannot read the spec file: {err}")]) from None
-    try:
-        raw = yaml.safe_load(text)
-        lines = _key_lines(yaml.compose(text))
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        raise SpecError(str(path), [Problem("", f"malformed YAML: {getattr(err, 'problem', err)}", line)]) from None
+        raw, lines = read_document(path)
+    except DocumentError as err:
+        raise SpecError(str(path), [Problem("", err.message, err.line)]) from None
     if not isinstance(raw, dict):
         raise SpecError(str(path), [Problem("", "a job spec is a YAML mapping with at least name, data and model")])
     overridden = set()
@@ -153,25 +146,10 @@ def _parse_override(source: str, item: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise SpecError(source, [Problem(item, "an override looks like `train.optimizer.lr=3e-4`", 0)])
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+        value = read_value(text) if text.strip() else ""
+    except DocumentError:
         value = text
     return key.strip(), coerce_exponent(value)
-
-
-def _key_lines(node: yaml.Node | None, prefix: tuple = ()) -> dict[tuple, int]:
-    """Map every key path of the YAML document to its 1-based line."""
-    out: dict[tuple, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key, child in node.value:
-            path = (*prefix, key.value)
-            out[path] = key.start_mark.line + 1
-            out.update(_key_lines(child, path))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, child in enumerate(node.value):
-            out[(*prefix, i)] = child.start_mark.line + 1
-            out.update(_key_lines(child, (*prefix, i)))
-    return out
 
 
 def _problem(error: ErrorDetails, lines: dict, overridden: set) -> Problem:
@@ -186,16 +164,36 @@ def _problem(error: ErrorDetails, lines: dict, overridden: set) -> Problem:
         message = f"unknown key; {hint}"
     elif error["type"] == "missing":
         message = "required field is missing"
-    elif error["type"] == "union_tag_invalid":
-        tags = [tag.strip(" '") for tag in error["ctx"]["expected_tags"].split(",")]
-        kind = "model family" if loc[-1:] == ("model",) else error["ctx"]["discriminator"].strip("'")
-        message = f"unknown {kind}; use {', '.join(tags[:-1])} or {tags[-1]}"
+    elif error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        loc, message, value = _union_tag_problem(loc, error)
+        path = ".".join(str(p) for p in loc)
     line = (
         0
         if any(path == o or path.startswith(o + ".") or o.startswith(path + ".") for o in overridden)
         else _nearest_line(loc, lines)
     )
     return Problem(path, message, line, value)
+
+
+def _union_tag_problem(loc: tuple, error: ErrorDetails) -> tuple[tuple, str, Any]:
+    """A missing or unknown tag (model.family, tune.scheduler.name) reported at the tag's own field, with a guess."""
+    ctx = error.get("ctx") or {}
+    field = str(ctx.get("discriminator", "")).strip("'")
+    tags = [tag.strip(" '") for tag in str(ctx.get("expected_tags", "")).split(",") if tag.strip(" '")]
+    if not tags:  # union_tag_not_found carries no expected tags: read them from the union's members
+        tags = sorted({t for m in _models_at(loc) if field in m.model_fields for t in _tags(m, field)})
+    choices = f"use {', '.join(tags[:-1])} or {tags[-1]}" if len(tags) > 1 else f"use {''.join(tags)}"
+    kind = "model family" if loc[-1:] == ("model",) else f"{loc[-1]} {field}"
+    if error["type"] == "union_tag_not_found":
+        return (*loc, field), f"required field is missing; {choices}", None
+    tag = str(ctx.get("tag", ""))
+    close = difflib.get_close_matches(tag, tags, n=1)
+    hint = f"did you mean `{close[0]}`? " if close else ""
+    return (*loc, field), f"unknown {kind}; {hint}{choices}", tag
+
+
+def _tags(model: type[BaseModel], field: str) -> tuple:
+    return get_args(model.model_fields[field].annotation)
 
 
 def _nearest_line(loc: tuple, lines: dict) -> int | None:

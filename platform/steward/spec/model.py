@@ -6,22 +6,25 @@ from pydantic import Field, model_validator
 
 from steward.spec.base import Section
 
+# Widths of layers: several times the widest published models, still a tensor torch can allocate.
+MAX_WIDTH = 65_536
+
 
 class CNNParams(Section):
-    channels: list[int] = Field(
-        default_factory=lambda: [32, 64], min_length=1, description="Output channels per conv block."
+    channels: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(
+        default_factory=lambda: [32, 64], min_length=1, max_length=64, description="Output channels per conv block."
     )
     kernel_size: int = Field(3, ge=1, le=11, description="Convolution kernel size (odd keeps the spatial size).")
     pool: bool = Field(True, description="2x2 max-pool after each block while the image is larger than 2x2.")
-    hidden_size: int = Field(128, ge=1, description="Width of the hidden layer of the classifier head.")
+    hidden_size: int = Field(128, ge=1, le=MAX_WIDTH, description="Width of the hidden layer of the classifier head.")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before the classifier head.")
 
 
 class LSTMParams(Section):
-    hidden_size: int = Field(64, ge=1, description="LSTM hidden size per direction.")
+    hidden_size: int = Field(64, ge=1, le=MAX_WIDTH, description="LSTM hidden size per direction.")
     num_layers: int = Field(1, ge=1, le=16, description="Stacked LSTM layers.")
     bidirectional: bool = Field(True, description="Run a second LSTM right to left and concatenate.")
-    embedding_dim: int = Field(64, ge=1, description="Token embedding size (token inputs only).")
+    embedding_dim: int = Field(64, ge=1, le=MAX_WIDTH, description="Token embedding size (token inputs only).")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout between layers and before the head.")
 
 
@@ -30,10 +33,10 @@ class TransformerParams(Section):
     pretrained: str | None = Field(
         None, description="Path or hub id of a pretrained model and tokenizer; overrides the sizes below."
     )
-    hidden_size: int = Field(128, ge=8, description="Hidden size (from scratch only).")
+    hidden_size: int = Field(128, ge=8, le=MAX_WIDTH, description="Hidden size (from scratch only).")
     num_layers: int = Field(2, ge=1, le=96, description="Transformer blocks (from scratch only).")
     num_heads: int = Field(2, ge=1, le=128, description="Attention heads; must divide hidden_size.")
-    intermediate_size: int = Field(256, ge=8, description="Feed-forward width (from scratch only).")
+    intermediate_size: int = Field(256, ge=8, le=4 * MAX_WIDTH, description="Feed-forward width (from scratch only).")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Hidden and attention dropout.")
     config_overrides: dict[str, Any] = Field(
         default_factory=dict, description="Any other Hugging Face config attribute, passed through."

@@ -24,6 +24,7 @@ DEFAULT_BIAS_THRESHOLDS: dict[str, tuple[float, float]] = {
     "equal_opportunity_difference": (0.0, 0.1),
 }
 SIGNED = ("statistical_parity_difference", "disparate_impact_ratio")
+MAX_RECORDS = 10_000_000  # records (or seconds) in one window: more than a monitor holds in memory
 
 
 class BiasSpec(Section):
@@ -41,7 +42,9 @@ class BiasSpec(Section):
         default_factory=dict,
         description="Allowed [low, high] per metric (defaults: |SPD| <= 0.1, DIR in [0.8, 1.25], gaps <= 0.1).",
     )
-    min_records_per_group: int = Field(30, ge=1, description="Records a group needs in a window before it is judged.")
+    min_records_per_group: int = Field(
+        30, ge=1, le=MAX_RECORDS, description="Records a group needs in a window before it is judged."
+    )
     max_groups: int = Field(
         50,
         ge=2,
@@ -69,8 +72,8 @@ class BiasSpec(Section):
 
 class WindowSpec(Section):
     by: Literal["count", "time"] = Field("count", description="Windows of a number of records, or of seconds.")
-    size: float = Field(500, gt=0, description="Records (or seconds) per window.")
-    step: float | None = Field(None, gt=0, description="Slide (default: size, tumbling windows).")
+    size: float = Field(500, gt=0, le=MAX_RECORDS, description="Records (or seconds) per window.")
+    step: float | None = Field(None, gt=0, le=MAX_RECORDS, description="Slide (default: size, tumbling windows).")
 
     @model_validator(mode="after")
     def _whole_steps(self) -> "WindowSpec":
@@ -85,16 +88,18 @@ class DriftSpec(Section):
         default_factory=lambda: ["features", "embeddings", "predictions", "confidence", "text"],  # type: ignore[arg-type]
         description="What to compare with the reference (each used where the model's inputs have it).",
     )
-    psi_threshold: float = Field(0.2, gt=0, description="Alert when a histogram's PSI is above this.")
+    psi_threshold: float = Field(0.2, gt=0, le=1000, description="Alert when a histogram's PSI is above this.")
     ks_pvalue: float = Field(0.01, gt=0, lt=1, description="Alert when a feature's KS p-value (corrected) is below.")
     mmd_pvalue: float = Field(0.01, gt=0, lt=1, description="Alert when the embeddings' MMD p-value is below this.")
     mmd_permutations: int = Field(100, ge=10, le=10_000, description="Permutations of the MMD test.")
     correction: Literal["bonferroni", "fdr"] = Field("bonferroni", description="Correction over the per-feature tests.")
-    min_records: int = Field(50, ge=2, description="Records a window needs before drift is judged.")
+    min_records: int = Field(50, ge=2, le=MAX_RECORDS, description="Records a window needs before drift is judged.")
 
 
 class AlertSpec(Section):
-    consecutive_windows: int = Field(2, ge=1, description="Windows a metric must fail in a row before it alerts.")
+    consecutive_windows: int = Field(
+        2, ge=1, le=100_000, description="Windows a metric must fail in a row before it alerts."
+    )
     webhook: str | None = Field(
         None, pattern=r"^https?://", description="URL that alert and recovery events are POSTed to (JSON)."
     )

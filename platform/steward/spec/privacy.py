@@ -39,7 +39,7 @@ class QuasiIdentifier(Section):
     kind: Literal["numeric", "code"] = Field(
         description="numeric: bucketed into ranges (age 37 -> 35-39); code: truncated from the right (12345 -> 123**)."
     )
-    bucket: float = Field(5.0, gt=0, description="numeric: width of the first bucket; each level doubles it.")
+    bucket: float = Field(5.0, gt=0, le=1e12, description="numeric: width of the first bucket; each level doubles it.")
     max_level: int = Field(
         6, ge=0, le=30, description="Most generalisation steps (doublings, or characters removed) allowed."
     )

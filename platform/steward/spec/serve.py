@@ -6,21 +6,25 @@ from pydantic import Field, model_validator
 
 from steward.spec.base import Section, raise_problems
 
+DAY = 86_400.0
+
 
 class AutoscalingSpec(Section):
     min_replicas: int = Field(1, ge=0, le=1000, description="Fewest replicas; 0 scales to zero when idle.")
     max_replicas: int = Field(2, ge=1, le=1000, description="Most replicas under load.")
     target_ongoing_requests: float = Field(
-        2.0, gt=0.0, description="Ongoing requests per replica that the autoscaler aims for."
+        2.0, gt=0.0, le=100_000, description="Ongoing requests per replica that the autoscaler aims for."
     )
-    upscale_delay_s: float = Field(30.0, ge=0.0, description="Load must stay high this long before adding replicas.")
+    upscale_delay_s: float = Field(
+        30.0, ge=0.0, le=DAY, description="Load must stay high this long before adding replicas."
+    )
     downscale_delay_s: float = Field(
-        600.0, ge=0.0, description="Load must stay low this long before removing replicas."
+        600.0, ge=0.0, le=DAY, description="Load must stay low this long before removing replicas."
     )
     metrics_interval_s: float = Field(
         10.0, gt=0.0, le=600.0, description="How often replicas report their load to the autoscaler."
     )
-    look_back_period_s: float = Field(30.0, gt=0.0, description="Window the autoscaler averages the load over.")
+    look_back_period_s: float = Field(30.0, gt=0.0, le=DAY, description="Window the autoscaler averages the load over.")
 
     @model_validator(mode="after")
     def _min_below_max(self) -> "AutoscalingSpec":
@@ -62,8 +66,8 @@ class ServeSpec(Section):
     route_prefix: str = Field(
         "/", pattern=r"^/[A-Za-z0-9_./-]*$", description="HTTP path prefix of every endpoint, e.g. /digits."
     )
-    num_cpus: float = Field(1.0, ge=0.0, description="CPUs reserved per replica.")
-    num_gpus: float = Field(0.0, ge=0.0, description="GPUs reserved per replica.")
+    num_cpus: float = Field(1.0, ge=0.0, le=1024, description="CPUs reserved per replica.")
+    num_gpus: float = Field(0.0, ge=0.0, le=64, description="GPUs reserved per replica.")
     torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per replica.")
     max_ongoing_requests: int = Field(
         64, ge=1, le=100_000, description="Requests one replica holds at once; more queue at the proxy."

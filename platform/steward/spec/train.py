@@ -1,51 +1,60 @@
 """The `train` section: optimisation, precision, early stopping, checkpoints."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from steward.spec.base import Section
+from steward.spec.base import MAX_COUNT, Section
 from steward.spec.fairness import MitigationSpec
+
+# torch's AdamW refuses a beta outside [0, 1).
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class OptimizerSpec(Section):
     name: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
     lr: float = Field(1e-3, gt=0.0, le=10.0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="Decoupled weight decay (AdamW) or L2 (SGD).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD momentum.")
 
 
 class SchedulerSpec(Section):
     name: Literal["constant", "linear", "cosine"] = Field("constant", description="Decay after warm-up.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up from 0 to lr over this many optimizer steps.")
+    warmup_steps: int = Field(
+        0, ge=0, le=MAX_COUNT, description="Linear warm-up from 0 to lr over this many optimizer steps."
+    )
 
 
 class EarlyStoppingSpec(Section):
     metric: str = Field("val_loss", description="Validation metric watched, e.g. val_loss or val_accuracy.")
     mode: Literal["min", "max"] = Field("min", description="Whether smaller or larger is better.")
-    patience: int = Field(3, ge=1, description="Epochs without improvement before stopping.")
-    min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement.")
+    patience: int = Field(3, ge=1, le=100_000, description="Epochs without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0.0, le=1e12, description="Smallest change that counts as an improvement.")
 
 
 class CheckpointSpec(Section):
-    every_epochs: int = Field(1, ge=1, description="Save a checkpoint every N epochs (and always at the end).")
-    keep: int = Field(2, ge=1, description="How many checkpoints to keep.")
+    every_epochs: int = Field(
+        1, ge=1, le=100_000, description="Save a checkpoint every N epochs (and always at the end)."
+    )
+    keep: int = Field(2, ge=1, le=100_000, description="How many checkpoints to keep.")
 
 
 class TrainSpec(Section):
     epochs: int = Field(5, ge=1, le=100_000, description="Passes over the training split.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (caps epochs).")
+    max_steps: int | None = Field(
+        None, ge=1, le=MAX_COUNT, description="Stop after this many optimizer steps (caps epochs)."
+    )
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer and its parameters.")
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Learning-rate schedule.")
-    grad_clip: float | None = Field(1.0, gt=0.0, description="Clip the global gradient norm to this value.")
+    grad_clip: float | None = Field(1.0, gt=0.0, le=1e12, description="Clip the global gradient norm to this value.")
     grad_accum_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32 or bf16; fp16 needs use_gpu.")
     early_stopping: EarlyStoppingSpec | None = Field(None, description="Stop when a validation metric stalls.")
     checkpoint: CheckpointSpec = Field(
         default_factory=CheckpointSpec, description="Checkpoint frequency and retention."
     )
-    log_every_steps: int = Field(50, ge=1, description="Report training loss every N optimizer steps.")
+    log_every_steps: int = Field(50, ge=1, le=MAX_COUNT, description="Report training loss every N optimizer steps.")
     include_validation: bool = Field(
         False, description="Train on train + validation (a retrain after a sweep); no validation metrics then."
     )

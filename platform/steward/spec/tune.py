@@ -5,20 +5,31 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from steward.spec.base import Section, coerce_exponent
+from steward.spec.base import MAX_COUNT, MAX_SEED, Section, coerce_exponent
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint", "qrandint")
+# Every listed value is validated as a spec variant before a trial starts; these bounds keep that quick.
+MAX_VALUES, MAX_PATHS = 256, 32
+# Ray Tune draws integers with numpy, which takes 64-bit bounds.
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+MAX_EPOCHS = 100_000
 
 
 class Distribution(Section):
     """One searched value, written as a single-key mapping: `{loguniform: [1.0e-4, 1.0e-2]}`."""
 
-    choice: list[Any] | None = Field(None, min_length=1, description="Sample one of these values.")
-    grid: list[Any] | None = Field(None, min_length=1, description="Try every one of these values.")
+    choice: list[Any] | None = Field(
+        None, min_length=1, max_length=MAX_VALUES, description="Sample one of these values."
+    )
+    grid: list[Any] | None = Field(
+        None, min_length=1, max_length=MAX_VALUES, description="Try every one of these values."
+    )
     uniform: tuple[float, float] | None = Field(None, description="[low, high]: a float, uniformly.")
     loguniform: tuple[float, float] | None = Field(None, description="[low, high], low > 0: a float, log-uniformly.")
-    randint: tuple[int, int] | None = Field(None, description="[low, high): an integer, uniformly.")
-    qrandint: tuple[int, int, int] | None = Field(None, description="[low, high, q]: a multiple of q in [low, high].")
+    randint: tuple[Int64, Int64] | None = Field(None, description="[low, high): an integer, uniformly.")
+    qrandint: tuple[Int64, Int64, Int64] | None = Field(
+        None, description="[low, high, q]: a multiple of q in [low, high]."
+    )
 
     @property
     def kind(self) -> str:
@@ -62,14 +73,18 @@ class FifoScheduler(Section):
 
 class AshaScheduler(Section):
     name: Literal["asha"] = Field(description="Asynchronous successive halving: stop the worst trials at rungs.")
-    max_t: int | None = Field(None, ge=1, description="Epochs a trial may run at most (default train.epochs).")
-    grace_period: int = Field(1, ge=1, description="Epochs every trial runs before it can be stopped.")
-    reduction_factor: float = Field(3, ge=2, description="Keep 1 / reduction_factor of the trials at each rung.")
+    max_t: int | None = Field(
+        None, ge=1, le=MAX_EPOCHS, description="Epochs a trial may run at most (default train.epochs)."
+    )
+    grace_period: int = Field(1, ge=1, le=MAX_EPOCHS, description="Epochs every trial runs before it can be stopped.")
+    reduction_factor: float = Field(
+        3, ge=2, le=1000, description="Keep 1 / reduction_factor of the trials at each rung."
+    )
 
 
 class PbtScheduler(Section):
     name: Literal["pbt"] = Field(description="Population based training: copy the best trials, perturb their config.")
-    perturbation_interval: int = Field(1, ge=1, description="Epochs between exploit/explore steps.")
+    perturbation_interval: int = Field(1, ge=1, le=MAX_EPOCHS, description="Epochs between exploit/explore steps.")
     hyperparam_mutations: list[str] | None = Field(
         None, description="Search-space paths PBT may change mid-run (default: every non-grid path)."
     )
@@ -84,8 +99,8 @@ class PbtScheduler(Section):
 
 class MedianStoppingScheduler(Section):
     name: Literal["median_stopping"] = Field(description="Stop a trial below the median of the others so far.")
-    grace_period: int = Field(1, ge=1, description="Epochs before a trial can be stopped.")
-    min_samples_required: int = Field(3, ge=1, description="Trials needed before the median is trusted.")
+    grace_period: int = Field(1, ge=1, le=MAX_EPOCHS, description="Epochs before a trial can be stopped.")
+    min_samples_required: int = Field(3, ge=1, le=100_000, description="Trials needed before the median is trusted.")
 
 
 SchedulerSpec = Annotated[
@@ -97,20 +112,31 @@ class TuneSpec(Section):
     metric: str = Field("val_loss", description="A metric the training loop reports each epoch, e.g. val_accuracy.")
     mode: Literal["min", "max"] = Field("min", description="Whether a lower or higher metric is better.")
     search_space: dict[str, Distribution] = Field(
-        min_length=1, description="Dotted spec paths (train.optimizer.lr, model.params.hidden_size, ...) to sample."
+        min_length=1,
+        max_length=MAX_PATHS,
+        description="Dotted spec paths (train.optimizer.lr, model.params.hidden_size, ...) to sample.",
     )
     search: Literal["random", "grid", "optuna"] = Field(
         "random", description="random (grid values crossed with samples), grid (only grid/choice), optuna (TPE)."
     )
-    seed: int | None = Field(None, ge=0, description="Seed of the search algorithm (default: the job's seed).")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Seed of the search algorithm (default: the job's seed)."
+    )
     scheduler: SchedulerSpec = Field(
         default_factory=lambda: FifoScheduler(name="fifo"), description="Trial scheduler, chosen by `name`."
     )
     num_samples: int | None = Field(
-        None, ge=1, description="Trials to sample (default 4); with search: grid, how often the grid runs (default 1)."
+        None,
+        ge=1,
+        le=100_000,
+        description="Trials to sample (default 4); with search: grid, how often the grid runs (default 1).",
     )
-    max_concurrent_trials: int | None = Field(None, ge=1, description="Trials running at once (default: as fit).")
-    time_budget_s: float | None = Field(None, gt=0, description="Stop starting and running trials after this long.")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, le=10_000, description="Trials running at once (default: as fit)."
+    )
+    time_budget_s: float | None = Field(
+        None, gt=0, le=MAX_COUNT, description="Stop starting and running trials after this long."
+    )
     on_finish: Literal["keep_best", "retrain_best"] = Field(
         "keep_best",
         description="keep_best: the best trial's model becomes the run's model; "
