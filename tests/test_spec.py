@@ -131,3 +131,84 @@ def test_json_schema_describes_every_field():
     for name, definition in schema["$defs"].items():
         for field, body in definition.get("properties", {}).items():
             assert body.get("description"), f"{name}.{field} has no description"
+
+
+@pytest.fixture(scope="module")
+def exported_schema():
+    """The schema as `steward schema` prints it, the one an editor is pointed at."""
+    from typer.testing import CliRunner
+
+    from steward.cli import app
+
+    result = CliRunner().invoke(app, ["schema"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+@pytest.mark.parametrize("job", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.name)
+def test_the_exported_schema_accepts_every_example_job(job, exported_schema):
+    import jsonschema
+
+    jsonschema.validate(yaml.safe_load(job.read_text()), exported_schema)  # raises naming the field
+
+
+def test_labels_may_be_written_as_integers_in_the_spec_and_the_schema(tmp_path, exported_schema):
+    import jsonschema
+
+    raw = {**MINIMAL, "data": {"source": "builtin:synthetic-text", "group_columns": ["group"]}}
+    raw["evaluate"] = {"fairness": {"positive_label": 1, "privileged": "a"}}
+    assert load_job(write(tmp_path, raw)).evaluate.fairness.positive_label == "1"
+    jsonschema.validate(raw, exported_schema)
+    raw["evaluate"]["fairness"]["positive_label"] = [1]  # neither text nor an integer: refused by both
+    [problem] = problems(write(tmp_path, raw))
+    assert problem.path == "evaluate.fairness.positive_label"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(raw, exported_schema)
+
+
+def test_an_unknown_model_family_is_named_at_its_field_with_a_guess(tmp_path):
+    text = "name: t\ndata:\n  source: builtin:digits\nmodel:\n  params: {}\n  family: lsmt\n"
+    [problem] = problems(write(tmp_path, text))
+    assert problem.path == "model.family" and problem.line == 6 and problem.value == "lsmt"
+    assert "did you mean `lstm`?" in problem.message and "cnn, lstm or transformer" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("override", "path"),
+    [
+        (f"seed={2**32}", "seed"),  # numpy's RandomState and Optuna take 32-bit seeds
+        (f"seed={2**70}", "seed"),
+        ("train.optimizer.betas=[0.9, 1.0]", "train.optimizer.betas.1"),  # torch's AdamW refuses beta >= 1
+        ("train.optimizer.lr=.nan", "train.optimizer.lr"),
+        ("train.grad_clip=.inf", "train.grad_clip"),
+        ("model.params.channels=[32, 0]", "model.params.channels.1"),
+        ("model.params.hidden_size=100000000", "model.params.hidden_size"),
+    ],
+)
+def test_numbers_beyond_what_their_consumer_takes_are_refused(tmp_path, override, path):
+    [problem] = problems(write(tmp_path, MINIMAL), [override])
+    assert problem.path == path and problem.line == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        (
+            "a: &a [x, x]\n"
+            + "".join(f"a{i}: &a{i} [*a{i - 1 if i > 1 else ''}, *a{i - 1 if i > 1 else ''}]\n" for i in range(1, 20)),
+            "expands to more than",
+        ),  # fmt: skip
+        ("name: &n {k: *n}\n", "refers to a node that contains it"),
+        ("name: " + "[" * 100 + "]" * 100 + "\n", "nested deeper than 64"),
+        ("name: t\nseed: 2024-02-30\n", "a value cannot be read"),
+    ],
+    ids=["expansion", "cycle", "depth", "date"],
+)
+def test_hostile_yaml_is_one_problem_not_a_crash(tmp_path, text, fragment):
+    [problem] = problems(write(tmp_path, text))
+    assert fragment in problem.message and problem.path == ""
+
+
+def test_a_set_value_is_read_under_the_same_limits(tmp_path):
+    spec = load_job(write(tmp_path, MINIMAL), ["description=&a [*a]"])
+    assert spec.description == "&a [*a]"  # a cycle is not read as YAML: kept as the text it was, not a crash

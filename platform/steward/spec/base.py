@@ -1,9 +1,9 @@
 """The strict base every spec section inherits, and how sections report several problems at once."""
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, WithJsonSchema
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
@@ -24,6 +24,16 @@ MAX_COUNT = 2**31 - 1
 
 
 # `\d+(\.\d*)?` rather than `\d+\.?\d*`: the latter backtracks quadratically on a long run of digits.
+def _label_text(value: object) -> object:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# A class label or group value: compared as text everywhere, written as text or as an integer (YAML reads `1` as an
+# int). The JSON schema says both, so an editor accepts what `steward validate` accepts.
+Label = Annotated[
+    str, BeforeValidator(_label_text), WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer"}]})
+]
+
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+$")
 
 

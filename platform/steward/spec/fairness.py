@@ -2,9 +2,9 @@
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from steward.spec.base import Section
+from steward.spec.base import Label, Section
 
 # Gate metrics whose value must stay at or below the threshold (gaps) or at or above it (ratios).
 UPPER_BOUNDED = ("demographic_parity_difference", "equalized_odds_difference", "equal_opportunity_difference")
@@ -22,10 +22,10 @@ class FairnessSpec(Section):
     group_column: str | None = Field(
         None, description="Group column judged (default: the first of data.group_columns)."
     )
-    positive_label: str | None = Field(
+    positive_label: Label | None = Field(
         None, description="Label counted as the favourable outcome, one-vs-rest (default: the last label name)."
     )
-    privileged: str | None = Field(
+    privileged: Label | None = Field(
         None, description="Privileged group value, for the signed metrics (disparate_impact_ratio needs it)."
     )
     splits: list[Literal["validation", "test"]] = Field(
@@ -39,12 +39,6 @@ class FairnessSpec(Section):
         description="The fairness gate, judged on evaluate.split: gaps (..._difference) at most, ratios at least "
         "this value, e.g. {demographic_parity_difference: 0.1}. Empty: no gate.",
     )
-
-    @field_validator("positive_label", "privileged", mode="before")
-    @classmethod
-    def _as_text(cls, value: object) -> object:
-        # Labels and groups are compared as strings everywhere (YAML reads `1` as an int).
-        return None if value is None else str(value)
 
 
 class MitigationSpec(Section):

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from steward.spec.base import Section, raise_problems
+from steward.spec.base import Label, Section, raise_problems
 
 BiasMetric = Literal[
     "statistical_parity_difference",
@@ -29,8 +29,8 @@ MAX_RECORDS = 10_000_000  # records (or seconds) in one window: more than a moni
 
 class BiasSpec(Section):
     group: str = Field(description="Request attribute (from `attributes` in /predict) that holds each record's group.")
-    favourable: str = Field(description="Class label counted as the favourable outcome (one-vs-rest).")
-    privileged: str | None = Field(
+    favourable: Label = Field(description="Class label counted as the favourable outcome (one-vs-rest).")
+    privileged: Label | None = Field(
         None, description="Privileged group for the signed metrics (statistical parity difference, disparate impact)."
     )
     metrics: list[BiasMetric] = Field(
