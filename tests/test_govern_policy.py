@@ -157,7 +157,7 @@ def write(tmp_path, raw):
     return path
 
 
-@pytest.mark.parametrize("command", ["validate", "train", "tune", "run", "serve", "submit"])
+@pytest.mark.parametrize("command", ["validate", "train", "tune", "run", "serve", "submit", "bench", "k8s"])
 def test_a_violating_spec_exits_2_is_audited_and_never_starts_ray(tmp_path, monkeypatch, command):
     import ray
 
@@ -169,6 +169,8 @@ def test_a_violating_spec_exits_2_is_audited_and_never_starts_ray(tmp_path, monk
             "mode": "max",
             "search_space": {"train.optimizer.lr": {"choice": [0.01]}},
         }
+    if command == "bench":
+        raw["bench"] = {"matrix": {"train.optimizer.lr": [0.01, 0.02]}}
     spec = write(tmp_path, raw)
     out = CliRunner().invoke(app, [command, str(spec), "--policy", str(EXAMPLE)])
     assert out.exit_code == 2, out.output

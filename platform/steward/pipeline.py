@@ -8,6 +8,10 @@ and published before the error (if any) reaches the CLI:
 - interrupted (Ctrl-C, or a sweep left unfinished): continue it with --resume;
 - failed: the error is recorded; an error that is neither the user's nor a failed run is a bug, and its traceback
   goes to the run's own log (RUN_LOG), which the CLI points at.
+
+Before a run folder is made, the spec (and every trial and bench cell it can become) is admitted by the policy in
+force (steward.govern.policy): the CLI names its --policy and the spec's file, any other caller gets the policy of
+$STEWARD_POLICY or ./steward.policy.yaml. A refused spec makes no run folder and starts no Ray.
 """
 
 import contextlib
@@ -22,6 +26,7 @@ from rich.markup import escape
 from steward.bench.run import bench_job
 from steward.errors import RunFailed, RunInterrupted, StewardError
 from steward.govern.events import record_run
+from steward.govern.policy import Admission
 from steward.runs import create_run, publish, resume_run, run_uri, set_status, spec_hash
 from steward.spec import JobSpec
 from steward.stages import evaluate_target, keep_sweep_model, train_model
@@ -29,6 +34,7 @@ from steward.storage import fetch_run, is_uri
 from steward.tune.finish import SweepResult, tune_job
 
 RUN_LOG = "steward.log"  # a bug's traceback, inside the run folder
+ACTIONS = {"train": "train", "sweep": "tune", "bench": "bench"}  # the command that makes each kind of run
 
 
 @dataclass
@@ -50,8 +56,17 @@ class Run:
         return self.uri or str(self.run_dir)
 
     @classmethod
-    def start(cls, job: JobSpec, kind: str, resume: str | None = None, console: Console | None = None) -> "Run":
-        """A new run folder, or the one `resume` names (checked), marked running, audited and published."""
+    def start(
+        cls,
+        job: JobSpec,
+        kind: str,
+        resume: str | None = None,
+        console: Console | None = None,
+        admission: Admission | None = None,
+    ) -> "Run":
+        """Admit the spec, then a new run folder, or the one `resume` names (checked), marked running, audited and
+        published."""
+        (admission or Admission(ACTIONS[kind], job.name)).admit(job)
         if resume:
             job, run_dir = resume_run(job, resume, kind)
             # the spec's train settings may have changed: record the hash of what runs now
@@ -116,9 +131,10 @@ def train(
     resume: str | None = None,
     console: Console | None = None,
     progress: Callable[[Path], contextlib.AbstractContextManager] | None = None,
+    admission: Admission | None = None,
 ) -> Trained:
     """`steward train`: train, evaluate, write the card; `progress(run_dir)` shows the epochs while it trains."""
-    run = Run.start(job, "train", resume, console)
+    run = Run.start(job, "train", resume, console, admission)
     with run.stages(), progress(run.run_dir) if progress else contextlib.nullcontext():
         result = train_model(run.job, run.run_dir, address)
     run.succeed(status={"headline": result["overall"]})
@@ -126,12 +142,16 @@ def train(
 
 
 def tune(
-    job: JobSpec, address: str | None = None, resume: str | None = None, console: Console | None = None
+    job: JobSpec,
+    address: str | None = None,
+    resume: str | None = None,
+    console: Console | None = None,
+    admission: Admission | None = None,
 ) -> Trained:
     """`steward tune`: the sweep, then the run's model as tune.on_finish says, evaluated, with its card."""
     if job.tune is None:
         raise StewardError("tune: the spec has no `tune` section; add one (see `steward schema`) or use steward train")
-    run = Run.start(job, "sweep", resume, console)
+    run = Run.start(job, "sweep", resume, console, admission)
     with run.stages():
         sweep = tune_job(run.job, run.run_dir, address, resume=run.resumed)
         result = keep_sweep_model(run.job, sweep, run.run_dir, address)
@@ -147,19 +167,29 @@ def tune(
     return Trained(run.run_dir, result, sweep)
 
 
-def train_or_tune(job: JobSpec, address: str | None = None, console: Console | None = None, **kw: Any) -> Trained:
+def train_or_tune(
+    job: JobSpec,
+    address: str | None = None,
+    console: Console | None = None,
+    admission: Admission | None = None,
+    **kw: Any,
+) -> Trained:
     """`steward run`'s model: a sweep when the spec declares one, else training."""
-    return tune(job, address, console=console) if job.tune else train(job, address, console=console, **kw)
+    if job.tune:
+        return tune(job, address, console=console, admission=admission)
+    return train(job, address, console=console, admission=admission, **kw)
 
 
-def bench(job: JobSpec, address: str | None = None, console: Console | None = None) -> Path:
+def bench(
+    job: JobSpec, address: str | None = None, console: Console | None = None, admission: Admission | None = None
+) -> Path:
     """`steward bench`: every cell of the spec's matrix, interleaved and repeated; bench.json in the run folder."""
     if job.bench is None:
         example = "bench: {matrix: {distributed.zero_stage: [0, 2]}}"
         raise StewardError(f"bench: the spec has no `bench` section; add one, e.g. `{example}`")
     if is_uri(job.output_dir):  # cells deploy and read back what they trained: they need a folder
         raise StewardError(f"output_dir {job.output_dir}: steward bench writes to a folder; pass --set output_dir=DIR")
-    run = Run.start(job, "bench", console=console)
+    run = Run.start(job, "bench", console=console, admission=admission)
     with run.stages():
         bench_job(job, run.run_dir, address, console or Console())
     run.succeed()

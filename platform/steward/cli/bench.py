@@ -9,7 +9,7 @@ from rich.table import Table
 
 from steward.cli.common import Address, PolicyOption, Sets, Spec, console, default_command, errors, user_errors
 from steward.errors import StewardError
-from steward.govern.policy import admit
+from steward.govern.policy import Admission
 from steward.spec import load_job
 
 bench_app = typer.Typer(cls=default_command("run"), no_args_is_help=True, help="Benchmark a matrix of spec variants.")
@@ -27,9 +27,7 @@ def run(
     """Run the spec's bench matrix, interleaved and repeated; writes bench.json, bench.md and plots."""
     from steward import pipeline
 
-    job = load_job(spec, set_ or [])
-    admit(job, policy, "bench", str(spec))
-    run_dir = pipeline.bench(job, address, console)
+    run_dir = pipeline.bench(load_job(spec, set_ or []), address, console, Admission("bench", str(spec), policy))
     console.print(f"results: {run_dir / 'bench.json'}, {run_dir / 'bench.md'}, plots in {run_dir}", markup=False)
 
 

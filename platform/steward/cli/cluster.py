@@ -8,7 +8,7 @@ from rich.table import Table
 
 from steward.cli.common import PolicyOption, Sets, Spec, console, user_errors
 from steward.errors import StewardError
-from steward.govern.policy import admit
+from steward.govern.policy import Admission, admit
 from steward.spec import load_job
 
 JobsAddress = Annotated[
@@ -40,8 +40,7 @@ def submit(
     if stage not in ("train", "tune", "serve", "run") or deps not in ("pip", "preinstalled"):
         raise StewardError(f"--stage {stage} --deps {deps}: stage is train|tune|serve|run, deps is pip|preinstalled")
     job = load_job(spec, [*(set_ or []), *([f"output_dir={storage}"] if storage else [])])
-    admit(job, policy, "submit", str(spec))
-    done = submit_job(job, stage, address, deps, port)  # type: ignore[arg-type]
+    done = submit_job(job, stage, address, deps, port, Admission("submit", str(spec), policy))  # type: ignore[arg-type]
     console.print(f"submitted [bold]{done.job_id}[/] ({done.package_bytes / 1024:.0f} KiB package)")
     console.print(f"dashboard {done.dashboard_url}", markup=False)
     if wait:
@@ -121,13 +120,17 @@ def k8s(
     image: Annotated[str, typer.Option(help="Image with steward installed (cluster/Dockerfile).")] = "steward:0.1.0",
     run: Annotated[str | None, typer.Option(help="rayservice: run folder on the runs volume to serve.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the manifests here instead of printing them.")] = None,
+    policy: PolicyOption = None,
 ) -> None:
-    """Write KubeRay manifests for the spec: a RayJob (with its spec ConfigMap) or a RayService."""
+    """Write KubeRay manifests for the spec (and the policy in force): a RayJob (with its spec ConfigMap) or a
+    RayService."""
     from steward.cluster.k8s import dump, manifests
 
     if kind not in ("rayjob", "rayservice"):
         raise StewardError(f"--kind {kind}: use rayjob or rayservice")
-    text = dump(manifests(load_job(spec, set_ or []), kind, image, run))  # type: ignore[arg-type]
+    job = load_job(spec, set_ or [])
+    admit(job, policy, "k8s", str(spec))  # the one place manifests leave steward
+    text = dump(manifests(job, kind, image, run))  # type: ignore[arg-type]
     if out is None:
         print(text, end="")
         return

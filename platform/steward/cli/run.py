@@ -11,7 +11,7 @@ from rich.table import Table
 from steward.cli.common import Address, PolicyOption, Sets, Spec, console, user_errors
 from steward.cli.serve import Override, deploy_and_wait
 from steward.errors import StewardError
-from steward.govern.policy import admit
+from steward.govern.policy import Admission
 from steward.spec import JobSpec, load_job
 
 if TYPE_CHECKING:
@@ -29,12 +29,11 @@ def train(spec: Spec, set_: Sets = None, address: Address = None, resume: Resume
     from steward.train.progress import HistoryProgress
 
     job = load_job(spec, set_ or [])
-    admit(job, policy, "train", str(spec))
 
     def progress(run_dir: Path) -> HistoryProgress:
         return HistoryProgress(run_dir / "history.jsonl", job.train.epochs, console)
 
-    trained = pipeline.train(job, address, resume, console, progress)
+    trained = pipeline.train(job, address, resume, console, progress, Admission("train", str(spec), policy))
     print_metrics(trained.result, trained.run_dir)
 
 
@@ -44,8 +43,7 @@ def tune(spec: Spec, set_: Sets = None, address: Address = None, resume: Resume 
     from steward import pipeline
 
     job = load_job(spec, set_ or [])
-    admit(job, policy, "tune", str(spec))
-    print_sweep(job, pipeline.tune(job, address, resume, console))
+    print_sweep(job, pipeline.tune(job, address, resume, console, Admission("tune", str(spec), policy)))
 
 
 @user_errors
@@ -62,8 +60,7 @@ def run(
     from steward import pipeline
 
     job = load_job(spec, set_ or [])
-    admit(job, policy, "run", str(spec))
-    trained = pipeline.train_or_tune(job, address, console)
+    trained = pipeline.train_or_tune(job, address, console, Admission("run", str(spec), policy))
     print_sweep(job, trained) if trained.sweep else print_metrics(trained.result, trained.run_dir)
     if serve and job.serve is not None:
         deploy_and_wait(job, trained.run_dir, address, "127.0.0.1", port, override_fairness_gate)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from steward.errors import ClusterUnreachable, RunFailed, StewardError
+from steward.govern.policy import Admission
 from steward.ray_env import resource_problem
 from steward.spec import JobSpec
 
@@ -107,10 +108,21 @@ def check_cluster_resources(spec: JobSpec, address: str, stage: Stage) -> None:
         raise StewardError(f"{problem} (cluster at {address})")
 
 
-def submit(spec: JobSpec, stage: Stage, address: str | None, deps: "Deps" = "pip", port: int = 8000) -> Submitted:
-    """Package and submit `spec` (validated) as a Ray job running `stage`; returns once the cluster accepted it."""
+def submit(
+    spec: JobSpec,
+    stage: Stage,
+    address: str | None,
+    deps: "Deps" = "pip",
+    port: int = 8000,
+    admission: Admission | None = None,
+) -> Submitted:
+    """Package and submit `spec` (validated) as a Ray job running `stage`; returns once the cluster accepted it.
+
+    The policy in force admits the spec here first (the CLI names its --policy), before the cluster is contacted.
+    """
     from steward.cluster.package import package_job  # Ray's packaging: only when a job is submitted
 
+    (admission or Admission("submit", spec.name)).admit(spec)
     check_stage(spec, stage)
     jobs = client(address)
     url = jobs_address(address)

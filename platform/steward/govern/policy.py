@@ -4,11 +4,24 @@ Rules are checked on the resolved spec as a plain dict (`JobSpec.model_dump(mode
 section that a given steward version does not have yet (`monitor`, `privacy`) reads it as absent rather than
 failing. The policy in force is `--policy FILE`, else $STEWARD_POLICY, else `steward.policy.yaml` in the
 working directory; with none of them there is no policy.
+
+A spec is checked as every job it can become: itself, each combination of its search space's bounding values
+(every grid and choice value, both ends of every range: PBT keeps mutated values inside them) and each cell of its
+bench matrix, so a trial or a cell cannot do what the spec itself may not. A search space with more than
+MAX_COMBINATIONS such combinations is checked one searched path at a time, which misses a rule that only two
+searched values break together (GPUs = workers x GPUs per worker).
+
+`admit` is the one check; each path that launches or emits something calls it once before it starts: the run's
+owner (steward.pipeline: train, tune, run, bench), `steward serve`, the Jobs API submission
+(steward.cluster.jobs.submit) and `steward k8s`.
 """
 
+import copy
 import hashlib
+import itertools
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +30,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from steward.errors import StewardError
-from steward.spec.base import Section
+from steward.spec.base import Section, set_dotted
 from steward.spec.governance import CARD_FIELDS
 
 if TYPE_CHECKING:
@@ -25,6 +38,7 @@ if TYPE_CHECKING:
 
 ENV_POLICY = "STEWARD_POLICY"
 DEFAULT_FILE = "steward.policy.yaml"
+MAX_COMBINATIONS = 4096
 MODEL_CARD = "model_card"  # in high_risk_requires: every governance card field filled in
 
 
@@ -302,14 +316,67 @@ def check(spec: dict[str, Any], policy: Policy) -> list[Violation]:
     return [v for name, setting in in_force(policy).items() for v in CHECKS[name](spec, setting)]
 
 
+def variants(spec: "JobSpec") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, {dotted path: value}) for every job the spec can become: search-space combinations, bench cells."""
+    if spec.tune is not None:
+        space = {path: dist.candidates for path, dist in spec.tune.search_space.items()}
+        if math.prod(map(len, space.values())) <= MAX_COMBINATIONS:
+            for values in itertools.product(*space.values()):
+                yield "tune.search_space", dict(zip(space, values, strict=True))
+        else:
+            yield from (("tune.search_space", {path: v}) for path, values in space.items() for v in values)
+    if spec.bench is not None:
+        where = "bench.cells" if spec.bench.cells else "bench.matrix"
+        yield from ((where, cell) for cell in spec.bench.combinations())
+
+
+def _with(spec: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    variant = copy.deepcopy(spec)
+    for path, value in values.items():
+        set_dotted(variant, path, value)
+    return variant
+
+
+def check_job(spec: "JobSpec", policy: Policy) -> list[Violation]:
+    """Every violation by the spec and by each job it can become; a variant's names the values that break it."""
+    base = spec.model_dump(mode="json")
+    found = check(base, policy)
+    inherited, seen = {(v.rule, v.field, v.message) for v in found}, set()
+    for where, values in variants(spec):
+        for v in check(_with(base, values), policy):
+            field = f"{where}.{v.field}" if v.field in values else where
+            if (v.rule, v.field, v.message) in inherited or (v.rule, field) in seen:
+                continue  # the spec itself breaks it, or a variant already named it
+            seen.add((v.rule, field))
+            alone = {v.field: values[v.field]} if v.field in values else {}
+            named = alone if alone and v in check(_with(base, alone), policy) else values
+            shown = ", ".join(f"{path}={value!r}" for path, value in named.items())
+            found.append(Violation(v.rule, field, f"with {shown}: {v.message}", f"keep {where} within it: {v.fix}"))
+    return found
+
+
 def explain(policy: Policy) -> list[tuple[str, Any, str]]:
     """(rule, setting, what it means) for every rule in force."""
     fields = Rules.model_fields
     return [(name, value, fields[name].description or "") for name, value in in_force(policy).items()]
 
 
+@dataclass(frozen=True)
+class Admission:
+    """Who asks for a spec to be admitted: the action, the spec's file, and the --policy option (None: the policy
+    in force from $STEWARD_POLICY or ./steward.policy.yaml)."""
+
+    action: str
+    source: str
+    option: str | Path | None = None
+
+    def admit(self, spec: "JobSpec") -> "LoadedPolicy | None":
+        return admit(spec, self.option, self.action, self.source)
+
+
 def admit(spec: "JobSpec", option: str | Path | None, action: str, source: str) -> LoadedPolicy | None:
-    """Check `spec` against the policy in force before `action` (validate, train, tune, run, serve) starts.
+    """Check `spec` (and every job it can become) against the policy in force before `action` (validate, train,
+    tune, run, bench, serve, submit, k8s) starts.
 
     Records `policy.violation` (and raises PolicyViolation, a StewardError: exit 2) or `spec.validated` in the
     audit log under the spec's output_dir. Returns the policy in force, or None when there is none.
@@ -319,7 +386,7 @@ def admit(spec: "JobSpec", option: str | Path | None, action: str, source: str) 
 
     path = policy_file(option)
     loaded = load_policy(path) if path else None
-    violations = check(spec.model_dump(mode="json"), loaded.policy) if loaded else []
+    violations = check_job(spec, loaded.policy) if loaded else []
     fields: dict[str, Any] = {"action": action, "spec": source, "job": spec.name, "spec_hash": spec_hash(spec)}
     if loaded:
         fields |= {
