@@ -212,3 +212,13 @@ def test_hostile_yaml_is_one_problem_not_a_crash(tmp_path, text, fragment):
 def test_a_set_value_is_read_under_the_same_limits(tmp_path):
     spec = load_job(write(tmp_path, MINIMAL), ["description=&a [*a]"])
     assert spec.description == "&a [*a]"  # a cycle is not read as YAML: kept as the text it was, not a crash
+
+
+@pytest.mark.parametrize("job", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.name)
+def test_example_jobs_write_governance_lists_one_item_a_line(job):
+    """A sentence in a flow list ([a, b]) is split at its commas: cards and ConfigMaps would show broken bullets."""
+    root = yaml.compose(job.read_text())
+    governance = next((value for key, value in root.value if key.value == "governance"), None)
+    assert governance is not None, f"{job.name} has no governance section"
+    lists = [(key.value, value) for key, value in governance.value if isinstance(value, yaml.SequenceNode)]
+    assert lists and all(not value.flow_style for _, value in lists), [k for k, v in lists if v.flow_style]
