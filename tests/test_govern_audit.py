@@ -182,7 +182,7 @@ def test_an_appended_event_with_a_correct_hash_is_caught(log):
     forged = {k: v for k, v in rows[-1].items() if k not in ("hash", "mac")} | {"event": "deployment.created"}
     rewrite(log, [*rows, forged])
     verdict = audit.verify(log)
-    assert verdict.bad_line == 7 and "signature does not match" in verdict.problem
+    assert verdict.bad_line == 7 and "not signed: forged" in verdict.problem
 
 
 def test_a_rewritten_chain_is_caught_even_with_every_hash_correct(log):

@@ -296,6 +296,8 @@ def _line(raw: bytes, log: Path, number: int, prev: str, key: bytes) -> tuple[di
         mine, theirs = audit_key.key_id(key), entry.get("key_id")
         if theirs and theirs != mine:
             return None, f"signed with key {theirs}, not yours ({mine}): verify with the key that wrote it"
+        if "mac" not in entry:
+            return None, "it is not signed: forged, or written by a steward from before events were signed"
         return None, "its signature does not match: the line was forged, or edited and rehashed"
     return entry, _link_problem(entry, prev, number)
 

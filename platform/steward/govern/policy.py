@@ -11,9 +11,8 @@ bench matrix, so a trial or a cell cannot do what the spec itself may not. A sea
 MAX_COMBINATIONS such combinations is checked one searched path at a time, which misses a rule that only two
 searched values break together (GPUs = workers x GPUs per worker).
 
-`admit` is the one check; each path that launches or emits something calls it once before it starts: the run's
-owner (steward.pipeline: train, tune, run, bench), `steward serve`, the Jobs API submission
-(steward.cluster.jobs.submit) and `steward k8s`.
+`admit` is the one check, called once before anything starts by each path that launches or emits something:
+steward.pipeline (train, tune, run, bench), `steward serve`, steward.cluster.jobs.submit and `steward k8s`.
 """
 
 import copy
