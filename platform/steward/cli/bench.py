@@ -52,8 +52,8 @@ def compare(a: Result, b: Result) -> None:
 
 def _read(path: Path) -> dict:
     try:
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:  # a binary file is not a bench.json either
         raise StewardError(f"{path}: not a readable bench.json ({err})") from None
     if not isinstance(result, dict) or not {"manifest", "ceiling", "baseline", "cells"} <= set(result):
         raise StewardError(f"{path}: not a bench result (no manifest, ceiling, baseline and cells); pass a bench.json")
