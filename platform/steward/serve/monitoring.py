@@ -206,9 +206,11 @@ class RecordQueue:
             parts = [getattr(output, name) for output in outputs]
             return None if parts[0] is None else np.concatenate(parts)
 
+        # only sequence and text inputs are summarised into signals; an image's pixels would be joined for nothing
+        inputs: Any = joined("inputs") if info.modality in ("sequence", "text") else None
         signals = record_signals(
             info.modality,
-            joined("inputs"),
+            inputs,
             joined("probabilities"),
             info.label_names,
             joined("embeddings"),
