@@ -10,7 +10,6 @@ through the loader `steward validate` calls, the alias games and hostile documen
 import copy
 import os
 import subprocess
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,7 +35,7 @@ FUZZ = settings(
 )
 EXAMPLES = {p.name: yaml.safe_load(p.read_text()) for p in sorted(JOBS.glob("*.yaml"))}
 RUNNER = CliRunner()
-FOLDER = Path(tempfile.mkdtemp(prefix="steward-spec-fuzz-"))
+FOLDER: list[Path] = []  # the module's temporary folder, where each document is written before it is validated
 SEEN: Counter = Counter()  # exit code -> cases, printed at the end so a run shows what it covered
 SLOWEST = [0.0]
 
@@ -47,7 +46,7 @@ def validate(text: str | bytes, cli: bool = False) -> int:
     cli: through the real command (in-process); else through the loader it calls, which raises SpecError (exit
     2) for every problem a user can fix: anything else it raises would reach the user as a bug.
     """
-    path = FOLDER / "spec.yaml"
+    path = FOLDER[0] / "spec.yaml"
     path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
     start = time.perf_counter()
     if cli:
@@ -71,7 +70,8 @@ def validate(text: str | bytes, cli: bool = False) -> int:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _report_coverage():
+def _folder_and_coverage(tmp_path_factory):
+    FOLDER.append(tmp_path_factory.mktemp("spec-fuzz"))
     yield
     print(f"\nspec fuzz: exit codes {dict(SEEN)}, {sum(SEEN.values())} cases, slowest {SLOWEST[0]:.3f} s")
 
