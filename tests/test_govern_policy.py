@@ -134,6 +134,21 @@ def test_a_bad_policy_file_names_the_rule(tmp_path):
     assert "rules.max_replicas" in str(err.value)
 
 
+def test_a_policy_file_is_read_under_the_specs_limits(tmp_path):
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    for text, said in {
+        laughs: "expands to more",
+        "a: &a [*a]\n": "a cycle",
+        "rules: {max_workers: 2": "malformed",
+    }.items():
+        (tmp_path / "p.yaml").write_text(text)
+        with pytest.raises(StewardError, match=said) as err:
+            load_policy(tmp_path / "p.yaml")
+        assert str(err.value).startswith(f"{tmp_path / 'p.yaml'}: ")
+
+
 def test_governance_section_is_validated():
     with pytest.raises(SpecError, match="governance.risk"):
         load_job_raw(base(governance={"owners": ["x"], "risk": "extreme"}))

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
 from pydantic import Field, ValidationError
 
 from steward.errors import StewardError
 from steward.spec.base import Section, set_dotted
+from steward.spec.document import DocumentError, read_value
 from steward.spec.governance import CARD_FIELDS
 
 if TYPE_CHECKING:
@@ -129,15 +129,16 @@ def load_policy(path: str | Path) -> LoadedPolicy:
     except (OSError, UnicodeDecodeError) as err:
         raise StewardError(f"{path}: cannot read the policy file ({err}); give a readable UTF-8 YAML file") from None
     try:
-        policy = Policy.model_validate(yaml.safe_load(text) or {})
+        # The spec's limits (size, nesting, aliases): a policy file is YAML from somewhere else too.
+        policy = Policy.model_validate(read_value(text) or {})
     except ValidationError as err:
         problems = "\n".join(
             f"  - {'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg'].removeprefix('Value error, ')}"
             for e in err.errors()
         )
         raise StewardError(f"{path}: not a valid policy (see cluster/policy.example.yaml)\n{problems}") from None
-    except yaml.YAMLError as err:
-        raise StewardError(f"{path}: malformed YAML: {err}") from None
+    except DocumentError as err:
+        raise StewardError(f"{path}: {err.message}") from None
     return LoadedPolicy(policy, path.resolve(), hashlib.sha256(text.encode()).hexdigest())
 
 
