@@ -175,3 +175,60 @@ def test_cluster_launcher_configs_follow_rays_schema(cloud):
     gpu = [t for name, t in types.items() if t["resources"].get("GPU")]
     assert gpu and all(t["min_workers"] < t["max_workers"] for t in gpu)  # GPU workers, autoscaled
     assert config["provider"]["type"] == cloud
+
+
+def replica_containers(service):
+    """The head's and every worker group's container: Serve can place a replica on any of them."""
+    cluster = service["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    return [(pod, pod["containers"][0]) for pod in pods]
+
+
+@needs_crds
+def test_rayservice_with_auth_takes_the_api_keys_env_from_a_secret():
+    spec = load_job(JOBS / "quickstart.yaml", ["serve.auth.api_keys_env=STEWARD_API_KEYS"])
+    (service,) = manifests(spec, "rayservice")
+    assert_valid(service)
+    for _, container in replica_containers(service):
+        ref = {"secretKeyRef": {"name": "quickstart-api-keys", "key": "api-keys"}}
+        assert {"name": "STEWARD_API_KEYS", "valueFrom": ref} in container["env"]
+    assert "&id" not in dump([service])  # each container spells its env out, no YAML anchors
+    (named,) = manifests(spec, "rayservice", api_keys_secret="team.serving-keys")
+    assert_valid(named)
+    assert all(
+        e["valueFrom"]["secretKeyRef"]["name"] == "team.serving-keys"
+        for _, c in replica_containers(named)
+        for e in c["env"]
+        if "valueFrom" in e
+    )
+    with pytest.raises(StewardError, match="--api-keys-secret Keys_1"):
+        manifests(spec, "rayservice", api_keys_secret="Keys_1")
+    # a RayJob starts no replica: it neither needs nor waits for the Secret
+    _, job = manifests(spec, "rayjob")
+    assert "secretKeyRef" not in dump([job])
+
+
+@needs_crds
+def test_rayservice_with_an_api_keys_file_mounts_it_from_the_secret():
+    spec = load_job(JOBS / "quickstart.yaml", ["serve.auth.api_keys_file=keys.txt"])
+    (service,) = manifests(spec, "rayservice")
+    assert_valid(service)
+    app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    # the replica reads the Secret's file in the pod, not the path on the machine that wrote the manifest
+    assert app["args"]["spec"]["serve"]["auth"]["api_keys_file"] == "/etc/steward/api-keys/api-keys"
+    for pod, container in replica_containers(service):
+        (volume,) = [v for v in pod["volumes"] if "secret" in v]
+        assert volume["secret"]["secretName"] == "quickstart-api-keys"
+        assert {"name": volume["name"], "mountPath": "/etc/steward/api-keys"} in container["volumeMounts"]
+
+
+SHARED_FOLDER = {"aws": "/mnt/efs", "gcp": "/mnt/filestore"}
+
+
+@pytest.mark.parametrize("cloud", sorted(SHARED_FOLDER))
+def test_cluster_launcher_mounts_the_shared_folder_into_the_container_or_fails(cloud):
+    config = yaml.safe_load((ROOT / "cluster" / f"{cloud}.yaml").read_text())
+    folder = SHARED_FOLDER[cloud]
+    assert f"--volume={folder}:{folder}" in config["docker"]["run_options"]  # run folders are shared in Ray's container
+    (mount,) = [c for c in config["initialization_commands"] if " mount " in c]
+    assert folder in mount and "|| true" not in mount and mount.rstrip().endswith("exit 1; }")

@@ -120,20 +120,29 @@ def k8s(
     image: Annotated[str, typer.Option(help="Image with steward installed (cluster/Dockerfile).")] = "steward:0.1.0",
     run: Annotated[str | None, typer.Option(help="rayservice: run folder on the runs volume to serve.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the manifests here instead of printing them.")] = None,
+    api_keys_secret: Annotated[
+        str | None,
+        typer.Option(
+            help="rayservice with serve.auth: Secret holding the keys under `api-keys` (default NAME-api-keys)."
+        ),
+    ] = None,
     policy: PolicyOption = None,
 ) -> None:
     """Write KubeRay manifests for the spec (and the policy in force): a RayJob (with its spec ConfigMap) or a
     RayService."""
-    from steward.cluster.k8s import dump, manifests
+    from steward.cluster.k8s import api_keys_secret_command, dump, manifests
 
     if kind not in ("rayjob", "rayservice"):
         raise StewardError(f"--kind {kind}: use rayjob or rayservice")
     job = load_job(spec, set_ or [])
     admit(job, policy, "k8s", str(spec))  # the one place manifests leave steward
-    text = dump(manifests(job, kind, image, run))  # type: ignore[arg-type]
+    text = dump(manifests(job, kind, image, run, api_keys_secret))  # type: ignore[arg-type]
+    secret = api_keys_secret_command(job, api_keys_secret) if kind == "rayservice" else None
     if out is None:
         print(text, end="")
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    console.print(f"wrote [bold]{out}[/] (kubectl apply -f {out})")
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        console.print(f"wrote [bold]{out}[/] (kubectl apply -f {out})")
+    if secret:  # on stderr: stdout may be piped to kubectl apply
+        typer.echo(f"the pods start once the API-keys Secret exists: {secret}", err=True)

@@ -2,10 +2,12 @@
 
 Pods run an image with steward installed (cluster/Dockerfile); run folders live on a ReadWriteMany volume claim
 mounted at RUNS on every pod, so a RayService can serve what a RayJob trained; a URI output_dir (s3://, gs://) is
-kept as it is (steward.storage).
+kept as it is (steward.storage). A RayService with serve.auth takes its API keys from a Kubernetes Secret.
 """
 
+import copy
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +16,7 @@ import yaml
 from steward.errors import StewardError
 from steward.serve.options import APP_BUILDER, DEPLOYMENT, app_name, deployment_options
 from steward.spec import JobSpec
+from steward.spec.serve import ServeSpec
 from steward.storage import is_uri
 
 Kind = Literal["rayjob", "rayservice"]
@@ -24,16 +27,69 @@ RUNS_CLAIM = "steward-runs"
 SPEC_DIR = "/home/ray/steward"  # the job spec, mounted from a ConfigMap on the head
 HEAD = {"cpu": "2", "memory": "8Gi"}
 MEMORY_PER_CPU_GI = 4
+API_KEYS_KEY = "api-keys"  # the key of the Secret that holds serve.auth's API keys
+API_KEYS_DIR = "/etc/steward/api-keys"  # where that Secret is mounted for serve.auth.api_keys_file
+_SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")  # DNS-1123 subdomain
+
+Volume = tuple[str, dict, str]  # name, volume source, mount path
 
 
-def manifests(spec: JobSpec, kind: Kind, image: str = DEFAULT_IMAGE, run_dir: str | None = None) -> list[dict]:
-    """The Kubernetes objects to `kubectl apply`: a RayJob with its spec ConfigMap, or a RayService."""
+def manifests(
+    spec: JobSpec,
+    kind: Kind,
+    image: str = DEFAULT_IMAGE,
+    run_dir: str | None = None,
+    api_keys_secret: str | None = None,
+) -> list[dict]:
+    """The Kubernetes objects to `kubectl apply`: a RayJob with its spec ConfigMap, or a RayService.
+
+    api_keys_secret names the Secret holding serve.auth's keys (default: api_keys_secret_name(spec)); only a
+    RayService reads it: a RayJob trains or sweeps and starts no replica, so it must not wait for a Secret.
+    """
     name = _k8s_name(spec.name)
     kept = is_uri(spec.output_dir) or Path(spec.output_dir).is_absolute()
     cluster_spec = spec.model_copy(update={"output_dir": spec.output_dir if kept else RUNS})
     if kind == "rayservice":
-        return [ray_service(cluster_spec, name, image, run_dir)]
+        return [ray_service(cluster_spec, name, image, run_dir, api_keys_secret or api_keys_secret_name(spec))]
     return [spec_config_map(cluster_spec, name), ray_job(cluster_spec, name, image)]
+
+
+def api_keys_secret_name(spec: JobSpec) -> str:
+    """The default Secret for serve.auth's keys: the job's Kubernetes name and `-api-keys`."""
+    return f"{_k8s_name(spec.name)}-api-keys"
+
+
+def api_keys_secret_command(spec: JobSpec, secret: str | None = None) -> str | None:
+    """The `kubectl create secret` a RayService of this spec needs before its pods start (None without auth)."""
+    auth = spec.serve.auth if spec.serve else None
+    if auth is None:
+        return None
+    value = "--from-literal=api-keys=KEY1,KEY2" if auth.api_keys_env else "--from-file=api-keys=KEYS_FILE"
+    return f"kubectl create secret generic {secret or api_keys_secret_name(spec)} {value}"
+
+
+def api_keys_in_pods(serve: ServeSpec, secret: str) -> tuple[ServeSpec, list[dict], list[Volume]]:
+    """serve.auth's keys, from the Secret's API_KEYS_KEY, on every pod that can run a replica.
+
+    api_keys_env: that variable comes from the Secret (secretKeyRef; comma-separated keys). api_keys_file: the
+    Secret is mounted read-only at API_KEYS_DIR (one key a line) and the returned section points there, because
+    the path the spec names is a file on the machine running `steward k8s`, not in the pod. Either way a missing
+    Secret keeps the pods from starting (Kubernetes reports it on the pod) rather than a replica refusing to run.
+    """
+    auth = serve.auth
+    if auth is None:
+        return serve, [], []
+    if not (len(secret) <= 253 and _SECRET_NAME.fullmatch(secret)):
+        raise StewardError(
+            f"--api-keys-secret {secret}: a Secret name is lowercase letters, digits, '-' and '.', starting and "
+            "ending with a letter or digit; pass one like quickstart-api-keys"
+        )
+    if auth.api_keys_env is not None:
+        ref = {"secretKeyRef": {"name": secret, "key": API_KEYS_KEY}}
+        return serve, [{"name": auth.api_keys_env, "valueFrom": ref}], []
+    volume = {"secret": {"secretName": secret, "items": [{"key": API_KEYS_KEY, "path": API_KEYS_KEY}]}}
+    in_pod = auth.model_copy(update={"api_keys_file": f"{API_KEYS_DIR}/{API_KEYS_KEY}"})
+    return serve.model_copy(update={"auth": in_pod}), [], [("api-keys", volume, API_KEYS_DIR)]
 
 
 def spec_config_map(spec: JobSpec, name: str) -> dict:
@@ -55,7 +111,7 @@ def ray_job(spec: JobSpec, name: str, image: str) -> dict:
         min_replicas=dist.num_workers,
         max_replicas=dist.num_workers * trials,
     )
-    head = head_group(image, extra_volume=("spec", {"configMap": {"name": f"{name}-spec"}}, SPEC_DIR))
+    head = head_group(image, volumes=[("spec", {"configMap": {"name": f"{name}-spec"}}, SPEC_DIR)])
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -70,13 +126,15 @@ def ray_job(spec: JobSpec, name: str, image: str) -> dict:
     }
 
 
-def ray_service(spec: JobSpec, name: str, image: str, run_dir: str | None) -> dict:
+def ray_service(spec: JobSpec, name: str, image: str, run_dir: str | None, api_keys_secret: str) -> dict:
     """A RayService whose serveConfigV2 is the spec's Serve application over a run folder on the runs volume."""
     if spec.serve is None:
         raise StewardError(
             "--kind rayservice: the spec has no `serve` section; add one (e.g. serve: {route_prefix: /x})"
         )
-    cfg = spec.serve
+    # The head too: it has no CPUs for Ray, but a replica asking for none can still land there.
+    cfg, env, volumes = api_keys_in_pods(spec.serve, api_keys_secret)
+    spec = spec.model_copy(update={"serve": cfg})
     app = {
         "name": app_name(spec),
         "route_prefix": cfg.route_prefix,
@@ -88,14 +146,16 @@ def ray_service(spec: JobSpec, name: str, image: str, run_dir: str | None) -> di
     }
     serve_config = {"http_options": {"host": "0.0.0.0", "port": 8000}, "applications": [app]}
     low, high = cfg.replica_range
-    group = worker_group(image, max(cfg.num_cpus, 1.0), cfg.num_gpus, min_replicas=low, max_replicas=high)
+    group = worker_group(
+        image, max(cfg.num_cpus, 1.0), cfg.num_gpus, min_replicas=low, max_replicas=high, env=env, volumes=volumes
+    )
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
         "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "steward"}},
         "spec": {
             "serveConfigV2": yaml.safe_dump(serve_config, sort_keys=False),
-            "rayClusterConfig": cluster(head_group(image), group),
+            "rayClusterConfig": cluster(head_group(image, env=env, volumes=volumes), group),
         },
     }
 
@@ -116,29 +176,34 @@ def cluster(head: dict, group: dict) -> dict:
     }
 
 
-def head_group(image: str, extra_volume: tuple[str, dict, str] | None = None) -> dict:
+def head_group(image: str, env: list[dict] | None = None, volumes: list[Volume] | None = None) -> dict:
     """The head pod: the dashboard (Jobs API) open to the cluster, no training work scheduled on it (num-cpus 0)."""
-    volumes, mounts = _runs_volume()
-    if extra_volume:
-        volumes.append({"name": extra_volume[0], **extra_volume[1]})
-        mounts.append({"name": extra_volume[0], "mountPath": extra_volume[2]})
+    pod_volumes, mounts = _volumes(volumes or [])
     container = {
         "name": "ray-head",
         "image": image,
         "resources": {"requests": dict(HEAD), "limits": dict(HEAD)},
         "ports": [{"containerPort": p, "name": n} for n, p in (("gcs", 6379), ("dashboard", 8265), ("serve", 8000))],
         "volumeMounts": mounts,
-        "env": [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}],
+        "env": [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}, *copy.deepcopy(env or [])],
     }
     return {
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
-        "template": {"spec": {"containers": [container], "volumes": volumes}},
+        "template": {"spec": {"containers": [container], "volumes": pod_volumes}},
     }
 
 
-def worker_group(image: str, cpus: float, gpus: float, min_replicas: int, max_replicas: int) -> dict:
+def worker_group(
+    image: str,
+    cpus: float,
+    gpus: float,
+    min_replicas: int,
+    max_replicas: int,
+    env: list[dict] | None = None,
+    volumes: list[Volume] | None = None,
+) -> dict:
     """One pod per Ray Train worker (or Serve replica): its CPUs, memory and GPUs as Kubernetes requests."""
-    volumes, mounts = _runs_volume()
+    pod_volumes, mounts = _volumes(volumes or [])
     cpu = str(max(1, math.ceil(cpus)))
     resources: dict[str, Any] = {"cpu": cpu, "memory": f"{int(cpu) * MEMORY_PER_CPU_GI}Gi"}
     if gpus:
@@ -148,9 +213,9 @@ def worker_group(image: str, cpus: float, gpus: float, min_replicas: int, max_re
         "image": image,
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "volumeMounts": mounts,
-        "env": [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}],
+        "env": [{"name": "RAY_USAGE_STATS_ENABLED", "value": "0"}, *copy.deepcopy(env or [])],
     }
-    pod: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    pod: dict[str, Any] = {"containers": [container], "volumes": pod_volumes}
     if gpus:  # GPU nodes are usually tainted so that only GPU work lands there
         pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     return {
@@ -163,10 +228,13 @@ def worker_group(image: str, cpus: float, gpus: float, min_replicas: int, max_re
     }
 
 
-def _runs_volume() -> tuple[list[dict], list[dict]]:
+def _volumes(extra: list[Volume]) -> tuple[list[dict], list[dict]]:
+    """The pod's volumes and the container's mounts: the runs claim at RUNS, then `extra` (copied: pods that share
+    nothing in Python dump without YAML anchors and can be edited one at a time)."""
+    every: list[Volume] = [("runs", {"persistentVolumeClaim": {"claimName": RUNS_CLAIM}}, RUNS), *extra]
     return (
-        [{"name": "runs", "persistentVolumeClaim": {"claimName": RUNS_CLAIM}}],
-        [{"name": "runs", "mountPath": RUNS}],
+        [{"name": name, **copy.deepcopy(source)} for name, source, _ in every],
+        [{"name": name, "mountPath": path} for name, _, path in every],
     )
 
 
