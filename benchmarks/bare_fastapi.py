@@ -7,6 +7,7 @@ the Serve deployment (`steward.serve.app`), without Ray Serve: no proxy, no repl
 """
 
 import sys
+import uuid
 from pathlib import Path
 
 import torch
@@ -14,21 +15,20 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 
 from steward.runs import read_spec
-from steward.serve.model import PlainRequestIds, load_served_model, predict_response
+from steward.serve.model import load_served_model, predict_response
 from steward.serve.protocol import PredictRequest, PredictResponse, json_response, parse_body, validated
 
 
 def build(run_dir: Path) -> FastAPI:
     spec = read_spec(run_dir)
     served = load_served_model(spec, run_dir)
-    ids = PlainRequestIds()  # as an unmonitored replica issues them
     app = FastAPI()
 
     @app.post("/predict", response_model=PredictResponse)
     async def predict(request: Request) -> Response:
         body = validated(PredictRequest, parse_body(await request.body(), 4_000_000))
-        probabilities = served.probabilities(body.instances)
-        return json_response(predict_response(served, spec.name, probabilities, ids.issue(len(body.instances))))
+        ids = [uuid.uuid4().hex for _ in body.instances]  # as an unmonitored replica issues them
+        return json_response(predict_response(served, spec.name, served.probabilities(body.instances), ids))
 
     @app.get("/healthz")
     async def healthz() -> dict:

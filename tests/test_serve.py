@@ -114,7 +114,7 @@ def test_served_predictions_equal_the_offline_model_and_oip_round_trips(runs, se
         assert {"parse", "prepare", "wait", "encode", "forward", "reply"} <= phases.keys(), phases
         assert min(phases.values()) >= 0 and sum(phases.values()) <= reply.elapsed.total_seconds() * 1000
     body = replies[0].json()
-    # a monitored deployment's ids carry its signature (what /feedback checks); others are 32 hex digits
+    # a monitored deployment's ids carry its signature (what /feedback checks); others are plain uuids
     id_length = REQUEST_ID_LENGTH if spec.monitor else 32
     assert body["model_version"] == run_dir.name and len(body["predictions"][0]["request_id"]) == id_length
     assert body["predictions"][0]["label"] == body["labels"][int(expected[0].argmax())]

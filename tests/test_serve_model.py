@@ -1,7 +1,5 @@
-"""The served model offline (no Ray): what a monitored replica takes from each forward pass, and how concurrent
-requests are grouped into passes."""
+"""The served model offline (no Ray): what a monitored replica takes from each forward pass."""
 
-import asyncio
 import threading
 from dataclasses import replace
 
@@ -12,8 +10,7 @@ import torch
 from steward.evaluate.profile import embedding_tap, penultimate_layer
 from steward.monitor.checks import live_state
 from steward.monitor.reference import reference_dir, reference_for
-from steward.serve.batching import Batcher
-from steward.serve.model import PlainRequestIds, load_served_model, non_finite_row
+from steward.serve.model import load_served_model, non_finite_row
 from steward.serve.monitoring import OTHER_GROUP, RecordQueue
 from steward.spec.monitor import BiasSpec, MonitorSpec
 from steward.spec.serve import ServeSpec
@@ -106,55 +103,3 @@ def test_inputs_that_overflow_the_model_are_found_and_group_values_are_bounded(t
     state = live_state(bins)
     unbiased.count_into(state)
     assert {group for group, _ in state.predicted} == {None}
-
-
-def test_the_batcher_forms_a_pass_when_the_model_is_free_from_every_request_waiting_then():
-    passes: list[list[int]] = []
-    release = threading.Event()
-
-    def run(items: list[int]) -> list[int]:
-        passes.append(items)
-        if len(passes) == 1:
-            release.wait(timeout=10)  # the first pass holds the model while the next requests arrive
-        if -1 in items:
-            raise ValueError("a bad pass")
-        return [item * 10 for item in items]
-
-    async def scenario() -> tuple[list[int], BaseException]:
-        batcher = Batcher(run, max_size=4, wait_s=0.001)
-        first = asyncio.ensure_future(batcher.submit(0))
-        while not passes:  # the first pass has started and holds the model
-            await asyncio.sleep(0.001)
-        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 7)]
-        await asyncio.sleep(0.05)  # far past wait_s: Serve's batcher would have cut these into passes by now
-        release.set()
-        results = await asyncio.gather(first, *rest)
-        failed = await asyncio.gather(batcher.submit(-1), return_exceptions=True)
-        return results, failed[0]
-
-    results, failed = asyncio.run(scenario())
-    assert results == [0, 10, 20, 30, 40, 50, 60]
-    # the six that waited behind the first pass run as full passes (4, then the 2 left), in arrival order
-    assert passes[:3] == [[0], [1, 2, 3, 4], [5, 6]]
-    assert isinstance(failed, ValueError) and passes[3] == [-1]
-
-
-def test_the_batcher_waits_up_to_its_timeout_for_a_pass_to_fill():
-    passes: list[list[int]] = []
-
-    async def scenario() -> list[int]:
-        batcher = Batcher(lambda items: passes.append(items) or items, max_size=8, wait_s=0.02)
-        early = [asyncio.ensure_future(batcher.submit(i)) for i in range(2)]
-        await asyncio.sleep(0.005)  # within the timeout: these join the same pass
-        late = [asyncio.ensure_future(batcher.submit(i)) for i in range(2, 4)]
-        return await asyncio.gather(*early, *late)
-
-    assert asyncio.run(scenario()) == [0, 1, 2, 3]
-    assert passes == [[0, 1, 2, 3]]
-
-
-def test_plain_request_ids_are_32_hex_digits_unique_within_and_across_replicas():
-    first, second = PlainRequestIds(), PlainRequestIds()
-    ids = first.issue(3) + first.issue(1000) + second.issue(1000)
-    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
-    assert len(set(ids)) == len(ids)

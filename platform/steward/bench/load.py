@@ -1,7 +1,6 @@
 """The built-in load generator: bounded requests for a bounded time, to a local endpoint only."""
 
 import asyncio
-import json
 import time
 from urllib.parse import urlparse
 
@@ -12,7 +11,6 @@ from steward.errors import RunFailed
 from steward.spec.bench import LoadSpec
 
 LOCAL = ("127.0.0.1", "localhost", "::1")
-JSON = {"Content-Type": "application/json"}
 
 
 class LoadError(RunFailed):
@@ -21,9 +19,8 @@ class LoadError(RunFailed):
     what = "benchmark failed"
 
 
-async def _level(url: str, bodies: list[bytes], concurrency: int, load: LoadSpec) -> dict:
-    """One concurrency level: `concurrency` clients loop over `bodies` (JSON, encoded) until the time or request
-    budget is spent."""
+async def _level(url: str, bodies: list[dict], concurrency: int, load: LoadSpec) -> dict:
+    """One concurrency level: `concurrency` clients loop over `bodies` until the time or request budget is spent."""
     latencies: list[float] = []
     sent = [0]
 
@@ -44,8 +41,8 @@ async def _level(url: str, bodies: list[bytes], concurrency: int, load: LoadSpec
     return summarise(latencies, elapsed, concurrency)
 
 
-async def _post(session: aiohttp.ClientSession, url: str, body: bytes) -> None:
-    async with session.post(url, data=body, headers=JSON) as reply:
+async def _post(session: aiohttp.ClientSession, url: str, body: dict) -> None:
+    async with session.post(url, json=body) as reply:
         text = await reply.read()
         if reply.status != 200:
             raise LoadError(f"{url} answered {reply.status}: {text[:300].decode(errors='replace')}")
@@ -68,7 +65,4 @@ def generate(url: str, bodies: list[dict], load: LoadSpec) -> list[dict]:
     host = urlparse(url).hostname
     if host not in LOCAL:
         raise ValueError(f"the load generator only targets this machine's endpoints, not {host}")
-    # Encoded once, before any clock runs: the generator shares the CPU with the server it measures, and its own
-    # work per request is kept to sending and reading.
-    encoded = [json.dumps(body).encode() for body in bodies]
-    return [asyncio.run(_level(url, encoded, c, load)) for c in load.concurrency]
+    return [asyncio.run(_level(url, bodies, c, load)) for c in load.concurrency]

@@ -1,4 +1,4 @@
-"""spec + run folder -> a Ray Serve application: one FastAPI ingress deployment, batching as the spec says.
+"""spec + run folder -> a Ray Serve application: one FastAPI ingress deployment with `@serve.batch`.
 
 Routes (under serve.route_prefix): POST /predict (steward's JSON), the Open Inference Protocol (KServe v2)
 routes under /v2, GET /healthz and GET /info. Every refused request is a 4xx JSON body naming the field.
@@ -10,6 +10,7 @@ as plain data, and never the job spec.
 import asyncio
 import logging
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -24,12 +25,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steward import __version__
 from steward.serve.auth import key_is_valid, load_keys, presented_key
-from steward.serve.batching import Batcher
 from steward.serve.model import (
     NON_FINITE,
     ModelSource,
     Output,
-    PlainRequestIds,
     ServedModel,
     model_source,
     non_finite_row,
@@ -120,7 +119,6 @@ class ModelServer:
         self.served: ServedModel = open_served_model(replica.model)
         self.keys = load_keys(self.cfg.auth)
         self.batch_sizes: Counter[int] = Counter()
-        self.plain_ids = PlainRequestIds()
         # An autoscaled replica runs forward passes off the event loop, one at a time, so that requests waiting for
         # one are in flight here: under Serve's HAProxy ingress the replicas' in-flight counts are all the autoscaler
         # sees (HAProxy's own queue is not), and a pass on the loop would keep every other request outside.
@@ -130,10 +128,10 @@ class ModelServer:
         if replica.monitor is not None:
             target = monitor_target(replica.monitor, self.cfg, self.name, self.served)
             self.monitor = ReplicaMonitor(self.served, target)
-        self.batcher: Batcher | None = None
         if self.cfg.batching is not None:
+            self._run_batch.set_max_batch_size(self.cfg.batching.max_batch_size)  # type: ignore[attr-defined]
             wait_s = self.cfg.batching.batch_wait_timeout_ms / 1000
-            self.batcher = Batcher(self._run_pass, self.cfg.batching.max_batch_size, wait_s)
+            self._run_batch.set_batch_wait_timeout_s(wait_s)  # type: ignore[attr-defined]
 
     async def __del__(self) -> None:
         """Serve's graceful stop (scale-down, redeploy, delete): what this replica counted reaches the monitor."""
@@ -142,60 +140,6 @@ class ModelServer:
                 await asyncio.wait_for(self.monitor.flush(), timeout=10)
             except Exception:  # a monitor that is gone must not hold up the stop
                 logger.exception("last monitor push failed")
-
-    # -- inference (defined first: a request is matched against the routes in order) -----------------------
-    @api.post("/predict", response_model=PredictResponse)
-    async def predict(self, request: Request) -> Response:
-        """steward's JSON: {"instances": [...], "attributes": {...}} -> one prediction per instance."""
-        timing = Timing()
-        self._authorize(request)
-        body = validated(PredictRequest, parse_body(await self._body(request), self.cfg.max_body_bytes))
-        self._check_count(len(body.instances), "instances")
-        check_attributes(body.attributes)
-        timing.mark("parse")
-        output = await self._probabilities(body.instances, "instances", timing)
-        # Per-group decision thresholds (train.mitigation), if the run has them: the reply and the monitor see them.
-        output = replace(output, probabilities=self.served.decide(output.probabilities, body.attributes))
-        request_ids = self._request_ids(len(body.instances))
-        response = json_response(predict_response(self.served, self.name, output.probabilities, request_ids))
-        timing.mark("reply")
-        self._monitor(output, body.attributes, request_ids, timing)
-        response.headers["Server-Timing"] = timing.header()
-        return response
-
-    @api.post("/v2/models/{name}/infer", response_model=InferResponse)
-    async def infer(self, name: str, request: Request) -> Response:
-        """OIP inference: one input tensor (BYTES [N] for text, FP32 [N, *shape] otherwise), three outputs; tensors
-        in JSON or as binary data after it (the binary tensor data extension), both ways."""
-        timing = Timing()
-        self._authorize(request)
-        self._check_name(name)
-        raw = await self._body(request)
-        body, data = read_request(raw, request.headers.get(HEADER), self.cfg.max_body_bytes)
-        if body.model_name not in (None, name):
-            raise BadRequest(422, "model_name", f"{body.model_name!r} is not the model of the path, {name!r}")
-        names = requested_outputs(body)
-        binary = binary_outputs(body, names)
-        info = self.served.info
-        instances = oip_instances(body, info.modality, info.input_shape, data[0])
-        self._check_count(len(instances), "inputs[0].shape")
-        timing.mark("parse")
-        output = await self._probabilities(instances, "inputs[0].data", timing)
-        # Late labels name a prediction by an id this server issued (parameters.request_ids, one per instance),
-        # never by the client's `id`, which another client may also use.
-        request_ids = self._request_ids(len(instances))
-        reply = InferResponse(
-            model_name=self.name,
-            model_version=self.served.version,
-            id=body.id or self.plain_ids.issue(1)[0],
-            parameters={"request_ids": request_ids},
-            outputs=oip_outputs(output.probabilities, info.label_names, names),
-        )
-        response = oip_reply(reply, binary)
-        timing.mark("reply")
-        self._monitor(output, {}, request_ids, timing)
-        response.headers["Server-Timing"] = timing.header()
-        return response
 
     # -- health and metadata -------------------------------------------------------------------------------
     @api.get("/healthz")
@@ -272,6 +216,60 @@ class ModelServer:
             ],
         )
 
+    # -- inference -----------------------------------------------------------------------------------------
+    @api.post("/predict", response_model=PredictResponse)
+    async def predict(self, request: Request) -> Response:
+        """steward's JSON: {"instances": [...], "attributes": {...}} -> one prediction per instance."""
+        timing = Timing()
+        self._authorize(request)
+        body = validated(PredictRequest, parse_body(await self._body(request), self.cfg.max_body_bytes))
+        self._check_count(len(body.instances), "instances")
+        check_attributes(body.attributes)
+        timing.mark("parse")
+        output = await self._probabilities(body.instances, "instances", timing)
+        # Per-group decision thresholds (train.mitigation), if the run has them: the reply and the monitor see them.
+        output = replace(output, probabilities=self.served.decide(output.probabilities, body.attributes))
+        request_ids = self._request_ids(len(body.instances))
+        response = json_response(predict_response(self.served, self.name, output.probabilities, request_ids))
+        timing.mark("reply")
+        self._monitor(output, body.attributes, request_ids, timing)
+        response.headers["Server-Timing"] = timing.header()
+        return response
+
+    @api.post("/v2/models/{name}/infer", response_model=InferResponse)
+    async def infer(self, name: str, request: Request) -> Response:
+        """OIP inference: one input tensor (BYTES [N] for text, FP32 [N, *shape] otherwise), three outputs; tensors
+        in JSON or as binary data after it (the binary tensor data extension), both ways."""
+        timing = Timing()
+        self._authorize(request)
+        self._check_name(name)
+        raw = await self._body(request)
+        body, data = read_request(raw, request.headers.get(HEADER), self.cfg.max_body_bytes)
+        if body.model_name not in (None, name):
+            raise BadRequest(422, "model_name", f"{body.model_name!r} is not the model of the path, {name!r}")
+        names = requested_outputs(body)
+        binary = binary_outputs(body, names)
+        info = self.served.info
+        instances = oip_instances(body, info.modality, info.input_shape, data[0])
+        self._check_count(len(instances), "inputs[0].shape")
+        timing.mark("parse")
+        output = await self._probabilities(instances, "inputs[0].data", timing)
+        # Late labels name a prediction by an id this server issued (parameters.request_ids, one per instance),
+        # never by the client's `id`, which another client may also use.
+        request_ids = self._request_ids(len(instances))
+        reply = InferResponse(
+            model_name=self.name,
+            model_version=self.served.version,
+            id=body.id or uuid.uuid4().hex,
+            parameters={"request_ids": request_ids},
+            outputs=oip_outputs(output.probabilities, info.label_names, names),
+        )
+        response = oip_reply(reply, binary)
+        timing.mark("reply")
+        self._monitor(output, {}, request_ids, timing)
+        response.headers["Server-Timing"] = timing.header()
+        return response
+
     @api.post("/explain")
     async def explain(self, request: Request) -> JSONResponse:
         """Integrated Gradients per instance, as `steward explain`; explain.max_* cap instances and steps."""
@@ -313,7 +311,7 @@ class ModelServer:
 
     def _request_ids(self, count: int) -> list[str]:
         """Ids of `count` predictions: signed where /feedback takes them, so a made-up id is refused at once."""
-        return self.monitor.ids.issue(count) if self.monitor else self.plain_ids.issue(count)
+        return self.monitor.ids.issue(count) if self.monitor else [uuid.uuid4().hex for _ in range(count)]
 
     def _monitor(self, output: Output, attributes: dict, request_ids: list[str], timing: Timing) -> None:
         if self.monitor is not None:  # only queued here (cheaper than scheduling a callback): counted at push
@@ -324,15 +322,15 @@ class ModelServer:
         prepared = self.served.prepare(instances, field)  # bad input fails here, alone, before any batch
         timing.mark("prepare")
         monitored = self.monitor is not None
-        if self.batcher is not None:
-            output = await self.batcher.submit(prepared)
-        elif self.forward_thread is None:  # on the event loop: the lowest latency for one small forward pass
+        if self.cfg.batching is None:
             self.batch_sizes[1] += 1
-            output = self.served.run([prepared], monitored)[0]
+            if self.forward_thread is None:  # on the event loop: the lowest latency for one small forward pass
+                output = self.served.run([prepared], monitored)[0]
+            else:
+                loop = asyncio.get_running_loop()
+                output = (await loop.run_in_executor(self.forward_thread, self.served.run, [prepared], monitored))[0]
         else:
-            self.batch_sizes[1] += 1
-            loop = asyncio.get_running_loop()
-            output = (await loop.run_in_executor(self.forward_thread, self.served.run, [prepared], monitored))[0]
+            output = await self._run_batch(prepared)
         timing.mark("wait")
         timing.split("wait", encode=output.encode_s, forward=output.forward_s)
         if (row := non_finite_row(output)) is not None:  # neither the client nor the monitor gets NaN
@@ -341,19 +339,19 @@ class ModelServer:
             raise BadRequest(422, f"{field}[{row}]", NON_FINITE)
         return output
 
-    def _run_pass(self, requests: list[Any]) -> list[Output]:
-        """One forward pass over every request the batcher grouped; each gets its own rows back.
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _run_batch(self, requests: list[Any]) -> list[Any]:
+        """One forward pass over every request Serve grouped; each gets its own rows back.
 
-        It runs in the batcher's worker thread (torch releases the GIL) so the event loop keeps reading and parsing
+        The pass runs in a worker thread (torch releases the GIL) so the event loop keeps reading and parsing
         the next requests meanwhile: in Serve's throughput mode user code shares the loop with HTTP.
         """
         self.batch_sizes[len(requests)] += 1
-        return self.served.run(requests, self.monitor is not None)
+        return await asyncio.to_thread(self.served.run, requests, self.monitor is not None)
 
     # -- request checks ------------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
-        # Without keys every request passes: its headers are not read (one object fewer a request).
-        if self.keys and not key_is_valid(presented_key(request.headers), self.keys):
+        if not key_is_valid(presented_key(request.headers), self.keys):
             raise BadRequest(401, "authorization", "missing or invalid API key; send `Authorization: Bearer <key>`")
 
     def _check_name(self, name: str) -> None:

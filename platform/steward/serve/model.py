@@ -4,9 +4,7 @@ A replica never sees the job spec: it gets a `ModelSource`, the plain data that 
 made once where the application is built (`model_source`).
 """
 
-import itertools
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,18 +228,6 @@ def run_metadata(run_dir: Path, spec_hash: str) -> dict[str, Any]:
         "training_metrics": json.loads(metrics_file.read_text()) if metrics_file.exists() else None,
         "model_card": json.loads(card_file.read_text()) if card_file.exists() else None,
     }
-
-
-class PlainRequestIds:
-    """Ids for the predictions of a deployment without a monitor: 32 hex digits, a random half per process and a
-    counter. Unique without a system call per id: a call that releases the GIL mid-request hands the replica to its
-    forward thread until the thread lets go again."""
-
-    def __init__(self) -> None:
-        self.prefix, self.counter = os.urandom(8).hex(), itertools.count()
-
-    def issue(self, count: int) -> list[str]:
-        return [f"{self.prefix}{next(self.counter):016x}" for _ in range(count)]
 
 
 def predict_response(served: ServedModel, name: str, probabilities: Any, request_ids: list[str]) -> PredictResponse:
