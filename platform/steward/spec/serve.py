@@ -34,12 +34,9 @@ class AutoscalingSpec(Section):
 
 
 class BatchingSpec(Section):
-    max_batch_size: int = Field(16, ge=1, le=4096, description="Most requests one forward pass takes.")
+    max_batch_size: int = Field(16, ge=1, le=4096, description="Most requests `@serve.batch` groups into one call.")
     batch_wait_timeout_ms: float = Field(
-        5.0,
-        ge=0.0,
-        le=10_000.0,
-        description="Longest the oldest waiting request waits for more to join its pass (a busy model adds to it).",
+        5.0, ge=0.0, le=10_000.0, description="Longest wait for a batch to fill before running it."
     )
 
 
