@@ -2,8 +2,6 @@
 
 import time
 
-import pytest
-
 from steward.serve.timing import Timing, parse_header
 
 
@@ -19,7 +17,9 @@ def test_phases_add_up_to_the_time_measured_and_parts_move_out_of_their_phase():
     phases = parse_header(timing.header())
     assert list(phases) == ["parse", "wait", "encode", "forward"]
     assert phases["parse"] >= 10 and phases["wait"] >= 15 and (phases["encode"], phases["forward"]) == (5, 10)
-    assert sum(phases.values()) == pytest.approx(total * 1000, abs=0.1)
+    # The phases cover the time between the first and the last mark: at least what was slept, at most what the
+    # test measured around them (a loaded machine may pause the test between a mark and its own clock).
+    assert 40 <= sum(phases.values()) <= total * 1000
 
 
 def test_a_header_with_other_entries_and_descriptions_parses_to_its_durations():
