@@ -74,9 +74,14 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(runs, serve_
     workers = keep_busy(url, {"instances": validation_inputs(spec, 4)}, stop)
     try:
         wait_for(lambda: running_replicas(spec.name) == 2, 90, "a second replica under load")
-        # HAProxy sends the new replica its share of requests
-        serving = {requests.get(f"{url}/info", timeout=60).json()["replica"]["id"] for _ in range(40)}
-        assert len(serving) == 2, serving
+        # HAProxy sends the new replica its share of requests, once its reloaded config lists it
+        serving: set[str] = set()
+
+        def both_answered():
+            serving.add(requests.get(f"{url}/info", timeout=60).json()["replica"]["id"])
+            return len(serving) == 2
+
+        wait_for(both_answered, 60, "both replicas answering")
     finally:
         stop.set()
         for worker in workers:
