@@ -1,8 +1,14 @@
 """Privacy of training data: PII recognizers against labelled records, masking modes, k-anonymity, spec errors."""
 
+import io
 import json
+import pickletools
+import re
+import zipfile
 from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -13,16 +19,19 @@ from steward.data.prepare import _tables
 from steward.data.privacy import Masker, hash_key
 from steward.spec import SpecError, load_job
 from steward.spec.privacy import PATTERN_ENTITIES, KAnonymitySpec, PrivacySpec
-from tests.pii_corpus import RECORDS
+from tests import pii_corpus, pii_heldout
 
-# Floors the recognizers must keep on the labelled corpus (measured: every type at 1.00 / 1.00).
-FLOORS = {"precision": 0.9, "recall": 0.9}
+# Floors the recognizers must keep per entity type, on the tuning corpus and on the held-out set they were never
+# tuned on (measured: 1.00 / 1.00 for every type on both, but phone recall 0.992 on the held-out set: a bare
+# digit run with no phone word before it is not masked).
+FLOORS = {"precision": 0.95, "recall": 0.95}
+RECORDS = pii_corpus.RECORDS
 
 
-def detection_scores() -> dict[str, dict[str, float]]:
+def detection_scores(records: list[tuple[str, list[tuple[str, str]]]]) -> dict[str, dict[str, float]]:
     """Precision and recall per entity type: a found span counts only with the exact value and type."""
     tp, fp, fn = Counter(), Counter(), Counter()
-    for text, expected in RECORDS:
+    for text, expected in records:
         found = {(text[s.start : s.end], s.entity) for s in find_spans(text, list(PATTERN_ENTITIES))}
         for _, entity in found & set(expected):
             tp[entity] += 1
@@ -40,15 +49,26 @@ def detection_scores() -> dict[str, dict[str, float]]:
     }
 
 
-def test_precision_and_recall_per_entity_type_on_labelled_records():
-    scores = detection_scores()
+@pytest.mark.parametrize("records", [pii_corpus, pii_heldout], ids=["tuning", "heldout"])
+def test_precision_and_recall_per_entity_type_on_labelled_records(records):
+    scores = detection_scores(records.RECORDS)
     print(
         "\n"
-        + "\n".join(f"{e:15} P={s['precision']:.2f} R={s['recall']:.2f} n={s['support']}" for e, s in scores.items())
+        + "\n".join(f"{e:15} P={s['precision']:.3f} R={s['recall']:.3f} n={s['support']}" for e, s in scores.items())
     )
     for entity, score in scores.items():
         assert score["support"] >= 2, entity
         assert score["precision"] >= FLOORS["precision"] and score["recall"] >= FLOORS["recall"], (entity, score)
+
+
+def test_heldout_set_covers_phones_in_unassigned_ranges_and_hard_negatives():
+    phones = [v for _, expected in pii_heldout.RECORDS for v, e in expected if e == "phone"]
+    no_phone = [t for t, expected in pii_heldout.RECORDS if all(e != "phone" for _, e in expected)]
+    assert len(phones) >= 60 and len(no_phone) >= 60
+    masked, _ = Masker(PrivacySpec()).mask("Call (238) 412-7788 or +44 7700 900456, not order #4155550123")
+    assert masked == "Call <PHONE> or <PHONE>, not order #4155550123"
+    masked, _ = Masker(PrivacySpec()).mask("Sent 4155550123 bytes to RX-555-0190; ring 2934486120")
+    assert masked == "Sent 4155550123 bytes to RX-555-0190; ring <PHONE>"
 
 
 def test_checksums_tell_valid_cards_and_ibans_from_typos():
@@ -151,18 +171,115 @@ def pii_job(tmp_path, privacy, rows=40, **data):
     return tmp_path / "job.yaml"
 
 
-def test_prepare_masks_before_tokenizing_and_records_counts_not_values(tmp_path):
-    path = pii_job(tmp_path, {"drop_columns": ["ssn"]})
+# A torch archive's tensor storages hold numbers, and its serialization id is a CRC of its records written in
+# decimal digits: any four digits turn up in them by chance, and neither holds text.
+TENSOR_RECORDS = re.compile(r"(?:^|/)(?:data/\d+|\.data/serialization_id)$")
+
+
+def file_text(path: Path) -> str:
+    """Every string a file holds, read by its format: text as text; a torch archive's pickled strings and an
+    .npz's string arrays (not their numbers); a safetensors header's strings; a PNG's text chunks (not its pixels).
+
+    A binary format not listed here fails (UnicodeDecodeError), so a new kind of file is read before it is trusted.
+    """
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return "\n".join(_record_text(archive, name) for name in archive.namelist())
+    data = path.read_bytes()
+    if path.suffix == ".safetensors":
+        return "\n".join(_strings(json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])))
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return "\n".join(f"{k} {v}" for k, v in image.text.items())
+    return data.decode()
+
+
+def _record_text(archive: zipfile.ZipFile, name: str) -> str:
+    if TENSOR_RECORDS.search(name):
+        return name
+    payload = archive.read(name)
+    if name.endswith(".pkl"):  # read opcode by opcode: nothing is unpickled, so nothing runs
+        args = [arg for _, arg, _ in pickletools.genops(payload)]
+        return "\n".join([name, *_strings(args)])
+    if name.endswith(".npy"):
+        array = np.lib.format.read_array(io.BytesIO(payload), allow_pickle=False)
+        return "\n".join([name, *(map(str, array.ravel()) if array.dtype.kind in "US" else [])])
+    return f"{name}\n{payload.decode()}"
+
+
+def _strings(value: object) -> list[str]:
+    """The strings in a decoded structure (keys included); bytes count where they are UTF-8 text."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, bytes):
+        try:
+            return [value.decode()]
+        except UnicodeDecodeError:
+            return []
+    if isinstance(value, dict):
+        return _strings(list(value.items()))
+    if isinstance(value, (list, tuple)):
+        return [s for item in value for s in _strings(item)]
+    return []
+
+
+def leaked(text: str, raw_values: list[str]) -> list[str]:
+    """The raw values that stand in text as themselves, not as part of a longer word or number.
+
+    "7946" leaks in "20 7946 0958", "<PHONE> 7946" or a vocabulary's "##7946", not in a loss of 0.37946 or a
+    count of 17946, which only share its digits. A value written without its spaces ("442079460958") is found
+    when that form is among raw_values too.
+    """
+    found = []
+    for value in raw_values:
+        before = r"(?<!\w)(?<!\d\.)" if value[0].isalnum() else ""
+        after = r"(?!\w)(?!\.\d)" if value[-1].isalnum() else ""
+        if re.search(before + re.escape(value.lower()) + after, text.lower()):
+            found.append(value)
+    return found
+
+
+def test_file_text_reads_strings_in_binary_files_and_leaked_tells_values_from_digits(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    torch.save({"note": "+44 20 7946 0958", "w": torch.arange(8.0)}, tmp_path / "state.pt")
+    save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors", metadata={"owner": "jane.roe@mail.com"})
+    np.savez(tmp_path / "reference.npz", names=np.array(["GB82 WEST"]), values=np.arange(3.0))
+    texts = {p.name: file_text(p) for p in tmp_path.iterdir()}
+    assert leaked(texts["state.pt"], ["7946"]) == ["7946"] and "note" in texts["state.pt"]
+    assert leaked(texts["model.safetensors"], ["jane.roe@mail.com"]) and leaked(texts["reference.npz"], ["west"])
+    raw = ["7946", "4111", "-45-6789"]
+    assert leaked("loss 0.37946, 17946 rows, 4111.5 samples/s, id 021-45-67890", raw) == []
+    assert leaked("<PHONE> 7946 ##4111 ssn 007-45-6789", raw) == raw
+    (tmp_path / "blob.bin").write_bytes(bytes([0xFF, 0x37, 0x39]))
+    with pytest.raises(UnicodeDecodeError):
+        file_text(tmp_path / "blob.bin")
+
+
+def prepared_text(tmp_path, privacy) -> tuple[str, dict]:
+    """All text prepare_data writes for pii_job's rows, with a vocabulary of 200 tokens: enough that fragments of
+    an unmasked phone, card or IBAN enter it (60 holds only characters and tags, masked or not)."""
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    run_dir.mkdir(parents=True)
+    path = pii_job(tmp_path, privacy, tokenizer={"vocab_size": 200})
     prepare_data(load_job(path), run_dir)
-    report = json.loads((run_dir / "privacy.json").read_text())
+    written = "\n".join(file_text(p) for p in run_dir.rglob("*") if p.is_file()).lower()
+    return written, json.loads((run_dir / "privacy.json").read_text())
+
+
+def test_prepare_masks_before_tokenizing_and_records_counts_not_values(tmp_path):
+    written, report = prepared_text(tmp_path, {"drop_columns": ["ssn"]})
     assert report["entities"]["text"] == {"email": 7, "phone": 7, "credit_card": 7, "iban": 7}
     assert report["dropped_columns"] == ["ssn"] and report["rows"] == 40
-    written = "".join(p.read_text(errors="ignore") for p in run_dir.rglob("*") if p.is_file()).lower()
-    for raw in ("jane", "roe@mail", "7946", "4111", "west", "6789"):
-        assert raw not in written, raw
+    raw = ["jane", "roe@mail", "7946", "442079460958", "4111", "4111111111111111", "west", "gb82west12345698765432"]
+    assert leaked(written, [*raw, "6789"]) == []
     assert "<email>" in written or "email" in written  # the tag is in the vocabulary, the address is not
+    # The same rows with only e-mails masked: the check finds the fragments the vocabulary then holds.
+    unmasked, _ = prepared_text(tmp_path / "control", {"drop_columns": ["ssn"], "entities": ["email"]})
+    assert {"7946", "4111", "west"} <= set(leaked(unmasked, raw))
 
 
 def test_k_anonymity_through_the_data_path_is_verified_on_the_output(tmp_path):

@@ -1,9 +1,10 @@
 """PII recognizers: spans of e-mail addresses, phone numbers, cards, IBANs, IPs, URLs, IDs, birth dates, addresses.
 
 Every recognizer is a pattern plus, where the format allows, a check that pattern alone cannot make (Luhn for cards,
-mod-97 for IBANs, libphonenumber's validity for phones, `ipaddress` for IPs), because a long digit run in text is
-far more often an order number than a card. Spans found by several recognizers are resolved by `resolve`: the
-longest wins, then the earlier type in ENTITY_ORDER (an e-mail inside a URL is part of the URL).
+mod-97 for IBANs, `ipaddress` for IPs; for phones, libphonenumber's possible lengths, how the number is grouped and
+the words before it), because a long digit run in text is far more often an order number than a card or a phone.
+Spans found by several recognizers are resolved by `resolve`: the longest wins, then the earlier type in
+ENTITY_ORDER (an e-mail inside a URL is part of the URL).
 """
 
 import functools
@@ -33,9 +34,12 @@ CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
 IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,4})?)\b", re.IGNORECASE)
 IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.]*\d)")
 IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
-# US social security numbers (no area 000, 666 or 9xx; no group 00; no serial 0000) and UK National Insurance.
+# US social security numbers (no area 000, 666 or 9xx; no group 00; no serial 0000)
 SSN = re.compile(r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b")
-NINO = re.compile(r"\b(?!BG|GB|NK|KN|TN|NT|ZZ)[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b")
+# UK National Insurance numbers. The prefix letters are not checked against HMRC's allocation rules: a specimen
+# such as "QQ 12 34 56 C" is written exactly like an issued number, the same reason phones are matched in
+# unassigned ranges.
+NINO = re.compile(r"\b[A-Z]{2} ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b")
 MONTHS = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*\.?"
 DATE = (
     rf"(?:\d{{4}}-\d{{1,2}}-\d{{1,2}}|\d{{1,2}}[/.-]\d{{1,2}}[/.-]\d{{2,4}}|"
@@ -103,13 +107,59 @@ def _ips(text: str) -> Iterator[Span]:
             yield Span(match.start(), match.end(), "ip_address")
 
 
+# Words just before a number that say what it is: a phone, or an identifier that only shares a phone's length.
+PHONE_WORDS = re.compile(
+    r"\b(?:phone|tel|telephone|call|calls|called|mobile|cell|fax|text|texts|dial|ring|whatsapp|sms|contact|"
+    r"landline|line|hotline|helpline|voicemail|number is|reach (?:me|us)(?: on| at)?)\b",
+    re.IGNORECASE,
+)
+ID_WORDS = re.compile(
+    r"(?:#|\b(?:order|invoice|inv|tracking|ref|reference|id|account|acct|case|ticket|sku|serial|po|batch|lot|"
+    r"isbn|ean|upc|zip|postcode|customer|member|membership|booking|confirmation|transaction|txn|receipt|"
+    r"patent|part|model|build|version|code)\b\.?(?:\s*(?:number|num|no|nr)\b\.?)?)\W{0,3}$",
+    re.IGNORECASE,
+)
+# A number joined to letters or digits by a hyphen or a dot is part of a longer code ("RX-555-0190"). A slash is
+# not: "020 7946 0958/0959" is two lines of one office.
+JOINED_BEFORE = re.compile(r"\w[-.]$")
+JOINED_AFTER = re.compile(r"^[-.]\w")
+
+
 def _phones(text: str, region: str) -> Iterator[Span]:
     import phonenumbers
 
-    # VALID leniency: the number must be a real, assigned range for its region (phonenumbers' metadata), which is
-    # what tells "+44 20 7946 0958" from an order number of the same length.
-    for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):
-        yield Span(match.start, match.end, "phone")
+    # POSSIBLE leniency: a number of a possible length for its region counts even when its range is unassigned,
+    # reserved or fictional (555-01xx, Ofcom's drama ranges), because it is written exactly like a real one.
+    # Precision comes from how the number is written and from the words just before it, not from its range.
+    for match in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.POSSIBLE):
+        before = text[max(0, match.start - 30) : match.start]
+        if ID_WORDS.search(before) or JOINED_BEFORE.search(before) or JOINED_AFTER.match(text[match.end :]):
+            continue
+        if _written_as_phone(match.raw_string, match.number, phonenumbers) or PHONE_WORDS.search(before):
+            yield Span(match.start, match.end, "phone")
+
+
+def _written_as_phone(raw: str, number, phonenumbers) -> bool:  # type: ignore[no-untyped-def]
+    """An international number (+CC ...), or a national one grouped the way its country prints it.
+
+    An unformatted digit run is not written as a phone, whatever its range: a bare run of a possible length is
+    as often an id, a count or a code, so it counts only after a phone word. A national number must be grouped
+    as libphonenumber formats it (a leading trunk prefix allowed), which tells "(212) 555-0147" from thousands
+    grouping ("2 345 678") of the same digits.
+    """
+    if raw.lstrip().startswith("+"):
+        return True
+    groups = re.findall(r"\d+", re.split(r"[A-Za-z]", raw, maxsplit=1)[0])
+    if len(groups) == 1:
+        return False
+    national = phonenumbers.PhoneNumber(country_code=number.country_code, national_number=number.national_number)
+    national.italian_leading_zero = number.italian_leading_zero
+    national.number_of_leading_zeros = number.number_of_leading_zeros
+    expected = re.findall(r"\d+", phonenumbers.format_number(national, phonenumbers.PhoneNumberFormat.NATIONAL))
+    prefix = phonenumbers.ndd_prefix_for_region(phonenumbers.region_code_for_country_code(number.country_code), True)
+    if prefix and groups[0] == prefix and groups[1:] == expected:
+        return True
+    return groups == expected
 
 
 def _regex(pattern: re.Pattern, entity: str, group: int | str = 0) -> Callable[[str], Iterator[Span]]:
