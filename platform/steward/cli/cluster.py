@@ -1,5 +1,6 @@
 """`steward submit`, `steward jobs list|status|logs|stop` and `steward k8s`: argument parsing and printing."""
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -49,7 +50,9 @@ def submit(
 
 
 def _write(text: str) -> None:
-    console.out(text, end="", highlight=False)
+    """A job's log as it is, tabs and all (rich would expand them), on stdout at once (a pipe buffers otherwise)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 jobs_app = typer.Typer(
@@ -92,24 +95,40 @@ def jobs_status(job_id: JobId, address: JobsAddress = None) -> None:
 def jobs_logs(
     job_id: JobId,
     address: JobsAddress = None,
-    follow_: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+    follow_: Annotated[
+        bool,
+        typer.Option("--follow", "-f", help="Print new lines as they come until the job ends (exit 1 if it failed)."),
+    ] = False,
 ) -> None:
-    """Print a job's log."""
-    from steward.cluster.jobs import follow, logs
+    """Print a job's log (stdout holds the log alone; the final status goes to stderr)."""
+    from steward.cluster.jobs import JobFailed, follow, logs, ray_reason
 
-    if follow_:
-        follow(address, job_id, _write)
-    else:
+    if not follow_:
         _write(logs(address, job_id))
+        return
+    info = follow(address, job_id, _write)
+    reason = ray_reason(info)
+    if info.status in ("FAILED", "STOPPED"):
+        raise JobFailed(f"job {job_id} {info.status}" + (f": {reason}" if reason else ""))
+    typer.echo(f"job {job_id} {info.status}", err=True)
 
 
 @jobs_app.command("stop")
 @user_errors
-def jobs_stop(job_id: JobId, address: JobsAddress = None) -> None:
-    """Stop a running job."""
-    from steward.cluster.jobs import stop
+def jobs_stop(
+    job_id: JobId,
+    address: JobsAddress = None,
+    wait: Annotated[bool, typer.Option(help="Return once the job has stopped (else once it was asked to).")] = True,
+) -> None:
+    """Stop a running job (exit 0 also when it had already ended: it is not running either way)."""
+    from steward.cluster.jobs import job_info, stop, stop_waiting
 
-    console.print(f"stopping {job_id}" if stop(address, job_id) else f"{job_id} had already ended", markup=False)
+    if not stop(address, job_id):
+        console.print(f"{job_id} had already ended: {job_info(address, job_id).status}", markup=False)
+    elif wait:
+        console.print(f"{job_id} {stop_waiting(address, job_id).status}", markup=False)
+    else:
+        console.print(f"stopping {job_id}", markup=False)
 
 
 @user_errors

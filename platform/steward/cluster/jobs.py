@@ -1,5 +1,6 @@
 """Ray Jobs API: submit a packaged spec, and list / inspect / follow / stop jobs on any Ray cluster."""
 
+import asyncio
 import json
 import os
 import re
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from steward.errors import ClusterUnreachable, RunFailed, StewardError
+from steward.errors import ClusterUnreachable, RunFailed, RunInterrupted, StewardError
 from steward.govern.policy import Admission
 from steward.ray_env import resource_problem
 from steward.spec import JobSpec
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 Stage = Literal["train", "tune", "serve", "run"]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TAIL_LINES = 20  # log lines shown with a failed job
+QUIET_S = 10.0  # a log stream quiet this long: ask whether the job has ended (a status, not the log)
+STOP_WAIT_S = 60.0  # Ray sends SIGKILL RAY_JOB_STOP_WAIT_TIME_S (3 s) after SIGTERM; this covers a busy head
 # Ray's own internals in a job's log (a dying raylet floods it with its state dump and event lines).
 RAY_NOISE = re.compile(r"^(\[state-dump\]|\[\d{4}-\d\d-\d\d [\d:,]+ \w \d+ \d+\] \((raylet|gcs_server)\))")
 STEWARD_ERRORS = (
@@ -173,14 +176,19 @@ def _call(address: str | None, method: str, path: str) -> Any:
         with urllib.request.urlopen(request, timeout=30) as reply:
             return json.loads(reply.read() or b"null")
     except urllib.error.HTTPError as err:
-        if err.code == 404 and path:
-            job = path.split("/")[0]
-            raise StewardError(f"no job {job!r} on {url}; `steward jobs list` shows them") from None
-        detail = err.read().decode(errors="replace").strip().splitlines()
-        answer = f"{err.code} {detail[-1] if detail else ''}".strip()
-        raise ClusterUnreachable(f"--address {url}: the Jobs API answered {answer}") from None
+        raise refused(url, path, err.code, err.read().decode(errors="replace")) from None
     except (urllib.error.URLError, OSError) as err:
         raise ClusterUnreachable(unreachable(url, getattr(err, "reason", err))) from None
+
+
+def refused(url: str, path: str, code: int, detail: str) -> StewardError:
+    """What an error answer from the Jobs API at `url` to `path` (JOB_ID/...) tells the user."""
+    if code == 404 and path:
+        return StewardError(f"no job {path.split('/')[0]!r} on {url}; `steward jobs list` shows them")
+    lines = detail.strip().splitlines()
+    answer = f"{code} {lines[-1] if lines else ''}".strip()
+    fix = "; give it the cluster's token in $RAY_AUTH_TOKEN or ~/.ray/auth_token" if code in (401, 403) else ""
+    return ClusterUnreachable(f"--address {url}: the Jobs API answered {answer}{fix}")
 
 
 def ray_auth_header() -> dict[str, str]:
@@ -215,18 +223,70 @@ def stop(address: str | None, job_id: str) -> bool:
     return bool(_call(address, "POST", f"{job_id}/stop")["stopped"])
 
 
-def follow(address: str | None, job_id: str, write: Callable[[str], None], every_s: float = 1.0) -> Job:
-    """Stream the job's log through `write` until the job ends; returns its final details."""
-    shown = 0
-    while True:
-        info = job_info(address, job_id)
-        text = logs(address, job_id)
-        if len(text) > shown:
-            write(text[shown:])
-            shown = len(text)
+def stop_waiting(address: str | None, job_id: str, timeout_s: float = STOP_WAIT_S) -> Job:
+    """Poll until the job has ended (a stopped job gets SIGTERM, then SIGKILL after Ray's grace period)."""
+    deadline = time.monotonic() + timeout_s
+    while not (info := job_info(address, job_id)).ended:
+        if time.monotonic() > deadline:
+            raise StewardError(
+                f"job {job_id} is still {info.status} {timeout_s:.0f} s after it was asked to stop; "
+                f"`steward jobs status {job_id}` shows when it has"
+            )
+        time.sleep(0.5)
+    return info
+
+
+def follow(address: str | None, job_id: str, write: Callable[[str], None]) -> Job:
+    """Pass the job's log to `write` as the job writes it, until the job ends; returns the job's final details.
+
+    The log so far, then each new chunk once, over one websocket to the Jobs API's log tail (what `ray job logs -f`
+    reads): the cluster closes it once the job has ended and its log is read to the end. A job that has already
+    ended gets its log in one request. Ctrl-C stops following (RunInterrupted) and leaves the job running.
+    """
+    try:
+        info = job_info(address, job_id)  # an unknown job or no cluster: the message every jobs command gives
         if info.ended:
+            write(logs(address, job_id))
             return info
-        time.sleep(every_s)  # the Jobs API has no push for plain HTTP clients; a second is what `ray job logs -f` uses
+        asyncio.run(_tail(address, job_id, write))
+        info = job_info(address, job_id)
+    except KeyboardInterrupt:
+        raise RunInterrupted(
+            f"stopped following {job_id}; the job goes on (`steward jobs stop {job_id}` stops it)"
+        ) from None
+    if not info.ended:  # the stream closed under a running job: the head's dashboard or a proxy dropped it
+        raise ClusterUnreachable(
+            f"--address {jobs_address(address)}: the log stream of {job_id} closed while the job is {info.status}; "
+            f"`steward jobs logs {job_id} --follow` starts again from the top"
+        )
+    return info
+
+
+async def _tail(address: str | None, job_id: str, write: Callable[[str], None]) -> None:
+    """Write what the Jobs API's log tail sends until it closes (or stays quiet after the job has ended)."""
+    import aiohttp  # only when following: Ray's own client for this stream (and steward bench's load generator)
+
+    url = jobs_address(address)
+    path = f"{job_id}/logs/tail"
+    connect = aiohttp.ClientTimeout(total=None, connect=30, sock_connect=30)
+    async with aiohttp.ClientSession(headers=ray_auth_header(), timeout=connect) as session:
+        try:
+            stream = await session.ws_connect(f"{url}/api/jobs/{path}")
+        except aiohttp.WSServerHandshakeError as err:
+            raise refused(url, path, err.status, err.message) from None
+        except (aiohttp.ClientError, OSError) as err:
+            raise ClusterUnreachable(unreachable(url, err)) from None
+        async with stream:
+            while True:
+                try:
+                    message = await stream.receive(timeout=QUIET_S)
+                except TimeoutError:  # no pings: Ray's handler never reads, so it would never answer one
+                    if job_info(address, job_id).ended:
+                        return
+                    continue
+                if message.type is not aiohttp.WSMsgType.TEXT:
+                    return  # closed, or dropped (receive turns a lost connection into CLOSED): follow() tells which
+                write(message.data)
 
 
 def failure(info: Job, log_text: str) -> JobFailed:
