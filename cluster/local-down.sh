@@ -10,7 +10,9 @@ pids() { pgrep -f -- "$TEMP/[A-Za-z0-9_-]+/session_" || true; }
 mine="$(pids)"
 [ -z "$mine" ] && { echo "no cluster running under $TEMP"; exit 0; }
 kill -TERM $mine 2>/dev/null || true
-for _ in $(seq 1 50); do   # up to 10 s for a clean exit, then force
+# Up to 2 s for a clean exit, then force: the workers (which write the jobs' files) exit on SIGTERM within it;
+# the GCS, the raylets and the autoscaler's monitor do not exit on SIGTERM at all.
+for _ in $(seq 1 10); do
   [ -z "$(pids)" ] && break
   sleep 0.2
 done
