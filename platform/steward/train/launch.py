@@ -1,7 +1,10 @@
 """Driver side of training: spec -> checks -> a TorchTrainer on the connected Ray, writing into the run folder."""
 
+import contextlib
 import json
 import re
+import signal
+import threading
 from pathlib import Path
 
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -14,6 +17,8 @@ from steward.models import check_fits
 from steward.ray_env import check_resources, connect
 from steward.runs import publish, run_uri
 from steward.spec import JobSpec
+from steward.storage import join
+from steward.train.checkpoint import CheckpointRefused, check_resumable, prune_unrecorded
 from steward.train.loop import train_loop
 from steward.train.strategy import validate_deepspeed
 
@@ -96,15 +101,39 @@ def fit(spec: JobSpec, run_dir: Path, address: str | None = None) -> None:
     staging folder: what workers read is published before they start.
     """
     info = prepare(spec, run_dir)
+    uri = run_uri(spec, run_dir)
+    storage = join(uri, "train") if uri else str(run_dir / "train")  # where Ray Train keeps the checkpoints
+    check_resumable(storage)
     connect(address, spec)
     check_resources(spec)
-    uri = run_uri(spec, run_dir)
     if uri:
         publish(spec, run_dir)  # data_info.json, tokenizer/: rank 0 may run on another node
     try:
-        build_trainer(spec, run_dir, info, run_uri=uri).fit()
+        with interrupted_by_ctrl_c():
+            build_trainer(spec, run_dir, info, run_uri=uri).fit()
     except Exception as err:  # Ray wraps worker errors; surface the worker's own message
+        refused = next((e for e in _chain(err) if isinstance(e, CheckpointRefused)), None)
+        if refused is not None:
+            raise CheckpointRefused(str(refused)) from None
         raise TrainingError(explain_failure(err, spec)) from err
+    prune_unrecorded(storage)
+
+
+@contextlib.contextmanager
+def interrupted_by_ctrl_c():
+    """Ctrl-C while Ray Train runs ends in KeyboardInterrupt (an interrupted run), and after it works as before.
+
+    Ray Train's fit installs a SIGINT handler of its own, which aborts the run's controller and workers and stays
+    installed; the driver's wait for the aborted controller then ends in SystemExit(1), not a failure of the run.
+    """
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    except SystemExit:
+        raise KeyboardInterrupt from None
+    finally:
+        if before is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, before)
 
 
 # What Ray raises when a worker's process or node goes away (not an error in the training code), and what the
@@ -148,6 +177,7 @@ def _chain(err: BaseException) -> list[BaseException]:
             continue
         found.append(seen)
         todo += [getattr(seen, "cause", None), seen.__cause__, getattr(seen, "health_check_failure", None)]
+        todo.append(getattr(seen, "_base_exc", None))  # Train V2 wraps a worker's own error with its traceback
         todo += list((getattr(seen, "worker_failures", None) or {}).values())
     return found
 

@@ -84,7 +84,7 @@ def train_loop(config: dict, session: Session | None = None) -> None:
         if history:
             history.write({"kind": "epoch", **metrics})
         if done or (epoch + 1) % spec.train.checkpoint.every_epochs == 0:
-            with checkpoint_dir(engine, rank, state) as checkpoint:
+            with checkpoint_dir(engine, rank, world, state) as checkpoint:
                 session.report(metrics, checkpoint=checkpoint)
         else:
             session.report(metrics)
