@@ -3,10 +3,6 @@
 import functools
 import json
 import math
-import os
-import signal
-import threading
-import time
 
 import pytest
 import torch
@@ -18,7 +14,7 @@ from steward.runs import create_run
 from steward.spec import load_job
 from steward.stages import evaluate_target, train_model
 from steward.train.curves import read_history
-from tests.conftest import JOBS, own_processes
+from tests.conftest import JOBS
 from tests.serving import trained_run
 
 pytestmark = pytest.mark.slow
@@ -83,20 +79,6 @@ def test_zero_follows_ddp_on_the_same_seed_and_data(compared, stage, clip):
         assert math.isclose(x, y, rel_tol=1e-4), f"step {step + 1}: ddp {x:.6f} vs zero-{stage} {y:.6f}\n{a}\n{b}"
 
 
-def test_resume_continues_from_the_checkpoint_with_the_same_losses(ray_local, tmp_path):
-    # A constant schedule: a cosine one would decay to zero by the end of the 1-epoch run and differ from a 2-epoch one.
-    common = [*SMALL, "distributed.zero_stage=2", "train.early_stopping=null", "train.scheduler.name=constant"]
-    _, _, _, straight = train(tmp_path, "quickstart.yaml", *common, "train.epochs=2")
-    _, run_dir, _, _ = train(tmp_path / "b", "quickstart.yaml", *common, "train.epochs=1")
-    _, _, _, resumed = train(tmp_path / "b", "quickstart.yaml", *common, "train.epochs=2", run_dir=run_dir)
-    epochs = [r for r in resumed if r["kind"] == "epoch"]
-    assert [r["epoch"] for r in epochs] == [1, 2]
-    second = next(r for r in straight if r["kind"] == "epoch" and r["epoch"] == 2)
-    assert epochs[1]["step"] == second["step"]
-    assert math.isclose(epochs[1]["train_loss"], second["train_loss"], rel_tol=1e-5)
-    assert math.isclose(epochs[1]["val_loss"], second["val_loss"], rel_tol=1e-5)
-
-
 def test_consolidated_zero3_model_reloads_without_deepspeed_and_predicts_the_same(compared):
     spec, run_dir, _, history = compared("distributed.zero_stage=3")  # the ZeRO-3 run compared with DDP above
     last = [r for r in history if r["kind"] == "epoch"][-1]
@@ -151,28 +133,6 @@ def test_bf16_with_gradient_accumulation_trains_and_exports_fp32(ray_local, tmp_
     model, _ = load_servable(run_dir / "model")
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert result["overall"]["accuracy"] > 0.9
-
-
-def test_a_killed_worker_restarts_from_the_last_checkpoint(ray_local, tmp_path):
-    spec = load_job(JOBS / "quickstart.yaml", [f"output_dir={tmp_path}", "distributed.max_failures=1",
-                                               "train.epochs=12", "train.early_stopping=null"])  # fmt: skip
-    run_dir = create_run(spec)
-    outcome: list = []
-    worker = threading.Thread(target=lambda: outcome.append(train_model(spec, run_dir)))
-    worker.start()
-    deadline = time.monotonic() + 300
-    while not [r for r in read_history(run_dir / "history.jsonl") if r["kind"] == "epoch" and r["epoch"] >= 3]:
-        assert time.monotonic() < deadline, "training never reached epoch 3"
-        time.sleep(0.2)
-    pids = own_processes("ray::RayTrainWorker")  # this test's own workers, on the Ray this process started
-    assert len(pids) == 2, pids
-    os.kill(pids[-1], signal.SIGKILL)
-    worker.join(timeout=600)
-    assert outcome and outcome[0]["overall"]["accuracy"] > 0.9
-    starts = [r for r in read_history(run_dir / "history.jsonl") if r["kind"] == "start"]
-    assert len(starts) == 2 and starts[0]["epoch"] == 0 and starts[1]["epoch"] >= 2  # from a checkpoint, not 0
-    epochs = [r["epoch"] for r in read_history(run_dir / "history.jsonl") if r["kind"] == "epoch"]
-    assert epochs == list(range(1, 13))  # the lost attempt's records past the checkpoint were rewound
 
 
 def test_one_ddp_worker_on_a_jsonl_file_with_string_labels(ray_local, tmp_path):
