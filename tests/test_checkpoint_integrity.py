@@ -89,6 +89,10 @@ def test_a_pickle_no_scan_reads_is_refused_by_the_load_itself(run_dir, tmp_path)
     assert restored.returncode == 2, restored.stdout[-2000:] + restored.stderr[-3000:]
     message = " ".join(restored.stdout.split())
     assert f"{checkpoint}: refused: unpickling it would call posix.system" in message, message
+    # evaluate's zero_to_fp32 memory-maps the files, so it stops at the legacy format before unpickling anything
+    evaluated = run(*STEWARD, "evaluate", str(checkpoint))
+    assert evaluated.returncode == 2 and "Traceback" not in evaluated.stderr, evaluated.stderr[-3000:]
+    assert f"{checkpoint}: a file in it is in torch's legacy format" in " ".join(evaluated.stderr.split())
     assert not marker.exists()
 
 

@@ -238,4 +238,13 @@ def consolidate_checkpoint(folder: Path, zero_stage: int) -> dict[str, torch.Ten
             return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+        try:
+            return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+        except RuntimeError as err:  # zero_to_fp32 memory-maps its files, which torch's legacy format cannot be
+            if "mmap can only be used" not in str(err):
+                raise
+            raise StewardError(
+                f"checkpoint {folder}: a file in it is in torch's legacy format, which DeepSpeed's zero_to_fp32 "
+                "cannot read (DeepSpeed writes zip files); it was altered after it was saved, or saved with "
+                "another checkpoint serialization: evaluate the run's model folder instead"
+            ) from None
