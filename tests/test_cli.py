@@ -91,6 +91,24 @@ def test_malformed_yaml_exits_2(tmp_path):
 
 
 @pytest.mark.slow
+def tracked_in_mlflow(output_dir, run_dir, metrics, stdout):
+    """The run in the embedded MLflow store: parameters, every epoch's metrics at its step, test metrics, artifacts."""
+    from mlflow import MlflowClient
+
+    store = f"sqlite:///{output_dir / 'mlflow.db'}"
+    assert f"mlflowui--backend-store-uri{store}" in "".join(stdout.split()), stdout  # wrapped or not
+    client = MlflowClient(store)
+    [logged] = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    assert logged.info.status == "FINISHED" and logged.info.run_name == run_dir.name
+    assert logged.data.params["distributed.zero_stage"] == "2" and logged.data.tags["steward.state"] == "succeeded"
+    epochs = [r for r in map(json.loads, (run_dir / "history.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
+    val = client.get_metric_history(logged.info.run_id, "val_accuracy")
+    assert [(m.step, m.value) for m in val] == [(r["step"], r["val_accuracy"]) for r in epochs]
+    assert logged.data.metrics["test_accuracy"] == metrics["overall"]["accuracy"]
+    logged_files = {a.path for a in client.list_artifacts(logged.info.run_id)}
+    assert {"spec.yaml", "metrics.json", "curves.png", "model_card.md", "model_card.json"} <= logged_files
+
+
 def test_quickstart_end_to_end(tmp_path):
     # --no-serve: with an embedded Ray, deploying would serve until Ctrl-C (test_serve.py covers run + deploy).
     out = steward("run", str(JOBS / "quickstart.yaml"), "--set", f"output_dir={tmp_path / 'runs'}", "--no-serve")
@@ -102,6 +120,7 @@ def test_quickstart_end_to_end(tmp_path):
     for artifact in ("spec.yaml", "history.jsonl", "curves.png", "model/model.safetensors", "model/model.json"):
         assert (run_dir / artifact).exists(), artifact
     assert "accuracy" in out.stdout and str(run_dir) in out.stdout.replace("\n", "")
+    tracked_in_mlflow(tmp_path / "runs", run_dir, metrics, out.stdout)
     listed = steward("runs", "--output-dir", str(tmp_path / "runs"))
     assert "quickstart" in listed.stdout and "succeeded" in listed.stdout
     again = steward("evaluate", str(run_dir))

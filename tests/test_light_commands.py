@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import JOBS, ROOT, free_port
 
-HEAVY = ("torch", "ray", "deepspeed", "transformers", "datasets")
+HEAVY = ("torch", "ray", "deepspeed", "transformers", "datasets", "mlflow")
 PROBE = """
 import json, sys
 from steward.cli import main

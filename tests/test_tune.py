@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from mlflow import MlflowClient
 
 from steward.runs import create_run
 from steward.spec import load_job
@@ -189,3 +190,11 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
         # Ctrl+C can land after a trial finished but before Tune recorded it: Tune then restores it from the last
         # checkpoint it recorded of it
         assert all(f"/tune/{trial_id}/checkpoint_" in s["from"] for s in starts(run_dir, trial_id)[1:])
+    # tracked in the embedded MLflow store: one run for the sweep, interrupted then continued, a child per trial
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [sweep] = client.search_runs([client.get_experiment_by_name("tune-digits-asha").experiment_id],
+                                 "tags.`steward.kind` = 'sweep'")  # fmt: skip
+    assert sweep.info.status == "FINISHED" and sweep.data.tags["steward.state"] == "succeeded"
+    children = client.search_runs([sweep.info.experiment_id], f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == sorted(r["trial_id"] for r in rows)
+    assert all(len(client.get_metric_history(c.info.run_id, "val_accuracy")) == 2 for c in children)

@@ -31,6 +31,7 @@ from steward.runs import create_run, publish, resume_run, run_uri, set_status, s
 from steward.spec import JobSpec
 from steward.stages import evaluate_target, keep_sweep_model, train_model
 from steward.storage import fetch_run, is_uri
+from steward.tracking import Child, Tracker, ui_command
 from steward.tune.finish import SweepResult, tune_job
 
 RUN_LOG = "steward.log"  # a bug's traceback, inside the run folder
@@ -45,7 +46,8 @@ class Run:
     kind: str
     run_dir: Path
     resumed: bool = False
-    ended: dict[str, Any] = field(default_factory=dict)
+    console: Console | None = None
+    tracker: Tracker = field(default_factory=lambda: Tracker(print))
 
     @property
     def uri(self) -> str | None:
@@ -74,12 +76,16 @@ class Run:
             publish(job, run_dir)
         else:
             run_dir = create_run(job)
-        run = cls(job, kind, run_dir, resumed=resume is not None)
+        run = cls(job, kind, run_dir, resumed=resume is not None, console=console)
         record_run("run.started", run_dir, job.output_dir, kind=kind, resumed=run.resumed)
+        run.tracker = Tracker.start(job, run_dir, kind, run.warn)
         if console is not None:
             staged = f" (staged in {escape(str(run_dir))})" if run.uri else ""
             console.print(f"run folder [bold]{escape(run.where)}[/]{staged}")
         return run
+
+    def warn(self, message: str) -> None:
+        (self.console or Console(stderr=True)).print(f"[yellow]warning:[/] {escape(message)}")
 
     @contextlib.contextmanager
     def stages(self) -> Iterator["Run"]:
@@ -107,6 +113,9 @@ class Run:
         set_status(self.run_dir, "succeeded", **(status or {}))
         record_run(event, self.run_dir, self.job.output_dir, kind=self.kind, **audited)
         publish(self.job, self.run_dir)
+        self.tracker.finish(self.run_dir, "succeeded")
+        if self.tracker.on and self.console is not None:
+            self.console.print(f"tracked in MLflow: [bold]{escape(ui_command(self.tracker.uri))}[/]")
 
     def _end(self, state: str, event: str, **fields: Any) -> None:
         set_status(self.run_dir, state, **fields)
@@ -114,6 +123,7 @@ class Run:
         # storage that cannot take the run must not hide why it ended
         with contextlib.suppress(Exception):
             publish(self.job, self.run_dir)
+        self.tracker.finish(self.run_dir, state)
 
 
 @dataclass(frozen=True)
@@ -154,6 +164,7 @@ def tune(
     run = Run.start(job, "sweep", resume, console, admission)
     with run.stages():
         sweep = tune_job(run.job, run.run_dir, address, resume=run.resumed)
+        run.tracker.log_children(trial_runs(sweep, job.tune.metric))
         result = keep_sweep_model(run.job, sweep, run.run_dir, address)
     best = sweep.best
     run.succeed(
@@ -165,6 +176,20 @@ def tune(
         best_metric=best.metric,
     )
     return Trained(run.run_dir, result, sweep)
+
+
+def trial_runs(sweep: SweepResult, metric: str) -> list[Child]:
+    """The sweep's trials as child runs: their configuration, their metric's curve, how they ended."""
+    return [
+        Child(
+            name=row.trial_id,
+            params=row.config,
+            curves={metric: row.curve},
+            tags={"steward.trial_status": row.status} | ({"steward.error": row.error[:5000]} if row.error else {}),
+            state="failed" if row.status == "error" else "succeeded",
+        )
+        for row in sweep.rows
+    ]
 
 
 def train_or_tune(

@@ -18,6 +18,7 @@ from steward.spec.model import ModelSpec, TransformerParams
 from steward.spec.monitor import MonitorSpec
 from steward.spec.privacy import PrivacySpec, privacy_problems
 from steward.spec.serve import ServeSpec
+from steward.spec.tracking import TrackingSpec
 from steward.spec.train import TrainSpec
 from steward.spec.tune import TuneSpec, tune_problems
 
@@ -47,6 +48,7 @@ class JobSpec(Section):
         None, description="Owners, intended use, risk level and licences: feeds the model card and policy checks."
     )
     bench: BenchSpec | None = Field(None, description="A benchmark matrix over fields of this spec (`steward bench`).")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="Experiment tracking on MLflow.")
 
     @model_validator(mode="after")
     def _cross_section(self) -> "JobSpec":

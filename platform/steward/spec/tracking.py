@@ -1,0 +1,19 @@
+"""The `tracking:` section: where a run's parameters, metrics and artifacts are logged (MLflow)."""
+
+from pydantic import Field
+
+from steward.spec.base import Section
+
+
+class TrackingSpec(Section):
+    enabled: bool = Field(True, description="Log train, tune and bench runs to MLflow.")
+    uri: str | None = Field(
+        None,
+        pattern=r"^(https?://|sqlite:///|file:|databricks)\S*$",
+        max_length=2048,
+        description="MLflow tracking URI (http(s)://host:port of an MLflow server, sqlite:///path, databricks). "
+        "Default: $MLFLOW_TRACKING_URI, else a SQLite store, mlflow.db, in output_dir.",
+    )
+    experiment: str | None = Field(
+        None, min_length=1, max_length=500, description="MLflow experiment name. Default: the spec's name."
+    )
