@@ -13,7 +13,7 @@ from steward.data import DataInfo
 from steward.errors import StewardError
 from steward.evaluate.run import evaluate, evaluate_model, evaluate_run
 from steward.govern.card import write_card
-from steward.models import build_model
+from steward.models import build_model, load_trained_state
 from steward.runs import read_spec, run_uri
 from steward.spec import JobSpec
 from steward.train.checkpoint import STATE_FILE, consolidate_checkpoint
@@ -72,6 +72,6 @@ def evaluate_target(target: Path, spec: JobSpec | None = None, split: str | None
         spec = spec or read_spec(run_dir)
         info = DataInfo.from_dict(json.loads((run_dir / "data_info.json").read_text()))
         model = build_model(spec.model, info)
-        model.load_state_dict(consolidate_checkpoint(target, spec.distributed.zero_stage))
+        load_trained_state(model, consolidate_checkpoint(target, spec.distributed.zero_stage))
         return evaluate(model.eval(), info, spec, split), run_dir
     raise StewardError(f"{target}: not a run folder, a model folder (model.json) or a checkpoint ({STATE_FILE})")

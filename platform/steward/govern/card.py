@@ -76,13 +76,15 @@ def _first_json(run_dir: Path, names: tuple[str, ...]) -> Any:
 
 
 def _training(spec: JobSpec, run_dir: Path, status: dict[str, Any]) -> dict[str, Any]:
-    """What training did: strategy, ZeRO stage, workers, epochs, time, throughput, parameter count."""
+    """What training did: strategy, ZeRO stage, workers, epochs, time, throughput, parameter count, adapter."""
     history = [json.loads(line) for line in _lines(run_dir / "history.jsonl")]
     epochs = [r for r in history if r.get("kind") == "epoch"]
     model_meta = _json(run_dir / "model" / "model.json") or {}
     dist, train = spec.distributed, spec.train
     return {
         "num_parameters": model_meta.get("num_parameters"),
+        # what a LoRA adapter adapted and how many parameters trained; null when every weight trained
+        "adapter": model_meta.get("adapter"),
         "strategy": dist.strategy,
         "zero_stage": dist.zero_stage,
         "workers": dist.num_workers,
@@ -293,6 +295,18 @@ def _summary(value: Any) -> str:
     return "None recorded." if value is None else "```json\n" + json.dumps(value, indent=2) + "\n```"
 
 
+def _adapter(adapter: dict[str, Any] | None) -> str:
+    if adapter is None:
+        return "none (every weight trained)"
+    modules = ", ".join(adapter["target_modules"] or []) or "(peft's choice)"
+    whole = ", ".join(adapter["trained_whole"]) or "nothing"
+    return (
+        f"{adapter['type']} r={adapter['r']} alpha={adapter['alpha']:g} on {modules}; trained whole: {whole}; "
+        f"{adapter['trainable_parameters']} of {adapter['parameters_while_training']} parameters trained "
+        f"({100 * adapter['trainable_share']:.2f}%), merged into the saved model"
+    )
+
+
 def render_markdown(card: dict[str, Any]) -> str:
     """The card as Markdown, in the section order of Mitchell et al. (2019)."""
     d, use, train = card["model_details"], card["intended_use"], card["training"]
@@ -330,6 +344,8 @@ Group columns: {", ".join(card["factors"]["group_columns"]) or "none"}
 Privacy: {_summary(data["privacy"])}
 
 Training: {train["strategy"]} ZeRO-{train["zero_stage"]}, {train["workers"]} worker(s), {train["precision"]}, {train["epochs_run"]}/{train["epochs_planned"]} epochs, {train["train_time_s"]} s training
+
+Adapter: {_adapter(train["adapter"])}
 
 ## Quantitative analyses
 {_metric_table(quant["overall"], quant["per_group"])}

@@ -35,7 +35,7 @@ def build_model(model: ModelSpec, info: DataInfo, config_dir: str | Path | None 
     # Imported here: importing transformers is slow, and CNN and LSTM runs do not need it.
     from steward.models.transformer import build_transformer
 
-    return build_transformer(model.params, model.task, info, config_dir=config_dir)
+    return build_transformer(model.params, model.task, info, config_dir=config_dir, adapter=model.adapter)
 
 
 def check_fits(model: ModelSpec, info: DataInfo) -> list[str]:
@@ -53,7 +53,7 @@ def check_fits(model: ModelSpec, info: DataInfo) -> list[str]:
     else:
         from steward.models.transformer import transformer_problems
 
-        problems += transformer_problems(model.params, model.task, info)
+        problems += transformer_problems(model.params, model.task, info, model.adapter)
     return problems
 
 
@@ -111,3 +111,19 @@ def count_parameters(model: nn.Module) -> int:
     """Number of distinct parameters (tied weights count once), also when ZeRO-3 has partitioned them."""
     # DeepSpeed ZeRO-3 leaves an empty tensor in place and records the real size as ds_numel.
     return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+
+
+def load_trained_state(model: nn.Module, state_dict: dict[str, Tensor]) -> None:
+    """Load a checkpoint's weights into `model`: all of them, or, for an adapted model, at least every weight that
+    trains (its checkpoints leave the frozen ones out: the model rebuilds them from the same source).
+
+    Raises ValueError naming keys that are missing or unknown.
+    """
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = sorted(set(result.missing_keys) - frozen)
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint does not match the model (missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}); "
+            "evaluate it with the spec of the run that wrote it"
+        )

@@ -3,7 +3,8 @@
 Loading needs torch, safetensors and transformers only: no DeepSpeed, no Ray.
 
     out_dir/model.safetensors   fp32 weights, every state_dict key (tied weights stored under each name)
-    out_dir/model.json          {"model": <model spec>, "data": <DataInfo>, "num_parameters": int}
+    out_dir/model.json          {"model": <model spec>, "data": <DataInfo>, "num_parameters": int,
+                                 "adapter": what was adapted and how many parameters trained, or null}
     out_dir/hf_config/          config.json of a transformer, so it rebuilds without its pretrained folder
 """
 
@@ -34,17 +35,20 @@ def save_model(
     `state_dict` holds the consolidated weights (e.g. gathered from ZeRO shards); `model` is the matching
     bare module, used for its key names, tied weights, parameter count and Hugging Face config. Floating
     tensors are stored as contiguous fp32 copies: safetensors refuses tensors that share storage, such as
-    GPT-2's lm_head tied to its token embedding. Raises ValueError when the keys do not match `model`.
+    GPT-2's lm_head tied to its token embedding. A model with an adapter is saved with the adapter merged into
+    its weights: a plain model of its architecture. Raises ValueError when the keys do not match `model`.
     """
     out = Path(out_dir)
-    tensors = _complete_tied(model, state_dict)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"save_model: state_dict does not match the model (missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}); pass the consolidated state_dict of this model, without wrapper prefixes"
-        )
+    tensors = _matching_state(model, state_dict)
+    adapter = getattr(model_spec, "adapter", None)
+    summary = None
+    if adapter is not None:
+        from steward.models.adapter import adapter_summary
+        from steward.models.transformer import merged_transformer
+
+        summary = adapter_summary(model, adapter)
+        model = merged_transformer(model, tensors, adapter, model_spec.task)  # type: ignore[arg-type]
+        tensors = _matching_state(model, model.state_dict())
     out.mkdir(parents=True, exist_ok=True)
     save_file({name: _servable(tensor) for name, tensor in tensors.items()}, str(out / WEIGHTS), {"format": "pt"})
     hf = getattr(model, "hf", None)
@@ -54,6 +58,7 @@ def save_model(
         "model": model_spec.model_dump(mode="json"),
         "data": info.to_dict(),
         "num_parameters": count_parameters(model),
+        "adapter": summary,
     }
     (out / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
 
@@ -71,6 +76,19 @@ def load_model(out_dir: str | Path) -> tuple[nn.Module, ModelSpec, DataInfo]:
     model = build_model(spec, info, config_dir=config_dir)
     model.load_state_dict(load_file(str(out / WEIGHTS)), strict=True)
     return model.eval(), spec, info
+
+
+def _matching_state(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`state_dict` with tied names completed; ValueError when its keys are not those of `model`."""
+    tensors = _complete_tied(model, state_dict)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"save_model: state_dict does not match the model (missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}); pass the consolidated state_dict of this model, without wrapper prefixes"
+        )
+    return tensors
 
 
 def _servable(tensor: Tensor) -> Tensor:

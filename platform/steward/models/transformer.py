@@ -5,6 +5,7 @@ from typing import Any
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from peft import PeftModel
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
 from transformers.configuration_utils import PreTrainedConfig
@@ -15,7 +16,8 @@ from transformers.models.auto.modeling_auto import (
 
 from steward.data.info import DataInfo
 from steward.errors import StewardError
-from steward.spec.model import TransformerParams
+from steward.models.adapter import adapter_problems, add_adapter, merged_copy
+from steward.spec.model import LoraAdapter, TransformerParams
 
 # Architectures name the same knob differently (GPT-2: n_embd, n_layer, n_inner; DistilBERT: dim,
 # hidden_dim). attribute_map covers some of it, not all: the first name the architecture has wins.
@@ -38,6 +40,8 @@ DROPOUT_NAMES = (
 )
 # RoBERTa-style models number positions from pad_token_id + 1, so that many table rows are never usable.
 OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "roberta-prelayernorm", "data2vec-text", "longformer"}
+# Seeds the random frozen weights of a from-config model under an adapter (see build_transformer).
+FROZEN_BASE_SEED = 0
 HEADS = {
     "classification": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
     "causal_lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -50,7 +54,7 @@ class HFTransformer(nn.Module):
     forward(inputs [B, L] token ids, attention_mask [B, L]) -> [B, num_classes] or [B, L, vocab_size].
     """
 
-    def __init__(self, hf: PreTrainedModel) -> None:
+    def __init__(self, hf: PreTrainedModel | PeftModel) -> None:
         super().__init__()
         self.hf = hf
 
@@ -148,14 +152,19 @@ def _auto_class(task: str) -> Any:
 
 
 def build_transformer(
-    params: TransformerParams, task: str, info: DataInfo, config_dir: str | Path | None = None
+    params: TransformerParams,
+    task: str,
+    info: DataInfo,
+    config_dir: str | Path | None = None,
+    adapter: LoraAdapter | None = None,
 ) -> HFTransformer:
     """A classification or causal-LM Transformer for text data, in fp32.
 
     From scratch (params.pretrained unset): `scratch_config` with random weights. Pretrained: the weights of
     params.pretrained with a new head when the label count differs; params.dropout and config_overrides
-    apply, the sizes do not. With `config_dir` (a folder holding a saved config.json) the architecture is
-    rebuilt from that config with random weights, for the caller to load saved weights into.
+    apply, the sizes do not. With `adapter` the model trains only a LoRA adapter (see models/adapter.py). With
+    `config_dir` (a folder holding a saved config.json) the architecture is rebuilt from that config with random
+    weights, for the caller to load saved weights into; a saved model has its adapter merged, so none is added.
     """
     auto = _auto_class(task)
     # dtype is explicit because from_config follows config.dtype, which a bf16 run may have saved.
@@ -163,19 +172,33 @@ def build_transformer(
         return HFTransformer(auto.from_config(AutoConfig.from_pretrained(str(config_dir)), dtype=torch.float32))
     config = resolve_config(params, task, info)
     if not params.pretrained:
-        return HFTransformer(auto.from_config(config, dtype=torch.float32))
-    hf = auto.from_pretrained(
-        params.pretrained,
-        config=config,
-        dtype=torch.float32,
-        # A checkpoint fine-tuned for another label count gets a new head instead of an error.
-        ignore_mismatched_sizes=task == "classification",
-    )
-    return HFTransformer(hf)
+        with torch.random.fork_rng(enabled=adapter is not None):
+            if adapter is not None:
+                # The frozen weights under an adapter are never checkpointed: a resumed run rebuilds the same ones.
+                torch.manual_seed(FROZEN_BASE_SEED)
+            hf = auto.from_config(config, dtype=torch.float32)
+    else:
+        hf = auto.from_pretrained(
+            params.pretrained,
+            config=config,
+            dtype=torch.float32,
+            # A checkpoint fine-tuned for another label count gets a new head instead of an error.
+            ignore_mismatched_sizes=task == "classification",
+        )
+    return HFTransformer(add_adapter(hf, adapter, task) if adapter is not None else hf)
 
 
-def transformer_problems(params: TransformerParams, task: str, info: DataInfo) -> list[str]:
-    """Why `params` cannot be built for `info`, as "<field>: ..." strings."""
+def merged_transformer(
+    model: HFTransformer, state_dict: dict[str, Tensor], adapter: LoraAdapter, task: str
+) -> HFTransformer:
+    """`model` (adapted) as a plain HFTransformer holding `state_dict` with the adapter merged into its weights."""
+    return HFTransformer(merged_copy(model.hf, _auto_class(task), state_dict, "hf.", adapter, task))
+
+
+def transformer_problems(
+    params: TransformerParams, task: str, info: DataInfo, adapter: LoraAdapter | None = None
+) -> list[str]:
+    """Why `params` (and `adapter`) cannot be built for `info`, as "<field>: ..." strings."""
     if info.modality != "text":
         return []  # the family/modality mismatch is reported once, by the registry
     if not info.vocab_size:
@@ -207,4 +230,6 @@ def transformer_problems(params: TransformerParams, task: str, info: DataInfo) -
             f"{field}: the tokenizer has {info.vocab_size} tokens but the model's embedding only {vocab}; "
             "use the tokenizer saved with the pretrained model, or a larger vocab_size"
         )
+    if adapter is not None and not problems:
+        problems += adapter_problems(config, _auto_class(task), adapter, task)
     return problems

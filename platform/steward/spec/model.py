@@ -53,6 +53,21 @@ class TransformerParams(Section):
 
 
 Task = Literal["classification", "causal_lm"]
+ModuleName = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class LoraAdapter(Section):
+    type: Literal["lora"] = Field(description="Adapter kind: lora, low-rank updates of chosen weight matrices (peft).")
+    r: int = Field(8, ge=1, le=4096, description="Rank of each low-rank update.")
+    alpha: float = Field(16.0, gt=0.0, le=1e6, description="Updates are scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the input of each low-rank update.")
+    target_modules: list[ModuleName] | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="Names (or name suffixes) of the Linear layers to adapt; unset: peft's choice for the "
+        "architecture (bert: query, value; gpt2: c_attn); [all-linear]: every Linear layer but the output.",
+    )
 
 
 class CNNModel(Section):
@@ -71,6 +86,11 @@ class TransformerModel(Section):
     family: Literal["transformer"] = Field(description="Model family.")
     task: Task = Field("classification", description="classification, or causal_lm for gpt2-style models.")
     params: TransformerParams = Field(default_factory=TransformerParams, description="Transformer parameters.")
+    adapter: LoraAdapter | None = Field(
+        None,
+        description="Train only a LoRA adapter (and a classifier head) on frozen weights; the saved and served "
+        "model has the adapter merged in. Unset: every weight trains.",
+    )
 
 
 ModelSpec = Annotated[CNNModel | LSTMModel | TransformerModel, Field(discriminator="family")]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from steward.errors import StewardError
+from steward.models import load_trained_state
 from steward.spec import JobSpec
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -135,8 +136,10 @@ class DeepSpeedEngine:
         _ask_for_the_cpu_once()
         scheduler = lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(spec, total_steps))  # noqa: E731
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=model.parameters(), config=deepspeed_config(spec), lr_scheduler=scheduler
+            model=model, model_parameters=trainable(model), config=deepspeed_config(spec), lr_scheduler=scheduler
         )
+        # Frozen weights (under an adapter) come back from the model's own source on a resume, never from a checkpoint.
+        self.frozen = any(not p.requires_grad for p in model.parameters())
         self.module: nn.Module = self.engine.module
         self.input_dtype = PRECISION_DTYPES[spec.train.precision]
         self.zero_stage = spec.distributed.zero_stage
@@ -165,7 +168,7 @@ class DeepSpeedEngine:
         self.engine.train(mode)
 
     def save(self, folder: Path) -> None:
-        self.engine.save_checkpoint(str(folder), tag="state")
+        self.engine.save_checkpoint(str(folder), tag="state", exclude_frozen_parameters=self.frozen)
 
     def sync_buffers(self) -> None:
         """Give every rank rank 0's buffers (BatchNorm statistics), as DDP does at each forward.
@@ -180,7 +183,7 @@ class DeepSpeedEngine:
                 dist.broadcast(buffer, src=0)
 
     def load(self, folder: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(folder), tag="state")
+        path, _ = self.engine.load_checkpoint(str(folder), tag="state", load_module_strict=not self.frozen)
         if path is None:
             raise RuntimeError(f"no DeepSpeed state in checkpoint {folder}")
 
@@ -209,11 +212,11 @@ class DDPEngine:
         self.optimizer: torch.optim.Optimizer
         if opt.name == "adamw":
             self.optimizer = torch.optim.AdamW(
-                model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay
+                trainable(model), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay
             )
         else:
             self.optimizer = torch.optim.SGD(
-                model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay
+                trainable(model), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay
             )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(spec, total_steps))
         self.accum, self.clip = spec.train.grad_accum_steps, spec.train.grad_clip
@@ -248,7 +251,7 @@ class DDPEngine:
 
     def save(self, folder: Path) -> None:
         state = {
-            "model": self.module.state_dict(),
+            "model": trained_state(self.module),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "global_step": self.global_step,
@@ -257,7 +260,7 @@ class DDPEngine:
 
     def load(self, folder: Path) -> None:
         state = torch.load(Path(folder) / "ddp_state.pt", map_location=self.device, weights_only=True)
-        self.module.load_state_dict(state["model"])
+        load_trained_state(self.module, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.global_step = state["global_step"]
@@ -284,6 +287,17 @@ def apply_optimizer_settings(scheduler: torch.optim.lr_scheduler.LambdaLR, spec:
     for group in scheduler.optimizer.param_groups:
         group.update(initial_lr=opt.lr, lr=opt.lr * factor, weight_decay=opt.weight_decay)
         group.update({"betas": tuple(opt.betas)} if "betas" in group else {"momentum": opt.momentum})
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimizer steps: all of them, or an adapter's (and its head's) on a frozen model."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s state_dict without its frozen parameters: what a checkpoint must hold to resume it."""
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {name: tensor for name, tensor in model.state_dict().items() if name not in frozen}
 
 
 def _fp32_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
