@@ -131,14 +131,15 @@ def check_resumable(storage: str) -> None:
     start of its workers (and their restarts, distributed.max_failures of them).
     """
     fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    if not isinstance(fs, pyarrow.fs.LocalFileSystem):
+        return
     try:
         name = _read_json(fs, f"{root}/{SNAPSHOT}")["latest_checkpoint_result"]["checkpoint_dir_name"]
     except (OSError, ValueError, KeyError, TypeError):  # nothing recorded: nothing is resumed
         return
-    if isinstance(fs, pyarrow.fs.LocalFileSystem):
-        chosen = newest_complete(ray.train.Checkpoint(f"{root}/{name}", filesystem=fs))
-        with loading_without_code(Path(chosen.path)):
-            pass
+    chosen = newest_complete(ray.train.Checkpoint(f"{root}/{name}", filesystem=fs))
+    with loading_without_code(Path(chosen.path)):  # scans the files, unpickles none
+        pass
 
 
 def _checkpoint_folders(fs: pyarrow.fs.FileSystem, parent: str) -> list[str]:
