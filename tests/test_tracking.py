@@ -30,7 +30,8 @@ def server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     with open(folder / "server.log", "w") as log:
         # a session of its own: the server starts its web workers as children, and they all go with the group
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True, env=env)
         try:
             wait_for(lambda: _answers(url) or process.poll() is not None, 120, "mlflow server to answer")
             assert process.poll() is None, (folder / "server.log").read_text()[-3000:]
@@ -85,7 +86,7 @@ def test_a_resumed_run_continues_its_mlflow_run(run, tmp_path):
     first.finish(run_dir, "interrupted")
     assert MlflowClient(store).get_run(first.run_id).info.status == "KILLED"
     _, _, again = tracked(run, store, [])
-    assert again.run_id == first.run_id
+    assert again.on and again.run_id == first.run_id  # `on` waits for the MLflow run to be open
     assert MlflowClient(store).get_run(first.run_id).info.status == "RUNNING"
     again.finish(run_dir, "succeeded")
     finished = MlflowClient(store).get_run(first.run_id)

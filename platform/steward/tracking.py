@@ -12,9 +12,11 @@ artifacts. A sweep's trials are child runs of the sweep's run.
 """
 
 import json
+import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,10 +33,15 @@ ARTIFACTS = "mlartifacts"  # its artifacts, beside it
 TRACKED = "tracking.json"  # in the run folder: which MLflow run it is, for a resumed run to continue
 LOGGED_FILES = ("spec.yaml", "metrics.json", "curves.png", "model_card.md", "model_card.json", "bench.json", "bench.md")
 STATES = {"succeeded": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
-# MLflow's own limits: a batch's size, a parameter's value; retries and timeout of its HTTP client (its defaults
-# retry a dead server for minutes).
+# MLflow's own limits: a batch's size, a parameter's value.
 BATCH, PARAM_CHARS = 1000, 6000
-CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# Unless the user says otherwise: retries and timeout of MLflow's HTTP client (its defaults retry a dead server for
+# minutes), and no usage reports to MLflow's makers (steward's embedded Ray sends none either).
+CLIENT_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
 Point = tuple[str, float, int, float | None]  # a metric's name, value, step and time (None: now)
 NOT_A_NAME = re.compile(r"[^A-Za-z0-9_\-. :/]")  # what MLflow refuses in a metric or parameter name
 
@@ -78,14 +85,22 @@ class Tracker:
         self.run_id = ""
         self.experiment_id = ""
         self.logged_until = 0.0  # the time of the last history record logged: a resumed run logs only what is newer
+        self._opening: threading.Thread | None = None
 
     @classmethod
     def start(cls, job: JobSpec, run_dir: Path, kind: str, warn: Callable[[str], None]) -> "Tracker":
-        """Open (or, for a resumed run, reopen) the run's MLflow run and log its parameters and tags."""
+        """Open (or, for a resumed run, reopen) the run's MLflow run and log its parameters and tags.
+
+        In a thread of its own: importing MLflow and opening its store take seconds, which the run's own start
+        (Ray, the workers) hides; everything else waits for it.
+        """
         tracker = cls(warn)
         uri = tracking_uri(job)
         if uri is not None:
-            tracker._guard(lambda: tracker._open(job, run_dir, kind, uri))
+            tracker._opening = threading.Thread(
+                target=tracker._guard, args=(lambda: tracker._open(job, run_dir, kind, uri),), daemon=True
+            )
+            tracker._opening.start()
         elif job.tracking.enabled:
             warn(
                 f"tracking: output_dir {job.output_dir} is not a local folder for an MLflow store; set tracking.uri "
@@ -95,6 +110,9 @@ class Tracker:
 
     @property
     def on(self) -> bool:
+        if self._opening is not None:
+            self._opening.join()
+            self._opening = None
         return self.client is not None
 
     def finish(self, run_dir: Path, state: str) -> None:
@@ -120,6 +138,9 @@ class Tracker:
         for key, value in CLIENT_ENV.items():
             os.environ.setdefault(key, value)
         from mlflow import MlflowClient  # here: it takes a second to import, and light commands never track
+
+        # the store's one-time table set-up says so at INFO on every new output_dir: not news for a steward user
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id = self._experiment(job, uri)
