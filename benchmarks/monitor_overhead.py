@@ -28,7 +28,8 @@ hold BLAS to one thread. `make bench` sets it; the JSON records what it was.
    comparison) is the noise floor of the QPS comparison (benchmarks/README.md has its size). So the serving
    section also accounts
    monitoring's CPU per request at c=32 process by process (psutil): the monitor actor's, measured live; the
-   replica's, offline (section 3); a push's transport through Ray, measured apart; as a share of what serving
+   replica's, offline (section 3); a push's transport through Ray (a busy replica's push: SHARES_A_PUSH window
+   shares), measured apart; as a share of what serving
    alone costs the machine. On saturated cores that share is the first-order QPS cost, without the noise.
    With both sections, serving runs first: the replica section replays the batch sizes it saw.
 Writes benchmarks/results/monitor_overhead.json and prints the tables.
@@ -59,6 +60,7 @@ from scipy.spatial.distance import pdist
 from steward.monitor.bins import Bins
 from steward.monitor.drift import mmd_test, quantile_edges
 from steward.monitor.window_state import WindowState
+from steward.serve.monitoring import SHARES_A_PUSH
 
 ROOT = Path(__file__).resolve().parent.parent
 MMD_N, MMD_D, MMD_B = 1000, 32, 100
@@ -379,7 +381,12 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
 
     spec, run_dir = trained_run(Path(tempfile.mkdtemp(prefix="steward-monitor-bench-")), "quickstart.yaml", epochs=2)
     push = Push(*_quickstart_run(run_dir))
-    delta, monitor = push.count(), push.monitor
+    monitor = push.monitor
+    # a busy replica's push: SHARES_A_PUSH shares, each with request ids of its own (pickle shares repeated objects)
+    shares = []
+    for k in range(SHARES_A_PUSH):
+        push.ids = [[f"{k:08x}{i:024x}"] for i in range(push.size)]
+        shares.append((k + 1, push.count()))
     bodies = [
         {"instances": [x], "attributes": {"group": ["ab"[i % 2]]}} for i, x in enumerate(validation_inputs(spec, 64))
     ]
@@ -389,10 +396,11 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
     serve.start(http_options={"host": "127.0.0.1", "port": (port := _free_port())})
     runs: dict[str, list[list[dict]]] = {f"{cell}, c={c}": [] for cell in CELLS.values() for c in (1, 32)}
     pushes: list[float] = []  # the monitor's pushes per record at c=32, each repeat
+    deltas_per_push: list[float] = []  # window shares a push carried at c=32, each repeat
     batches: dict[str, int] = {}  # the monitored replica's forward passes per batch size at c=32, all repeats
     repeat_s: list[float] = []  # each repeat's wall time, deployments and their deletion included
     try:
-        transport = _push_transport_us(delta)
+        transport = _push_transport_us(shares)
         for r in range(repeats):
             started = time.monotonic()
             # Fresh replicas every repeat: a replica process keeps its own speed all its life, so only new processes
@@ -421,6 +429,7 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
                         runs[f"{cell}, c={c}"][r].append(run)
                 seen = requests.get(f"{urls[CELLS['on']]}/monitor", timeout=30).json()
             pushes.append((seen["pushes"] - before_c["pushes"]) / (seen["records"] - before_c["records"]))
+            deltas_per_push.append((seen["deltas"] - before_c["deltas"]) / max(seen["pushes"] - before_c["pushes"], 1))
             for size, count in _batch_sizes(urls[CELLS["on"]]).items():
                 batches[size] = batches.get(size, 0) + count - sizes.get(size, 0)
             for app in CELLS:  # deleted apps drain slowly: all at once, then wait for the last
@@ -440,8 +449,9 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
     out["manifest"] = manifest(spec)
     out |= {
         "push_transport_us": transport,
-        "push_bytes": len(pickle.dumps(delta)),
+        "push_bytes": len(pickle.dumps(shares)),
         "pushes_per_record": pushes,
+        "deltas_per_push": deltas_per_push,
         "batch_sizes c=32": batches,
         "repeat_s": repeat_s,
     }
@@ -519,8 +529,8 @@ def _cpu_seconds(procs: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _push_transport_us(delta: WindowState, pushes: int = 300) -> dict[str, float]:
-    """CPU us a push of `delta` costs Ray's transport: in the pushing process (a replica) and in Ray's daemons
+def _push_transport_us(deltas: list[tuple[int, WindowState]], pushes: int = 300) -> dict[str, float]:
+    """CPU us a push of `deltas` costs Ray's transport: in the pushing process (a replica) and in Ray's daemons
     (the raylet's object store, for a push over Ray's 100 KB limit for arguments sent inline); the receiving
     actor's side is in the monitor actor's measured CPU. Each side's idle CPU over as long a quiet spell (Ray's
     threads in this process too) is subtracted."""
@@ -533,7 +543,7 @@ def _push_transport_us(delta: WindowState, pushes: int = 300) -> dict[str, float
             return os.getpid()
 
     sink = Sink.remote()  # type: ignore[attr-defined]
-    skip = {os.getpid(), ray.get(sink.push.remote([(1, delta)], "replica", 1, 1))}
+    skip = {os.getpid(), ray.get(sink.push.remote(deltas, "replica", 1, 1))}
 
     def daemons() -> float:
         total = 0.0
@@ -547,7 +557,7 @@ def _push_transport_us(delta: WindowState, pushes: int = 300) -> dict[str, float
     time.sleep(2.0)
     d1, c1, t1 = daemons(), time.process_time(), time.perf_counter()
     for _ in range(pushes):
-        ray.get(sink.push.remote([(1, delta)], "replica", 1, 1))
+        ray.get(sink.push.remote(deltas, "replica", 1, 1))
     d2, c2, t2 = daemons(), time.process_time(), time.perf_counter()
     ray.kill(sink)
 
@@ -721,7 +731,7 @@ def replica_table(res: dict[str, Any], console: Console) -> None:
     rows = {name: row for name, row in res.items() if isinstance(row, dict)}
     caption = (
         f"replica total = embed + queue + count (target <= 15 us); actor total = merge + judge + save, on the "
-        f"same cores; one push pickles to {res['push_bytes'] / 1000:.0f} KB"
+        f"same cores; one share's delta pickles to {res['push_bytes'] / 1000:.0f} KB"
     )
     title = (
         f"Monitoring CPU per request of one instance, offline: quickstart CNN, 1 torch thread, "

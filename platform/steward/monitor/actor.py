@@ -165,7 +165,7 @@ class Monitor:
         self.windows = Windows(lambda: live_state(bins), window.size, window.step, window.by)
         self.history: deque[dict] = deque(maxlen=self.cfg.history)
         self.alerts = AlertTracker(self.cfg.alerts.consecutive_windows)
-        self.records, self.pushes = 0, 0
+        self.records, self.pushes, self.deltas = 0, 0, 0
         self.saved_at = self.pending_saved_at = time.monotonic()
         # changed since the last save of the statistics / of the waiting predictions: an idle monitor writes nothing
         self.dirty = self.pending_dirty = False
@@ -191,37 +191,42 @@ class Monitor:
         past the last save of the waiting predictions. A delta already merged is skipped, except for its waiting
         predictions when only the statistics had been saved.
 
-        The reply says when the replica should push again, in records: what is left of its share of the open count
-        window (the window's size over the replicas pushing, at least those the deployment starts with), and its
-        share of a whole window (for after a push of its own closes one); inf for time windows, which close by the
-        clock. Replicas pushing at their shares close a window within a request of its size with one push each,
-        where a fixed quarter-window push would take four (each push is a Ray call, which costs the replica CPU).
+        The reply says where the replica should cut its next delta, in records: what is left of its share of the
+        open count window (the window's size over the replicas pushing, at least those the deployment starts with),
+        and its share of a whole window (for after a delta of its own closes one); inf for time windows, which close
+        by the clock. Deltas cut at their shares close a window within a request of its size with one delta from each
+        replica, where a fixed quarter-window delta would take four; a busy replica sends several shares in one push
+        (each push is a Ray call, which costs both sides CPU), and their windows are judged in one hop to a thread.
         """
         self._start_ticker()
         ledger = self.ledger
         start = ledger.resend_from(replica, kept_from, deltas[0][0] if deltas else latest + 1)
         if start is not None:
             return PushReply(*self._shares(replica), ledger.saved(replica), resend_from=start)
-        for seq, state in deltas:
-            if ledger.take(replica, seq):  # bookkept before any await: a push arriving meanwhile sees it merged
-                await self._merge(state, replica)
+        closed, records = [], self.records
+        for seq, state in deltas:  # merged and bookkept before any await: a push arriving meanwhile sees them merged
+            if ledger.take(replica, seq):
+                closed += self._merge(state, replica)
             elif ledger.pending_lost(replica, seq):
-                await self._merge(state.take_pending(), replica)
+                closed += self._merge(state.take_pending(), replica)
+        if self.records > records:
+            self.exporter.records.inc(float(self.records - records))
         self.pushes += bool(deltas)  # not a replica's asking whether what it sent is saved yet
+        self.deltas += len(deltas)
+        await self._judge(closed)
         return PushReply(*self._shares(replica), ledger.saved(replica))
 
-    async def _merge(self, state: WindowState, replica: str) -> None:
+    def _merge(self, state: WindowState, replica: str) -> list[WindowState]:
+        """Merge one delta into the open pane; returns the windows it closed."""
         self.records += state.n
         self.dirty = self.pending_dirty = True
-        if state.n:
-            self.exporter.records.inc(float(state.n))
         pane = self.windows.pane
         closed = self.windows.add_state(state)
         if self.windows.pane is pane:
             self.in_pane[replica] = self.in_pane.get(replica, 0) + state.n
         else:  # the delta closed the pane: the next starts empty
             self.in_pane = {}
-        await self._judge(closed)
+        return closed
 
     async def request_id_key(self) -> bytes:
         """The key replicas sign request ids with, the same across restarts and redeployments of this run."""
@@ -247,6 +252,7 @@ class Monitor:
             "deployment": self.deployment,
             "records": self.records,
             "pushes": self.pushes,  # since this actor started
+            "deltas": self.deltas,  # in those pushes (a busy replica sends several window shares a push)
             "replicas": len(self._recent_pushers()),
             "windows_closed": len(self.history),
             "current": current,
@@ -353,9 +359,15 @@ class Monitor:
                 await self.persist(pending)
 
     async def _judge(self, closed: list[WindowState]) -> None:
-        for window in closed:
-            # the MMD permutations are the slow part of judging: off the event loop, so pushes keep flowing meanwhile
-            report = await asyncio.to_thread(window_report, window, self.ref, self.cfg, len(self.history))
+        if not closed:
+            return
+        # the MMD permutations are the slow part of judging: off the event loop, so pushes keep flowing meanwhile;
+        # a push's windows in one hop to the thread (each hop wakes two threads)
+        first = len(self.history)
+        reports = await asyncio.to_thread(
+            lambda: [window_report(window, self.ref, self.cfg, first + i) for i, window in enumerate(closed)]
+        )
+        for report in reports:
             self.history.append(report)
             events = self.alerts.update(report)
             self.dirty = True

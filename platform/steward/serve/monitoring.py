@@ -1,8 +1,10 @@
 """A replica's side of monitoring: count each answered record into a window state, push it to the monitor actor.
 
-A request only queues its outputs (an append; the request awaits nothing); the queue is counted in one vectorised
-pass and pushed as soon as it holds what is left of this replica's share of the open count window, or once
-monitor.push_interval_s has passed since the last push, so the request path pays neither.
+A request only queues its outputs (an append; the request awaits nothing). The queue is cut where it holds what is
+left of this replica's share of the open count window; each cut is counted, in one vectorised pass, into a delta of
+its own, so windows close where they would with a push a share. The cuts are sent together, SHARES_A_PUSH of them in
+one Ray call, or whatever is held once monitor.push_interval_s has passed since the last push; the request path pays
+neither the counting nor the call.
 """
 
 import asyncio
@@ -10,6 +12,7 @@ import logging
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,10 @@ from steward.spec.serve import ServeSpec
 
 logger = logging.getLogger("steward.serve")
 OTHER_GROUP = "(other)"  # the group of values first seen after monitor.bias.max_groups others
+# Window shares a busy replica holds before one push sends them (each its own delta): the monitor's cost of a push
+# (Ray's call, the hop to its event loop, unpickling) is paid once for four windows. Never longer than
+# monitor.push_interval_s.
+SHARES_A_PUSH = 4
 
 
 class MonitorUnavailable(StewardError):
@@ -55,7 +62,6 @@ class ReplicaMonitor:
             raise MonitorUnavailable(problem)
         self.ref = load_reference(target.reference) if target.reference else None
         self.bins = self.ref.bins() if self.ref else Bins()
-        self.state = live_state(self.bins)
         self.queue = RecordQueue(served, self.bins, self.cfg.bias)
         self.actor = monitor_actor(target)
         self.ids = RequestIds(ray.get(self.actor.request_id_key.remote()))
@@ -68,13 +74,15 @@ class ReplicaMonitor:
         self.pusher: asyncio.Task | None = None
         self.id = uuid.uuid4().hex
         # Count windows close at the first delta that fills them. Each push's reply says how many records this
-        # replica should push at next (what is left of its share of the open window) and its share of a whole
+        # replica should cut a delta at next (what is left of its share of the open window) and its share of a whole
         # window; until the first reply, a quarter window keeps windows near their size.
         window = self.cfg.window
         quarter = (window.step or window.size) / 4 if window.by == "count" else float("inf")
         self.push_at, self.window_share, self.pushes = quarter, quarter, 0
+        self.told = False  # whether a reply has said this replica's share yet
         self.pushed_at = time.monotonic()  # when everything counted so far was last sent
-        # pushes are numbered; those the monitor has not saved yet are kept, and sent again if it restarts without them
+        self.held: list[Cut] = []  # shares cut from the queue, waiting for the push that sends them
+        # deltas are numbered; those the monitor has not saved yet are kept, and sent again if it restarts without them
         self.seq = 0
         self.unsaved: list[tuple[int, WindowState]] = []
 
@@ -83,20 +91,20 @@ class ReplicaMonitor:
         self.queue.append(output, attributes, request_ids)
         self._start_pushing()
         if self.queue.queued >= self.push_at:
-            asyncio.get_running_loop().create_task(self.flush())
+            self.held.append(self.queue.cut())
+            self.push_at = self.window_share  # until a reply says otherwise: its share of the next window
+            # before the monitor's first reply the share is a guess: a cut goes at once, so the reply corrects it
+            if len(self.held) == SHARES_A_PUSH or not self.told:
+                asyncio.get_running_loop().create_task(self.flush())
 
     def refused(self, records: int) -> None:
         """Count records refused as invalid into the window (they are kept out of every other statistic)."""
-        self.state.invalid += records
+        self.queue.invalid += records
         self._start_pushing()
 
     def _start_pushing(self) -> None:
         if self.pusher is None:
             self.pusher = asyncio.get_running_loop().create_task(self._push_forever())
-
-    def count(self) -> None:
-        """Count every queued record into the window state."""
-        self.queue.count_into(self.state)
 
     def admit_label(self) -> None:
         """Refuse a label over monitor.feedback_rate (429 with Retry-After) before reading its body."""
@@ -130,24 +138,23 @@ class ReplicaMonitor:
         return await self.actor.report.remote()
 
     async def flush(self) -> None:
-        """Send what was counted since the last push, and again what a restarted monitor lost (a replica that dies
-        loses at most one interval; a monitor that dies, nothing)."""
+        """Send what was counted since the last push, a delta per share cut, and again what a restarted monitor lost
+        (a replica that dies loses at most one interval; a monitor that dies, nothing)."""
         self.pushed_at = time.monotonic()
-        self.count()
-        delta = self.state
-        if delta.n or delta.invalid or delta.pending_labels:
-            self.state = live_state(self.bins)
-            self.seq += 1
-            self.unsaved.append((self.seq, delta))
-            # What is left of this replica's share (or, if this push closes the window, its share of the next)
-            # until the reply says: a reply waits for the windows its push closed to be judged, and one to an
-            # earlier push misses the later ones.
-            self.push_at = self.push_at - delta.n if delta.n < self.push_at else self.window_share
-            sent = [(self.seq, delta)]
-        elif self.unsaved:
-            sent = []  # nothing new: ask whether the monitor has saved what it was sent
-        else:
-            return
+        rest, cuts, self.held = self.queue.cut(), self.held, []
+        # What is left of this replica's share until the reply says: a reply waits for the windows its push closed
+        # to be judged, and one to an earlier push misses the later ones.
+        self.push_at = self.push_at - rest.records if rest.records < self.push_at else self.window_share
+        sent = []
+        for cut in [*cuts, rest]:
+            delta = live_state(self.bins)
+            self.queue.count_into(delta, cut)
+            if delta.n or delta.invalid:
+                self.seq += 1
+                sent.append((self.seq, delta))
+        self.unsaved += sent
+        if not sent and not self.unsaved:
+            return  # else nothing new: ask whether the monitor has saved what it was sent
         self.pushes += 1
         push = self.pushes
         kept_from = self.unsaved[0][0] if self.unsaved else self.seq + 1
@@ -157,8 +164,8 @@ class ReplicaMonitor:
             lost = [entry for entry in self.unsaved if entry[0] >= reply.resend_from]
             reply = await self.actor.push.remote(lost, self.id, kept_from, self.seq)
         self.unsaved = [entry for entry in self.unsaved if entry[0] > reply.saved]
-        if push == self.pushes:
-            self.push_at, self.window_share = reply.push_at, reply.share
+        if push == self.pushes and not self.held:  # else a later push, or a share cut since, makes it stale
+            self.push_at, self.window_share, self.told = reply.push_at, reply.share, True
 
     async def _push_forever(self) -> None:
         """Push once push_interval_s has passed since the last push: a replica that dies loses at most an interval,
@@ -174,9 +181,21 @@ class ReplicaMonitor:
                 logger.exception("monitor push failed")
 
 
+Item = tuple[Output, list[Any] | None, list[str], float]  # a request's outputs, groups, request ids, answer time
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Requests taken from the queue together, to be counted into one delta, and the records refused meanwhile."""
+
+    items: list[Item]
+    records: int
+    invalid: int
+
+
 class RecordQueue:
     """Answered requests' outputs waiting to be counted; counted into a window state in one vectorised pass over a
-    push's worth of requests, far cheaper than counting each request in Python as it is answered."""
+    share's worth of requests, far cheaper than counting each request in Python as it is answered."""
 
     def __init__(self, served: ServedModel, bins: Bins, bias: BiasSpec | None) -> None:
         self.served, self.bins = served, bins
@@ -184,8 +203,9 @@ class RecordQueue:
         self.max_groups = bias.max_groups if bias else 0
         self.groups_kept: set[str] = {bias.privileged} if bias and bias.privileged else set()
         self.unk = unknown_token_id(served.info)
-        self.items: list[tuple[Output, list[Any] | None, list[str], float]] = []
+        self.items: list[Item] = []
         self.queued = 0
+        self.invalid = 0  # records refused as invalid since the last cut
 
     def append(self, output: Output, attributes: dict[str, list[Any]], request_ids: list[str]) -> None:
         assert output.inputs is not None, "the replica runs the model with embed=True when monitored"
@@ -193,9 +213,17 @@ class RecordQueue:
         self.items.append((output, groups, request_ids, time.time()))
         self.queued += len(request_ids)
 
-    def count_into(self, state: WindowState) -> None:
-        """Count every queued record into `state` and empty the queue."""
-        queue, self.items, self.queued = self.items, [], 0
+    def cut(self) -> Cut:
+        """Take everything queued (and refused) so far; the queue starts empty."""
+        cut = Cut(self.items, self.queued, self.invalid)
+        self.items, self.queued, self.invalid = [], 0, 0
+        return cut
+
+    def count_into(self, state: WindowState, cut: Cut | None = None) -> None:
+        """Count the records of `cut` (default: everything queued, which empties the queue) into `state`."""
+        cut = self.cut() if cut is None else cut
+        state.invalid += cut.invalid
+        queue = cut.items
         if not queue:
             return
         info = self.served.info
