@@ -115,8 +115,8 @@ class MonitorSpec(Section):
         gt=0,
         le=60,
         description="The longest a replica holds its counts before sending them (what a killed replica can lose). "
-        "A busy replica sends sooner, at its share of each count window; each push is a Ray call that costs the "
-        "replica CPU time, so a shorter interval costs more.",
+        "A busy replica sends sooner, once it holds a few shares of the count window (each cut where the window "
+        "closes); each push is a Ray call that costs CPU time, so a shorter interval costs more.",
     )
     persist_interval_s: float = Field(5.0, gt=0, le=3600, description="How often the monitor saves its state.")
     pending_persist_interval_s: float = Field(
