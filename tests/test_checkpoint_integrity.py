@@ -130,6 +130,25 @@ def test_a_resume_takes_the_newest_complete_checkpoint_and_the_finished_run_dele
     assert left == [NAME.format(1)] and len(deleted) == 3  # Ray's record names only the first
 
 
+def test_with_no_record_of_rays_the_newest_complete_checkpoint_is_the_start(run_dir):
+    from steward.errors import StewardError
+    from steward.runs import read_spec, resume_run
+    from steward.train.checkpoint import SNAPSHOT, resume_point, unrecorded_start
+
+    storage = str(run_dir / "train")
+    assert unrecorded_start(storage) is None  # Ray recorded checkpoint 1: the workers get it from Ray
+    (run_dir / "train" / SNAPSHOT).unlink()  # Ctrl-C before Ray took the first report
+    complete = copy_as(run_dir, 2, epoch=2)
+    cut_short = copy_as(run_dir, 3, epoch=3)
+    (cut_short / "steward_rank_0.json").unlink()
+    assert resume_point(storage).path == unrecorded_start(storage).path == str(complete)
+    resume_run(read_spec(run_dir), str(run_dir), "train")  # --resume takes it
+    for folder in (run_dir / "train").glob("checkpoint_*"):
+        (folder / "steward_rank_0.json").unlink(missing_ok=True)
+    with pytest.raises(StewardError, match="every checkpoint .* was cut short"):
+        unrecorded_start(storage)
+
+
 # ---- run as a subprocess: a DeepSpeed engine in a one-rank process group of its own, not in pytest's process ----
 
 

@@ -81,6 +81,9 @@ def resume_run(job: JobSpec, target: str, kind: str) -> tuple[JobSpec, Path]:
         )
     marker = RESUMABLE[kind]
     found = storage.exists(storage.join(target, marker), "--resume") if uri else (run_dir / marker).exists()
+    if kind == "train" and not found:  # Ctrl-C before Ray recorded one: the workers take the newest complete one
+        train = storage.join(target, "train") if uri else str(run_dir.resolve() / "train")
+        found = any(name.startswith("checkpoint_") for name in storage.folders(train, "--resume"))
     if not found:
         what, verb = ("no checkpoint", "train") if kind == "train" else ("no saved sweep state", "tune")
         raise StewardError(

@@ -124,22 +124,48 @@ def prune_unrecorded(storage: str) -> list[str]:
     return doomed
 
 
+def resume_point(storage: str) -> ray.train.Checkpoint | None:
+    """The checkpoint a run resumed into `storage` (a Train run's storage folder) continues from, or None.
+
+    Ray's latest record, or a newer complete checkpoint beside it; with no record at all (Ctrl-C before Ray had
+    taken the first report), the newest complete checkpoint there.
+    """
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    try:
+        name = _read_json(fs, f"{root}/{SNAPSHOT}")["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        complete = [
+            (state["epoch"], path) for path in _checkpoint_folders(fs, root) if (state := complete_state(fs, path))
+        ]
+        return ray.train.Checkpoint(max(complete)[1], filesystem=fs) if complete else None
+    return newest_complete(ray.train.Checkpoint(f"{root}/{name}", filesystem=fs))
+
+
+def unrecorded_start(storage: str) -> ray.train.Checkpoint | None:
+    """The checkpoint to hand the workers when Ray holds no record of the run's own (None when it does)."""
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    if fs.get_file_info(f"{root}/{SNAPSHOT}").type != pyarrow.fs.FileType.NotFound:
+        return None
+    start = resume_point(storage)
+    if start is None and _checkpoint_folders(fs, root):
+        raise StewardError(
+            f"--resume: every checkpoint in {storage} was cut short as the run stopped, so there is nothing "
+            "to continue from; start a new run (without --resume)"
+        )
+    return start
+
+
 def check_resumable(storage: str) -> None:
     """Refuse the checkpoint a resume would load, before any worker starts, when a file in it would run code.
 
     Local storage only: the workers check every checkpoint they load anyway, and this spares a refused resume the
     start of its workers (and their restarts, distributed.max_failures of them).
     """
-    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
-    if not isinstance(fs, pyarrow.fs.LocalFileSystem):
-        return
-    try:
-        name = _read_json(fs, f"{root}/{SNAPSHOT}")["latest_checkpoint_result"]["checkpoint_dir_name"]
-    except (OSError, ValueError, KeyError, TypeError):  # nothing recorded: nothing is resumed
-        return
-    chosen = newest_complete(ray.train.Checkpoint(f"{root}/{name}", filesystem=fs))
-    with loading_without_code(Path(chosen.path)):  # scans the files, unpickles none
-        pass
+    fs, _ = pyarrow.fs.FileSystem.from_uri(storage)
+    chosen = resume_point(storage) if isinstance(fs, pyarrow.fs.LocalFileSystem) else None
+    if chosen is not None:
+        with loading_without_code(Path(chosen.path)):  # scans the files, unpickles none
+            pass
 
 
 def _checkpoint_folders(fs: pyarrow.fs.FileSystem, parent: str) -> list[str]:

@@ -18,7 +18,7 @@ from steward.ray_env import check_resources, connect
 from steward.runs import publish, run_uri
 from steward.spec import JobSpec
 from steward.storage import join
-from steward.train.checkpoint import CheckpointRefused, check_resumable, prune_unrecorded
+from steward.train.checkpoint import CheckpointRefused, check_resumable, prune_unrecorded, unrecorded_start
 from steward.train.loop import train_loop
 from steward.train.strategy import validate_deepspeed
 
@@ -110,7 +110,7 @@ def fit(spec: JobSpec, run_dir: Path, address: str | None = None) -> None:
         publish(spec, run_dir)  # data_info.json, tokenizer/: rank 0 may run on another node
     try:
         with interrupted_by_ctrl_c():
-            build_trainer(spec, run_dir, info, run_uri=uri).fit()
+            build_trainer(spec, run_dir, info, initial_checkpoint=unrecorded_start(storage), run_uri=uri).fit()
     except Exception as err:  # Ray wraps worker errors; surface the worker's own message
         refused = next((e for e in _chain(err) if isinstance(e, CheckpointRefused)), None)
         if refused is not None:
