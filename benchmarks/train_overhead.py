@@ -37,9 +37,8 @@ from steward.bench.machine import manifest
 from steward.bench.memory import zero_model_state_bytes
 from steward.models import build_model, count_parameters
 from steward.ray_env import connect
-from steward.runs import create_run
+from steward.runs import create_run, read_history
 from steward.spec import load_job
-from steward.train.curves import read_history
 from steward.train.launch import build_trainer, prepare
 
 ROOT = Path(__file__).resolve().parent.parent

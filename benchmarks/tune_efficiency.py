@@ -48,9 +48,8 @@ from rich.table import Table
 from steward.bench.machine import manifest
 from steward.evaluate.run import evaluate_model
 from steward.ray_env import connect
-from steward.runs import create_run
+from steward.runs import create_run, read_history
 from steward.spec import JobSpec, load_job
-from steward.train.curves import read_history
 from steward.tune.finish import best_row, best_trial_spec, trial_rows
 from steward.tune.launch import TRIALS, sweep, tune_callbacks, tune_environment
 from steward.tune.report import LiveTable

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 from steward.cli import app
 from steward.errors import StewardError
 from steward.govern import audit
-from steward.govern.policy import Policy, check, check_high_risk, check_pii_masking, load_policy
+from steward.govern.policy import Policy, check, load_policy
+from steward.govern.rules import check_high_risk, check_pii_masking
 from steward.spec import JobSpec, SpecError, load_job
 from tests.conftest import JOBS, ROOT
 

@@ -10,10 +10,9 @@ from safetensors.torch import load_file
 
 from steward.data import load_splits, prepare_data
 from steward.evaluate import evaluate_model, load_servable
-from steward.runs import create_run
+from steward.runs import create_run, read_history
 from steward.spec import load_job
 from steward.stages import evaluate_target, train_model
-from steward.train.curves import read_history
 from tests.conftest import JOBS
 from tests.serving import trained_run
 

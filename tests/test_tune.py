@@ -11,10 +11,9 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from steward.runs import create_run
+from steward.runs import create_run, read_history
 from steward.spec import load_job
 from steward.stages import keep_sweep_model, train_model
-from steward.train.curves import read_history
 from steward.tune.finish import tune_job
 from steward.tune.launch import TRIALS
 from tests.conftest import JOBS, ROOT

@@ -116,6 +116,13 @@ def _stage_for_resume(uri: str) -> Path:
     return local
 
 
+def read_history(path: Path) -> list[dict]:
+    """Every record of a history.jsonl file (empty when there is none yet)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def set_status(run_dir: Path, state: str, **fields) -> None:
     """Record the run's state (running | succeeded | failed) atomically, keeping earlier fields."""
     path = run_dir / STATUS

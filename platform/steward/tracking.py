@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from steward import __version__
-from steward.runs import spec_hash
+from steward.runs import read_history, spec_hash
 from steward.spec import JobSpec
 from steward.storage import is_uri
 
@@ -60,8 +60,8 @@ def tracking_uri(job: JobSpec) -> str | None:
 
 
 def ui_command(uri: str) -> str:
-    """The command that opens the store at `uri` in MLflow's UI (a server has its own)."""
-    return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else f"open {uri}"
+    """Where to look at the store at `uri`: the command that opens a local store in MLflow's UI, or the server."""
+    return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else uri
 
 
 @dataclass
@@ -177,7 +177,7 @@ class Tracker:
             return self.client.get_experiment_by_name(experiment).experiment_id
 
     def _close(self, run_dir: Path, state: str) -> None:
-        records = [r for r in history(run_dir / "history.jsonl") if r.get("time", 0) > self.logged_until]
+        records = [r for r in read_history(run_dir / "history.jsonl") if r.get("time", 0) > self.logged_until]
         metrics = list(history_metrics(records))
         if (run_dir / "metrics.json").exists():
             result = json.loads((run_dir / "metrics.json").read_text())
@@ -230,12 +230,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
     return flat
-
-
-def history(path: Path) -> list[dict[str, Any]]:
-    """The records of a history.jsonl (none when there is none yet)."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def history_metrics(records: Iterable[dict[str, Any]]) -> Iterator[Point]:

@@ -12,9 +12,8 @@ from steward.data import DataInfo, load_splits
 from steward.errors import StewardError
 from steward.models import build_model, count_parameters, task_loss
 from steward.ray_env import check_resources
-from steward.runs import create_run, set_status, spec_hash
+from steward.runs import create_run, read_history, set_status, spec_hash
 from steward.spec import JobSpec
-from steward.train.curves import read_history
 from steward.train.launch import TrainingError, build_trainer, prepare, root_cause
 
 

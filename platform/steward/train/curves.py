@@ -1,19 +1,13 @@
 """A small PNG of the training curves, drawn from the run's metrics history."""
 
-import json
 from pathlib import Path
 
-
-def read_history(path: Path) -> list[dict]:
-    """Every record of a history.jsonl file (empty when there is none yet)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from steward.runs import read_history
 
 
 def plot_history(history: Path, out: Path) -> Path | None:
     """Loss per step on the left, validation metrics per epoch on the right."""
-    import matplotlib  # here: every Train worker imports this module (for read_history), none of them plots
+    import matplotlib  # here: only a finished run plots, and matplotlib takes a second to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -16,9 +16,9 @@ import torch.distributed as dist
 from steward import storage
 from steward.data import DataInfo, Split, load_splits
 from steward.models import build_model, save_model, task_loss
+from steward.runs import read_history
 from steward.spec import JobSpec
 from steward.train.checkpoint import checkpoint_dir, restore
-from steward.train.curves import read_history
 from steward.train.probe import StepProbe, peak_memory_mb
 from steward.train.session import Session, train_session
 from steward.train.strategy import build_engine

@@ -6,7 +6,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from steward.train.curves import read_history
+from steward.runs import read_history
 
 SHOWN = ("train_loss", "val_loss", "val_accuracy", "val_perplexity", "samples_per_s")
 
