@@ -248,7 +248,13 @@ def follow(address: str | None, job_id: str, write: Callable[[str], None]) -> Jo
         if info.ended:
             write(logs(address, job_id))
             return info
-        asyncio.run(_tail(address, job_id, write))
+        # A loop of our own, not asyncio.run: Ctrl-C then raises at once wherever the stream is (asyncio.run would
+        # cancel the stream and wait for its close handshake, which the Jobs API never answers).
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(_tail(address, job_id, write))
+        finally:
+            loop.close()
         info = job_info(address, job_id)
     except KeyboardInterrupt:
         raise RunInterrupted(
