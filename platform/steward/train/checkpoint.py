@@ -79,14 +79,20 @@ def newest_complete(latest: ray.train.Checkpoint) -> ray.train.Checkpoint:
     """
     fs, parent = latest.filesystem, posixpath.dirname(latest.path.rstrip("/"))
     try:
-        best, newest = latest.path, (_read_json(fs, f"{latest.path}/{STATE_FILE}")["epoch"], latest.path)
+        recorded = (_read_json(fs, f"{latest.path}/{STATE_FILE}")["epoch"], latest.path)
     except (OSError, ValueError, KeyError):  # written before manifests: Ray's latest is then the newest known
         return latest
-    for path in _checkpoint_folders(fs, parent):
-        state = complete_state(fs, path)
-        if state is not None and (state["epoch"], path) > newest:
-            best, newest = path, (state["epoch"], path)
+    best = _newest_complete_in(fs, parent, recorded)
     return latest if best == latest.path else ray.train.Checkpoint(best, filesystem=fs)
+
+
+def _newest_complete_in(fs: pyarrow.fs.FileSystem, parent: str, floor: tuple[int, str] = (-1, "")) -> str:
+    """The path of the newest complete checkpoint in `parent` (by epoch, then name), or `floor`'s when none is newer
+    ("" with no floor)."""
+    complete = [
+        (state["epoch"], path) for path in _checkpoint_folders(fs, parent) if (state := complete_state(fs, path))
+    ]
+    return max([floor, *complete])[1]
 
 
 def complete_state(fs: pyarrow.fs.FileSystem, path: str) -> dict | None:
@@ -134,10 +140,8 @@ def resume_point(storage: str) -> ray.train.Checkpoint | None:
     try:
         name = _read_json(fs, f"{root}/{SNAPSHOT}")["latest_checkpoint_result"]["checkpoint_dir_name"]
     except (OSError, ValueError, KeyError, TypeError):
-        complete = [
-            (state["epoch"], path) for path in _checkpoint_folders(fs, root) if (state := complete_state(fs, path))
-        ]
-        return ray.train.Checkpoint(max(complete)[1], filesystem=fs) if complete else None
+        path = _newest_complete_in(fs, root)
+        return ray.train.Checkpoint(path, filesystem=fs) if path else None
     return newest_complete(ray.train.Checkpoint(f"{root}/{name}", filesystem=fs))
 
 
