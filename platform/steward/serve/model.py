@@ -22,6 +22,8 @@ from steward.serve.protocol import BadRequest, Prediction, PredictResponse
 from steward.serve.quantize import GateResult, check_int8, quantize_int8
 from steward.spec import JobSpec
 
+REGISTERED = "registry.json"  # in a folder fetched from the model registry: which version it is
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -220,13 +222,15 @@ def run_metadata(run_dir: Path, spec_hash: str) -> dict[str, Any]:
     """What the model info route shows about the run: ids, hashes, training metrics, model card."""
     status_file, metrics_file = run_dir / "status.json", run_dir / "metrics.json"
     status = json.loads(status_file.read_text()) if status_file.exists() else {}
-    card_file = run_dir / "model_card.json"
+    card_file, registry_file = run_dir / "model_card.json", run_dir / REGISTERED
     return {
         "run_id": run_dir.name,
         "run_dir": str(run_dir),
         "spec_hash": status.get("spec_hash") or spec_hash,
         "training_metrics": json.loads(metrics_file.read_text()) if metrics_file.exists() else None,
         "model_card": json.loads(card_file.read_text()) if card_file.exists() else None,
+        # a model served from the registry: its name, version and aliases
+        "registry": json.loads(registry_file.read_text()) if registry_file.exists() else None,
     }
 
 
