@@ -62,6 +62,20 @@ class HFTransformer(nn.Module):
         """Logits of the wrapped model."""
         return self.hf(input_ids=inputs, attention_mask=attention_mask).logits
 
+    def checkpoint_activations(self) -> None:
+        """Keep only each layer's inputs in the forward pass and recompute the rest in the backward pass.
+
+        Non-reentrant checkpointing: gradients reach a frozen model's adapter, and ZeRO-3's parameter hooks fire
+        again in the recompute.
+        """
+        try:
+            self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        except ValueError:
+            raise StewardError(
+                f"train.activation_checkpointing: transformers cannot checkpoint {self.hf.config.model_type} "
+                "models; set it to false"
+            ) from None
+
 
 def _architecture_defaults(model_type: str) -> PreTrainedConfig:
     try:

@@ -19,7 +19,7 @@ from steward.spec.monitor import MonitorSpec
 from steward.spec.privacy import PrivacySpec, privacy_problems
 from steward.spec.serve import ServeSpec
 from steward.spec.tracking import TrackingSpec
-from steward.spec.train import TrainSpec
+from steward.spec.train import TrainSpec, train_problems
 from steward.spec.tune import TuneSpec, tune_problems
 
 UNTUNABLE = ("name", "description", "output_dir", "tune", "bench")
@@ -54,8 +54,8 @@ class JobSpec(Section):
     def _cross_section(self) -> "JobSpec":
         problems: dict[str, str] = {}
         lm = self.model.task == "causal_lm"
-        if self.train.precision == "fp16" and not self.distributed.use_gpu:
-            problems["train.precision"] = "fp16 needs distributed.use_gpu: true; use bf16 or fp32 on CPU"
+        dist = self.distributed
+        problems |= train_problems(self.train, self.model.family, dist.strategy, dist.use_gpu)
         if lm and self.data.group_columns:
             problems["data.group_columns"] = "per-group evaluation needs a classification task; remove it"
         if not lm and self.data.label_column is None and self.data.scheme != "builtin":

@@ -49,7 +49,15 @@ class TrainSpec(Section):
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Learning-rate schedule.")
     grad_clip: float | None = Field(1.0, gt=0.0, le=1e12, description="Clip the global gradient norm to this value.")
     grad_accum_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32 or bf16; fp16 needs use_gpu.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="fp32, bf16, or fp16 (with dynamic loss scaling); fp16 under DeepSpeed needs use_gpu.",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Transformers: recompute each layer's activations in the backward pass instead of keeping "
+        "them: less memory for one more forward pass.",
+    )
     early_stopping: EarlyStoppingSpec | None = Field(None, description="Stop when a validation metric stalls.")
     checkpoint: CheckpointSpec = Field(
         default_factory=CheckpointSpec, description="Checkpoint frequency and retention."
@@ -70,3 +78,18 @@ class TrainSpec(Section):
         if self.early_stopping and self.include_validation:
             raise ValueError("early_stopping watches the validation split, which include_validation trains on")
         return self
+
+
+def train_problems(train: TrainSpec, family: str, strategy: str, use_gpu: bool) -> dict[str, str]:
+    """Settings of `train` that the model family or the distributed strategy cannot honour, by field."""
+    problems = {}
+    # DeepSpeed's CPU accelerator offers fp16 only where oneDNN has fp16 kernels; DDP autocasts with a GradScaler.
+    if train.precision == "fp16" and strategy == "deepspeed" and not use_gpu:
+        problems["train.precision"] = (
+            "fp16 under DeepSpeed needs distributed.use_gpu: true; on CPU use bf16, or strategy: ddp"
+        )
+    if train.activation_checkpointing and family != "transformer":
+        problems["train.activation_checkpointing"] = (
+            f"recomputes Transformer layers, which a {family} has none of; set it to false or use family: transformer"
+        )
+    return problems

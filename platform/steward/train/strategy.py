@@ -111,6 +111,11 @@ def build_engine(
     model: nn.Module, spec: JobSpec, total_steps: int, prepare: Callable[[nn.Module], nn.Module]
 ) -> "DDPEngine | DeepSpeedEngine":
     """Wrap `model` according to spec.distributed.strategy; `prepare` places it (and wraps it in DDP under Train)."""
+    if spec.train.activation_checkpointing:
+        from steward.models.transformer import HFTransformer  # the spec allows it for Transformers only
+
+        if isinstance(model, HFTransformer):
+            model.checkpoint_activations()
     if spec.distributed.strategy == "deepspeed":
         return DeepSpeedEngine(model, spec, total_steps)
     return DDPEngine(prepare(model), spec, total_steps)
@@ -201,7 +206,11 @@ class DeepSpeedEngine:
 
 
 class DDPEngine:
-    """PyTorch DistributedDataParallel with a plain optimizer, autocast for bf16/fp16."""
+    """PyTorch DistributedDataParallel with a plain optimizer, autocast for bf16/fp16.
+
+    fp16 scales the loss (torch.amp.GradScaler): small gradients would underflow in fp16, and a step whose gradients
+    overflow is skipped, the scale halved, instead of writing inf into the weights.
+    """
 
     every_rank_saves = False  # replicas are identical: rank 0's state is the state
 
@@ -222,6 +231,7 @@ class DDPEngine:
         self.accum, self.clip = spec.train.grad_accum_steps, spec.train.grad_clip
         self.dtype = PRECISION_DTYPES[spec.train.precision]
         self.device = next(model.parameters()).device
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.micro_step = 0
         self.global_step = 0
 
@@ -230,14 +240,23 @@ class DDPEngine:
             return self.ddp(inputs, attention_mask)
 
     def backward_step(self, loss: torch.Tensor) -> bool:
+        """Backward and, at an accumulation boundary, an optimizer step; True at a boundary.
+
+        A boundary whose fp16 gradients overflowed counts as a step, as DeepSpeed counts it, but leaves the weights
+        and the learning-rate schedule where they were.
+        """
         self.micro_step += 1
-        (loss / self.accum).backward()
+        self.scaler.scale(loss / self.accum).backward()
         if self.micro_step % self.accum:
             return False
         if self.clip:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
-        self.optimizer.step()
-        self.scheduler.step()
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if not self.scaler.is_enabled() or self.scaler.get_scale() >= scale:  # a lower scale: the step was skipped
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         return True
@@ -254,6 +273,7 @@ class DDPEngine:
             "model": trained_state(self.module),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),  # empty unless fp16
             "global_step": self.global_step,
         }
         torch.save(state, Path(folder) / "ddp_state.pt")
@@ -263,6 +283,8 @@ class DDPEngine:
         load_trained_state(self.module, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and state.get("scaler"):  # a checkpoint saved at another precision has none
+            self.scaler.load_state_dict(state["scaler"])
         self.global_step = state["global_step"]
 
     def apply_optimizer_settings(self, spec: JobSpec) -> None:

