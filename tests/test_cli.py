@@ -90,7 +90,6 @@ def test_malformed_yaml_exits_2(tmp_path):
     assert out.returncode == 2 and "malformed YAML" in out.stderr and "line" in out.stderr
 
 
-@pytest.mark.slow
 def tracked_in_mlflow(output_dir, run_dir, metrics, stdout):
     """The run in the embedded MLflow store: parameters, every epoch's metrics at its step, test metrics, artifacts."""
     from mlflow import MlflowClient
@@ -106,12 +105,25 @@ def tracked_in_mlflow(output_dir, run_dir, metrics, stdout):
     assert [(m.step, m.value) for m in val] == [(r["step"], r["val_accuracy"]) for r in epochs]
     assert logged.data.metrics["test_accuracy"] == metrics["overall"]["accuracy"]
     logged_files = {a.path for a in client.list_artifacts(logged.info.run_id)}
-    assert {"spec.yaml", "metrics.json", "curves.png", "model_card.md", "model_card.json"} <= logged_files
+    assert {"spec.yaml", "metrics.json", "curves.png", "model_card.md", "model_card.json", "model"} <= logged_files
+    version = client.get_model_version_by_alias("quickstart", "challenger")  # registered, gates passed
+    assert version.run_id == logged.info.run_id and version.tags["steward.gate.policy"] == "passed"
+    assert version.description.startswith("# ") and "models:/quickstart/1 (challenger)" in "".join(stdout.split("\n"))
 
 
+def tensorboard_scalars(run_dir):
+    """tracking.tensorboard's event files read back with TensorBoard's own reader: {tag: [(step, value)]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path):
     # --no-serve: with an embedded Ray, deploying would serve until Ctrl-C (test_serve.py covers run + deploy).
-    out = steward("run", str(JOBS / "quickstart.yaml"), "--set", f"output_dir={tmp_path / 'runs'}", "--no-serve")
+    sets = ["--set", f"output_dir={tmp_path / 'runs'}", "--set", "tracking.tensorboard=true"]
+    out = steward("run", str(JOBS / "quickstart.yaml"), *sets, "--no-serve")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     [run_dir] = (tmp_path / "runs" / "quickstart").iterdir()
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -121,6 +133,11 @@ def test_quickstart_end_to_end(tmp_path):
         assert (run_dir / artifact).exists(), artifact
     assert "accuracy" in out.stdout and str(run_dir) in out.stdout.replace("\n", "")
     tracked_in_mlflow(tmp_path / "runs", run_dir, metrics, out.stdout)
+    epochs = [r for r in map(json.loads, (run_dir / "history.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
+    scalars = tensorboard_scalars(run_dir)
+    assert [(s, pytest.approx(v)) for s, v in scalars["val_accuracy"]] == [
+        (r["step"], r["val_accuracy"]) for r in epochs
+    ]
     listed = steward("runs", "--output-dir", str(tmp_path / "runs"))
     assert "quickstart" in listed.stdout and "succeeded" in listed.stdout
     again = steward("evaluate", str(run_dir))

@@ -385,23 +385,29 @@ def test_cli_serve_status_and_stop_on_a_running_cluster(runs, serve_port):
     assert missing.returncode == 2 and "no Serve application named 'nothing-here'" in missing.stderr
 
 
-def test_run_trains_then_deploys(serve_port, tmp_path):
+def test_run_sweeps_registers_and_serves_the_best_trial_with_monitoring(serve_port, tmp_path):
+    """One spec from a sweep to a watched endpoint: `steward run` sweeps, keeps the best trial, registers it in
+    the run's MLflow registry and deploys it with monitoring."""
+    from mlflow import MlflowClient
+
+    from steward.spec import load_job
     from tests.conftest import JOBS
     from tests.test_cli import steward
 
-    overrides = [
-        f"output_dir={tmp_path}",
-        "train.epochs=1",
-        "distributed.num_workers=1",
-        "distributed.strategy=ddp",
-        "distributed.zero_stage=0",
-        "serve.num_cpus=0.5",
-        "serve.autoscaling=null",
-        "serve.route_prefix=/ran",
-    ]
+    overrides = [f"output_dir={tmp_path}", "train.epochs=2", "tune.num_samples=2", "tune.scheduler=null"]
     sets = [item for o in overrides for item in ("--set", o)]
-    out = steward("run", str(JOBS / "quickstart.yaml"), *sets, "--address", gcs_address(), "--port", str(serve_port))
+    spec = JOBS / "sweep-to-endpoint.yaml"
+    out = steward("run", str(spec), *sets, "--address", gcs_address(), "--port", str(serve_port))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    [run_dir] = (tmp_path / "quickstart").iterdir()
-    info = requests.get(f"http://127.0.0.1:{serve_port}/ran/info").json()
-    assert info["run_id"] == run_dir.name
+    [run_dir] = (tmp_path / "sweep-to-endpoint").iterdir()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "succeeded" and status["best_trial"]
+    version = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_model_version_by_alias(
+        "sweep-to-endpoint", "challenger"
+    )
+    url = f"http://127.0.0.1:{serve_port}/sweep"
+    info = requests.get(f"{url}/info").json()
+    assert info["run_id"] == run_dir.name and info["registry"]["version"] == str(version.version)
+    instances = validation_inputs(load_job(spec, overrides), 40)
+    assert requests.post(f"{url}/predict", json={"instances": instances}, timeout=30).ok
+    wait_for(lambda: requests.get(f"{url}/monitor").json()["records"] >= 40, 60, "the monitor to count them")

@@ -27,11 +27,12 @@ from steward.bench.run import bench_job
 from steward.errors import RunFailed, RunInterrupted, StewardError
 from steward.govern.events import record_run
 from steward.govern.policy import Admission
+from steward.registry import register
 from steward.runs import create_run, publish, resume_run, run_uri, set_status, spec_hash
 from steward.spec import JobSpec
 from steward.stages import evaluate_target, keep_sweep_model, train_model
 from steward.storage import fetch_run, is_uri
-from steward.tracking import Child, Tracker, ui_command
+from steward.tracking import Child, Tracker, check_tensorboard, ui_command, write_tensorboard
 from steward.tune.finish import SweepResult, tune_job
 
 RUN_LOG = "steward.log"  # a bug's traceback, inside the run folder
@@ -69,6 +70,7 @@ class Run:
         """Admit the spec, then a new run folder, or the one `resume` names (checked), marked running, audited and
         published."""
         (admission or Admission(ACTIONS[kind], job.name)).admit(job)
+        check_tensorboard(job)
         if resume:
             job, run_dir = resume_run(job, resume, kind)
             # the spec's train settings may have changed: record the hash of what runs now
@@ -113,9 +115,15 @@ class Run:
         set_status(self.run_dir, "succeeded", **(status or {}))
         record_run(event, self.run_dir, self.job.output_dir, kind=self.kind, **audited)
         publish(self.job, self.run_dir)
-        self.tracker.finish(self.run_dir, "succeeded")
-        if self.tracker.on and self.console is not None:
+        version = register(self.tracker, self.job, self.run_dir) if self.kind != "bench" else None
+        self._track("succeeded")
+        if self.console is not None and self.tracker.on:
             self.console.print(f"tracked in MLflow: [bold]{escape(ui_command(self.tracker.uri))}[/]")
+        if self.console is not None and version is not None:
+            aliases = (
+                f" ({', '.join(version.aliases)})" if version.aliases else f" (failed: {', '.join(version.failed)})"
+            )
+            self.console.print(f"registered [bold]models:/{version.name}/{version.version}[/]{aliases}")
 
     def _end(self, state: str, event: str, **fields: Any) -> None:
         set_status(self.run_dir, state, **fields)
@@ -123,7 +131,16 @@ class Run:
         # storage that cannot take the run must not hide why it ended
         with contextlib.suppress(Exception):
             publish(self.job, self.run_dir)
+        self._track(state)
+
+    def _track(self, state: str) -> None:
+        """The run's end in MLflow, and its TensorBoard event files; neither can fail the run."""
         self.tracker.finish(self.run_dir, state)
+        if self.job.tracking.tensorboard:
+            try:
+                write_tensorboard(self.run_dir)
+            except Exception as err:  # noqa: BLE001 - the run folder holds the same numbers
+                self.warn(f"tracking.tensorboard: event files not written ({err})")
 
 
 @dataclass(frozen=True)

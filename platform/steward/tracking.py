@@ -11,11 +11,13 @@ step, each step's loss, the test metrics overall and per group, and the spec, me
 artifacts. A sweep's trials are child runs of the sweep's run.
 """
 
+import importlib.util
 import json
 import logging
 import math
 import os
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -24,12 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from steward import __version__
+from steward.errors import StewardError
 from steward.runs import read_history, spec_hash
 from steward.spec import JobSpec
 from steward.storage import is_uri
 
 STORE = "mlflow.db"  # the embedded store, in output_dir
 ARTIFACTS = "mlartifacts"  # its artifacts, beside it
+TENSORBOARD = "tensorboard"  # in the run folder: TensorBoard's event files, when tracking.tensorboard is set
 TRACKED = "tracking.json"  # in the run folder: which MLflow run it is, for a resumed run to continue
 LOGGED_FILES = ("spec.yaml", "metrics.json", "curves.png", "model_card.md", "model_card.json", "bench.json", "bench.md")
 STATES = {"succeeded": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
@@ -41,6 +45,7 @@ CLIENT_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 Point = tuple[str, float, int, float | None]  # a metric's name, value, step and time (None: now)
 NOT_A_NAME = re.compile(r"[^A-Za-z0-9_\-. :/]")  # what MLflow refuses in a metric or parameter name
@@ -57,6 +62,31 @@ def tracking_uri(job: JobSpec) -> str | None:
     if is_uri(job.output_dir):
         return None
     return f"sqlite:///{(Path(job.output_dir) / STORE).resolve()}"
+
+
+def check_tensorboard(job: JobSpec) -> None:
+    """tracking.tensorboard needs the tensorboard package: refused before the run starts when it is missing."""
+    if job.tracking.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise StewardError(
+            "tracking.tensorboard: the tensorboard package is not installed; pip install 'steward[tensorboard]' "
+            "or set tracking.tensorboard: false"
+        )
+
+
+def write_tensorboard(run_dir: Path) -> Path:
+    """The run's history (every epoch's numbers, each step's loss) as TensorBoard event files in run_dir/TENSORBOARD,
+    rewritten whole: a resumed run's history holds its earlier epochs too."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = run_dir / TENSORBOARD
+    shutil.rmtree(folder, ignore_errors=True)
+    writer = SummaryWriter(str(folder))
+    try:
+        for key, value, step, at in history_metrics(read_history(run_dir / "history.jsonl")):
+            writer.add_scalar(key, value, step, walltime=at)
+    finally:
+        writer.close()
+    return folder
 
 
 def ui_command(uri: str) -> str:
@@ -98,7 +128,7 @@ class Tracker:
         uri = tracking_uri(job)
         if uri is not None:
             tracker._opening = threading.Thread(
-                target=tracker._guard, args=(lambda: tracker._open(job, run_dir, kind, uri),), daemon=True
+                target=tracker.guard, args=(lambda: tracker._open(job, run_dir, kind, uri),), daemon=True
             )
             tracker._opening.start()
         elif job.tracking.enabled:
@@ -118,14 +148,14 @@ class Tracker:
     def finish(self, run_dir: Path, state: str) -> None:
         """Log what the run folder holds now (metrics, artifacts) and close the MLflow run with the run's state."""
         if self.on:
-            self._guard(lambda: self._close(run_dir, state))
+            self.guard(lambda: self._close(run_dir, state))
 
     def log_children(self, children: Iterable[Child]) -> None:
         """A child run per item (a sweep's trials), under this run."""
         if self.on:
-            self._guard(lambda: self._children(children))
+            self.guard(lambda: self._children(children))
 
-    def _guard(self, call: Callable[[], Any]) -> None:
+    def guard(self, call: Callable[[], Any]) -> None:
         try:
             call()
         except Exception as err:  # noqa: BLE001 - logging never fails a run: any refusal turns tracking off

@@ -16,13 +16,14 @@ from steward.cli.bench import bench_app
 from steward.cli.cluster import jobs_app, k8s, submit
 from steward.cli.common import PolicyOption, Sets, Spec, console, errors, user_errors
 from steward.cli.govern import audit_app, card, policy_app
-from steward.cli.run import evaluate, explain, monitor_app, privacy_app, run, train, tune
+from steward.cli.models import models_app
+from steward.cli.run import estimate, evaluate, explain, monitor_app, privacy_app, run, train, tune
 from steward.cli.serve import serve_app
 from steward.govern.policy import PolicyViolation, admit
 from steward.spec import JobSpec, SpecError, load_job
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train, tune, serve and watch models on Ray.")
-for command in (train, tune, run, evaluate, explain, submit, k8s):
+for command in (train, tune, run, estimate, evaluate, explain, submit, k8s):
     app.command()(command)
 app.command("card")(card)
 GROUPS = {
@@ -33,6 +34,7 @@ GROUPS = {
     "policy": policy_app,
     "privacy": privacy_app,
     "monitor": monitor_app,
+    "models": models_app,
 }
 for name, group in GROUPS.items():
     app.add_typer(group, name=name)

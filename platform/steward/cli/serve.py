@@ -37,6 +37,13 @@ def serve_deploy(
     address: Address = None,
     host: Annotated[str, typer.Option(help="HTTP host Serve listens on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port Serve listens on.")] = 8000,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="A registered version to serve instead: models:/NAME@ALIAS (e.g. @champion) or models:/NAME/VERSION, "
+            "from the spec's MLflow registry (tracking.uri, $MLFLOW_TRACKING_URI, or output_dir's mlflow.db)."
+        ),
+    ] = None,
     export: Annotated[
         Path | None, typer.Option(help="Write a Ray Serve config file here instead of deploying.")
     ] = None,
@@ -50,12 +57,30 @@ def serve_deploy(
 
     job = load_job(spec, set_ or [])
     admit(job, policy, "serve", str(spec))
+    if model is not None and run is not None:
+        fail("--model and --run each name what to serve: pass one of them", 2)
+    if model is not None:
+        run = str(registered(job, model))
     run_dir = find_run(job, (fetch_run(run, "--run") if is_uri(run) else Path(run)) if run else None)
     if export is not None:
         export_config(job, run_dir, export, port=port, override_fairness_gate=override_fairness_gate)
         console.print(f"wrote [bold]{export}[/] (serve deploy {export}; or a RayService's serveConfigV2)")
         return
     deploy_and_wait(job, run_dir, address, host, port, override_fairness_gate)
+
+
+def registered(job: JobSpec, model: str) -> Path:
+    """The registered version `model` names, fetched into output_dir/registry/NAME/VERSION."""
+    from steward.registry import RegistryError, fetch
+    from steward.tracking import tracking_uri
+
+    uri = tracking_uri(job)
+    if uri is None or is_uri(job.output_dir):
+        raise RegistryError(
+            f"--model {model}: set tracking.uri (or $MLFLOW_TRACKING_URI) to the registry's MLflow server, and a local "
+            "output_dir to fetch the version into"
+        )
+    return fetch(model, uri, Path(job.output_dir) / "registry")
 
 
 @serve_app.command("status")

@@ -1,4 +1,5 @@
-"""The `tracking:` section: where a run's parameters, metrics and artifacts are logged (MLflow)."""
+"""The `tracking:` section: where a run's parameters, metrics and artifacts are logged (MLflow, TensorBoard), and
+whether its model is registered."""
 
 from pydantic import Field
 
@@ -16,4 +17,14 @@ class TrackingSpec(Section):
     )
     experiment: str | None = Field(
         None, min_length=1, max_length=500, description="MLflow experiment name. Default: the spec's name."
+    )
+    registry: bool = Field(
+        True,
+        description="Register the model of each succeeded train or tune run in MLflow's model registry under the "
+        "spec's name (alias challenger when its gates pass; see steward models).",
+    )
+    tensorboard: bool = Field(
+        False,
+        description="Also write TensorBoard event files (per-epoch metrics, step loss) to the run folder's "
+        "tensorboard/ (tensorboard --logdir OUTPUT_DIR). Needs the tensorboard package: steward[tensorboard].",
     )
