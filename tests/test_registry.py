@@ -16,8 +16,8 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from steward import registry
 from steward.govern import audit
+from steward.serve import registry
 from steward.tracking import Tracker
 from tests.conftest import JOBS, free_port
 from tests.serving import offline_probabilities, trained_run, validation_inputs, wait_for
@@ -104,6 +104,19 @@ def test_promotion_checks_the_policy_and_is_audited_and_archive_takes_the_aliase
     assert again.returncode == 2 and "archived" in again.stderr
 
 
+def test_a_run_left_unregistered_is_registered_afterwards_and_only_once(tmp_path):
+    # tracking off at training, or a run cut short between its success and its registration
+    spec, run_dir = trained_run(tmp_path, "quickstart.yaml", "model.params.channels=[4]", "tracking.enabled=false",
+                                epochs=1)  # fmt: skip
+    assert not (run_dir / "registry.json").exists()
+    first = steward("models", "register", str(run_dir))
+    assert first.returncode == 0 and "models:/quickstart/1 (challenger)" in first.stdout, first.stderr
+    again = steward("models", "register", str(run_dir))
+    assert again.returncode == 2 and "already registered as models:/quickstart/1" in again.stderr
+    not_a_run = steward("models", "register", str(tmp_path))
+    assert not_a_run.returncode == 2 and "not a succeeded run folder" in not_a_run.stderr
+
+
 def test_bad_names_refs_and_uris_are_refused_naming_the_part(digits, tmp_path):
     output_dir, _ = digits
     assert models(tmp_path / "nowhere", "list").returncode == 2
@@ -180,3 +193,20 @@ def _up(url):
         return requests.get(f"{url}/healthz", timeout=2).ok
     except requests.RequestException:
         return False
+
+
+def test_a_rayservice_can_serve_a_registered_version_from_the_clusters_mlflow_server():
+    import yaml
+
+    from steward.cluster.k8s import manifests
+    from steward.errors import StewardError
+    from steward.spec import load_job
+
+    job = load_job(JOBS / "quickstart.yaml", ["tracking.uri=http://mlflow.mlops:5000"])
+    [service] = manifests(job, "rayservice", model="models:/quickstart@champion")
+    [app] = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    assert app["args"]["model"] == "models:/quickstart@champion" and "run_dir" not in app["args"]
+    with pytest.raises(StewardError, match="tracking.uri"):  # the pods could not reach a SQLite file of this machine
+        manifests(load_job(JOBS / "quickstart.yaml"), "rayservice", model="models:/quickstart@champion")
+    with pytest.raises(StewardError, match="--model"):
+        manifests(job, "rayservice", model="models:/quickstart@champion; rm -rf /")

@@ -27,8 +27,8 @@ from steward.bench.run import bench_job
 from steward.errors import RunFailed, RunInterrupted, StewardError
 from steward.govern.events import record_run
 from steward.govern.policy import Admission
-from steward.registry import register
 from steward.runs import create_run, publish, resume_run, run_uri, set_status, spec_hash
+from steward.serve.registry import register
 from steward.spec import JobSpec
 from steward.stages import evaluate_target, keep_sweep_model, train_model
 from steward.storage import fetch_run, is_uri
@@ -120,10 +120,7 @@ class Run:
         if self.console is not None and self.tracker.on:
             self.console.print(f"tracked in MLflow: [bold]{escape(ui_command(self.tracker.uri))}[/]")
         if self.console is not None and version is not None:
-            aliases = (
-                f" ({', '.join(version.aliases)})" if version.aliases else f" (failed: {', '.join(version.failed)})"
-            )
-            self.console.print(f"registered [bold]models:/{version.name}/{version.version}[/]{aliases}")
+            self.console.print(f"registered {version}", markup=False)
 
     def _end(self, state: str, event: str, **fields: Any) -> None:
         set_status(self.run_dir, state, **fields)

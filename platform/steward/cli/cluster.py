@@ -138,6 +138,10 @@ def k8s(
     kind: Annotated[str, typer.Option(help="rayjob (train, or tune when declared) or rayservice (serve).")] = "rayjob",
     image: Annotated[str, typer.Option(help="Image with steward installed (cluster/Dockerfile).")] = "steward:0.1.0",
     run: Annotated[str | None, typer.Option(help="rayservice: run folder on the runs volume to serve.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="rayservice: serve a registered version (models:/NAME@ALIAS) from tracking.uri's registry."),
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="Write the manifests here instead of printing them.")] = None,
     api_keys_secret: Annotated[
         str | None,
@@ -155,7 +159,7 @@ def k8s(
         raise StewardError(f"--kind {kind}: use rayjob or rayservice")
     job = load_job(spec, set_ or [])
     admit(job, policy, "k8s", str(spec))  # the one place manifests leave steward
-    text = dump(manifests(job, kind, image, run, api_keys_secret))  # type: ignore[arg-type]
+    text = dump(manifests(job, kind, image, run, api_keys_secret, model))  # type: ignore[arg-type]
     secret = api_keys_secret_command(job, api_keys_secret) if kind == "rayservice" else None
     if out is None:
         print(text, end="")

@@ -25,7 +25,7 @@ Ref = Annotated[str, typer.Argument(help="A version number, or an alias (champio
 
 
 def _client(output_dir: Path, tracking_uri: str | None):  # type: ignore[no-untyped-def]
-    from steward import registry
+    from steward.serve import registry
 
     return registry.open_registry(tracking_uri or registry.default_uri(output_dir))
 
@@ -38,7 +38,7 @@ def list_(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Every registered version, newest first: aliases, gates, the run it came from."""
-    from steward import registry
+    from steward.serve import registry
 
     table = Table("model", "version", "aliases", "gates", "run")
     for version in registry.versions(_client(output_dir, tracking_uri), name):
@@ -58,7 +58,7 @@ def show(
     name: Name, ref: Ref = "champion", output_dir: OutputDir = Path("runs"), tracking_uri: TrackingUri = None
 ) -> None:
     """One version: aliases, gates, tags, and the model card it was registered with."""
-    from steward import registry
+    from steward.serve import registry
 
     client = _client(output_dir, tracking_uri)
     version = registry.get(client, name, ref)
@@ -69,6 +69,16 @@ def show(
     description = client.get_model_version(name, version.version).description
     if description:
         console.print(description, markup=False)
+
+
+@models_app.command("register")
+@user_errors
+def register(run: Annotated[Path, typer.Argument(help="A succeeded run folder (runs/<name>/<run-id>).")]) -> None:
+    """Register a succeeded run's model in its output_dir's registry (or tracking.uri's): a run trained with
+    tracking off, or cut short before it registered."""
+    from steward.serve.registry import register_run
+
+    console.print(f"registered {register_run(run)}", markup=False)
 
 
 @models_app.command("promote")
@@ -83,8 +93,8 @@ def promote(
 ) -> None:
     """Point an alias (champion) at a version: refused, exit 2, when it failed a gate, is archived, or the policy in
     force refuses its spec. Recorded in the audit log either way."""
-    from steward import registry
     from steward.govern.audit import log_path
+    from steward.serve import registry
 
     registry.check_alias(alias)
     version = registry.promote(_client(output_dir, tracking_uri), name, ref, alias, policy, log_path(output_dir))
@@ -95,8 +105,8 @@ def promote(
 @user_errors
 def archive(name: Name, ref: Ref, output_dir: OutputDir = Path("runs"), tracking_uri: TrackingUri = None) -> None:
     """Take a version's aliases off and mark it archived (it stays as a record; it can no longer be promoted)."""
-    from steward import registry
     from steward.govern.audit import log_path
+    from steward.serve import registry
 
     version = registry.archive(_client(output_dir, tracking_uri), name, ref, log_path(output_dir))
     console.print(f"archived models:/{escape(version.name)}/{version.version}")

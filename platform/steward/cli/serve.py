@@ -60,27 +60,15 @@ def serve_deploy(
     if model is not None and run is not None:
         fail("--model and --run each name what to serve: pass one of them", 2)
     if model is not None:
-        run = str(registered(job, model))
+        from steward.serve.registry import served_version
+
+        run = str(served_version(job, model))
     run_dir = find_run(job, (fetch_run(run, "--run") if is_uri(run) else Path(run)) if run else None)
     if export is not None:
         export_config(job, run_dir, export, port=port, override_fairness_gate=override_fairness_gate)
         console.print(f"wrote [bold]{export}[/] (serve deploy {export}; or a RayService's serveConfigV2)")
         return
     deploy_and_wait(job, run_dir, address, host, port, override_fairness_gate)
-
-
-def registered(job: JobSpec, model: str) -> Path:
-    """The registered version `model` names, fetched into output_dir/registry/NAME/VERSION."""
-    from steward.registry import RegistryError, fetch
-    from steward.tracking import tracking_uri
-
-    uri = tracking_uri(job)
-    if uri is None or is_uri(job.output_dir):
-        raise RegistryError(
-            f"--model {model}: set tracking.uri (or $MLFLOW_TRACKING_URI) to the registry's MLflow server, and a local "
-            "output_dir to fetch the version into"
-        )
-    return fetch(model, uri, Path(job.output_dir) / "registry")
 
 
 @serve_app.command("status")

@@ -17,6 +17,7 @@ from steward.errors import StewardError
 from steward.serve.options import APP_BUILDER, DEPLOYMENT, app_name, deployment_options
 from steward.spec import JobSpec
 from steward.spec.serve import ServeSpec
+from steward.spec.tracking import MODEL_URI
 from steward.storage import is_uri
 
 Kind = Literal["rayjob", "rayservice"]
@@ -40,8 +41,10 @@ def manifests(
     image: str = DEFAULT_IMAGE,
     run_dir: str | None = None,
     api_keys_secret: str | None = None,
+    model: str | None = None,
 ) -> list[dict]:
-    """The Kubernetes objects to `kubectl apply`: a RayJob with its spec ConfigMap, or a RayService.
+    """The Kubernetes objects to `kubectl apply`: a RayJob with its spec ConfigMap, or a RayService (of run_dir, of
+    the registered version `model` names, or of the newest succeeded run).
 
     api_keys_secret names the Secret holding serve.auth's keys (default: api_keys_secret_name(spec)); only a
     RayService reads it: a RayJob trains or sweeps and starts no replica, so it must not wait for a Secret.
@@ -50,7 +53,8 @@ def manifests(
     kept = is_uri(spec.output_dir) or Path(spec.output_dir).is_absolute()
     cluster_spec = spec.model_copy(update={"output_dir": spec.output_dir if kept else RUNS})
     if kind == "rayservice":
-        return [ray_service(cluster_spec, name, image, run_dir, api_keys_secret or api_keys_secret_name(spec))]
+        served = {"model": registered_model(spec, model)} if model else {"run_dir": run_dir} if run_dir else {}
+        return [ray_service(cluster_spec, name, image, served, api_keys_secret or api_keys_secret_name(spec))]
     return [spec_config_map(cluster_spec, name), ray_job(cluster_spec, name, image)]
 
 
@@ -126,8 +130,20 @@ def ray_job(spec: JobSpec, name: str, image: str) -> dict:
     }
 
 
-def ray_service(spec: JobSpec, name: str, image: str, run_dir: str | None, api_keys_secret: str) -> dict:
-    """A RayService whose serveConfigV2 is the spec's Serve application over a run folder on the runs volume."""
+def registered_model(spec: JobSpec, model: str) -> str:
+    """`model` for a RayService: a registered version its pods fetch from the spec's MLflow server."""
+    if not MODEL_URI.match(model):
+        raise StewardError(f"--model {model!r}: expected models:/NAME@ALIAS (e.g. @champion) or models:/NAME/VERSION")
+    if not (spec.tracking.uri or "").startswith(("http://", "https://")):
+        raise StewardError(
+            f"--model {model}: set tracking.uri to the http(s) address of the MLflow server the cluster's pods reach"
+        )
+    return model
+
+
+def ray_service(spec: JobSpec, name: str, image: str, served: dict[str, str], api_keys_secret: str) -> dict:
+    """A RayService whose serveConfigV2 is the spec's Serve application over a run folder on the runs volume, or
+    a registered version fetched onto it (`served`: run_dir or model; neither: the newest succeeded run)."""
     if spec.serve is None:
         raise StewardError(
             "--kind rayservice: the spec has no `serve` section; add one (e.g. serve: {route_prefix: /x})"
@@ -140,8 +156,7 @@ def ray_service(spec: JobSpec, name: str, image: str, run_dir: str | None, api_k
         "route_prefix": cfg.route_prefix,
         "import_path": APP_BUILDER,
         "runtime_env": {"env_vars": pod_env(spec)},
-        # No run_dir: the newest succeeded run of the spec under output_dir (the runs volume) is served.
-        "args": {"spec": spec.model_dump(mode="json"), **({"run_dir": run_dir} if run_dir else {})},
+        "args": {"spec": spec.model_dump(mode="json"), **served},
         "deployments": [{"name": DEPLOYMENT, **deployment_options(cfg)}],
     }
     serve_config = {"http_options": {"host": "0.0.0.0", "port": 8000}, "applications": [app]}

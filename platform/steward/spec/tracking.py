@@ -1,9 +1,15 @@
 """The `tracking:` section: where a run's parameters, metrics and artifacts are logged (MLflow, TensorBoard), and
 whether its model is registered."""
 
+import re
+
 from pydantic import Field
 
 from steward.spec.base import Section
+
+# How a registered model version is named: models:/NAME@ALIAS or models:/NAME/VERSION (NAME: a spec's name).
+NAME, ALIAS = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", r"[A-Za-z0-9_-]{1,64}"
+MODEL_URI = re.compile(rf"^models:/(?P<name>{NAME})(?:/(?P<version>\d{{1,9}})|@(?P<alias>{ALIAS}))$")
 
 
 class TrackingSpec(Section):

@@ -27,14 +27,14 @@ from steward.govern.policy import admit
 from steward.runs import read_spec
 from steward.serve.model import REGISTERED
 from steward.spec import JobSpec
-from steward.tracking import CLIENT_ENV, STORE, Tracker
+from steward.spec.tracking import ALIAS, MODEL_URI, NAME
+from steward.storage import is_uri
+from steward.tracking import CLIENT_ENV, STORE, Tracker, tracking_uri
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 GATES = ("fairness", "int8", "policy")
 GATE = "steward.gate."  # a version's tag per gate: passed, failed, or not_used
 ARCHIVED = "steward.archived"
-NAME, ALIAS = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", r"[A-Za-z0-9_-]{1,64}"  # a spec's name; an alias
-MODEL_URI = re.compile(rf"^models:/(?P<name>{NAME})(?:/(?P<version>\d{{1,9}})|@(?P<alias>{ALIAS}))$")
 DESCRIPTION_CHARS = 5000  # of the card's markdown, as the version's description
 
 
@@ -63,6 +63,10 @@ class Version:
     def archived(self) -> bool:
         return self.tags.get(ARCHIVED) == "true"
 
+    def __str__(self) -> str:
+        state = ", ".join(self.aliases) or ("archived" if self.archived else f"failed: {', '.join(self.failed)}")
+        return f"models:/{self.name}/{self.version} ({state})"
+
 
 def register(tracker: Tracker, job: JobSpec, run_dir: Path) -> Version | None:
     """Register the run's model as a new version of `job.name` (alias challenger when its gates passed), and write
@@ -72,6 +76,26 @@ def register(tracker: Tracker, job: JobSpec, run_dir: Path) -> Version | None:
     registered: list[Version] = []
     tracker.guard(lambda: registered.append(_register(tracker, job, run_dir)))
     return registered[0] if registered else None
+
+
+def register_run(run_dir: Path) -> Version:
+    """Register a succeeded run that is not registered yet: trained with tracking off, or cut short between its
+    success and its registration. Its MLflow run is the one it was tracked in, if any."""
+    status = json.loads((run_dir / "status.json").read_text()) if (run_dir / "status.json").exists() else {}
+    if status.get("state") != "succeeded" or not (run_dir / "model" / "model.json").exists():
+        raise RegistryError(f"{run_dir}: not a succeeded run folder with a model; pass runs/<name>/<run-id>")
+    if (run_dir / REGISTERED).exists():
+        info = json.loads((run_dir / REGISTERED).read_text())
+        raise RegistryError(f"{run_dir}: already registered as models:/{info.get('name')}/{info.get('version')}")
+    job = read_spec(run_dir)
+    job = job.model_copy(update={"tracking": job.tracking.model_copy(update={"enabled": True, "registry": True})})
+    problems: list[str] = []
+    tracker = Tracker.start(job, run_dir, "sweep" if status.get("best_trial") else "train", problems.append)
+    version = register(tracker, job, run_dir)
+    tracker.finish(run_dir, "succeeded")
+    if version is None:
+        raise RegistryError(f"{run_dir}: not registered: {'; '.join(problems) or 'no MLflow store for its output_dir'}")
+    return version
 
 
 def _register(tracker: Tracker, job: JobSpec, run_dir: Path) -> Version:
@@ -202,7 +226,19 @@ def archive(client: Any, name: str, ref: str, log: Path) -> Version:
     return get(client, name, version.version)
 
 
-def fetch(model_uri: str, tracking_uri: str, into: Path) -> Path:
+def served_version(job: JobSpec, model_uri: str) -> Path:
+    """The registered version `model_uri` names, from the spec's registry, fetched into output_dir/registry (a
+    cluster's runs volume, where every replica finds it)."""
+    uri = tracking_uri(job)
+    if uri is None or is_uri(job.output_dir):
+        raise RegistryError(
+            f"--model {model_uri}: set tracking.uri (or $MLFLOW_TRACKING_URI) to the registry's MLflow server, and "
+            "a local or mounted output_dir to fetch the version into"
+        )
+    return fetch(model_uri, uri, Path(job.output_dir) / "registry")
+
+
+def fetch(model_uri: str, registry_uri: str, into: Path) -> Path:
     """The run folder of the version `model_uri` names (models:/NAME@ALIAS or models:/NAME/VERSION), downloaded
     to `into`/NAME/VERSION with registry.json beside its files."""
     match = MODEL_URI.match(model_uri)
@@ -210,20 +246,20 @@ def fetch(model_uri: str, tracking_uri: str, into: Path) -> Path:
         raise RegistryError(
             f"--model {model_uri!r}: expected models:/NAME@ALIAS (e.g. models:/quickstart@champion) or models:/NAME/3"
         )
-    client = open_registry(tracking_uri)
+    client = open_registry(registry_uri)
     version = get(client, match["name"], match["version"] or match["alias"])
     if version.archived:
         raise RegistryError(f"--model {model_uri}: version {version.version} is archived; promote another version")
     target = into / version.name / version.version
-    if (target / "model" / "model.json").exists() and _same_version(target, version, tracking_uri):
+    if (target / "model" / "model.json").exists() and _same_version(target, version, registry_uri):
         # fetched before: keep the folder, and the monitor's state the last deployment saved in it
-        (target / REGISTERED).write_text(json.dumps(as_info(version, tracking_uri)))
+        (target / REGISTERED).write_text(json.dumps(as_info(version, registry_uri)))
         return target
     with tempfile.TemporaryDirectory(dir=_made(into)) as scratch:
         folder = _download(client, version, Path(scratch))
         if not (folder / "model" / "model.json").exists():
             raise RegistryError(f"--model {model_uri}: version {version.version} holds no steward model")
-        (folder / REGISTERED).write_text(json.dumps(as_info(version, tracking_uri)))
+        (folder / REGISTERED).write_text(json.dumps(as_info(version, registry_uri)))
         shutil.rmtree(target, ignore_errors=True)
         _made(target.parent)
         shutil.move(str(folder), target)
