@@ -11,6 +11,7 @@ step, each step's loss, the test metrics overall and per group, and the spec, me
 artifacts. A sweep's trials are child runs of the sweep's run.
 """
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -48,6 +49,7 @@ CLIENT_ENV = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 Point = tuple[str, float, int, float | None]  # a metric's name, value, step and time (None: now)
+NICER = 10  # the opening thread's niceness
 NOT_A_NAME = re.compile(r"[^A-Za-z0-9_\-. :/]")  # what MLflow refuses in a metric or parameter name
 
 
@@ -127,8 +129,9 @@ class Tracker:
         tracker = cls(warn)
         uri = tracking_uri(job)
         if uri is not None:
+            registers = job.tracking.registry and kind != "bench"
             tracker._opening = threading.Thread(
-                target=tracker.guard, args=(lambda: tracker._open(job, run_dir, kind, uri),), daemon=True
+                target=tracker.guard, args=(lambda: tracker._open(job, run_dir, kind, uri, registers),), daemon=True
             )
             tracker._opening.start()
         elif job.tracking.enabled:
@@ -163,7 +166,10 @@ class Tracker:
             reason = " ".join(str(err).split())[:300] or type(err).__name__
             self.warn(f"tracking: MLflow at {self.uri} failed ({reason}); the run goes on without it")
 
-    def _open(self, job: JobSpec, run_dir: Path, kind: str, uri: str) -> None:
+    def _open(self, job: JobSpec, run_dir: Path, kind: str, uri: str, registers: bool) -> None:
+        # below the run's own processes: this work fills their idle moments rather than competing with them
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICER)
         self.uri = uri
         for key, value in CLIENT_ENV.items():
             os.environ.setdefault(key, value)
@@ -186,6 +192,8 @@ class Tracker:
         self.run_id = run.info.run_id
         self._remember(run_dir)
         self._batch(params=flatten(job.model_dump(mode="json")))
+        if registers:
+            warm_model_logging()
 
     def _remember(self, run_dir: Path) -> None:
         (run_dir / TRACKED).write_text(
@@ -249,6 +257,17 @@ class Tracker:
         numbers = [m for m in numbers if math.isfinite(m.value)]
         for chunk in _chunks(numbers, BATCH):
             self.client.log_batch(run_id, metrics=chunk)
+
+
+def warm_model_logging() -> None:
+    """What logging a model at the run's end would otherwise wait for: importing mlflow.pyfunc, and the map of
+    installed packages MLflow checks a model's requirements against (a scan of every installed distribution)."""
+    import mlflow.pyfunc  # noqa: F401
+
+    with contextlib.suppress(Exception):  # a private helper: a later MLflow without it only loses the head start
+        from mlflow.utils.requirements_utils import _init_packages_to_modules_map
+
+        _init_packages_to_modules_map()
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:

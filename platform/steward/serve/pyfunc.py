@@ -6,6 +6,7 @@ decision thresholds. The logged model carries steward's own code (code_paths) an
 `run` artifact), so the scoring side needs steward's dependencies, not steward installed.
 """
 
+import logging
 import shutil
 import tempfile
 from importlib import metadata
@@ -84,6 +85,8 @@ def save_pyfunc(run_dir: Path, into: Path) -> Path:
     code = bundle.parent / "steward_model.py"
     code.write_text(MODEL_CODE)
     path = into / "model"
+    # raw instances have no fixed schema: MLflow's warning that it inferred no signature is not news
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
     mlflow.pyfunc.save_model(
         path,
         python_model=str(code),
