@@ -5,9 +5,10 @@
 Each repeat runs the whole command twice, tracking off and on, in alternating order (off, on; then on, off; ...),
 into one output_dir, so the embedded SQLite store is made by the first tracked run and reused after it, as a
 user's store is. Reported per repeat and as median and spread: the wall time of each, and tracking's cost as the
-difference over the untracked run's wall time (a tracked run also registers its model). Beside it, with no noise from training: the time the driver spends
-in tracking (`Tracker.start` and `finish` on a finished run folder, into a fresh store and into an existing one),
-as a share of the median untracked run. Target (issue 26): <= 1% of training wall time.
+difference over the untracked run's wall time (a tracked run also registers its model). Beside it, with no noise
+from training: the time the driver spends in tracking (`Tracker.start`, `register` and `finish` on a finished run
+folder, into a fresh store and into an existing one), as a share of the median untracked run.
+Target (issue 26): <= 1% of training wall time.
 Writes benchmarks/results/tracking_overhead.json and prints the table.
 """
 
