@@ -16,6 +16,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
+from steward.errors import StewardError
 from steward.govern import audit
 from steward.serve import registry
 from steward.tracking import Tracker
@@ -132,6 +133,19 @@ def test_bad_names_refs_and_uris_are_refused_naming_the_part(digits, tmp_path):
     for uri in ("models:/../x@champion", "runs:/abc/model", "models:/quickstart", "models:/quickstart@a/b"):
         with pytest.raises(registry.RegistryError, match="--model"):
             registry.fetch(uri, registry.default_uri(output_dir), tmp_path / "fetched")
+
+
+def test_a_tampered_version_is_refused_before_it_is_served(tmp_path):
+    spec, run_dir = trained_run(tmp_path, "quickstart.yaml", "model.params.channels=[4]", epochs=1)
+    version, uri = registered(spec, run_dir)
+    [stored] = (tmp_path / "runs" / "mlartifacts" / version.run_id).glob("artifacts/model/artifacts/run/spec.yaml")
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{k}: &{k} [{', '.join(['*' + chr(ord(k) - 1)] * 9)}]\n" for k in "bcdefghij"
+    )
+    stored.write_text(bomb)  # someone with write access to the artifact store
+    with pytest.raises(StewardError, match="not a run's spec"):
+        registry.fetch("models:/quickstart/1", uri, tmp_path / "fetched")
+    assert not (tmp_path / "fetched" / "quickstart" / "1").exists()
 
 
 def test_the_pyfunc_model_answers_as_the_served_model_does_for_images_and_texts(digits, biased):

@@ -15,10 +15,12 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
+from pydantic import ValidationError
 
 from steward import storage
 from steward.errors import StewardError
 from steward.spec import JobSpec
+from steward.spec.document import DocumentError, read_document
 
 STATUS = storage.STATUS
 # What a run needs to be continued: the checkpoint list Ray Train keeps (train/), the state Ray Tune keeps (tune/).
@@ -134,8 +136,15 @@ def set_status(run_dir: Path, state: str, **fields) -> None:
 
 
 def read_spec(run_dir: Path) -> JobSpec:
-    """The resolved spec a run was made from."""
-    return JobSpec.model_validate(yaml.safe_load((run_dir / "spec.yaml").read_text()))
+    """The resolved spec a run was made from, read under a spec file's limits (a run folder may come from
+    elsewhere: cluster storage, the model registry)."""
+    path = Path(run_dir) / "spec.yaml"
+    try:
+        return JobSpec.model_validate(read_document(path)[0])
+    except (DocumentError, ValidationError) as err:
+        first = err.message if isinstance(err, DocumentError) else err.errors()[0]["msg"]
+        reason = first if isinstance(err, DocumentError) else f"{err.error_count()} problem(s), first: {first}"
+        raise StewardError(f"{path}: not a run's spec ({reason})") from None
 
 
 @dataclass

@@ -259,6 +259,7 @@ def fetch(model_uri: str, registry_uri: str, into: Path) -> Path:
         folder = _download(client, version, Path(scratch))
         if not (folder / "model" / "model.json").exists():
             raise RegistryError(f"--model {model_uri}: version {version.version} holds no steward model")
+        read_spec(folder)  # under a spec file's limits, before anything else reads it
         (folder / REGISTERED).write_text(json.dumps(as_info(version, registry_uri)))
         shutil.rmtree(target, ignore_errors=True)
         _made(target.parent)
