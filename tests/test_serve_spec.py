@@ -63,8 +63,14 @@ def test_scale_to_zero_and_batching_off_are_allowed():
     assert cfg.autoscaling and cfg.autoscaling.min_replicas == 0 and cfg.batching is None and cfg.prefix == ""
 
 
-def test_language_models_are_not_served(tmp_path):
-    assert "serve" in problems(tmp_path, {"route_prefix": "/gpt"}, job="tiny-gpt.yaml")
+def test_generation_bounds_belong_to_language_models(tmp_path):
+    gpt = load_job(JOBS / "tiny-gpt.yaml")
+    assert gpt.serve and gpt.serve.generation and gpt.serve.generation.max_new_tokens < gpt.data.max_length
+    found = problems(tmp_path, {"generation": {"max_new_tokens": 8}})
+    assert "causal_lm" in found["serve.generation"]
+    assert "serve.generation.max_new_tokens" in problems(
+        tmp_path, {"generation": {"max_new_tokens": 0}}, "tiny-gpt.yaml"
+    )
 
 
 def test_keys_from_env_and_file_never_from_the_spec(tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steward import __version__
 from steward.serve.auth import key_is_valid, load_keys, presented_key
+from steward.serve.generate_app import build_generation_app
 from steward.serve.model import (
     NON_FINITE,
     ModelSource,
@@ -51,10 +52,12 @@ from steward.serve.protocol import (
     oip_instances,
     oip_outputs,
     parse_body,
+    read_body,
     requested_outputs,
     validated,
 )
 from steward.serve.quantize import GateResult
+from steward.serve.registry import served_version
 from steward.serve.source import find_run
 from steward.serve.timing import Timing
 from steward.spec import JobSpec
@@ -368,30 +371,28 @@ class ModelServer:
     async def _body(self, request: Request, limit: int | None = None) -> bytes:
         """The body, refused as soon as it passes `limit` (serve.max_body_bytes by default), before it is all read."""
         what = "serve.max_body_bytes" if limit is None else request.url.path.rsplit("/", 1)[-1]
-        limit, declared = limit or self.cfg.max_body_bytes, request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise BadRequest(413, "body", f"{declared} bytes is over the {limit}-byte limit ({what})")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise BadRequest(413, "body", f"over the {limit}-byte limit ({what})")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(request, limit or self.cfg.max_body_bytes, what)
 
 
 def build_app(spec: JobSpec, run_dir: str, gate: GateResult | None = None) -> Application:
-    """The Serve application for `spec` serving the model in `run_dir` (`gate`: an int8 check already made)."""
+    """The Serve application for `spec` serving the model in `run_dir` (`gate`: an int8 check already made); a causal
+    LM's is the generation application (steward.serve.generate_app)."""
+    if spec.model.task == "causal_lm":
+        return build_generation_app(spec, run_dir, gate)
     replica = replica_config(spec, run_dir, gate)
     deployment = ModelServer.options(**deployment_options(replica.serve))  # type: ignore[attr-defined]
     return deployment.bind(replica)
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """Entry point for Serve config files (`import_path: steward.serve.app:app_builder`, args: spec, run_dir).
+    """Entry point for Serve config files (`import_path: steward.serve.app:app_builder`, args: spec, and run_dir or
+    model).
 
-    Deployment options come from the spec here; a config file's `deployments:` entries override them. Without
-    run_dir (a RayService made by `steward k8s`), the newest succeeded run under the spec's output_dir is served.
+    Deployment options come from the spec here; a config file's `deployments:` entries override them. `model`
+    (models:/NAME@ALIAS) serves a registered version, fetched into output_dir; without run_dir or model (a
+    RayService made by `steward k8s`), the newest succeeded run under the spec's output_dir is served.
     """
     spec = JobSpec.model_validate(args["spec"])
+    if args.get("model"):
+        return build_app(spec, str(served_version(spec, args["model"])))
     return build_app(spec, args.get("run_dir") or str(find_run(spec)))

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import Response
+from fastapi import Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from steward.data.encode import as_numbers
@@ -138,6 +138,20 @@ class ModelMetadata(Strict):
 def json_response(reply: BaseModel) -> Response:
     """A reply serialized once by pydantic-core (FastAPI would validate a returned model again first)."""
     return Response(reply.model_dump_json(exclude_none=True), media_type="application/json")
+
+
+async def read_body(request: Request, limit: int, what: str = "serve.max_body_bytes") -> bytes:
+    """The body, refused (413 naming `what`, the limit's setting) once it passes `limit`, before it is all read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BadRequest(413, "body", f"{declared} bytes is over the {limit}-byte limit ({what})")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(413, "body", f"over the {limit}-byte limit ({what})")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def parse_body(raw: bytes, max_bytes: int) -> Any:

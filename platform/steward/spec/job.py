@@ -72,8 +72,8 @@ class JobSpec(Section):
             problems["model.params.model_type"] = "causal_lm needs a decoder architecture such as gpt2"
         if self.monitor is not None and lm:
             problems["monitor"] = "monitoring watches classification models; remove the monitor section for causal_lm"
-        if self.serve is not None and lm:
-            problems["serve"] = "serving supports classification models; remove the serve section for causal_lm"
+        if self.serve is not None and self.serve.generation is not None and not lm:
+            problems["serve.generation"] = "bounds generation, which needs task: causal_lm; remove serve.generation"
         problems |= fairness_problems(self) | privacy_problems(self)
         if self.explain is not None:
             problems |= self._explain_problems()

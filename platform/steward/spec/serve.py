@@ -34,9 +34,18 @@ class AutoscalingSpec(Section):
 
 
 class BatchingSpec(Section):
-    max_batch_size: int = Field(16, ge=1, le=4096, description="Most requests `@serve.batch` groups into one call.")
+    max_batch_size: int = Field(
+        16,
+        ge=1,
+        le=4096,
+        description="Most requests `@serve.batch` groups into one call (a causal LM: decodes at once).",
+    )
     batch_wait_timeout_ms: float = Field(
-        5.0, ge=0.0, le=10_000.0, description="Longest wait for a batch to fill before running it."
+        5.0,
+        ge=0.0,
+        le=10_000.0,
+        description="Longest wait for a batch to fill before running it (a causal LM's requests join the running "
+        "batch at its next token instead).",
     )
 
 
@@ -55,6 +64,24 @@ class AuthSpec(Section):
         if (self.api_keys_env is None) == (self.api_keys_file is None):
             raise_problems(self, {"api_keys_env": "set exactly one of api_keys_env or api_keys_file"})
         return self
+
+
+class GenerationSpec(Section):
+    """Bounds on what one request to a causal LM's generation endpoints may ask for."""
+
+    max_new_tokens: int = Field(
+        256, ge=1, le=32_768, description="Most tokens one request may generate (its max_tokens)."
+    )
+    max_prompt_tokens: int = Field(
+        1024, ge=1, le=1_000_000, description="Longest prompt accepted, in tokens after the chat template."
+    )
+    perplexity_tolerance: float = Field(
+        0.05,
+        ge=0.0,
+        le=10.0,
+        description="With quantize: int8, refuse to deploy when int8 validation perplexity is more than this "
+        "fraction above fp32's (0.05 = 5%).",
+    )
 
 
 class ServeSpec(Section):
@@ -86,12 +113,16 @@ class ServeSpec(Section):
         0.01,
         ge=0.0,
         le=1.0,
-        description="Refuse to deploy when int8 validation accuracy is more than this below fp32 (0.01 = 1 point).",
+        description="Refuse to deploy when int8 validation accuracy is more than this below fp32 (0.01 = 1 point); "
+        "a causal LM's gate is generation.perplexity_tolerance.",
     )
     auth: AuthSpec | None = Field(None, description="API keys required on every route but health checks.")
     max_instances: int = Field(256, ge=1, le=100_000, description="Most instances one request may carry.")
     max_body_bytes: int = Field(
         4_000_000, ge=1024, le=1_000_000_000, description="Largest request body accepted, in bytes."
+    )
+    generation: GenerationSpec | None = Field(
+        None, description="causal_lm only: bounds on prompts and sampling (the defaults when unset)."
     )
 
     @model_validator(mode="after")
