@@ -106,6 +106,7 @@ def tracked_in_mlflow(output_dir, run_dir, metrics, stdout):
     assert logged.data.metrics["test_accuracy"] == metrics["overall"]["accuracy"]
     logged_files = {a.path for a in client.list_artifacts(logged.info.run_id)}
     assert {"spec.yaml", "metrics.json", "curves.png", "model_card.md", "model_card.json", "model"} <= logged_files
+    assert "reference.json" in logged_files  # the reference profile's summary
     version = client.get_model_version_by_alias("quickstart", "challenger")  # registered, gates passed
     assert version.run_id == logged.info.run_id and version.tags["steward.gate.policy"] == "passed"
     assert version.description.startswith("# ") and "models:/quickstart/1 (challenger)" in "".join(stdout.split("\n"))

@@ -394,7 +394,7 @@ def test_run_sweeps_registers_and_serves_the_best_trial_with_monitoring(serve_po
     from tests.conftest import JOBS
     from tests.test_cli import steward
 
-    overrides = [f"output_dir={tmp_path}", "train.epochs=2", "tune.num_samples=2", "tune.scheduler=null"]
+    overrides = [f"output_dir={tmp_path}", "train.epochs=2", "tune.num_samples=2", "tune.scheduler={name: fifo}"]
     sets = [item for o in overrides for item in ("--set", o)]
     spec = JOBS / "sweep-to-endpoint.yaml"
     out = steward("run", str(spec), *sets, "--address", gcs_address(), "--port", str(serve_port))

@@ -7,8 +7,9 @@ a server that does not answer, turns tracking off for the rest of the run with o
 
 What a run logs: the resolved spec, flattened, as parameters (once: a resumed run keeps its first ones); tags
 (spec hash, steward version, run folder, kind, state); when it ends, every epoch's metrics at their optimizer
-step, each step's loss, the test metrics overall and per group, and the spec, metrics, curves and model card as
-artifacts. A sweep's trials are child runs of the sweep's run.
+step, each step's loss, the test metrics overall and per group, and the spec, metrics, curves, model card and
+reference profile summary as artifacts. A sweep's trials are child runs of the sweep's run; a succeeded run's model
+is registered (steward.serve.registry).
 """
 
 import contextlib
@@ -36,7 +37,9 @@ STORE = "mlflow.db"  # the embedded store, in output_dir
 ARTIFACTS = "mlartifacts"  # its artifacts, beside it
 TENSORBOARD = "tensorboard"  # in the run folder: TensorBoard's event files, when tracking.tensorboard is set
 TRACKED = "tracking.json"  # in the run folder: which MLflow run it is, for a resumed run to continue
-LOGGED_FILES = ("spec.yaml", "metrics.json", "curves.png", "model_card.md", "model_card.json", "bench.json", "bench.md")
+# Logged as artifacts under their own names; model/reference.json is the summary of the reference profile.
+RUN_FILES = ("spec.yaml", "metrics.json", "curves.png", "model_card.md", "model_card.json")
+LOGGED_FILES = (*RUN_FILES, "model/reference.json", "bench.json", "bench.md")
 STATES = {"succeeded": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
 # MLflow's own limits: a batch's size, a parameter's value.
 BATCH, PARAM_CHARS = 1000, 6000
