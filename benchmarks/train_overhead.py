@@ -34,11 +34,11 @@ from rich.console import Console
 from rich.table import Table
 
 from steward.bench.machine import manifest
-from steward.bench.memory import zero_model_state_bytes
 from steward.models import build_model, count_parameters
 from steward.ray_env import connect
 from steward.runs import create_run, read_history
 from steward.spec import load_job
+from steward.train.estimate import zero_model_state_bytes
 from steward.train.launch import build_trainer, prepare
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,9 +6,9 @@ import pytest
 
 from steward.bench.cells import matrix_cells, schedule
 from steward.bench.machine import manifest, matmul_ceiling
-from steward.bench.memory import zero_model_state_bytes
 from steward.bench.report import compare
 from steward.spec import SpecError, load_job
+from steward.train.estimate import zero_model_state_bytes
 from tests.conftest import JOBS
 from tests.test_cli import steward
 

@@ -12,15 +12,20 @@ COMPARED = ("cpu", "cores", "gpu", "ram_gib", "torch", "ray", "deepspeed", "tran
 
 SKIPPED = ("started", "timed_steps", "run_dir")
 TRAIN_COLUMNS = [
-    ("samples_per_s", "samples/s", "{:.0f}"),
-    ("tokens_per_s", "tokens/s", "{:.0f}"),
+    ("parameters", "params M", "{:.0f}"),
+    ("samples_per_s", "samples/s", "{:.3g}"),
+    ("tokens_per_s", "tokens/s", "{:.3g}"),
     ("time_to_first_step_s", "1st step s", "{:.1f}"),
     ("memory_added_mb", "mem MB", "{:.0f}"),
     ("memory_formula_mb", "formula MB", "{:.0f}"),
+    ("peak_memory_mb", "peak MB", "{:.0f}"),
+    ("estimate_mb", "estimate MB", "{:.0f}"),
     ("flops_per_s", "GFLOP/s", "{:.3g}"),
     ("ceiling_fraction", "of peak", "{:.1%}"),
 ]
-SCALE = {"flops_per_s": 1e-9}
+SCALE = {"flops_per_s": 1e-9, "parameters": 1e-6}
+# Why a cell has no measurement: the memory estimate refused it, or a worker ran out of memory.
+OUTCOMES = {"refused": "refused by the estimate", "out_of_memory": "out of memory"}
 
 
 def metrics(run: dict, ceiling: float) -> dict[str, float]:
@@ -30,6 +35,8 @@ def metrics(run: dict, ceiling: float) -> dict[str, float]:
         flat |= {f"c{level['concurrency']}_{k}": float(v) for k, v in level.items() if k != "concurrency" and v}
     if "flops_per_s" in flat:
         flat["ceiling_fraction"] = flat["flops_per_s"] / ceiling
+    if "estimate_mb" in flat and "peak_memory_mb" in flat:
+        flat["estimate_error"] = flat["estimate_mb"] / flat["peak_memory_mb"] - 1
     return flat
 
 
@@ -78,7 +85,7 @@ def cell_rows(result: dict, ratios_apart: bool = False) -> list[list[str]]:
             s, ratio = cell.get("summary", {}).get(name), cell.get("ratios", {}).get(name)
             values.append("" if s is None else fmt.format(s["median"] * SCALE.get(name, 1)))
             ratios.append(f"{ratio:.2f}x" if ratio else "")
-        label = cell["label"] + (" (baseline)" if cell["label"] == result["baseline"] else "")
+        label = cell["label"] + (" (baseline)" if cell["label"] == result["baseline"] else "") + _outcome(cell)
         if ratios_apart:
             rows += [[label, str(len(cell["runs"])), *values], ["", "", *ratios]]
         else:
@@ -90,6 +97,12 @@ def cell_rows(result: dict, ratios_apart: bool = False) -> list[list[str]]:
                 ]
             )
     return rows
+
+
+def _outcome(cell: dict) -> str:
+    """' (refused by the estimate)' or ' (out of memory)' when every run of the cell ended so, else ''."""
+    ends = {key for run in cell["runs"] for key in OUTCOMES if key in run}
+    return "".join(f" ({OUTCOMES[key]})" for key in sorted(ends)) if cell["runs"] else ""
 
 
 def live_table(result: dict, planned: int) -> Table:
@@ -119,6 +132,15 @@ def markdown(result: dict) -> str:
     headers = ["cell", "runs", *(h for _, h, _ in columns(result))]
     lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in cell_rows(result)]
+    ended = [
+        (cell["label"], key, run[key])
+        for cell in result["cells"]
+        for run in cell["runs"]
+        for key in OUTCOMES
+        if key in run
+    ]
+    if ended:
+        lines += ["", *(f"- {label}: {OUTCOMES[key]}: {why}" for label, key, why in ended)]
     return "\n".join(lines) + "\n"
 
 

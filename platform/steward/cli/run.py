@@ -16,6 +16,7 @@ from steward.spec import JobSpec, load_job
 
 if TYPE_CHECKING:
     from steward.pipeline import Trained
+    from steward.train.estimate import FitReport
 
 Resume = Annotated[
     str | None, typer.Option(help="Continue this run folder (or its URI in cluster storage) where it stopped.")
@@ -64,6 +65,55 @@ def run(
     print_sweep(job, trained) if trained.sweep else print_metrics(trained.result, trained.run_dir)
     if serve and job.serve is not None:
         deploy_and_wait(job, trained.run_dir, address, "127.0.0.1", port, override_fairness_gate)
+
+
+@user_errors
+def estimate(spec: Spec, set_: Sets = None, address: Address = None) -> None:
+    """Estimate each worker's peak memory for the spec against the Ray nodes' memory; exit 2 when it cannot fit."""
+    from steward.train.estimate import estimate_job  # torch, transformers and Ray: only when it runs
+
+    job = load_job(spec, set_ or [])
+    with console.status("building the model on the meta device, asking Ray for its nodes' memory"):
+        report = estimate_job(job, address)
+    print_estimate(job, report)
+    if report.problem:
+        raise StewardError(report.problem)
+
+
+def print_estimate(job: JobSpec, report: "FitReport") -> None:
+    from steward.train.estimate import usable
+
+    gib, size, found = 2**30, report.size, report.estimate
+    dist = job.distributed
+    setting = f"{dist.strategy} ZeRO-{dist.zero_stage}" + (
+        f", offload optimizer {dist.offload_optimizer}, params {dist.offload_params}"
+        if dist.strategy == "deepspeed"
+        else ""
+    )
+    console.print(
+        f"{size.parameters / 1e6:.1f} M parameters ({size.trainable / 1e6:.1f} M trained), {dist.num_workers} "
+        f"workers, {setting}, {job.train.precision}, micro-batch {job.data.batch_size} x {job.data.max_length} tokens; "
+        f"ZeRO formula: {found.formula / gib:.2f} GiB of model states a worker",
+        markup=False,
+    )
+    table = Table(
+        title="peak memory per worker, GiB (free: its share of what Ray found free on its node, less Ray's own)"
+    )
+    for header in ("worker", "node", "states", "buckets", "activ.", "runtime", "total", "free"):
+        table.add_column(header, justify="left" if header in ("worker", "node") else "right")
+    worker = 0
+    for node, count in report.placed:
+        for _ in range(count):
+            parts = (found.model_states, found.buckets, found.activations, found.runtime, found.total)
+            table.add_row(
+                str(worker), node.address, *(f"{p / gib:.2f}" for p in parts), f"{usable(node) / count / gib:.2f}"
+            )
+            worker += 1
+    console.print(table)
+    if dist.use_gpu:
+        console.print("[yellow]GPU workers: their model states live in GPU memory, which Ray does not report[/]")
+    elif report.problem is None:
+        console.print("[green]fits[/]: every worker's estimate is within its share of its node's memory")
 
 
 @user_errors

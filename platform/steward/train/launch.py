@@ -19,6 +19,7 @@ from steward.runs import publish, run_uri
 from steward.spec import JobSpec
 from steward.storage import join
 from steward.train.checkpoint import CheckpointRefused, check_resumable, prune_unrecorded, unrecorded_start
+from steward.train.estimate import refuse_unfit
 from steward.train.loop import train_loop
 from steward.train.strategy import validate_deepspeed
 
@@ -106,13 +107,14 @@ def fit(spec: JobSpec, run_dir: Path, address: str | None = None) -> None:
     check_resumable(storage)
     connect(address, spec)
     check_resources(spec)
+    refuse_unfit(spec, info)  # before any worker starts: one that cannot fit would only be killed mid-step
     if uri:
         publish(spec, run_dir)  # data_info.json, tokenizer/: rank 0 may run on another node
     try:
         with interrupted_by_ctrl_c():
             build_trainer(spec, run_dir, info, initial_checkpoint=unrecorded_start(storage), run_uri=uri).fit()
     except Exception as err:  # Ray wraps worker errors; surface the worker's own message
-        refused = next((e for e in _chain(err) if isinstance(e, CheckpointRefused)), None)
+        refused = next((e for e in error_chain(err) if isinstance(e, CheckpointRefused)), None)
         if refused is not None:
             raise CheckpointRefused(str(refused)) from None
         raise TrainingError(explain_failure(err, spec)) from err
@@ -154,7 +156,7 @@ PEER_LOST = re.compile(r"connection (reset|closed) by peer|remote process exited
 def explain_failure(err: BaseException, spec: JobSpec) -> str:
     """The message for a failed fit: a lost worker with no restarts left says so and how to recover; else the root
     cause. (Ray restarts the workers from the last checkpoint up to distributed.max_failures times first.)"""
-    cause, chain = root_cause(err), _chain(err)
+    cause, chain = root_cause(err), error_chain(err)
     lost = {type(e).__name__ for e in chain} & LOST_WORKER or any(PEER_LOST.search(str(e)) for e in chain)
     if not lost:
         return cause
@@ -167,7 +169,7 @@ def explain_failure(err: BaseException, spec: JobSpec) -> str:
     )
 
 
-def _chain(err: BaseException) -> list[BaseException]:
+def error_chain(err: BaseException) -> list[BaseException]:
     """Every exception in a (Ray-wrapped) chain, each rank's failure included."""
     found: list[BaseException] = []
     todo: list = [err]

@@ -94,6 +94,7 @@ def train_loop(config: dict, session: Session | None = None) -> None:
         measured = probe.summary(world)
         if history:
             history.write({"kind": "probe", **measured})
+        return  # a bench cell's model is never used: exporting it would gather a large one whole on every rank
     export_model(engine, spec, info, run_dir, rank)
     if run_uri and rank == 0:
         storage.upload(run_dir, run_uri, ["model"])
