@@ -100,6 +100,22 @@ def encode_instances(
     return _encode_arrays(instances, info.input_shape, field), None
 
 
+def encode_examples(
+    table: dict[str, Any], input_column: str, label_column: str | None, info: DataInfo, max_length: int, role: str
+) -> dict[str, Tensor]:
+    """Training examples of a table's rows: inputs, labels and (text) attention_mask, as every split is encoded.
+
+    Causal language modelling predicts the input ids; padding becomes -100, the index cross-entropy ignores.
+    """
+    inputs, mask = encode_instances(table[input_column], info, max_length, field=f"data.input_column[{role}]")
+    if label_column is not None:
+        labels = encode_labels(table[label_column], info.label_names, role)
+    else:
+        padding = mask == 0 if mask is not None else torch.zeros_like(inputs, dtype=torch.bool)
+        labels = inputs.masked_fill(padding, -100)
+    return {"inputs": inputs, "labels": labels} | ({"attention_mask": mask} if mask is not None else {})
+
+
 def check_texts(instances: Sequence[Any], field: str = "instances") -> None:
     """Raise DataError naming `field[i]` for the first instance that is not a string."""
     for i, text in enumerate(instances):

@@ -21,6 +21,8 @@ class DataInfo:
     pad_token_id: int | None = None
     group_columns: list[str] = field(default_factory=list)
     tokenizer_dir: str | None = None
+    stream_dir: str | None = None  # the staged splits of a streamed (data.streaming) run
+    stream_rows: int | None = None  # rows training streams from stream_dir in an epoch (all workers together)
 
     def to_dict(self) -> dict:
         return asdict(self)

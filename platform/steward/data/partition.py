@@ -6,7 +6,7 @@ import numpy as np
 
 from steward.data.errors import DataError
 from steward.data.sources import BUILTIN_INPUTS, Source
-from steward.data.table import Table, num_rows, take
+from steward.data.table import Table
 from steward.spec.job import JobSpec
 
 
@@ -73,26 +73,42 @@ def check_columns(source: Source, columns: Columns, parts: dict[str, str]) -> No
     DataError.raise_all(problems)
 
 
-def split_tables(source: Source, columns: Columns, splits: dict[str, float | str], seed: int) -> dict[str, Table]:
-    """Read the parts and cut fractions (seeded, stratified by label); raise DataError for an empty split."""
+def split_rows(
+    source: Source, columns: Columns, splits: dict[str, float | str], seed: int
+) -> dict[str, tuple[str, np.ndarray | None]]:
+    """Role -> (source part, its rows in order; None for the whole part). Fractions are seeded and stratified by
+    label, reading only the label column; raises DataError for a missing column or an empty split."""
     parts = parts_used(source, splits)
     check_columns(source, columns, parts)
-    names = [c for _, c in columns.fields()]
     if all(isinstance(v, str) for v in splits.values()):
-        tables = {role: source.read(part, names) for role, part in parts.items()}
+        chosen: dict[str, tuple[str, np.ndarray | None]] = {role: (part, None) for role, part in parts.items()}
     else:
-        table = source.read(parts["train"], names)
-        strata = [str(v) for v in table[columns.label]] if columns.label else None
-        rows = fraction_rows(num_rows(table), {r: float(f) for r, f in splits.items()}, seed, strata)
-        tables = {role: take(table, picked) for role, picked in rows.items()}
-    empty = [role for role, table in tables.items() if num_rows(table) == 0]
+        base = parts["train"]
+        labels = source.read(base, [columns.label])[columns.label] if columns.label else None
+        strata = [str(v) for v in labels] if labels is not None else None
+        rows = fraction_rows(source.num_rows(base), {r: float(f) for r, f in splits.items()}, seed, strata)
+        chosen = {role: (base, picked) for role, picked in rows.items()}
+    empty = [
+        role for role, (part, rows) in chosen.items() if (source.num_rows(part) if rows is None else len(rows)) == 0
+    ]
     DataError.raise_all(
         [
             (f"data.splits.{role}", f"the {role} split of {source.name} has no rows; give it a larger share")
             for role in empty
         ]
     )
-    return tables
+    return chosen
+
+
+def split_tables(
+    source: Source, columns: Columns, splits: dict[str, float | str], seed: int, roles: list[str] | None = None
+) -> dict[str, Table]:
+    """Read the splits (all, or the given roles) as Tables of the job's columns; see `split_rows`."""
+    names = [c for _, c in columns.fields()]
+    chosen = split_rows(source, columns, splits, seed)
+    return {
+        role: source.read(part, names, rows) for role, (part, rows) in chosen.items() if roles is None or role in roles
+    }
 
 
 def fraction_rows(n: int, fractions: dict[str, float], seed: int, strata: list[str] | None) -> dict[str, np.ndarray]:

@@ -3,25 +3,37 @@
 import dataclasses
 import json
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from steward.data.encode import check_texts, detect_modality, encode_instances, encode_labels, label_names
+from steward.data.encode import (
+    check_texts,
+    detect_modality,
+    encode_examples,
+    encode_instances,
+    encode_labels,
+    label_names,
+)
 from steward.data.errors import DataError
 from steward.data.info import DataInfo
 from steward.data.mitigate import mitigate_train
-from steward.data.partition import Columns, check_columns, parts_used, resolve_columns, split_tables
+from steward.data.partition import Columns, check_columns, parts_used, resolve_columns, split_rows, split_tables
 from steward.data.privacy import REPORT_FILE, protect_source
-from steward.data.sources import load_source
+from steward.data.sources import Source, load_source
 from steward.data.split import Split
+from steward.data.stream import STAGED, check_streamable, read_staged, stage_splits, staged_texts, train_roles
 from steward.data.table import Table
 from steward.data.tokenizer import pretrained_tokenizer, save_tokenizer, train_tokenizer
 from steward.spec.job import JobSpec
 
 
-def _tables(spec: JobSpec, report: dict | None = None) -> tuple[Columns, dict[str, Table]]:
-    """Load the source, apply the privacy section, cut the splits; the same rows for the same spec and seed.
+def _tables(
+    spec: JobSpec, report: dict | None = None, roles: list[str] | None = None
+) -> tuple[Columns, dict[str, Table]]:
+    """Load the source, apply the privacy section, cut the splits (all, or the given roles); the same rows for the
+    same spec and seed.
 
     With `report` given, what the privacy section found and did is put into it (counts, never values).
     """
@@ -33,12 +45,12 @@ def _tables(spec: JobSpec, report: dict | None = None) -> tuple[Columns, dict[st
         source, found = protect_source(source, columns, spec.privacy, list(dict.fromkeys(parts.values())))
         if report is not None:
             report.update(found)
-    return columns, split_tables(source, columns, spec.data.splits, spec.seed)
+    return columns, split_tables(source, columns, spec.data.splits, spec.seed, roles)
 
 
 def raw_inputs(spec: JobSpec, split: str, n: int) -> list:
     """The first n raw instances of a split, exactly as a client would send them to the served model (JSON-able)."""
-    columns, tables = _tables(spec)
+    columns, tables = _tables(spec, roles=[split])
     return [r.tolist() if hasattr(r, "tolist") else r for r in tables[split][columns.input][:n]]
 
 
@@ -50,6 +62,8 @@ def prepare_data(spec: JobSpec, run_dir: Path | None) -> DataInfo:
     tokenizer trained on the train split only, so validation and test text never shapes the vocabulary.
     With run_dir None the tokenizer goes to a fresh temporary folder. Raises DataError naming the spec field.
     """
+    if spec.data.streaming:
+        return _prepare_streamed(spec, run_dir)
     report: dict = {}
     columns, tables = _tables(spec, report)
     if report and run_dir is not None:
@@ -59,16 +73,45 @@ def prepare_data(spec: JobSpec, run_dir: Path | None) -> DataInfo:
         _check_rows(table, role, columns, info)
     if info.modality != "text":
         return info
+    return _with_tokenizer(spec, info, tables["train"][columns.input], run_dir)
+
+
+def _with_tokenizer(spec: JobSpec, info: DataInfo, train_texts: Iterable, run_dir: Path | None) -> DataInfo:
+    """info with the tokenizer saved under run_dir/"tokenizer" (a fresh temporary folder without run_dir)."""
     pretrained = getattr(spec.model.params, "pretrained", None)
-    train_texts = tables["train"][columns.input]
     tokenizer = pretrained_tokenizer(pretrained) if pretrained else train_tokenizer(train_texts, spec.data.tokenizer)
-    folder = Path(run_dir) / "tokenizer" if run_dir is not None else Path(tempfile.mkdtemp(prefix="steward-tokenizer-"))
+    folder = _folder(run_dir, "tokenizer")
     return dataclasses.replace(
         info,
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         tokenizer_dir=save_tokenizer(tokenizer, folder),
     )
+
+
+def _folder(run_dir: Path | None, name: str) -> Path:
+    return Path(run_dir) / name if run_dir is not None else Path(tempfile.mkdtemp(prefix=f"steward-{name}-"))
+
+
+def _prepare_streamed(spec: JobSpec, run_dir: Path | None) -> DataInfo:
+    """prepare_data for data.streaming: describe the train split from its first row and its labels, then stage
+    every split into run_dir/"data" (checking each batch), then the tokenizer from the staged train text."""
+    check_streamable(spec)
+    source = load_source(spec.data, spec.seed)
+    columns = resolve_columns(spec, source)
+    chosen = split_rows(source, columns, spec.data.splits, spec.seed)
+    part, rows = chosen["train"]
+    sample = source.read(part, [columns.input], rows[:1] if rows is not None else np.arange(1))
+    if columns.label:  # the label column alone: label names come from every train row
+        sample[columns.label] = source.read(part, [columns.label], rows)[columns.label]
+    info = _describe(spec, columns, sample)
+    folder = _folder(run_dir, STAGED)
+    counts = stage_splits(source, columns, chosen, folder, lambda role, t: _check_rows(t, role, columns, info))
+    info = dataclasses.replace(info, stream_dir=str(folder.resolve()))
+    info = dataclasses.replace(info, stream_rows=sum(counts[role] for role in train_roles(spec)))
+    if info.modality != "text":
+        return info
+    return _with_tokenizer(spec, info, staged_texts(str(folder), "train", columns.input), run_dir)
 
 
 def _describe(spec: JobSpec, columns: Columns, train: Table) -> DataInfo:
@@ -101,9 +144,19 @@ def load_splits(spec: JobSpec, info: DataInfo) -> dict[str, Split]:
     """Every declared split (train, and validation / test when the spec has them) as tensors.
 
     Deterministic in (spec, spec.seed), so every Ray worker builds the same rows; text is tokenized with the
-    tokenizer at info.tokenizer_dir, padded and truncated to data.max_length.
+    tokenizer at info.tokenizer_dir, padded and truncated to data.max_length. A streamed job's train split is
+    streamed, never loaded: its validation and test come from the staged files (or, when those are gone, are cut
+    from the source again).
     """
-    columns, tables = _tables(spec)
+    if spec.data.streaming:
+        roles = [role for role in spec.data.splits if role != "train"]
+        if info.stream_dir and Path(info.stream_dir).is_dir():
+            columns = resolve_columns(spec, Source(spec.data.source, {}))
+            tables = {role: read_staged(info.stream_dir, role) for role in roles}
+        else:
+            columns, tables = _tables(spec, roles=roles)
+    else:
+        columns, tables = _tables(spec)
     splits = {role: _split(table, role, columns, info, spec) for role, table in tables.items()}
     if spec.train.mitigation is not None:  # group-balanced resampling or reweighing of the training rows only
         splits["train"] = mitigate_train(splits["train"], spec, info)
@@ -111,12 +164,6 @@ def load_splits(spec: JobSpec, info: DataInfo) -> dict[str, Split]:
 
 
 def _split(table: Table, role: str, columns: Columns, info: DataInfo, spec: JobSpec) -> Split:
-    field = f"data.input_column[{role}]"
-    inputs, mask = encode_instances(table[columns.input], info, spec.data.max_length, field=field)
-    if columns.label is not None:
-        labels = encode_labels(table[columns.label], info.label_names, role)
-    else:  # causal LM: predict the input ids; -100 is the index cross-entropy ignores, so padding costs nothing
-        padding = mask == 0 if mask is not None else torch.zeros_like(inputs, dtype=torch.bool)
-        labels = inputs.masked_fill(padding, -100)
+    encoded = encode_examples(table, columns.input, columns.label, info, spec.data.max_length, role)
     groups = {g: [str(v) for v in table[g]] for g in columns.groups}
-    return Split(inputs=inputs, labels=labels, attention_mask=mask, groups=groups)
+    return Split(encoded["inputs"], encoded["labels"], encoded.get("attention_mask"), groups)

@@ -8,7 +8,7 @@ import numpy as np
 
 from steward.data.errors import DataError
 from steward.data.synthetic import synthetic_options, synthetic_sequence, synthetic_text
-from steward.data.table import Table
+from steward.data.table import Table, num_rows, take
 from steward.spec.data import DataSpec
 
 # Default input column per builtin source; every builtin source labels its rows in `label`.
@@ -28,12 +28,24 @@ class Source:
         table = self.parts[part]
         return list(table) if isinstance(table, dict) else list(table.column_names)
 
-    def read(self, part: str, columns: list[str]) -> Table:
-        """The given columns of one part as a Table."""
+    def num_rows(self, part: str) -> int:
+        """Number of rows of one part."""
+        table = self.parts[part]
+        return num_rows(table) if isinstance(table, dict) else len(table)
+
+    def read(self, part: str, columns: list[str], rows: np.ndarray | None = None) -> Table:
+        """The given columns of one part as a Table: every row, or the given rows in that order."""
         table = self.parts[part]
         if isinstance(table, dict):
-            return {c: table[c] for c in columns}
-        return table.select_columns(columns).to_dict()  # one Arrow -> Python conversion, not row by row
+            picked = {c: table[c] for c in columns}
+            return picked if rows is None else take(picked, rows)
+        return self.arrow(part, columns, rows).to_dict()  # one Arrow -> Python conversion, not row by row
+
+    def arrow(self, part: str, columns: list[str], rows: np.ndarray | None = None) -> Any:
+        """The given columns (and rows) of a file: or hf: part as a datasets.Dataset, still on disk."""
+        table = self.parts[part]
+        picked = table.select_columns(columns)
+        return picked if rows is None else picked.select(rows)
 
 
 def load_source(data: DataSpec, seed: int) -> Source:

@@ -98,6 +98,8 @@ def _training(spec: JobSpec, run_dir: Path, status: dict[str, Any]) -> dict[str,
         # from the run's start (a resumed run's first start) to the card, which is written as training ends
         "wall_time_s": round(time.time() - status["started"], 3) if "started" in status else None,
         "samples_per_s": epochs[-1].get("samples_per_s") if epochs else None,
+        # real (unpadded) tokens a second over all workers, for text models; null for images and sequences
+        "tokens_per_s": epochs[-1].get("tokens_per_s") if epochs else None,
         "final_train_loss": epochs[-1].get("train_loss") if epochs else None,
     }
 
@@ -307,6 +309,13 @@ def _adapter(adapter: dict[str, Any] | None) -> str:
     )
 
 
+def _throughput(train: dict[str, Any]) -> str:
+    """The last epoch's samples (and, for text, tokens) a second, as the card's Training line ends."""
+    rates = [(train.get(k), unit) for k, unit in (("samples_per_s", "samples/s"), ("tokens_per_s", "tokens/s"))]
+    shown = [f"{value:,.0f} {unit}" for value, unit in rates if value is not None]
+    return f", {', '.join(shown)}" if shown else ""
+
+
 def render_markdown(card: dict[str, Any]) -> str:
     """The card as Markdown, in the section order of Mitchell et al. (2019)."""
     d, use, train = card["model_details"], card["intended_use"], card["training"]
@@ -343,7 +352,7 @@ Group columns: {", ".join(card["factors"]["group_columns"]) or "none"}
 
 Privacy: {_summary(data["privacy"])}
 
-Training: {train["strategy"]} ZeRO-{train["zero_stage"]}, {train["workers"]} worker(s), {train["precision"]}, {train["epochs_run"]}/{train["epochs_planned"]} epochs, {train["train_time_s"]} s training
+Training: {train["strategy"]} ZeRO-{train["zero_stage"]}, {train["workers"]} worker(s), {train["precision"]}, {train["epochs_run"]}/{train["epochs_planned"]} epochs, {train["train_time_s"]} s training{_throughput(train)}
 
 Adapter: {_adapter(train["adapter"])}
 

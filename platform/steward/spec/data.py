@@ -37,6 +37,13 @@ class DataSpec(Section):
     shuffle: bool = Field(True, description="Shuffle the training split every epoch (seeded).")
     max_length: int = Field(64, ge=4, le=8192, description="Token length that text is padded or truncated to.")
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer trained from scratch.")
+    streaming: bool = Field(
+        False,
+        description="Stream the train split to the workers through Ray Data instead of loading it on each: the "
+        "driver checks the rows and stages the split as Parquet in the run folder, and each worker reads and "
+        "tokenizes only its shard, batch by batch, so its memory does not grow with the data. For file: and hf: "
+        "sources; validation and test are read in memory for evaluation, and one of them is required.",
+    )
     options: dict[str, int | float | str] = Field(
         default_factory=dict,
         max_length=64,
@@ -75,6 +82,17 @@ class DataSpec(Section):
         clash = {c for c in (self.input_column, self.label_column) if c} & set(self.group_columns)
         if clash:
             raise ValueError(f"group_columns must not include the input or label column: {sorted(clash)}")
+        return self
+
+    @model_validator(mode="after")
+    def _streams_from_files(self) -> "DataSpec":
+        if self.streaming and self.scheme == "builtin":
+            raise ValueError(
+                "streaming reads file: and hf: sources; builtin data is generated in memory, "
+                "so remove data.streaming or use a file: source"
+            )
+        if self.streaming and set(self.splits) == {"train"}:
+            raise ValueError("streaming needs a validation or test split to evaluate on; add one to data.splits")
         return self
 
     @property

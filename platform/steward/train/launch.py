@@ -12,6 +12,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from steward.data import DataInfo, prepare_data
 from steward.data.mitigate import check_mitigation
+from steward.data.stream import train_stream
 from steward.errors import RunFailed, StewardError
 from steward.models import check_fits
 from steward.ray_env import check_resources, connect
@@ -64,6 +65,8 @@ def build_trainer(
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config(spec, run_dir, info, initial_checkpoint, run_uri) | {"probe": probe},
+        # data.streaming: Ray Train deals each worker an equal shard of the stream (ray.train.get_dataset_shard)
+        datasets={"train": train_stream(spec, info)} if spec.data.streaming else None,
         scaling_config=ScalingConfig(
             num_workers=dist.num_workers, use_gpu=dist.use_gpu, resources_per_worker=resources
         ),

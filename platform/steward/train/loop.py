@@ -7,14 +7,17 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from steward import storage
 from steward.data import DataInfo, Split, load_splits
+from steward.data.stream import stream_batches, train_stream
 from steward.models import build_model, save_model, task_loss
 from steward.runs import read_history
 from steward.spec import JobSpec
@@ -45,11 +48,13 @@ def train_loop(config: dict, session: Session | None = None) -> None:
     sys.setswitchinterval(0.1)
     torch.manual_seed(spec.seed)
 
-    splits = load_splits(spec, info)
+    splits = load_splits(spec, info)  # a streamed job's validation and test; its train rows come from `train`
     if spec.train.include_validation:
-        splits["train"] = splits["train"].concat(splits.pop("validation"))
-    train, bs = splits["train"], spec.data.batch_size
-    steps_per_epoch = max(1, train.num_batches(bs, world_size=world, train=True) // spec.train.grad_accum_steps)
+        validation = splits.pop("validation")
+        if not spec.data.streaming:  # a streamed train split has the validation rows staged into it
+            splits["train"] = splits["train"].concat(validation)
+    train = TrainData(spec, info, session, None if spec.data.streaming else splits.pop("train"))
+    steps_per_epoch = max(1, train.num_batches(world) // spec.train.grad_accum_steps)
     total = min(spec.train.epochs * steps_per_epoch, spec.train.max_steps or math.inf)
     if spec.distributed.strategy == "deepspeed":
         import deepspeed  # noqa: F401  (its libraries are not model state: load them before the baseline)
@@ -69,11 +74,14 @@ def train_loop(config: dict, session: Session | None = None) -> None:
         # Dropout's randomness, like the data order, is a function of (seed, epoch, rank): a resumed epoch replays.
         torch.manual_seed(spec.seed + 7919 * (epoch + 1) + rank)
         started = time.perf_counter()
-        train_loss, samples = run_epoch(engine, spec, train, epoch, rank, world, history, probe)
+        train_loss, seen = run_epoch(engine, spec, train, (epoch, rank, world), history, probe)
         seconds = time.perf_counter() - started
         metrics = {"epoch": epoch + 1, "step": engine.global_step, "train_loss": train_loss, "lr": engine.lr}
-        metrics |= {"samples_per_s": samples * world / seconds, "epoch_seconds": seconds}
+        metrics |= {"samples_per_s": seen[0] / seconds, "epoch_seconds": seconds}
+        if info.modality == "text":  # real (unpadded) tokens, all workers together
+            metrics["tokens_per_s"] = seen[1] / seconds
         metrics |= {"memory_added_mb": _max_across_ranks(peak_memory_mb() - base_memory)}
+        metrics |= {"peak_memory_mb": _max_across_ranks(peak_memory_mb())}
         if "validation" in splits:
             metrics |= evaluate_split(engine, spec, splits["validation"], rank, world, prefix="val_")
         state = {"epoch": epoch + 1, **early_stopping(spec, metrics, state)}
@@ -117,39 +125,70 @@ def fetch_run_files(run_uri: str, run_dir: Path, info: DataInfo, rank: int) -> N
         storage.download(run_uri, run_dir, [HISTORY])
 
 
+class TrainData:
+    """A worker's training rows: its shard of an in-memory Split, or of the Ray Data stream (data.streaming)."""
+
+    def __init__(self, spec: JobSpec, info: DataInfo, session: Session, split: Split | None):
+        self.spec, self.info, self.session, self.split = spec, info, session, split
+        # Reweighing (train.mitigation) gives rows their own weights; otherwise the plain mean.
+        self.weighted = split is not None and split.sample_weight is not None
+
+    def num_batches(self, world: int) -> int:
+        """Batches each rank takes in an epoch (the same on every rank: the tail rows are dropped)."""
+        bs = self.spec.data.batch_size
+        if self.split is not None:
+            return self.split.num_batches(bs, world_size=world, train=True)
+        return -(-((self.info.stream_rows or 0) // world) // bs)
+
+    def batches(self, epoch: int, rank: int, world: int) -> Iterator[dict[str, Tensor]]:
+        """This rank's batches for one epoch, in an order seeded by (seed, epoch)."""
+        spec = self.spec
+        if self.split is not None:
+            return self.split.batches(
+                spec.data.batch_size,
+                shuffle=spec.data.shuffle,
+                seed=spec.seed,
+                epoch=epoch,
+                rank=rank,
+                world_size=world,
+                train=True,
+            )
+        # A Ray Train worker streams the shard the trainer dealt it; a one-worker Tune trial streams it all.
+        shard = self.session.dataset_shard("train") or train_stream(spec, self.info).iterator()
+        return stream_batches(shard, spec, epoch, rank)
+
+
 def run_epoch(
-    engine, spec: JobSpec, split: Split, epoch: int, rank: int, world: int, history, probe: StepProbe | None = None
-) -> tuple[float, int]:
-    """One pass over this worker's shard; returns the mean loss and the samples this worker saw."""
+    engine, spec: JobSpec, train: TrainData, at: tuple[int, int, int], history, probe: StepProbe | None = None
+) -> tuple[float, tuple[float, float]]:
+    """One pass over this worker's batches at (epoch, rank, world); returns the mean loss and the samples and
+    tokens all workers saw."""
     engine.train()
     if probe:
         probe.pause()
-    total, count, samples = 0.0, 0, 0
-    batches = split.batches(
-        spec.data.batch_size,
-        shuffle=spec.data.shuffle,
-        seed=spec.seed,
-        epoch=epoch,
-        rank=rank,
-        world_size=world,
-        train=True,
-    )
+    total, count, samples, tokens = 0.0, 0, 0, 0
+    started, epoch = time.perf_counter(), at[0]
+    batches = train.batches(*at)
     for batch in batches:
         logits = engine(batch["inputs"], batch.get("attention_mask"))
-        # Reweighing (train.mitigation) gives rows their own weights; otherwise the plain mean, as before.
-        weight = batch["weight"] if split.sample_weight is not None else None
+        weight = batch["weight"] if train.weighted else None
         loss = task_loss(spec.model.task, logits.float(), batch["labels"], weight)
         stepped = engine.backward_step(loss)
         total, count, samples = total + loss.item(), count + 1, samples + len(batch["labels"])
+        mask = batch.get("attention_mask")
+        tokens += int(mask.sum()) if mask is not None else 0
         if probe:
             probe.batch(batch, stepped)
-        if stepped and engine.global_step % spec.train.log_every_steps == 0:
+        if stepped and engine.global_step % spec.train.log_every_steps == 0 and history:
+            # not ray.train.report: a Train V2 report is a barrier on the controller's poll
             metrics = {"epoch": epoch + 1, "step": engine.global_step, "loss": loss.item(), "lr": engine.lr}
-            if history:  # not ray.train.report: a Train V2 report is a barrier on the controller's poll
-                history.write({"kind": "step", **metrics})
+            if mask is not None:  # this worker's rate times the workers, who step together
+                metrics["tokens_per_s"] = tokens * at[2] / (time.perf_counter() - started)
+            history.write({"kind": "step", **metrics})
         if (spec.train.max_steps and engine.global_step >= spec.train.max_steps) or (probe and probe.done):
             break
-    return _mean_across_ranks(total, count), samples
+    sums = _sum_across_ranks([total, count, samples, tokens])
+    return sums[0] / max(sums[1], 1.0), (sums[2], sums[3])
 
 
 @torch.no_grad()
@@ -213,11 +252,11 @@ def _max_across_ranks(value: float) -> float:
     return tensor.item()
 
 
-def _mean_across_ranks(total: float, count: int) -> float:
-    sums = torch.tensor([total, float(count)], dtype=torch.float64)
+def _sum_across_ranks(values: list[float]) -> list[float]:
+    sums = torch.tensor(values, dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(sums)
-    return (sums[0] / sums[1].clamp(min=1)).item()
+    return sums.tolist()
 
 
 class History:

@@ -8,7 +8,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from steward.runs import read_history
 
-SHOWN = ("train_loss", "val_loss", "val_accuracy", "val_perplexity", "samples_per_s")
+SHOWN = ("train_loss", "val_loss", "val_accuracy", "val_perplexity", "samples_per_s", "tokens_per_s")
 
 
 class HistoryProgress:
@@ -51,6 +51,8 @@ class HistoryProgress:
         last = records[-1] if records else {}
         if last.get("kind") == "step":
             text = f"step {last['step']}  loss {last['loss']:.4f}  lr {last['lr']:.2e}"
+            if "tokens_per_s" in last:  # Transformer runs
+                text += f"  tokens_per_s {last['tokens_per_s']:.4g}"
         elif last:
             text = "  ".join(f"{k} {last[k]:.4g}" for k in SHOWN if k in last)
         else:

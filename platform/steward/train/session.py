@@ -26,6 +26,8 @@ class Session:
     report: Callable[..., None]  # (metrics, checkpoint=None)
     latest_checkpoint: Callable[[], Any]  # a restarted run's latest checkpoint (ray.train.Checkpoint) or None
     prepare_model: Callable[[nn.Module], nn.Module]  # device placement, and DDP across workers
+    # this worker's shard of a dataset given to the trainer (a ray.data.DataIterator), or None without one
+    dataset_shard: Callable[[str], Any] = lambda name: None
 
 
 def train_session() -> Session:
@@ -40,6 +42,7 @@ def train_session() -> Session:
         ray.train.report,
         ray.train.get_checkpoint,
         ray.train.torch.prepare_model,
+        ray.train.get_dataset_shard,
     )
 
 
