@@ -19,15 +19,15 @@ from steward.errors import StewardError
 from steward.models import build_model
 from steward.ray_env import connect
 from steward.spec import JobSpec
-from steward.train.strategy import deepspeed_config
+from steward.train.strategy import deepspeed_config, zero_init_builds
 
 MB = 2**20
 # Bytes per parameter of (parameters, gradients, Adam optimizer states) -- Rajbhandari et al. 2020, section 3:
 # mixed precision keeps 2-byte params and grads plus K=12 bytes of fp32 master copy, momentum and variance.
 BYTES = {"fp32": (4.0, 4.0, 8.0), "bf16": (2.0, 2.0, 12.0), "fp16": (2.0, 2.0, 12.0)}
 # Measured here (bench-memory): a training worker's resident memory besides model states, buckets and
-# activations -- the process with torch, Ray, DeepSpeed and the data, and what its first steps add.
-RUNTIME_MB = {"ddp": 900.0, "deepspeed": 1100.0}
+# activations -- the process with torch, Ray, DeepSpeed and the data (~520 MB), and what its first steps add.
+RUNTIME_MB = 750.0
 # Ray's memory monitor kills workers above this share of a node's memory (RAY_memory_usage_threshold's default);
 # Ray's own processes and the driver keep RESERVED bytes of what is left.
 MONITOR_THRESHOLD = 0.95
@@ -148,7 +148,7 @@ def estimate(spec: JobSpec, size: ModelSize) -> Estimate:
     activations = size.activation_bytes * (1.0 if precision == "fp32" else 0.6)
     formula = zero_model_state_bytes(t, dist.zero_stage if dist.strategy == "deepspeed" else 0, w, precision)
     formula += BYTES[precision][0] * (n - t)  # frozen weights (under an adapter): parameters only
-    return Estimate(states, buckets, activations, RUNTIME_MB[dist.strategy] * MB, formula)
+    return Estimate(states, buckets, activations, RUNTIME_MB * MB, formula)
 
 
 def _deepspeed_states(spec: JobSpec, size: ModelSize) -> float:
@@ -156,7 +156,7 @@ def _deepspeed_states(spec: JobSpec, size: ModelSize) -> float:
 
     Parameters and gradients in the training precision; from stage 1 an fp32 copy of this rank's partition of the
     trained weights (kept even when they are fp32 already) and its optimizer states; at stage 0 in half precision
-    DeepSpeed's optimizer keeps the fp32 copy of everything.
+    DeepSpeed's optimizer keeps the fp32 copy of everything and makes fp32 copies of the gradients at each step.
     """
     dist, precision = spec.distributed, spec.train.precision
     n, t, w, stage = size.parameters, size.trainable, dist.num_workers, dist.zero_stage
@@ -165,7 +165,9 @@ def _deepspeed_states(spec: JobSpec, size: ModelSize) -> float:
     params = pb * n / (w if stage == 3 else 1)
     grads = pb * t / (w if stage >= 2 else 1)
     master = 4.0 * t / (w if stage >= 1 else 1) if (stage >= 1 or precision != "fp32") else 0.0
-    return params + grads + master + moments * t / (w if stage >= 1 else 1)
+    # At stage 0 in half precision the optimizer's step copies each gradient to fp32, then flattens the copies.
+    copies = 8.0 * t if stage == 0 and precision != "fp32" else 0.0
+    return params + grads + master + copies + moments * t / (w if stage >= 1 else 1)
 
 
 def _deepspeed_buckets(spec: JobSpec, size: ModelSize) -> float:
@@ -181,7 +183,10 @@ def _deepspeed_buckets(spec: JobSpec, size: ModelSize) -> float:
     # Gathered parameters: the layer running and those prefetched, at most max_live_parameters.
     prefetch = zero.get("stage3_prefetch_bucket_size", 50_000_000)
     live = min(size.parameters, zero.get("stage3_max_live_parameters", 1_000_000_000), prefetch)
-    return reduce + pb * (live + 2 * size.largest_layer)
+    # A model built partitioned (build_model_for) leaves its per-layer partitions, freed once DeepSpeed copies them
+    # into its flat buffer, in the allocator's heap.
+    built = pb * size.parameters / spec.distributed.num_workers if zero_init_builds(spec) else 0.0
+    return reduce + pb * (live + 2 * size.largest_layer) + built
 
 
 def placement(spec: JobSpec, nodes: list[Node]) -> list[tuple[Node, int]]:

@@ -18,13 +18,13 @@ from torch import Tensor
 from steward import storage
 from steward.data import DataInfo, Split, load_splits
 from steward.data.stream import stream_batches, train_stream
-from steward.models import build_model, save_model, task_loss
+from steward.models import save_model, task_loss
 from steward.runs import read_history
 from steward.spec import JobSpec
 from steward.train.checkpoint import checkpoint_dir, restore
 from steward.train.probe import StepProbe, peak_memory_mb
 from steward.train.session import Session, train_session
-from steward.train.strategy import build_engine
+from steward.train.strategy import build_engine, build_model_for
 
 HISTORY = "history.jsonl"
 
@@ -59,7 +59,7 @@ def train_loop(config: dict, session: Session | None = None) -> None:
     if spec.distributed.strategy == "deepspeed":
         import deepspeed  # noqa: F401  (its libraries are not model state: load them before the baseline)
     base_memory = peak_memory_mb()
-    engine = build_engine(build_model(spec.model, info), spec, int(total), session.prepare_model)
+    engine = build_engine(build_model_for(spec, info), spec, int(total), session.prepare_model)
     fresh: dict = {"epoch": 0, "best": None, "stale": 0}
     state = restore(engine, session.latest_checkpoint(), config.get("initial_checkpoint")) or fresh
     engine.apply_optimizer_settings(spec)  # a resume or a PBT exploit may come with a changed learning rate

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from steward.data import DataInfo
 from steward.errors import StewardError
-from steward.models import load_trained_state
+from steward.models import build_model, load_trained_state
 from steward.spec import JobSpec
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -22,6 +23,19 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 
 class StrategyError(StewardError):
     """A distributed setting that DeepSpeed or the cluster refuses."""
+
+
+# DeepSpeed sizes its communication buckets and ZeRO-3's prefetch for GPUs (5e8 elements: 2 GB of fp32 for every
+# bucket that fills up). On CPU they come out of the RAM the workers share, so each holds 2e7 elements (80 MB of
+# fp32) and ZeRO-3 keeps at most 1e8 gathered parameters live and steps its optimizer 1e8 parameters at a time.
+CPU_BUCKETS = {
+    "reduce_bucket_size": 20_000_000,
+    "allgather_bucket_size": 20_000_000,
+    "stage3_prefetch_bucket_size": 10_000_000,
+    "stage3_max_live_parameters": 100_000_000,
+    "stage3_max_reuse_distance": 100_000_000,
+    "sub_group_size": 100_000_000,
+}
 
 
 def deepspeed_config(spec: JobSpec) -> dict[str, Any]:
@@ -45,6 +59,8 @@ def deepspeed_config(spec: JobSpec) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if not dist.use_gpu:
+        zero.update(CPU_BUCKETS)
     if train.precision != "fp32" and spec.model.family == "cnn":
         # DeepSpeed >= 0.19 keeps buffers fp32, but batch_norm wants its running statistics in the input's dtype.
         config["data_types"] = {"buffer_dtype": train.precision}
@@ -105,6 +121,37 @@ def lr_lambda(spec: JobSpec, total_steps: int):
         return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def zero_init_builds(spec: JobSpec) -> bool:
+    """Whether `build_model_for` creates the model partitioned: a Transformer from its config under ZeRO-3.
+    Pretrained and adapted models are built whole and partitioned by the engine."""
+    dist, model = spec.distributed, spec.model
+    pretrained = getattr(model.params, "pretrained", None)
+    zero3 = dist.strategy == "deepspeed" and dist.zero_stage == 3
+    return zero3 and model.family == "transformer" and not pretrained and model.adapter is None
+
+
+def build_model_for(spec: JobSpec, info: DataInfo) -> nn.Module:
+    """The spec's model for this worker. Under ZeRO-3 a Transformer built from its config is created partitioned
+    (deepspeed.zero.Init): each layer's parameters are split over the ranks as soon as the layer exists, so no rank
+    ever holds the whole model."""
+    model = spec.model
+    if not zero_init_builds(spec):
+        return build_model(model, info)
+    import deepspeed
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    if torch.distributed.is_initialized():  # Ray Train's process group: DeepSpeed's config check counts every rank
+        deepspeed.init_distributed()
+    # Transformers opens zero.Init itself when this config is live (it holds it by weak reference) and initialises
+    # each layer's weights gathered on rank 0, then scattered: a partitioned weight is empty on every rank.
+    live = HfDeepSpeedConfig(deepspeed_config(spec))
+    try:
+        return build_model(model, info)
+    finally:
+        unset_hf_deepspeed_config()
+        del live
 
 
 def build_engine(
