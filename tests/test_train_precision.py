@@ -2,7 +2,10 @@
 checkpointing and ZeRO-3 parameter offload, each really trained; the engines' own behaviour checked in-process."""
 
 import math
+import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from steward.stages import train_model
 from steward.train.strategy import DDPEngine, build_engine
 from tests.conftest import JOBS, ROOT, STEWARD
 
+STEWARD_BIN = str(Path(sys.executable).parent / "steward")
 LM_TEXT = DataInfo("text", (16,), vocab_size=64, pad_token_id=0)
 
 
@@ -115,30 +119,24 @@ def test_fp16_under_ddp_scales_the_loss_and_skips_a_step_whose_gradients_overflo
     assert resumed.scaler.get_scale() == engine.scaler.get_scale() and resumed.global_step == engine.global_step
 
 
-# Ray tier: each case trains tiny-gpt for a few steps on 2 workers. bf16 under ZeRO-2 is trained by test_train.py
-# (quickstart runs ZeRO-2), so stage 2 is not trained again here.
+# Ray tier: each case trains a few steps on 2 workers. bf16 under ZeRO-2 is trained by test_train.py (quickstart
+# runs ZeRO-2), so stage 2 is not trained again here; ZeRO-3 with parameter offload is the GPU fine-tune's own spec.
 RUNS = {
     "ddp-bf16-checkpointed": ["distributed.strategy=ddp", "distributed.zero_stage=0", "train.precision=bf16"]
     + ["train.activation_checkpointing=true"],
     "ddp-fp16": ["distributed.strategy=ddp", "distributed.zero_stage=0", "train.precision=fp16"],
     "zero-0-bf16": ["distributed.zero_stage=0", "train.precision=bf16"],
-    "zero-1-bf16-checkpointed": [
-        "distributed.zero_stage=1",
-        "train.precision=bf16",
-        "train.activation_checkpointing=true",
-    ],
-    "zero-3-bf16-offload-checkpointed": ["distributed.zero_stage=3", "distributed.offload_params=cpu"]
-    + ["train.precision=bf16", "train.activation_checkpointing=true"],
+    "zero-1-bf16-checkpointed": ["distributed.zero_stage=1", "train.precision=bf16"]
+    + ["train.activation_checkpointing=true"],
 }
 STEPS = 4
 SHORT = ["data.options.num_samples=320", "data.batch_size=16", "train.epochs=1", f"train.max_steps={STEPS}"]
 SHORT += ["train.log_every_steps=1", "train.scheduler.warmup_steps=0"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("run", sorted(RUNS))
-def test_precision_and_sharding_train_a_transformer(ray_local, tmp_path, run):
-    spec = load_job(JOBS / "tiny-gpt.yaml", [f"output_dir={tmp_path}", *SHORT, *RUNS[run]])
+def assert_trains_and_saves(tmp_path, job, *overrides):
+    """Train `job` for STEPS steps: losses finite and falling, and the saved model is the trained one."""
+    spec = load_job(JOBS / job, [f"output_dir={tmp_path}", *SHORT, *overrides])
     run_dir = create_run(spec)
     result = train_model(spec, run_dir)
     history = read_history(run_dir / "history.jsonl")
@@ -147,8 +145,64 @@ def test_precision_and_sharding_train_a_transformer(ray_local, tmp_path, run):
     assert losses[-1] < losses[0], losses
     model, _ = load_servable(run_dir / "model")
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())
-    # The saved model is the trained one: its validation loss is the one the last epoch reported (in bf16/fp16).
+    # Its validation loss is the one the last epoch reported (in bf16/fp16 then, in fp32 now).
     [epoch] = [r for r in history if r["kind"] == "epoch"]
     reloaded = evaluate_model(run_dir / "model", spec, "validation")["overall"]["loss"]
     assert reloaded == pytest.approx(epoch["val_loss"], rel=0.02)
     assert math.isfinite(result["overall"]["perplexity"])
+    return spec, model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_precision_and_sharding_train_a_transformer(ray_local, tmp_path, run):
+    assert_trains_and_saves(tmp_path, "tiny-gpt.yaml", *RUNS[run])
+
+
+@pytest.fixture(scope="module")
+def small_gpt2(tmp_path_factory):
+    """A folder `from_pretrained` reads as GPT-2: a 2-layer GPT2LMHeadModel and a byte-level BPE tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    folder = tmp_path_factory.mktemp("small-gpt2")
+    bpe = ByteLevelBPETokenizer()
+    text = ["Customers wrote reviews of the service, the product and the delivery."] * 20
+    bpe.train_from_iterator(text, vocab_size=320, special_tokens=["<|endoftext|>"])
+    end = "<|endoftext|>"
+    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=end, eos_token=end, unk_token=end)
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2)
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+GPU_ONLY = ["distributed.use_gpu=false", "data.max_length=32", "train.optimizer.lr=2e-3"]
+
+
+@pytest.mark.slow
+def test_the_gpu_finetune_spec_trains_on_cpu_under_zero3_with_parameters_offloaded(ray_local, tmp_path, small_gpt2):
+    offload = ["distributed.offload_params=cpu", f"model.params.pretrained={small_gpt2}"]
+    spec, model = assert_trains_and_saves(tmp_path, "gpu-zero3-finetune.yaml", *GPU_ONLY, *offload)
+    dist, train = spec.distributed, spec.train
+    assert dist.zero_stage == 3 and dist.offload_params == "cpu" and dist.num_workers == 2
+    assert train.precision == "bf16" and train.activation_checkpointing
+    assert model.hf.config.n_layer == 2  # the pretrained folder's model, fine-tuned
+
+
+def test_the_gpu_script_checks_its_specs_as_they_would_run():
+    script = ROOT / "benchmarks" / "gpu_large_model.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = {**os.environ, "STEWARD": STEWARD_BIN}
+    done = subprocess.run([str(script), "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok jobs/bench-memory.yaml" in done.stdout and "ok jobs/gpu-zero3-finetune.yaml" in done.stdout
+    assert "bench jobs/bench-memory.yaml --set distributed.use_gpu=true" in done.stdout
+    assert "train jobs/gpu-zero3-finetune.yaml" in done.stdout
+    # A bad override of the fine-tune stops the script before anything runs, naming the field.
+    bad = subprocess.run(
+        [str(script), "--dry-run", "--set", "train.precision=fp8"], capture_output=True, text=True, env=env
+    )
+    assert bad.returncode == 2 and "train.precision" in bad.stdout + bad.stderr and "would run" not in bad.stdout
