@@ -10,6 +10,7 @@ in memory for evaluation.
 
 import functools
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -68,7 +69,11 @@ def stage_splits(
         out.mkdir(parents=True)
         counts[role] = 0
         for i, batch in enumerate(source.arrow(part, names, rows).with_format("arrow").iter(batch_size=ROWS_PER_FILE)):
-            check(role, batch.to_pydict())
+            try:
+                check(role, batch.to_pydict())
+            except DataError as err:  # name the row within the split, not within the batch
+                shifted = [(_shift_row(field, counts[role]), message) for field, message in err.problems]
+                raise DataError(*shifted[0], *shifted[1:]) from None
             pq.write_table(batch, out / f"part-{i:05d}.parquet")
             counts[role] += batch.num_rows
     shutil.rmtree(folder, ignore_errors=True)
@@ -76,12 +81,18 @@ def stage_splits(
     return counts
 
 
-def staged_texts(folder: str, role: str, column: str) -> Iterator[list[str]]:
-    """One staged split's text column, a file at a time (what a tokenizer is trained on)."""
+def _shift_row(field: str, offset: int) -> str:
+    """`data.input_column[train][5]` -> `...[offset + 5]`: a field naming a row of a batch names it in the split."""
+    match = re.fullmatch(r"(.*)\[(\d+)\]", field)
+    return f"{match[1]}[{offset + int(match[2])}]" if match else field
+
+
+def staged_texts(folder: str, role: str, column: str) -> Iterator[str]:
+    """One staged split's texts in order, read a file at a time (what a tokenizer is trained on)."""
     import pyarrow.parquet as pq
 
     for path in _files(folder, [role]):
-        yield pq.read_table(path, columns=[column]).column(column).to_pylist()
+        yield from pq.read_table(path, columns=[column]).column(column).to_pylist()
 
 
 def read_staged(folder: str, role: str) -> Table:
