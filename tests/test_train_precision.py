@@ -193,10 +193,10 @@ def test_the_gpu_finetune_spec_trains_on_cpu_under_zero3_with_parameters_offload
     assert model.hf.config.n_layer == 2  # the pretrained folder's model, fine-tuned
 
 
-def test_the_gpu_script_checks_its_specs_as_they_would_run():
+def test_the_gpu_script_checks_its_specs_as_they_would_run(tmp_path):
     script = ROOT / "benchmarks" / "gpu_large_model.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    env = {**os.environ, "STEWARD": STEWARD_BIN}
+    env = {**os.environ, "STEWARD": STEWARD_BIN, "OUT": str(tmp_path)}  # validation audits into the output folder
     done = subprocess.run([str(script), "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ok jobs/bench-memory.yaml" in done.stdout and "ok jobs/gpu-zero3-finetune.yaml" in done.stdout
