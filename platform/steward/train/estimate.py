@@ -157,6 +157,7 @@ def _deepspeed_states(spec: JobSpec, size: ModelSize) -> float:
     Parameters and gradients in the training precision; from stage 1 an fp32 copy of this rank's partition of the
     trained weights (kept even when they are fp32 already) and its optimizer states; at stage 0 in half precision
     DeepSpeed's optimizer keeps the fp32 copy of everything and makes fp32 copies of the gradients at each step.
+    What was measured beyond this (bench-memory) is in RUNTIME_MB and the fp32 weights a model was built with.
     """
     dist, precision = spec.distributed, spec.train.precision
     n, t, w, stage = size.parameters, size.trainable, dist.num_workers, dist.zero_stage
@@ -165,9 +166,12 @@ def _deepspeed_states(spec: JobSpec, size: ModelSize) -> float:
     params = pb * n / (w if stage == 3 else 1)
     grads = pb * t / (w if stage >= 2 else 1)
     master = 4.0 * t / (w if stage >= 1 else 1) if (stage >= 1 or precision != "fp32") else 0.0
-    # At stage 0 in half precision the optimizer's step copies each gradient to fp32, then flattens the copies.
-    copies = 8.0 * t if stage == 0 and precision != "fp32" else 0.0
-    return params + grads + master + copies + moments * t / (w if stage >= 1 else 1)
+    # At stage 0 in half precision the optimizer's step copies the gradients to fp32.
+    copies = 4.0 * t if stage == 0 and precision != "fp32" else 0.0
+    # Models are built in fp32: DeepSpeed casts them to half precision, and the fp32 weights it frees stay in the
+    # allocator's heap (a partitioned build leaves only this rank's partitions there).
+    built = 0.0 if precision == "fp32" else 4.0 * n / (w if zero_init_builds(spec) else 1)
+    return params + grads + master + copies + built + moments * t / (w if stage >= 1 else 1)
 
 
 def _deepspeed_buckets(spec: JobSpec, size: ModelSize) -> float:
@@ -183,10 +187,7 @@ def _deepspeed_buckets(spec: JobSpec, size: ModelSize) -> float:
     # Gathered parameters: the layer running and those prefetched, at most max_live_parameters.
     prefetch = zero.get("stage3_prefetch_bucket_size", 50_000_000)
     live = min(size.parameters, zero.get("stage3_max_live_parameters", 1_000_000_000), prefetch)
-    # A model built partitioned (build_model_for) leaves its per-layer partitions, freed once DeepSpeed copies them
-    # into its flat buffer, in the allocator's heap.
-    built = pb * size.parameters / spec.distributed.num_workers if zero_init_builds(spec) else 0.0
-    return reduce + pb * (live + 2 * size.largest_layer) + built
+    return reduce + pb * (live + 2 * size.largest_layer)
 
 
 def placement(spec: JobSpec, nodes: list[Node]) -> list[tuple[Node, int]]:
