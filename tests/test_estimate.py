@@ -129,7 +129,7 @@ def test_train_refuses_a_spec_that_cannot_fit_with_exit_2_before_any_worker_star
     assert done.returncode == 2, done.stderr[-3000:]
     assert "error: distributed.zero_stage: each of the 2 workers needs about" in done.stderr
     assert "no ZeRO stage or offload fits" in done.stderr and "Traceback" not in done.stderr
-    [run_dir] = out.glob("*/*")
+    [run_dir] = out.glob("bench-memory/*")
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "failed" and "no ZeRO stage or offload fits" in status["error"]
     assert not (run_dir / "history.jsonl").exists() and not (run_dir / "train").exists()  # no worker ever ran
