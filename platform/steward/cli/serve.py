@@ -113,7 +113,10 @@ def deploy_and_wait(
     console.print(f"serving [bold]{deployed.name}[/] from {run_dir}")
     monitored = ("GET /monitor", "POST /feedback") if job.monitor else ()
     infer = f"POST /v2/models/{deployed.name}/infer"
-    for route in ("POST /predict", "POST /explain", infer, *monitored, "GET /healthz", "GET /info"):
+    routes = ("POST /predict", "POST /explain", infer, *monitored)
+    if job.model.task == "causal_lm":  # the OpenAI-compatible generation API (steward.serve.generate_app)
+        routes = ("POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models")
+    for route in (*routes, "GET /healthz", "GET /info"):
         method, path = route.split()
         console.print(f"  {method:4} {deployed.url}{path}", markup=False)
     if is_local(address):  # the embedded Ray lives as long as this process
