@@ -140,25 +140,29 @@ def _check_rows(table: Table, role: str, columns: Columns, info: DataInfo) -> No
         encode_labels(table[columns.label], info.label_names, role)
 
 
-def load_splits(spec: JobSpec, info: DataInfo) -> dict[str, Split]:
-    """Every declared split (train, and validation / test when the spec has them) as tensors.
+def load_splits(spec: JobSpec, info: DataInfo, roles: list[str] | None = None) -> dict[str, Split]:
+    """The declared splits (train, and validation / test when the spec has them; or those of `roles` it has) as
+    tensors.
 
     Deterministic in (spec, spec.seed), so every Ray worker builds the same rows; text is tokenized with the
     tokenizer at info.tokenizer_dir, padded and truncated to data.max_length. A streamed job's train split is
     streamed, never loaded: its validation and test come from the staged files (or, when those are gone, are cut
     from the source again).
     """
+    wanted = [role for role in spec.data.splits if roles is None or role in roles]
     if spec.data.streaming:
-        roles = [role for role in spec.data.splits if role != "train"]
+        wanted = [role for role in wanted if role != "train"]
         if info.stream_dir and Path(info.stream_dir).is_dir():
             columns = resolve_columns(spec, Source(spec.data.source, {}))
-            tables = {role: read_staged(info.stream_dir, role) for role in roles}
+            tables = {role: read_staged(info.stream_dir, role) for role in wanted}
         else:
-            columns, tables = _tables(spec, roles=roles)
+            columns, tables = _tables(spec, roles=wanted)
     else:
-        columns, tables = _tables(spec)
+        columns, tables = _tables(spec, roles=wanted)
     splits = {role: _split(table, role, columns, info, spec) for role, table in tables.items()}
-    if spec.train.mitigation is not None:  # group-balanced resampling or reweighing of the training rows only
+    if (
+        spec.train.mitigation is not None and "train" in splits
+    ):  # group-balanced resampling or reweighing of the training rows only
         splits["train"] = mitigate_train(splits["train"], spec, info)
     return splits
 

@@ -24,7 +24,7 @@ from steward.spec import JobSpec
 from steward.train.checkpoint import checkpoint_dir, restore
 from steward.train.probe import StepProbe, peak_memory_mb
 from steward.train.session import Session, train_session
-from steward.train.strategy import build_engine, build_model_for
+from steward.train.strategy import build_engine
 
 HISTORY = "history.jsonl"
 
@@ -48,7 +48,8 @@ def train_loop(config: dict, session: Session | None = None) -> None:
     sys.setswitchinterval(0.1)
     torch.manual_seed(spec.seed)
 
-    splits = load_splits(spec, info)  # a streamed job's validation and test; its train rows come from `train`
+    # the splits training reads (a streamed job's train rows come from `train` below, never from memory)
+    splits = load_splits(spec, info, ["train", "validation"])
     if spec.train.include_validation:
         validation = splits.pop("validation")
         if not spec.data.streaming:  # a streamed train split has the validation rows staged into it
