@@ -24,7 +24,7 @@ from steward.spec import JobSpec
 from steward.train.checkpoint import checkpoint_dir, restore
 from steward.train.probe import StepProbe, peak_memory_mb
 from steward.train.session import Session, train_session
-from steward.train.strategy import build_engine
+from steward.train.strategy import build_engine, build_model_for
 
 HISTORY = "history.jsonl"
 
