@@ -19,6 +19,7 @@ EXAMPLE = ROOT / "cluster" / "policy.example.yaml"
 # (each of these jobs says so in a comment at its top).
 DELIBERATE = {
     "quickstart.yaml": {"serving_requires_auth"},  # the quickstart serves without keys so that `curl` just works
+    "sweep-to-endpoint.yaml": {"serving_requires_auth"},  # the quickstart's digits, swept: served as it is served
     # benchmarks: synthetic text without PII, measured on exactly this data; the load generator sends no keys
     "bench-zero.yaml": {"text_requires_pii_masking"},
     "bench-serve.yaml": {"text_requires_pii_masking", "serving_requires_auth"},
