@@ -28,6 +28,8 @@ BYTES = {"fp32": (4.0, 4.0, 8.0), "bf16": (2.0, 2.0, 12.0), "fp16": (2.0, 2.0, 1
 # Measured here (bench-memory): a training worker's resident memory besides model states, buckets and
 # activations -- the process with torch, Ray, DeepSpeed and the data (~520 MB), and what its first steps add.
 RUNTIME_MB = 750.0
+# ...and what ZeRO-3 adds to it (its parameter coordinator, hooks and prefetch state), measured the same way.
+STAGE3_RUNTIME_MB = 450.0
 # Ray's memory monitor kills workers above this share of a node's memory (RAY_memory_usage_threshold's default);
 # Ray's own processes and the driver keep RESERVED bytes of what is left.
 MONITOR_THRESHOLD = 0.95
@@ -148,7 +150,9 @@ def estimate(spec: JobSpec, size: ModelSize) -> Estimate:
     activations = size.activation_bytes * (1.0 if precision == "fp32" else 0.6)
     formula = zero_model_state_bytes(t, dist.zero_stage if dist.strategy == "deepspeed" else 0, w, precision)
     formula += BYTES[precision][0] * (n - t)  # frozen weights (under an adapter): parameters only
-    return Estimate(states, buckets, activations, RUNTIME_MB * MB, formula)
+    stage3 = dist.strategy == "deepspeed" and dist.zero_stage == 3
+    runtime = (RUNTIME_MB + (STAGE3_RUNTIME_MB if stage3 else 0.0)) * MB
+    return Estimate(states, buckets, activations, runtime, formula)
 
 
 def _deepspeed_states(spec: JobSpec, size: ModelSize) -> float:
@@ -171,6 +175,8 @@ def _deepspeed_states(spec: JobSpec, size: ModelSize) -> float:
     # Models are built in fp32: DeepSpeed casts them to half precision, and the fp32 weights it frees stay in the
     # allocator's heap (a partitioned build leaves only this rank's partitions there).
     built = 0.0 if precision == "fp32" else 4.0 * n / (w if zero_init_builds(spec) else 1)
+    # ZeRO-3 steps its optimizer on fp32 copies of this rank's gradient partition.
+    copies += 4.0 * t / w if stage == 3 else 0.0
     return params + grads + master + copies + built + moments * t / (w if stage >= 1 else 1)
 
 
@@ -187,7 +193,9 @@ def _deepspeed_buckets(spec: JobSpec, size: ModelSize) -> float:
     # Gathered parameters: the layer running and those prefetched, at most max_live_parameters.
     prefetch = zero.get("stage3_prefetch_bucket_size", 50_000_000)
     live = min(size.parameters, zero.get("stage3_max_live_parameters", 1_000_000_000), prefetch)
-    return reduce + pb * (live + 2 * size.largest_layer)
+    # A partitioned build leaves the partitions zero.Init made, freed when DeepSpeed flattens them, in the heap.
+    flattened = pb * size.parameters / spec.distributed.num_workers if zero_init_builds(spec) else 0.0
+    return reduce + pb * (live + 2 * size.largest_layer) + flattened
 
 
 def placement(spec: JobSpec, nodes: list[Node]) -> list[tuple[Node, int]]:
