@@ -191,3 +191,26 @@ def test_a_workers_peak_memory_does_not_grow_with_ten_times_the_rows(ray_local, 
         peaks[times], sizes[times] = epoch["peak_memory_mb"], path.stat().st_size / 2**20
     assert sizes[10] - sizes[1] > 0.05 * peaks[1], (sizes, peaks)  # holding the data would break the bound below
     assert abs(peaks[10] - peaks[1]) <= 0.05 * peaks[1], peaks
+
+
+def test_the_progress_bar_shows_tokens_per_second(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from steward.train.progress import HistoryProgress
+
+    history = tmp_path / "history.jsonl"
+    step = {"kind": "step", "epoch": 1, "step": 5, "loss": 0.5, "lr": 1e-3, "tokens_per_s": 12345.6}
+    history.write_text(json.dumps({"kind": "start", "epoch": 0}) + "\n" + json.dumps(step) + "\n")
+    shown = io.StringIO()
+    with HistoryProgress(history, epochs=2, console=Console(file=shown, width=200), interval=0.05):
+        pass
+    assert "tokens_per_s 1.235e+04" in shown.getvalue()
+    epoch = {"kind": "epoch", "epoch": 1, "step": 10, "train_loss": 0.4, "samples_per_s": 80.0, "tokens_per_s": 9000.0}
+    with history.open("a") as out:
+        out.write(json.dumps(epoch) + "\n")
+    shown = io.StringIO()
+    with HistoryProgress(history, epochs=2, console=Console(file=shown, width=200), interval=0.05):
+        pass
+    assert "samples_per_s 80  tokens_per_s 9000" in shown.getvalue()
