@@ -84,23 +84,28 @@ class EventStream(StreamingResponse):
 
 async def pieces(sequence: Sequence, stream: TextStream) -> AsyncIterator[tuple[str, str | None, int]]:
     """(text, finish reason or None, tokens so far) as the decoder hands `sequence` its tokens; a stop sequence
-    ends the request in the decoder too."""
+    ends the request in the decoder too. Tokens that arrived while the last piece was being sent go out as one."""
     count = 0
     while True:
-        token = await sequence.tokens.get()
-        if token.finish == "error":
-            raise GenerationFailed
-        count += 1
-        piece, stopped = stream.push(token.id)
-        if stopped:
-            sequence.end("stop_sequence")
-            yield piece, "stop", count
-            return
-        if token.finish is not None:
-            yield piece + stream.flush(), token.finish, count
-            return
-        if piece:
-            yield piece, None, count
+        tokens = [await sequence.tokens.get()]
+        while not sequence.tokens.empty():
+            tokens.append(sequence.tokens.get_nowait())
+        text = []
+        for token in tokens:
+            if token.finish == "error":
+                raise GenerationFailed
+            count += 1
+            piece, stopped = stream.push(token.id)
+            text.append(piece)
+            if stopped:
+                sequence.end("stop_sequence")
+                yield "".join(text), "stop", count
+                return
+            if token.finish is not None:
+                yield "".join(text) + stream.flush(), token.finish, count
+                return
+        if any(text):
+            yield "".join(text), None, count
 
 
 @serve.deployment(name=DEPLOYMENT)

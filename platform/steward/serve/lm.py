@@ -80,31 +80,38 @@ def open_language_model(source: ModelSource) -> LanguageModel:
 
 class TextStream:
     """Generated token ids in, text out: each piece is sent once it can no longer be part of a stop sequence (nor
-    half of a UTF-8 character); the text ends before the first stop sequence, which is never sent."""
+    half of a UTF-8 character); the text ends before the first stop sequence, which is never sent.
+
+    Each token is decoded with the few before it (whose text is known), not the whole text again: a byte-level
+    tokenizer's text of a token can depend on its neighbours."""
 
     def __init__(self, lm: LanguageModel, stop: list[str]) -> None:
         self.lm, self.stop = lm, stop
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = []
+        self.text = ""  # the decoded text so far
+        self.prefix = self.read = 0  # ids[prefix:read] decode to the end of `text`
         self.sent = 0  # characters of the text already handed out
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add a token; returns the text now safe to send, and whether a stop sequence ended the text."""
         self.ids.append(token)
-        text = self.lm.decode(self.ids)
-        found = [i for i in (text.find(s, self.sent) for s in self.stop) if i >= 0]
+        known = self.lm.decode(self.ids[self.prefix : self.read])
+        now = self.lm.decode(self.ids[self.prefix :])
+        if now.endswith("\ufffd") or len(now) <= len(known):  # a character whose bytes are not all here yet
+            return "", False
+        self.text += now[len(known) :]
+        self.prefix, self.read = self.read, len(self.ids)
+        found = [i for i in (self.text.find(s, self.sent) for s in self.stop) if i >= 0]
         if found:
             end = min(found)
-            piece, self.sent = text[self.sent : end], end
+            piece, self.sent = self.text[self.sent : end], end
             return piece, True
-        if text.endswith("\ufffd"):  # a character whose bytes are not all generated yet
-            return "", False
-        safe = max(self.sent, len(text) - self.hold)
-        piece, self.sent = text[self.sent : safe], safe
+        safe = max(self.sent, len(self.text) - self.hold)
+        piece, self.sent = self.text[self.sent : safe], safe
         return piece, False
 
     def flush(self) -> str:
         """What is left to send once generation ended without a stop sequence."""
-        text = self.lm.decode(self.ids)
-        piece, self.sent = text[self.sent :], len(text)
+        piece, self.sent = self.text[self.sent :], len(self.text)
         return piece

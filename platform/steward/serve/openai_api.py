@@ -138,6 +138,7 @@ class Reply:
     def __init__(self, model: str, chat: bool) -> None:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created, self.model, self.chat = int(time.time()), model, chat
+        self._around: tuple[bytes, bytes] | None = None
 
     def whole(self, text: str, finish: str, usage: dict[str, int]) -> dict:
         """The non-streamed reply."""
@@ -147,6 +148,14 @@ class Reply:
 
     def chunk(self, text: str, finish: str | None = None, first: bool = False) -> bytes:
         """One server-sent event carrying `text` (and, last, the finish reason)."""
+        if finish is None and not first and text:  # the common event: its bytes around the text are made once
+            if self._around is None:
+                head, tail = self._chunk(PLACEHOLDER, None, False).split(PLACEHOLDER_JSON)
+                self._around = head, tail
+            return self._around[0] + json.dumps(text).encode() + self._around[1]
+        return self._chunk(text, finish, first)
+
+    def _chunk(self, text: str, finish: str | None, first: bool) -> bytes:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
         if self.chat:
             choice["delta"] = ({"role": "assistant"} if first else {}) | ({"content": text} if text or first else {})
@@ -168,6 +177,8 @@ def event(payload: dict) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+PLACEHOLDER = "\x00"  # never in generated text: _check_text refuses NUL in prompts, and a tokenizer's text has none
+PLACEHOLDER_JSON = json.dumps(PLACEHOLDER).encode()
 
 
 def usage(prompt: int, completion: int) -> dict[str, int]:
