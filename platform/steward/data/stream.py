@@ -2,10 +2,10 @@
 
 The driver cuts the splits exactly as the in-memory path does and writes them into the run folder batch by batch
 (`data/<role>/part-*.parquet`), checking each batch on the way, so a bad row fails before any worker starts and
-nothing holds a whole split. Training reads the staged train split through a Ray Data pipeline (read_parquet, then
-map_batches that tokenizes); the TorchTrainer deals each worker its own shard (`ray.train.get_dataset_shard`), so a
-worker's memory is bounded by a few batches, not by the data set. Validation and test are small and are read back
-in memory for evaluation.
+nothing holds a whole split. Training reads the staged train split through a Ray Data pipeline (the staged files,
+then a map_batches that reads and tokenizes one file a task); the TorchTrainer deals each worker its own shard
+(`ray.train.get_dataset_shard`), so a worker's memory is bounded by a few batches, not by the data set. Validation
+and test are read back in memory for evaluation.
 """
 
 import functools
