@@ -186,11 +186,10 @@ class Decoder:
 
     def _choose(self, sequences: list[Sequence], logits: Tensor) -> list[tuple[Sequence, Token]]:
         """Each request's next token from its row of `logits`, with its log-probability under the model."""
-        logprobs = F.log_softmax(logits, dim=-1)
         chosen = choose_tokens(logits, [s.sampling for s in sequences], [s.generator for s in sequences])
+        logprobs = F.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
         out = []
-        for row, s in enumerate(sequences):
-            token = int(chosen[row])
+        for s, token, logprob in zip(sequences, chosen.tolist(), logprobs, strict=True):
             s.generated += 1
             finish = None
             if token in self.lm.eos:
@@ -198,7 +197,7 @@ class Decoder:
             elif s.generated >= s.sampling.max_tokens or len(s.prompt) + s.generated >= self.lm.context:
                 finish = "length"
             s.finished = finish is not None
-            out.append((s, Token(token, float(logprobs[row, token]), finish)))
+            out.append((s, Token(token, logprob, finish)))
         self.counts["tokens"] += len(out)
         self.counts.update(t.finish for _, t in out if t.finish)
         return out
@@ -233,10 +232,12 @@ def _pad_left(t: Tensor, width: int) -> Tensor:
 def choose_tokens(logits: Tensor, sampling: list[Sampling], generators: list[torch.Generator | None]) -> Tensor:
     """The next token of each row: argmax at temperature 0, else a draw from softmax(logits / temperature) cut to
     each row's top_k and top_p. A row with a seed draws from its own generator, so its text repeats."""
-    logits = logits.clone()
-    for row, s in enumerate(sampling):
-        for token, bias in s.logit_bias.items():
-            logits[row, token] += bias
+    biased = [(row, token, bias) for row, s in enumerate(sampling) for token, bias in s.logit_bias.items()]
+    if biased:
+        rows, tokens, biases = zip(*biased, strict=True)
+        logits = logits.index_put(
+            (torch.tensor(rows), torch.tensor(tokens)), torch.tensor(biases, dtype=logits.dtype), accumulate=True
+        )
     greedy = logits.argmax(dim=-1)
     if all(s.temperature == 0 for s in sampling):
         return greedy
