@@ -224,3 +224,12 @@ def test_a_rayservice_can_serve_a_registered_version_from_the_clusters_mlflow_se
         manifests(load_job(JOBS / "quickstart.yaml"), "rayservice", model="models:/quickstart@champion")
     with pytest.raises(StewardError, match="--model"):
         manifests(job, "rayservice", model="models:/quickstart@champion; rm -rf /")
+
+
+def test_a_language_model_registers_but_its_pyfunc_model_says_to_serve_it(tmp_path):
+    spec, run_dir = trained_run(tmp_path, "tiny-gpt.yaml", "data.options.num_samples=200", epochs=1)
+    version, uri = registered(spec, run_dir)
+    assert version.gates["fairness"] == "not_used" and "challenger" in version.aliases
+    mlflow.set_tracking_uri(uri)
+    with pytest.raises(Exception, match="steward serve"):
+        mlflow.pyfunc.load_model(f"models:/{spec.name}/{version.version}")

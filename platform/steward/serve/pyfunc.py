@@ -36,7 +36,13 @@ class StewardModel(PythonModel):
         from steward.serve.model import load_served_model
 
         run_dir = Path(context.artifacts[RUN_ARTIFACT])
-        self.served = load_served_model(read_spec(run_dir), run_dir)
+        spec = read_spec(run_dir)
+        if spec.model.task != "classification":
+            raise ValueError(
+                f"{spec.name} is a {spec.model.task} model: the pyfunc model scores classifiers; serve a language "
+                "model with `steward serve` (its OpenAI-compatible /v1 API)"
+            )
+        self.served = load_served_model(spec, run_dir)
 
     # a DataFrame as MLflow's type hint (it then infers no schema: raw instances have none); lists, arrays and
     # dicts like a /predict body are taken too
