@@ -111,11 +111,12 @@ class Run:
 
     def succeed(self, event: str = "run.finished", status: dict | None = None, **audited: Any) -> None:
         """Record success: status.json (published last, so a run cut short while uploading never reads as
-        succeeded) and the audit event, which carries the data and model hashes from the card."""
+        succeeded), the audit event, which carries the data and model hashes from the card, and the model's
+        registration (registry.json is published with the run)."""
         set_status(self.run_dir, "succeeded", **(status or {}))
         record_run(event, self.run_dir, self.job.output_dir, kind=self.kind, **audited)
-        publish(self.job, self.run_dir)
         version = register(self.tracker, self.job, self.run_dir) if self.kind != "bench" else None
+        publish(self.job, self.run_dir)
         self._track("succeeded")
         if self.console is not None and self.tracker.on:
             self.console.print(f"tracked in MLflow: [bold]{escape(ui_command(self.tracker.uri))}[/]")

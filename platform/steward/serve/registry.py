@@ -85,8 +85,7 @@ def register_run(run_dir: Path) -> Version:
     if status.get("state") != "succeeded" or not (run_dir / "model" / "model.json").exists():
         raise RegistryError(f"{run_dir}: not a succeeded run folder with a model; pass runs/<name>/<run-id>")
     if (run_dir / REGISTERED).exists():
-        info = json.loads((run_dir / REGISTERED).read_text())
-        raise RegistryError(f"{run_dir}: already registered as models:/{info.get('name')}/{info.get('version')}")
+        raise RegistryError(f"{run_dir}: already registered ({REGISTERED} says which version)")
     job = read_spec(run_dir)
     job = job.model_copy(update={"tracking": job.tracking.model_copy(update={"enabled": True, "registry": True})})
     problems: list[str] = []
