@@ -80,6 +80,24 @@ def test_a_run_lands_on_a_real_mlflow_server_with_params_tags_metrics_and_artifa
     assert {a.path for a in client.list_artifacts(tracker.run_id)} >= {"spec.yaml", "metrics.json"}
 
 
+def test_a_run_registers_on_a_real_mlflow_server_and_comes_back_through_its_artifact_proxy(run, server, tmp_path):
+    from steward.serve.model import REGISTERED
+    from steward.serve.registry import fetch, register
+
+    warnings = []
+    job, run_dir, tracker = tracked(run, server, warnings)
+    version = register(tracker, job, run_dir)
+    tracker.finish(run_dir, "succeeded")
+    assert warnings == [] and version is not None and version.aliases == ("challenger",)
+    assert MlflowClient(server).get_model_version_by_alias("quickstart", "challenger").run_id == tracker.run_id
+    folder = fetch(f"models:/quickstart/{version.version}", server, tmp_path / "fetched")
+    assert (folder / "model" / "model.safetensors").read_bytes() == (
+        run_dir / "model" / "model.safetensors"
+    ).read_bytes()
+    (run_dir / TRACKED).unlink()  # the next tests start their own MLflow runs
+    (run_dir / REGISTERED).unlink()
+
+
 def test_a_resumed_run_continues_its_mlflow_run(run, tmp_path):
     store = f"sqlite:///{tmp_path / 'resume.db'}"
     _, run_dir, first = tracked(run, store, [])

@@ -281,7 +281,9 @@ def _download(client: Any, version: Version, scratch: Path) -> Path:
     from steward.serve.pyfunc import RUN_ARTIFACT
 
     source = client.get_model_version_download_uri(version.name, version.version)
-    model = Path(download_artifacts(artifact_uri=f"{source}/artifacts", dst_path=str(scratch)))
+    # the store's own URI, not the process's: a server's artifacts (mlflow-artifacts:/) are fetched through it
+    uri = client.tracking_uri
+    model = Path(download_artifacts(f"{source}/artifacts", dst_path=str(scratch), tracking_uri=uri, registry_uri=uri))
     if not (model / RUN_ARTIFACT).is_dir():
         raise RegistryError(f"models:/{version.name}/{version.version}: not a steward model (no run artifact)")
     return model / RUN_ARTIFACT
