@@ -54,6 +54,15 @@ def biased(tmp_path_factory):
     return spec, run_dir, *registered(spec, run_dir)
 
 
+@pytest.fixture
+def point_mlflow(monkeypatch):
+    """mlflow's global tracking URI for one test: set_tracking_uri also sets $MLFLOW_TRACKING_URI, which every later
+    subprocess (a steward CLI) would inherit; both are undone after the test."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    yield mlflow.set_tracking_uri
+    mlflow.set_tracking_uri(None)
+
+
 def models(output_dir, *args):
     return steward("models", *args, "--output-dir", str(output_dir))
 
@@ -148,9 +157,9 @@ def test_a_tampered_version_is_refused_before_it_is_served(tmp_path):
     assert not (tmp_path / "fetched" / "quickstart" / "1").exists()
 
 
-def test_the_pyfunc_model_answers_as_the_served_model_does_for_images_and_texts(digits, biased):
+def test_the_pyfunc_model_answers_as_the_served_model_does_for_images_and_texts(digits, biased, point_mlflow):
     output_dir, [(spec, run_dir, version, uri), *_] = digits
-    mlflow.set_tracking_uri(uri)
+    point_mlflow(uri)
     model = mlflow.pyfunc.load_model(f"models:/quickstart/{version.version}")
     instances = validation_inputs(spec, 8)
     expected = offline_probabilities(run_dir, spec, instances)
@@ -159,7 +168,7 @@ def test_the_pyfunc_model_answers_as_the_served_model_does_for_images_and_texts(
         np.testing.assert_allclose(np.stack(answered["probabilities"]), expected, rtol=1e-5, atol=1e-6)
         assert list(answered["class_id"]) == list(expected.argmax(axis=1))
     text_spec, text_dir, text_version, text_uri = biased
-    mlflow.set_tracking_uri(text_uri)
+    point_mlflow(text_uri)
     texts = validation_inputs(text_spec, 4)
     answered = mlflow.pyfunc.load_model(f"models:/{text_spec.name}/{text_version.version}").predict(texts)
     np.testing.assert_allclose(np.stack(answered["probabilities"]), offline_probabilities(text_dir, text_spec, texts),
@@ -167,7 +176,7 @@ def test_the_pyfunc_model_answers_as_the_served_model_does_for_images_and_texts(
 
 
 @pytest.mark.slow
-def test_steward_serve_serves_the_champion_from_the_registry_as_pyfunc_predicts(digits):
+def test_steward_serve_serves_the_champion_from_the_registry_as_pyfunc_predicts(digits, point_mlflow):
     output_dir, [(spec, run_dir, version, uri), *_] = digits
     client = MlflowClient(uri)
     client.set_registered_model_alias("quickstart", "champion", version.version)
@@ -175,8 +184,10 @@ def test_steward_serve_serves_the_champion_from_the_registry_as_pyfunc_predicts(
     sets = [f"output_dir={output_dir}", "serve.autoscaling=null", "serve.route_prefix=/reg"]
     argv = [sys.executable, "-m", "steward", "serve", str(JOBS / "quickstart.yaml"), "--model",
             "models:/quickstart@champion", "--port", str(port), *(x for s in sets for x in ("--set", s))]  # fmt: skip
+    # the embedded Ray and the spec's own registry, whatever this process points at
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     server = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})  # fmt: skip
+                              env=env)  # fmt: skip
     url = f"http://127.0.0.1:{port}/reg"
     try:
         wait_for(lambda: _up(url) or server.poll() is not None, 180, "the registered model to serve")
@@ -186,7 +197,7 @@ def test_steward_serve_serves_the_champion_from_the_registry_as_pyfunc_predicts(
         assert "champion" in info["registry"]["aliases"]
         instances = validation_inputs(spec, 6)
         served = requests.post(f"{url}/predict", json={"instances": instances}, timeout=30).json()
-        mlflow.set_tracking_uri(uri)
+        point_mlflow(uri)
         scored = mlflow.pyfunc.load_model("models:/quickstart@champion").predict(instances)
         assert [p["label"] for p in served["predictions"]] == list(scored["label"])
         served_p = np.array([p["probabilities"] for p in served["predictions"]])
@@ -226,10 +237,10 @@ def test_a_rayservice_can_serve_a_registered_version_from_the_clusters_mlflow_se
         manifests(job, "rayservice", model="models:/quickstart@champion; rm -rf /")
 
 
-def test_a_language_model_registers_but_its_pyfunc_model_says_to_serve_it(tmp_path):
+def test_a_language_model_registers_but_its_pyfunc_model_says_to_serve_it(tmp_path, point_mlflow):
     spec, run_dir = trained_run(tmp_path, "tiny-gpt.yaml", "data.options.num_samples=200", epochs=1)
     version, uri = registered(spec, run_dir)
     assert version.gates["fairness"] == "not_used" and "challenger" in version.aliases
-    mlflow.set_tracking_uri(uri)
+    point_mlflow(uri)
     with pytest.raises(Exception, match="steward serve"):
         mlflow.pyfunc.load_model(f"models:/{spec.name}/{version.version}")

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -248,13 +249,7 @@ def follow(address: str | None, job_id: str, write: Callable[[str], None]) -> Jo
         if info.ended:
             write(logs(address, job_id))
             return info
-        # A loop of our own, not asyncio.run: Ctrl-C then raises at once wherever the stream is (asyncio.run would
-        # cancel the stream and wait for its close handshake, which the Jobs API never answers).
-        loop = asyncio.new_event_loop()
-        try:
-            loop.run_until_complete(_tail(address, job_id, write))
-        finally:
-            loop.close()
+        _in_background(lambda: _stream(address, job_id, write))
         info = job_info(address, job_id)
     except KeyboardInterrupt:
         raise RunInterrupted(
@@ -266,6 +261,34 @@ def follow(address: str | None, job_id: str, write: Callable[[str], None]) -> Jo
             f"`steward jobs logs {job_id} --follow` starts again from the top"
         )
     return info
+
+
+def _stream(address: str | None, job_id: str, write: Callable[[str], None]) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(_tail(address, job_id, write))
+    finally:
+        loop.close()
+
+
+def _in_background(call: Callable[[], object]) -> None:
+    """`call` in a daemon thread while this one waits, so that Ctrl-C stops following at once: the stream's own
+    code (a close handshake the Jobs API never answers, a blocking read) cannot hold the KeyboardInterrupt up, and
+    the process exits without waiting for it."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread as it is
+            failed.append(err)
+
+    worker = threading.Thread(target=run, name="steward-follow", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if failed:
+        raise failed[0]
 
 
 async def _tail(address: str | None, job_id: str, write: Callable[[str], None]) -> None:
