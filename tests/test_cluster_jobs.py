@@ -152,7 +152,12 @@ class Following:
         self.loaded, self.stderr = tmp_path / f"{job_id}.modules.json", tmp_path / f"{job_id}.stderr"
         argv = [sys.executable, "-c", CLI, str(self.loaded), "jobs", "logs", job_id, "--follow", "--address", address]
         with self.stderr.open("w") as err:
-            self.process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+            # Ctrl-C as a terminal sends it: pytest-xdist's workers ignore SIGINT, and a child inheriting that
+            # would never see it (Python installs no KeyboardInterrupt handler over an ignored SIGINT)
+            self.process = subprocess.Popen(
+                argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            )  # fmt: skip
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
