@@ -174,14 +174,7 @@ class Tracker:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICER)
         self.uri = uri
-        for key, value in CLIENT_ENV.items():
-            os.environ.setdefault(key, value)
-        from mlflow import MlflowClient  # here: it takes a second to import, and light commands never track
-
-        # the store's one-time table set-up says so at INFO on every new output_dir: not news for a steward user
-        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = mlflow_client(uri)
         self.experiment_id = self._experiment(job, uri)
         before = json.loads((run_dir / TRACKED).read_text()) if (run_dir / TRACKED).exists() else {}
         tags = {"steward.kind": kind, "steward.run_folder": str(run_dir), "steward.spec_hash": spec_hash(job)}
@@ -271,6 +264,17 @@ def warm_model_logging() -> None:
         from mlflow.utils.requirements_utils import _init_packages_to_modules_map
 
         _init_packages_to_modules_map()
+
+
+def mlflow_client(uri: str) -> Any:
+    """An MlflowClient for the tracking store and registry at `uri`, with steward's client settings."""
+    for key, value in CLIENT_ENV.items():
+        os.environ.setdefault(key, value)
+    from mlflow import MlflowClient  # here: it takes a second to import, and light commands never track
+
+    # the store's one-time table set-up says so at INFO on every new output_dir: not news for a steward user
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:

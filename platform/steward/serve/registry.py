@@ -29,7 +29,7 @@ from steward.serve.model import REGISTERED
 from steward.spec import JobSpec
 from steward.spec.tracking import ALIAS, MODEL_URI, NAME
 from steward.storage import is_uri
-from steward.tracking import CLIENT_ENV, STORE, Tracker, tracking_uri
+from steward.tracking import STORE, Tracker, mlflow_client, tracking_uri
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 GATES = ("fairness", "int8", "policy")
@@ -161,11 +161,7 @@ def open_registry(uri: str) -> Any:
             f"no model registry at {uri}: train with tracking on first, or pass --tracking-uri (or set "
             "$MLFLOW_TRACKING_URI) to the registry's MLflow server"
         )
-    for key, value in CLIENT_ENV.items():
-        os.environ.setdefault(key, value)
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return mlflow_client(uri)
 
 
 def default_uri(output_dir: str | Path) -> str:
