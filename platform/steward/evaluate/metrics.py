@@ -7,6 +7,11 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
 
+def perplexity(loss: float) -> float:
+    """exp of a mean token loss, capped so a diverged model reports a huge number rather than overflowing."""
+    return math.exp(min(loss, 50.0))
+
+
 def compute_metrics(
     names: Sequence[str], labels: np.ndarray, logits: np.ndarray, losses: np.ndarray
 ) -> dict[str, float]:
@@ -19,7 +24,7 @@ def compute_metrics(
         if name == "loss":
             out[name] = loss
         elif name == "perplexity":
-            out[name] = math.exp(min(loss, 50.0))
+            out[name] = perplexity(loss)
         elif name == "accuracy":
             out[name] = float(accuracy_score(labels, predicted))
         elif name == "precision":

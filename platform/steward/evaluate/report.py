@@ -1,4 +1,9 @@
-"""The fairness part of metrics.json: per-split tables and metrics, the gate, and each mitigation's before/after."""
+"""The fairness part of metrics.json: per-split tables and metrics, the gate, and each mitigation's before/after.
+
+A classifier and a language model write the same keys (`fairness` with `group_column` and per-split `groups` and
+`metrics`, `fairness_gate`, `fairness_gate_problems`), so the card, `steward runs`, the deploy gate and the
+registry read both alike; only the table's columns and the metrics differ.
+"""
 
 from pathlib import Path
 from typing import Any
@@ -9,6 +14,7 @@ from torch import nn
 from steward.data import DataInfo, Split, load_splits
 from steward.data.mitigate import fairness_column, positive_index
 from steward.evaluate.fairness import fairness_metrics, gate, split_report
+from steward.evaluate.lm_fairness import check_group_sizes, perplexity_gate, perplexity_report
 from steward.evaluate.predict import predict
 from steward.evaluate.thresholds import Thresholds, adjust_logits, choose_thresholds, save_thresholds
 from steward.spec import JobSpec
@@ -47,6 +53,27 @@ def fairness_result(
         out["fairness_gate_problems"] = problems
     if spec.train.mitigation is not None:
         out["mitigation"] = _mitigation(spec, splits, report, before_after, thresholds)
+    return out
+
+
+def perplexity_fairness_result(
+    spec: JobSpec, splits: dict[str, Split], predicted: dict[str, tuple[np.ndarray, ...]], gate_split: str
+) -> dict[str, Any]:
+    """A language model's `fairness` (per split: per-group perplexity table and disparity) and its gate on
+    `gate_split`. `predicted` maps split -> (labels, logits, per-row losses); only the losses are used."""
+    fair, column = spec.evaluate.fairness, fairness_column(spec)
+    if column is None:
+        raise ValueError("a fairness report needs a group column; callers check data.group_columns")
+    check_group_sizes(column, {name: splits[name].groups[column] for name in predicted}, fair)
+    report: dict[str, Any] = {"group_column": column, "measure": "perplexity", "splits": {}}
+    for name, (_, _, losses) in predicted.items():
+        report["splits"][name] = perplexity_report(losses, splits[name].groups[column], fair, spec.seed)
+    out: dict[str, Any] = {"fairness": report}
+    if fair.thresholds:
+        thresholds = {str(k): v for k, v in fair.thresholds.items()}
+        problems = perplexity_gate(report["splits"][gate_split], column, thresholds)
+        out["fairness_gate"] = "failed" if problems else "passed"
+        out["fairness_gate_problems"] = problems
     return out
 
 

@@ -13,7 +13,7 @@ from steward.errors import StewardError
 from steward.evaluate.metrics import compute_metrics
 from steward.evaluate.predict import predict
 from steward.evaluate.profile import capture_reference
-from steward.evaluate.report import fairness_result, fit_thresholds
+from steward.evaluate.report import fairness_result, fit_thresholds, perplexity_fairness_result
 from steward.evaluate.thresholds import Thresholds, adjust_logits, load_thresholds
 from steward.models import load_model
 from steward.spec import JobSpec
@@ -37,8 +37,9 @@ def evaluate(
 ) -> dict:
     """Metrics of `model` on `split` of the spec's data (default: evaluate.split, else validation), per group too.
 
-    With group columns on a classification task, also the fairness report (per-group tables, fairness metrics,
-    the gate); with `thresholds`, predictions are the per-group thresholded decisions (losses stay the model's).
+    With group columns, also the fairness report (per-group tables and fairness metrics: rates for a classifier,
+    perplexity for a language model; the gate); with `thresholds`, predictions are the per-group thresholded
+    decisions (losses stay the model's).
     """
     splits = load_splits(spec, info)
     split = split or (spec.evaluate.split if spec.evaluate.split in splits else "validation")
@@ -62,11 +63,14 @@ def evaluate(
             }
             for column, values in data.groups.items()
         }
-    if task == "classification" and spec.data.group_columns:
+    if spec.data.group_columns:
         for name in spec.evaluate.fairness.splits:
             if name in splits and name not in predicted:
                 predicted[name] = predict(model, splits[name], task, batch_size)
-        result |= fairness_result(spec, info, splits, predicted, split, thresholds)
+        if task == "classification":
+            result |= fairness_result(spec, info, splits, predicted, split, thresholds)
+        else:
+            result |= perplexity_fairness_result(spec, splits, predicted, split)
     return result
 
 

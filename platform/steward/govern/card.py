@@ -185,7 +185,12 @@ def build_card(run_dir: str | Path, spec: JobSpec | None = None, data_sha256: st
             "per_group": groups,
             "intervals": metrics.get("intervals"),
         },
-        "fairness": {"gate": gate, "report": metrics.get("fairness"), "mitigation": metrics.get("mitigation")},
+        "fairness": {
+            "gate": gate,
+            "problems": metrics.get("fairness_gate_problems", []),
+            "report": metrics.get("fairness"),
+            "mitigation": metrics.get("mitigation"),
+        },
         "explanations": _first_json(run_dir, EXPLANATION_FILES),
         "tuning": _tuning(run_dir, run_spec),
         "ethical_considerations": gov["ethical_considerations"],
@@ -293,6 +298,35 @@ def _number(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _fairness(fairness: dict[str, Any]) -> str:
+    """The fairness gate and, per split, the per-group table of metrics.json's report (a classifier's rates or a
+    language model's perplexity, each value with its bootstrap interval) and the split's fairness metrics."""
+    report = fairness["report"]
+    lines = [f"Fairness gate: **{fairness['gate']}**", *(f"- {p}" for p in fairness.get("problems", []))]
+    if not isinstance(report, dict) or not report.get("splits"):
+        return "\n".join([*lines, "", "No per-group fairness report (the spec sets no data.group_columns)."])
+    column = report.get("group_column", "group")
+    for split, found in report["splits"].items():
+        groups = found.get("groups", {})
+        names = [n for n in next(iter(groups.values()), {}) if n != "count" and not n.endswith("_ci")]
+        lines += ["", f"{split} split, by {column}:", "", f"| {column} | n | " + " | ".join(names) + " |"]
+        lines.append("|---|---|" + "---|" * len(names))
+        for value, row in groups.items():
+            cells = " | ".join(_cell(row, name) for name in names)
+            lines.append(f"| {value} | {row.get('count', '')} | {cells} |")
+        shown = ", ".join(f"{name} {_number(value)}" for name, value in found.get("metrics", {}).items())
+        lines += ["", f"Fairness metrics ({split}): {shown or 'none'}"]
+    return "\n".join(lines)
+
+
+def _cell(row: dict[str, Any], name: str) -> str:
+    """One table value, with its interval when the row has one (`<name>_ci`: [low, high])."""
+    value, interval = row.get(name), row.get(f"{name}_ci")
+    if isinstance(value, float) and isinstance(interval, list) and len(interval) == 2:
+        return _number({"value": value, "low": interval[0], "high": interval[1]})
+    return _number(value)
+
+
 def _summary(value: Any) -> str:
     return "None recorded." if value is None else "```json\n" + json.dumps(value, indent=2) + "\n```"
 
@@ -358,6 +392,8 @@ Adapter: {_adapter(train["adapter"])}
 
 ## Quantitative analyses
 {_metric_table(quant["overall"], quant["per_group"])}
+
+{_fairness(card["fairness"])}
 
 Fairness mitigation: {_summary(card["fairness"]["mitigation"])}
 

@@ -19,6 +19,6 @@ class EvaluateSpec(Section):
     per_group: bool = Field(True, description="Also compute every metric per value of each group column.")
     fairness: FairnessSpec = Field(
         default_factory=FairnessSpec,
-        description="Per-group table with bootstrap intervals, fairness metrics and the fairness gate "
-        "(classification with data.group_columns).",
+        description="Per-group table with bootstrap intervals, fairness metrics and the fairness gate, with "
+        "data.group_columns: per-group rates for classification, per-group perplexity for causal_lm.",
     )

@@ -6,15 +6,26 @@ from pydantic import Field
 
 from steward.spec.base import Label, Section
 
-# Gate metrics whose value must stay at or below the threshold (gaps) or at or above it (ratios).
-UPPER_BOUNDED = ("demographic_parity_difference", "equalized_odds_difference", "equal_opportunity_difference")
+# Gate metrics whose value must stay at or below the threshold (gaps, and the worst/best perplexity ratio) or at or
+# above it (the classifier's ratios, which are at most 1).
+UPPER_BOUNDED = (
+    "demographic_parity_difference",
+    "equalized_odds_difference",
+    "equal_opportunity_difference",
+    "perplexity_ratio",
+    "perplexity_difference",
+)
 LOWER_BOUNDED = ("demographic_parity_ratio", "disparate_impact_ratio")
+# A language model predicts no classes: its groups are compared by perplexity, worst over best.
+LM_GATE = ("perplexity_ratio", "perplexity_difference")
 GateMetric = Literal[
     "demographic_parity_difference",
     "equalized_odds_difference",
     "equal_opportunity_difference",
     "demographic_parity_ratio",
     "disparate_impact_ratio",
+    "perplexity_ratio",
+    "perplexity_difference",
 ]
 
 
@@ -37,7 +48,16 @@ class FairnessSpec(Section):
     thresholds: dict[GateMetric, float] = Field(
         default_factory=dict,
         description="The fairness gate, judged on evaluate.split: gaps (..._difference) at most, ratios at least "
-        "this value, e.g. {demographic_parity_difference: 0.1}. Empty: no gate.",
+        "this value, e.g. {demographic_parity_difference: 0.1}. A causal_lm is judged on its groups' perplexity: "
+        "perplexity_ratio (worst group's over best group's) and perplexity_difference (worst minus best) at most "
+        "this value, e.g. {perplexity_ratio: 1.25}. Empty: no gate.",
+    )
+    min_group_size: int = Field(
+        10,
+        ge=1,
+        le=1_000_000,
+        description="Fewest rows each group needs in every split of a causal_lm's per-group perplexity table; "
+        "fewer is an error, since a perplexity from a handful of texts says little about the group.",
     )
 
 
@@ -69,10 +89,33 @@ def fairness_problems(spec: Any) -> dict[str, str]:
         problems["evaluate.fairness.group_column"] = (
             f"{fairness.group_column!r} is not one of data.group_columns {groups}; add it there"
         )
+    problems |= _task_problems(spec)
     if "disparate_impact_ratio" in fairness.thresholds and fairness.privileged is None:
         problems["evaluate.fairness.privileged"] = "disparate_impact_ratio needs the privileged group value"
     if mitigation is not None and mitigation.method == "thresholds" and "validation" not in spec.data.splits:
         problems["train.mitigation.method"] = "thresholds are chosen on the validation split: add one to data.splits"
     if mitigation is not None and spec.train.include_validation:
         problems["train.include_validation"] = "mitigation is judged on the validation split; do not train on it"
+    return problems
+
+
+def _task_problems(spec: Any) -> dict[str, str]:
+    """Settings that only one task can use: class-based gates and mitigation for classifiers, perplexity for LMs."""
+    fairness, lm = spec.evaluate.fairness, spec.model.task == "causal_lm"
+    problems: dict[str, str] = {}
+    wrong = [m for m in fairness.thresholds if (m in LM_GATE) != lm]
+    if wrong and lm:
+        problems["evaluate.fairness.thresholds"] = (
+            f"{wrong} judge predicted classes; a causal_lm's groups are judged by {' or '.join(LM_GATE)}"
+        )
+    elif wrong:
+        problems["evaluate.fairness.thresholds"] = (
+            f"{wrong} judge a language model's perplexity (task: causal_lm); a classifier is judged by "
+            "demographic_parity_difference, equalized_odds_difference and the like"
+        )
+    if lm and spec.train.mitigation is not None:
+        problems["train.mitigation"] = "rebalances class labels or decisions, which needs task: classification"
+    for field in ("positive_label", "privileged"):
+        if lm and getattr(fairness, field) is not None:
+            problems[f"evaluate.fairness.{field}"] = "names a class or a reference group; a causal_lm has neither"
     return problems

@@ -56,8 +56,6 @@ class JobSpec(Section):
         lm = self.model.task == "causal_lm"
         dist = self.distributed
         problems |= train_problems(self.train, self.model.family, dist.strategy, dist.use_gpu)
-        if lm and self.data.group_columns:
-            problems["data.group_columns"] = "per-group evaluation needs a classification task; remove it"
         if not lm and self.data.label_column is None and self.data.scheme != "builtin":
             problems["data.label_column"] = "required for classification on file: and hf: sources"
         not_lm = [m for m in self.evaluate.metrics if m not in ("loss", "perplexity")]
