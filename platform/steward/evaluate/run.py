@@ -12,7 +12,7 @@ from steward.data.privacy import REPORT_FILE
 from steward.errors import StewardError
 from steward.evaluate.metrics import compute_metrics
 from steward.evaluate.predict import predict
-from steward.evaluate.profile import capture_reference
+from steward.evaluate.profile import capture_reference, save_training_ngrams
 from steward.evaluate.report import fairness_result, fit_thresholds, perplexity_fairness_result
 from steward.evaluate.thresholds import Thresholds, adjust_logits, load_thresholds
 from steward.models import load_model
@@ -99,6 +99,7 @@ def evaluate_run(run_dir: Path, spec: JobSpec) -> dict:
     result = evaluate(model, info, spec, thresholds=run_thresholds(model, info, spec, run_dir / "model"))
     write_metrics(run_dir, result)
     capture_reference(model, info, spec, run_dir / "model")
+    save_training_ngrams(info, spec, run_dir / "model")
     return result
 
 

@@ -97,6 +97,18 @@ def usable_positions(config: PreTrainedConfig) -> int | None:
     return int(positions)
 
 
+def end_tokens(hf: Any, tokenizer: Any) -> frozenset[int]:
+    """The tokens that end a text as training's texts ended: generation stops at any of them."""
+    eos = {tokenizer.sep_token_id, tokenizer.eos_token_id, getattr(hf.generation_config, "eos_token_id", None)}
+    return frozenset(int(token) for token in eos if isinstance(token, int))
+
+
+def prompt_embedding(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A prompt's embedding: the mean of the last layer's states (B, T, H) over its real positions (`mask` (B, T))."""
+    weights = mask.to(hidden.dtype)[..., None]
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+
 def scratch_config(params: TransformerParams, task: str, info: DataInfo) -> PreTrainedConfig:
     """The config of a randomly initialised `params.model_type`, sized by `params` and the data."""
     defaults = _architecture_defaults(params.model_type)

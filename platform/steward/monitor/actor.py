@@ -124,9 +124,24 @@ class Exporter:
         self.invalid = Gauge(
             "steward_monitor_invalid_rate", "Share of the last window's records refused as invalid.", ("deployment",)
         )
+        self.leak = Gauge(
+            "steward_monitor_leak",
+            "Generated text's personal-data values of a type (check pii:<type>) or share of n-grams found in the "
+            "training text (check regurgitation) in the last window.",
+            ("deployment", "check"),
+        )
         self.records = Counter("steward_monitor_records", "Records monitored.", ("deployment",))
         self.alerts = Counter("steward_monitor_alerts", "Alerts raised.", ("deployment", "check"))
-        for metric in (self.bias, self.rate, self.drift, self.failing, self.invalid, self.records, self.alerts):
+        for metric in (
+            self.bias,
+            self.rate,
+            self.drift,
+            self.failing,
+            self.invalid,
+            self.leak,
+            self.records,
+            self.alerts,
+        ):
             metric.set_default_tags(tags)
 
     def window(self, report: dict, events: list[dict]) -> None:
@@ -137,6 +152,8 @@ class Exporter:
                 self.bias.set(check["value"], {"metric": check["name"]})
             elif check["kind"] == "input":
                 self.invalid.set(check["value"])
+            elif check["kind"] == "leak":
+                self.leak.set(check["value"], {"check": check["name"]})
             else:
                 test, _, signal = check["name"].partition(":")
                 self.drift.set(check["value"], {"test": test, "signal": signal})

@@ -18,7 +18,7 @@ from steward.monitor.drift import correct_pvalues, ks_test, mmd_test, psi
 from steward.monitor.reference import CONFIDENCE, PREDICTED_CLASS, TEXT_LENGTH, TEXT_UNK_RATE, ReferenceProfile
 from steward.monitor.reservoir import SampleSpec
 from steward.monitor.window_state import WindowState
-from steward.spec.monitor import BiasSpec, DriftSpec, MonitorSpec
+from steward.spec.monitor import BiasSpec, DriftSpec, LeakSpec, MonitorSpec
 
 # Points per side of the MMD test: about the size of a reference sample (the validation split), beyond which live
 # points add little power and each test costs more (its kernel matrix grows with the square of the points).
@@ -42,7 +42,7 @@ class Check:
     """One metric of one window: its value, the allowed [low, high], and ok | fail | insufficient."""
 
     name: str  # e.g. "psi:prediction.class", "ks:feature_3", "mmd:embedding", "statistical_parity_difference"
-    kind: str  # drift | bias
+    kind: str  # drift | bias | input | leak
     value: float | None
     low: float
     high: float
@@ -125,6 +125,25 @@ def bias_checks(window: WindowState, cfg: BiasSpec) -> list[Check]:
     return checks
 
 
+PII_TOTAL = "pii."  # window totals "pii.<entity type>": values of that type found in generated text
+NGRAMS_JUDGED, NGRAMS_FOUND = "ngrams.judged", "ngrams.found"  # generated n-grams judged, and found in training text
+
+
+def leak_checks(window: WindowState, cfg: LeakSpec) -> list[Check]:
+    """Personal data per type in the window's generated text, and the share of its n-grams found verbatim in the
+    training text. Replicas total every scanned type (zeros too), so a type that stops leaking recovers."""
+    checks = [
+        Check.judge(f"pii:{name.removeprefix(PII_TOTAL)}", "leak", count, 0, cfg.max_pii)
+        for name, count in sorted(window.totals.items())
+        if name.startswith(PII_TOTAL)
+    ]
+    judged = window.totals.get(NGRAMS_JUDGED, 0)
+    share = window.totals.get(NGRAMS_FOUND, 0) / judged if judged else None
+    if NGRAMS_JUDGED in window.totals:
+        checks.append(Check.judge("regurgitation", "leak", share, 0.0, cfg.max_regurgitation))
+    return checks
+
+
 def invalid_check(window: WindowState, cfg: MonitorSpec) -> Check:
     """The share of the window's records refused as invalid: traffic built to overflow the model is a signal too."""
     rate = window.invalid / (window.n + window.invalid)
@@ -138,6 +157,8 @@ def window_report(window: WindowState, ref: ReferenceProfile | None, cfg: Monito
         checks += drift_checks(window, ref, cfg.drift, seed)
     if cfg.bias is not None:
         checks += bias_checks(window, cfg.bias)
+    if cfg.leaks is not None and window.n:
+        checks += leak_checks(window, cfg.leaks)
     if window.invalid:
         checks.append(invalid_check(window, cfg))
     favourable = cfg.bias.favourable if cfg.bias else None

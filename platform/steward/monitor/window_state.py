@@ -1,7 +1,8 @@
 """Streaming window state: what a replica keeps about live traffic, mergeable exactly across replicas.
 
 A `WindowState` holds only statistics: per-group prediction counts and confusion counts, per-feature histograms on
-the reference's bins (`Bins`), and reservoir samples (e.g. embeddings, for MMD). States add exactly (`merge`), so
+the reference's bins (`Bins`), reservoir samples (e.g. embeddings, for MMD) and named totals (e.g. personal-data
+values found in generated text). States add exactly (`merge`), so
 replicas can each keep one and a monitor can sum them; `to_dict`/`from_dict` give plain data for persistence.
 
 Labels may arrive after the prediction (feedback by request id). A prediction with a request id waits in
@@ -65,6 +66,7 @@ class WindowState:
         self.confusion: dict[tuple[Hashable, Hashable, Hashable], int] = {}  # (group, label, predicted) -> records
         self.histograms = self.bins.empty_histograms()
         self.categorical = {name: np.zeros(len(c) + 1, dtype=np.int64) for name, c in self.bins.categorical.items()}
+        self.totals: dict[str, int] = {}  # named counts summed over records (e.g. "pii.email")
         self.reservoirs: dict[str, Reservoir] = {}
         self.pending_predictions: dict[Hashable, tuple[Hashable, Hashable]] = {}
         self.pending_labels: dict[Hashable, Hashable] = {}
@@ -116,12 +118,15 @@ class WindowState:
         t: float | tuple[float, float] | None = None,
         categories: dict[str, Any] | None = None,
         request_ids: Sequence[Any] | None = None,
+        totals: Mapping[str, int] | None = None,
     ) -> None:
         """Count many records at once (vectorised histograms), as `add` would one by one.
 
         `features` is (n, F) in `bins.names` order; `samples` maps a reservoir name to (n, d) rows; `categories`
-        maps a categorical signal to n values; `t` is one time or the (first, last) record times.
+        maps a categorical signal to n values; `t` is one time or the (first, last) record times; `totals` are
+        added to the state's named totals.
         """
+        _add_counts(self.totals, dict(totals or {}))
         preds = list(map(_plain, np.asarray(predictions, dtype=object).ravel().tolist()))
         grps = [None] * len(preds) if groups is None else list(map(_plain, groups))
         keys = list(zip(grps, preds, strict=True))
@@ -206,6 +211,7 @@ class WindowState:
         out.predicted, out.confusion = dict(self.predicted), dict(self.confusion)
         out.histograms = self.histograms.copy()
         out.categorical = {k: v.copy() for k, v in self.categorical.items()}
+        out.totals = dict(self.totals)
         out.reservoirs = {k: r.copy() for k, r in self.reservoirs.items()}
         out.pending_predictions, out.pending_labels = dict(self.pending_predictions), dict(self.pending_labels)
         return out
@@ -230,6 +236,7 @@ class WindowState:
         _add_counts(self.confusion, other.confusion)
         self.histograms = self.histograms + other.histograms
         self.categorical = {k: v + other.categorical[k] for k, v in self.categorical.items()}
+        _add_counts(self.totals, other.totals)
         for name, theirs in other.reservoirs.items():
             mine = self.reservoirs.get(name)
             self.reservoirs[name] = mine.merge(theirs) if mine else theirs.copy()
@@ -299,6 +306,7 @@ class WindowState:
             "confusion": [[g, y, p, c] for (g, y, p), c in self.confusion.items()],
             "histograms": self.histograms.tolist(),
             "categorical": {k: v.tolist() for k, v in self.categorical.items()},
+            "totals": self.totals,
             "reservoirs": {k: r.to_dict() for k, r in self.reservoirs.items()},
             **(self.pending_to_dict() if pending else {}),
         }
@@ -331,6 +339,7 @@ class WindowState:
         out.confusion = {(key(g), key(y), key(p)): int(c) for g, y, p, c in data["confusion"]}
         out.histograms = np.asarray(data["histograms"], dtype=np.int64).reshape(out.histograms.shape)
         out.categorical = {k: np.asarray(v, dtype=np.int64) for k, v in data["categorical"].items()}
+        out.totals = {str(k): int(v) for k, v in data.get("totals", {}).items()}  # saved before totals: none
         out.reservoirs = {k: Reservoir.from_dict(r) for k, r in data["reservoirs"].items()}
         if "pending_predictions" in data:
             out.restore_pending(data)

@@ -36,7 +36,7 @@ from steward.serve.model import (
     open_served_model,
     predict_response,
 )
-from steward.serve.monitoring import ReplicaMonitor, monitor_target
+from steward.serve.monitoring import RecordQueue, ReplicaMonitor, monitor_target
 from steward.serve.oip_binary import EXTENSIONS, HEADER, binary_outputs, oip_reply, read_request
 from steward.serve.options import DEPLOYMENT, app_name, deployment_options
 from steward.serve.protocol import (
@@ -129,8 +129,11 @@ class ModelServer:
         self.started = time.time()
         self.monitor: ReplicaMonitor | None = None
         if replica.monitor is not None:
-            target = monitor_target(replica.monitor, self.cfg, self.name, self.served)
-            self.monitor = ReplicaMonitor(self.served, target)
+            target = monitor_target(
+                replica.monitor, self.cfg, self.name, self.served.run_dir, self.served.gate is not None
+            )
+            bias = replica.monitor.bias
+            self.monitor = ReplicaMonitor(target, lambda bins: RecordQueue(self.served, bins, bias))
         if self.cfg.batching is not None:
             self._run_batch.set_max_batch_size(self.cfg.batching.max_batch_size)  # type: ignore[attr-defined]
             wait_s = self.cfg.batching.batch_wait_timeout_ms / 1000

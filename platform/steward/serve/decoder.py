@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
+from steward.models.transformer import prompt_embedding
 from steward.serve.lm import LanguageModel
 
 logger = logging.getLogger("steward.serve")
@@ -54,7 +55,10 @@ class Sequence:
         self.loop = asyncio.get_running_loop()
         self.tokens: asyncio.Queue[Token] = asyncio.Queue()
         self.generator = None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed)
-        self.generated = 0
+        # the tokens chosen so far and their log-probabilities: the decoding thread appends, the handler reads
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.embedding: Any = None  # the prompt's embedding (numpy), when the decoder is asked for embeddings
         self.finished = False  # its last token is chosen
         self.ended: str | None = None  # why the handler ended it
 
@@ -66,10 +70,11 @@ class Sequence:
 
 class Decoder:
     """The replica's decoding loop over at most `max_batch` requests at a time; `counts` holds what it did (tokens
-    generated, requests by how they finished or ended, the largest batch), `running` how many requests it holds."""
+    generated, requests by how they finished or ended, the largest batch), `running` how many requests it holds.
+    With `embed`, each request's prompt embedding is taken from its prefill (for the monitor)."""
 
-    def __init__(self, lm: LanguageModel, max_batch: int) -> None:
-        self.lm, self.max_batch = lm, max_batch
+    def __init__(self, lm: LanguageModel, max_batch: int, embed: bool = False) -> None:
+        self.lm, self.max_batch, self.embed = lm, max_batch, embed
         self.waiting: deque[Sequence] = deque()
         self.wake = threading.Condition()
         self.counts: Counter[str] = Counter()
@@ -148,8 +153,16 @@ class Decoder:
             mask[row, width - len(s.prompt) :] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         output = self.lm.hf(
-            input_ids=ids, attention_mask=mask, position_ids=positions, cache=DynamicCache(), use_cache=True
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=DynamicCache(),
+            use_cache=True,
+            output_hidden_states=self.embed,
         )
+        if self.embed:
+            for s, row in zip(admitted, prompt_embedding(output.hidden_states[-1], mask).numpy(), strict=True):
+                s.embedding = row
         return output.logits[:, -1].float(), output.cache, mask
 
     def _join(self, admitted: list[Sequence], cache: DynamicCache, mask: Tensor) -> None:
@@ -190,11 +203,12 @@ class Decoder:
         logprobs = F.log_softmax(logits, dim=-1).gather(1, chosen[:, None])[:, 0].tolist()
         out = []
         for s, token, logprob in zip(sequences, chosen.tolist(), logprobs, strict=True):
-            s.generated += 1
+            s.ids.append(token)
+            s.logprobs.append(logprob)
             finish = None
             if token in self.lm.eos:
                 finish = "stop"
-            elif s.generated >= s.sampling.max_tokens or len(s.prompt) + s.generated >= self.lm.context:
+            elif len(s.ids) >= s.sampling.max_tokens or len(s.prompt) + len(s.ids) >= self.lm.context:
                 finish = "length"
             s.finished = finish is not None
             out.append((s, Token(token, logprob, finish)))

@@ -1,16 +1,19 @@
 """spec + run folder -> the Serve application of a causal LM: OpenAI-compatible generation endpoints.
 
 Routes (under serve.route_prefix): POST /v1/completions and POST /v1/chat/completions (`stream: true` as server-sent
-events ending in `data: [DONE]`), GET /v1/models, GET /healthz and GET /info. Every route but /healthz takes the API
-key; every refusal is OpenAI's error JSON naming the request field (`param`). A request's tokens come from the
-replica's decoder (steward.serve.decoder), which batches all running requests into one forward pass a token; a
-request whose client goes away is dropped from it at the next token.
+events ending in `data: [DONE]`), GET /v1/models, GET /healthz, GET /info and GET /monitor (when monitored). Every
+route but /healthz takes the API key; every refusal is OpenAI's error JSON naming the request field (`param`). A
+request's tokens come from the replica's decoder (steward.serve.decoder), which batches all running requests into one
+forward pass a token; a request whose client goes away is dropped from it at the next token. Generated text reaches
+the client as serve.output_pii allows; each finished completion is queued for the deployment's monitor.
 """
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,12 +27,17 @@ from starlette.types import Receive, Scope, Send
 from steward.serve.auth import key_is_valid, load_keys, presented_key
 from steward.serve.decoder import Decoder, Sampling, Sequence
 from steward.serve.lm import LanguageModel, TextStream, open_language_model
+from steward.serve.lm_monitor import Completion, CompletionQueue
 from steward.serve.model import ModelSource, model_source
+from steward.serve.monitoring import ReplicaMonitor, monitor_target
 from steward.serve.openai_api import DONE, ChatRequest, CompletionRequest, Reply, error_body, event, usage, validated
 from steward.serve.options import DEPLOYMENT, app_name, deployment_options
+from steward.serve.output_pii import OutputGuard
 from steward.serve.protocol import BadRequest, parse_body, read_body
 from steward.serve.quantize import GateResult
 from steward.spec import JobSpec
+from steward.spec.monitor import MonitorSpec
+from steward.spec.privacy import PrivacySpec
 from steward.spec.serve import GenerationSpec, ServeSpec
 
 logger = logging.getLogger("steward.serve")
@@ -38,11 +46,14 @@ api = FastAPI(title="steward generation server", docs_url=None, redoc_url=None, 
 
 @dataclass(frozen=True)
 class GenerationReplica:
-    """What a generation replica needs, as plain data: its deployment's name, serve section and model."""
+    """What a generation replica needs, as plain data: its deployment's name, serve section and model, its monitor
+    section, and the privacy section whose entity types serve.output_pii and the leak checks look for."""
 
     name: str
     serve: ServeSpec
     model: ModelSource
+    monitor: MonitorSpec | None = None
+    privacy: PrivacySpec = PrivacySpec()
 
 
 class GenerationFailed(Exception):
@@ -119,8 +130,25 @@ class GenerationServer:
         torch.set_num_threads(self.cfg.torch_threads)
         self.lm: LanguageModel = open_language_model(replica.model)
         self.keys = load_keys(self.cfg.auth)
-        self.decoder = Decoder(self.lm, self.cfg.batching.max_batch_size if self.cfg.batching else 1)
+        self.privacy = replica.privacy
+        self.monitor: ReplicaMonitor | None = None
+        if replica.monitor is not None:
+            run_dir = Path(self.lm.source.run_dir)
+            target = monitor_target(replica.monitor, self.cfg, self.name, run_dir, self.lm.source.int8 is not None)
+            unk = self.lm.tokenizer.unk_token_id
+            queue = lambda bins: CompletionQueue(bins, replica.monitor, run_dir, self.privacy, unk)  # noqa: E731
+            self.monitor = ReplicaMonitor(target, queue)
+        embed = replica.monitor is not None and replica.monitor.drift is not None
+        self.decoder = Decoder(self.lm, self.cfg.batching.max_batch_size if self.cfg.batching else 1, embed)
         self.started = time.time()
+
+    async def __del__(self) -> None:
+        """Serve's graceful stop: what this replica counted reaches the monitor."""
+        if self.monitor is not None:
+            try:
+                await asyncio.wait_for(self.monitor.flush(), timeout=10)
+            except Exception:  # a monitor that is gone must not hold up the stop
+                logger.exception("last monitor push failed")
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -148,6 +176,14 @@ class GenerationServer:
                 "counts": dict(self.decoder.counts),
             },
         }
+
+    @api.get("/monitor")
+    async def monitor_report(self, request: Request) -> dict:
+        """The deployment's monitor: current and recent windows, every check with its threshold, open alerts."""
+        self._authorize(request)
+        if self.monitor is None:
+            raise BadRequest(404, "monitor", "this deployment is not monitored; add a monitor section to its spec")
+        return await self.monitor.report()
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -185,7 +221,7 @@ class GenerationServer:
             return EventStream(events, on_close=lambda: sequence.end("cancelled"))
         text, finish, count = [], "length", 0
         try:
-            async for piece, end, seen in pieces(sequence, stream):
+            async for piece, end, seen in self._pieces(sequence, stream):
                 text.append(piece)
                 finish, count = end or finish, seen
         except GenerationFailed:
@@ -201,7 +237,7 @@ class GenerationServer:
             yield reply.chunk("", first=True)
         count = 0
         try:
-            async for piece, finish, seen in pieces(sequence, stream):
+            async for piece, finish, seen in self._pieces(sequence, stream):
                 count = seen
                 if piece or finish:
                     yield reply.chunk(piece, finish)
@@ -210,6 +246,25 @@ class GenerationServer:
         if with_usage:
             yield reply.usage_chunk(usage(prompt, count))
         yield DONE
+
+    async def _pieces(self, sequence: Sequence, stream: TextStream) -> AsyncIterator[tuple[str, str | None, int]]:
+        """`pieces` as serve.output_pii lets the client have them (a blocked completion finishes "content_filter");
+        a finished completion is queued for the monitor."""
+        guard, raw = OutputGuard(self.cfg.output_pii, self.privacy), []
+        async for piece, finish, count in pieces(sequence, stream):
+            raw.append(piece)
+            text, blocked = guard.feed(piece, final=finish is not None)
+            if blocked:
+                sequence.end("content_filter")
+                finish = "content_filter"
+            if finish is not None and self.monitor is not None:
+                generated, logprob = sequence.ids[:count], sum(sequence.logprobs[:count])
+                self.monitor.record(
+                    Completion(sequence.prompt, generated, logprob, finish, "".join(raw), sequence.embedding)
+                )
+            yield text, finish, count
+            if finish is not None:
+                return
 
     def _sampling(self, body: Any, prompt: int, asked: int | None, field: str) -> Sampling:
         """The request's sampling within serve.generation's bounds and the model's context."""
@@ -252,5 +307,6 @@ class GenerationServer:
 def build_generation_app(spec: JobSpec, run_dir: str, gate: GateResult | None = None) -> Application:
     """The Serve application for a causal LM `spec` serving the model in `run_dir` (`gate`: an int8 check made)."""
     cfg = spec.serve or ServeSpec()
-    replica = GenerationReplica(app_name(spec), cfg, model_source(spec, run_dir, gate))
+    privacy = spec.privacy or PrivacySpec()
+    replica = GenerationReplica(app_name(spec), cfg, model_source(spec, run_dir, gate), spec.monitor, privacy)
     return GenerationServer.options(**deployment_options(cfg)).bind(replica)  # type: ignore[attr-defined]

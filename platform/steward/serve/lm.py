@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from steward.data.tokenizer import load_tokenizer
-from steward.models.transformer import usable_positions
+from steward.models.transformer import end_tokens, usable_positions
 from steward.serve.model import ModelSource, run_metadata
 from steward.serve.quantize import quantize_int8
 
@@ -71,11 +71,10 @@ def open_language_model(source: ModelSource) -> LanguageModel:
         model = quantize_int8(model)
     hf: Any = model.hf
     tokenizer = load_tokenizer(str(info.tokenizer_dir))
-    eos = {tokenizer.sep_token_id, tokenizer.eos_token_id, getattr(hf.generation_config, "eos_token_id", None)}
     context = usable_positions(hf.config) or source.max_length
-    ends = frozenset(int(token) for token in eos if isinstance(token, int))
     longest = max(len(token) for token in tokenizer.get_vocab())
-    return LanguageModel(hf.eval(), tokenizer, source, context, ends, longest, run_metadata(run_dir, source.spec_hash))
+    metadata = run_metadata(run_dir, source.spec_hash)
+    return LanguageModel(hf.eval(), tokenizer, source, context, end_tokens(hf, tokenizer), longest, metadata)
 
 
 class TextStream:

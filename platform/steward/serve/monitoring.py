@@ -12,9 +12,10 @@ import logging
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import ray
@@ -25,6 +26,7 @@ from steward.evaluate.profile import unknown_token_id
 from steward.monitor.actor import MonitorTarget, monitor_actor
 from steward.monitor.bins import Bins
 from steward.monitor.checks import live_state
+from steward.monitor.ngrams import NGRAMS_FILE, load_ngrams
 from steward.monitor.reference import PREDICTED_CLASS, load_reference, reference_dir
 from steward.monitor.signals import record_signals
 from steward.monitor.window_state import WindowState
@@ -46,23 +48,39 @@ class MonitorUnavailable(StewardError):
     """The spec asks for monitoring this run cannot provide."""
 
 
-def monitor_target(cfg: MonitorSpec, serve: ServeSpec, deployment: str, served: ServedModel) -> MonitorTarget:
-    """What the deployment's monitor actor is told: `cfg`, and the run and reference of the model `served`."""
-    ref_dir = reference_dir(served.run_dir, int8=served.gate is not None)
+def monitor_target(cfg: MonitorSpec, serve: ServeSpec, deployment: str, run_dir: Path, int8: bool) -> MonitorTarget:
+    """What the deployment's monitor actor is told: `cfg`, and the run and reference of the model served (`int8`:
+    the run's int8 model)."""
+    ref_dir = reference_dir(run_dir, int8=int8)
     reference = str(ref_dir) if ref_dir else None
-    return MonitorTarget(deployment, str(served.run_dir), cfg, reference, serve.replica_range[0])
+    return MonitorTarget(deployment, str(run_dir), cfg, reference, serve.replica_range[0])
+
+
+class Queue(Protocol):
+    """What a replica queues answered records in until a push counts them (`RecordQueue`, a language model's
+    `CompletionQueue`)."""
+
+    queued: int  # records queued
+    invalid: int  # records refused as invalid since the last cut
+
+    def append(self, *item: Any) -> None: ...
+
+    def cut(self) -> "Cut": ...
+
+    def count_into(self, state: WindowState, cut: "Cut | None" = None) -> None: ...
 
 
 class ReplicaMonitor:
-    """Window state of the records this replica answered since its last push."""
+    """Window state of the records this replica answered since its last push; `queue_for(bins)` makes the queue
+    that holds them until a push counts them on the reference's bins."""
 
-    def __init__(self, served: ServedModel, target: MonitorTarget) -> None:
-        self.cfg, self.served = target.monitor, served
-        if problem := reference_problem(self.cfg, served.run_dir):
+    def __init__(self, target: MonitorTarget, queue_for: Callable[[Bins], Queue]) -> None:
+        self.cfg = target.monitor
+        if problem := reference_problem(self.cfg, Path(target.run_dir)):
             raise MonitorUnavailable(problem)
         self.ref = load_reference(target.reference) if target.reference else None
         self.bins = self.ref.bins() if self.ref else Bins()
-        self.queue = RecordQueue(served, self.bins, self.cfg.bias)
+        self.queue = queue_for(self.bins)
         self.actor = monitor_actor(target)
         self.ids = RequestIds(ray.get(self.actor.request_id_key.remote()))
         self.labels_allowed = RateLimit(self.cfg.feedback_rate)
@@ -86,9 +104,10 @@ class ReplicaMonitor:
         self.seq = 0
         self.unsaved: list[tuple[int, WindowState]] = []
 
-    def record(self, output: Output, attributes: dict[str, list[Any]], request_ids: list[str]) -> None:
-        """Queue one request's outputs until the next push counts them; from then on only statistics are kept."""
-        self.queue.append(output, attributes, request_ids)
+    def record(self, *item: Any) -> None:
+        """Queue one request's records (the queue's `append` arguments) until the next push counts them; from then
+        on only statistics are kept."""
+        self.queue.append(*item)
         self._start_pushing()
         if self.queue.queued >= self.push_at:
             self.held.append(self.queue.cut())
@@ -188,7 +207,7 @@ Item = tuple[Output, list[Any] | None, list[str], float]  # a request's outputs,
 class Cut:
     """Requests taken from the queue together, to be counted into one delta, and the records refused meanwhile."""
 
-    items: list[Item]
+    items: list[Any]  # the queue's items (a `RecordQueue`'s are `Item`s)
     records: int
     invalid: int
 
@@ -278,4 +297,14 @@ def reference_problem(cfg: MonitorSpec | None, run_dir: Path) -> str | None:
             f"monitor.drift needs the reference profile training saves beside the model, and {run_dir}/model "
             "has no reference.json: retrain the run with this steward, or remove monitor.drift"
         )
+    if cfg is not None and cfg.leaks is not None:
+        ngrams = load_ngrams(Path(run_dir) / "model")
+        if ngrams is None:
+            return (
+                f"monitor.leaks needs the training n-grams saved beside the model, and {run_dir}/model has no "
+                f"{NGRAMS_FILE}: retrain the run with this steward (a streamed train split saves none), or remove "
+                "monitor.leaks"
+            )
+        if ngrams.n != cfg.leaks.ngram:
+            return f"monitor.leaks.ngram is {cfg.leaks.ngram}, and the run saved {ngrams.n}-grams: set it to {ngrams.n}"
     return None

@@ -68,10 +68,16 @@ class JobSpec(Section):
         params = self.model.params
         if lm and isinstance(params, TransformerParams) and not params.pretrained and params.model_type == "bert":
             problems["model.params.model_type"] = "causal_lm needs a decoder architecture such as gpt2"
-        if self.monitor is not None and lm:
-            problems["monitor"] = "monitoring watches classification models; remove the monitor section for causal_lm"
+        if self.monitor is not None and self.monitor.bias is not None and lm:
+            problems["monitor.bias"] = (
+                "live bias needs predicted classes; a causal_lm's groups are judged in evaluation"
+            )
+        if self.monitor is not None and self.monitor.leaks is not None and not lm:
+            problems["monitor.leaks"] = "judges generated text, which needs task: causal_lm; remove monitor.leaks"
         if self.serve is not None and self.serve.generation is not None and not lm:
             problems["serve.generation"] = "bounds generation, which needs task: causal_lm; remove serve.generation"
+        if self.serve is not None and self.serve.output_pii != "allow" and not lm:
+            problems["serve.output_pii"] = "applies to generated text, which needs task: causal_lm; remove it"
         problems |= fairness_problems(self) | privacy_problems(self)
         if self.explain is not None:
             problems |= self._explain_problems()

@@ -96,6 +96,20 @@ class DriftSpec(Section):
     min_records: int = Field(50, ge=2, le=MAX_RECORDS, description="Records a window needs before drift is judged.")
 
 
+class LeakSpec(Section):
+    max_pii: int = Field(
+        0, ge=0, le=MAX_RECORDS, description="Personal-data values of one type a window's generated text may hold."
+    )
+    max_regurgitation: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Largest share of a window's generated n-grams (of `ngram` tokens) found verbatim in the "
+        "training text.",
+    )
+    ngram: int = Field(8, ge=4, le=64, description="Tokens in the n-grams regurgitation is judged on.")
+
+
 class AlertSpec(Section):
     consecutive_windows: int = Field(
         2, ge=1, le=100_000, description="Windows a metric must fail in a row before it alerts."
@@ -108,6 +122,9 @@ class AlertSpec(Section):
 class MonitorSpec(Section):
     bias: BiasSpec | None = Field(None, description="Group fairness of the live predictions.")
     drift: DriftSpec | None = Field(None, description="Drift of live inputs and outputs from the training reference.")
+    leaks: LeakSpec | None = Field(
+        None, description="causal_lm only: personal data and training text in what the model generates."
+    )
     window: WindowSpec = Field(default_factory=WindowSpec, description="How live records are grouped into windows.")
     alerts: AlertSpec = Field(default_factory=AlertSpec, description="When a failing metric becomes an alert.")
     push_interval_s: float = Field(

@@ -124,6 +124,13 @@ class ServeSpec(Section):
     generation: GenerationSpec | None = Field(
         None, description="causal_lm only: bounds on prompts and sampling (the defaults when unset)."
     )
+    output_pii: Literal["allow", "mask", "block"] = Field(
+        "allow",
+        description="causal_lm only: what the client receives when generated text holds personal data (the "
+        "privacy section's entity types, else every rule-based one): allow sends it as generated, mask replaces "
+        "each value with its type tag (<EMAIL>), block ends the completion before it (finish_reason "
+        "content_filter). mask and block hold a stream's last characters back until they cannot be part of one.",
+    )
 
     @model_validator(mode="after")
     def _replicas_one_way(self) -> "ServeSpec":
