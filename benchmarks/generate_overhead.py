@@ -10,6 +10,9 @@ example's own size (2 x 64) and a 4-layer, 256-wide one, both with 256 positions
    the same prompts as one left-padded batch of 1 and of 8 (the same tokens). Target: >= 0.8.
 2. time to first token, p50 of --ttft sequential requests: the first streamed token's arrival at the client vs
    offline `generate(max_new_tokens=1)` on one prompt. Target: <= 5 ms more.
+3. monitoring's cost: the same tokens/s cells on a second deployment of the model, watched (monitor.drift with
+   prompt embeddings, monitor.leaks: personal data and training n-grams; windows of 200), over the unwatched one.
+   Target: >= 0.97.
 
 Served and offline cells alternate, repeat after repeat; figures are medians over repeats with the min and max
 beside them. Serve runs as `steward serve` runs it (HAProxy's high-throughput mode where haproxy is installed).
@@ -153,23 +156,31 @@ def offline_ttft_ms(lm, count: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def measure(name: str, spec, run_dir: Path, port: int, args) -> dict:
+def serve_as(name: str, spec, run_dir: Path, port: int, args, monitor: dict | None) -> str:
+    """Deploy the run as application `name` (one replica; watched with `monitor`); returns its URL."""
     cfg = ServeSpec.model_validate(
         {
-            "name": "bench",
-            "route_prefix": "/bench",
+            "name": name,
+            "route_prefix": f"/{name}",
             "num_replicas": 1,
-            "num_cpus": 1,
+            "num_cpus": 0.5,  # both applications' replicas fit on the two cores; a replica runs on one thread
             "generation": {"max_new_tokens": args.tokens, "max_prompt_tokens": 64},
         }
     )
-    url = deploy(spec.model_copy(update={"serve": cfg}), run_dir, port=port).url
-    lm = open_language_model(model_source(spec.model_copy(update={"serve": cfg}), run_dir))
+    return deploy(spec.model_copy(update={"serve": cfg, "monitor": monitor}), run_dir, port=port).url
+
+
+def measure(name: str, spec, run_dir: Path, port: int, args) -> dict:
+    url = serve_as("bench", spec, run_dir, port, args, None)
+    watched = serve_as("watched", spec, run_dir, port, args, {"drift": {}, "leaks": {}, "window": {"size": 200}})
+    lm = open_language_model(model_source(spec, run_dir))
     cells: dict[str, list[float]] = {}
     for _ in range(args.repeats):  # served and offline alternate: the machine's drift hits both alike
         for streams in (1, 8):
             cells.setdefault(f"served tokens/s x{streams}", []).append(served_tokens_per_s(url, lm, streams, args))
             cells.setdefault(f"offline tokens/s x{streams}", []).append(offline_tokens_per_s(lm, streams, args))
+            watching = served_tokens_per_s(watched, lm, streams, args)
+            cells.setdefault(f"watched tokens/s x{streams}", []).append(watching)
         cells.setdefault("served TTFT ms", []).append(served_ttft_ms(url, args.ttft))
         cells.setdefault("offline TTFT ms", []).append(offline_ttft_ms(lm, args.ttft))
     info = requests.get(f"{url}/info", timeout=30).json()["replica"]["counts"]
@@ -180,8 +191,12 @@ def measure(name: str, spec, run_dir: Path, port: int, args) -> dict:
         for n in (1, 8)
     }
     judged["TTFT ms more"] = [s - o for s, o in zip(cells["served TTFT ms"], cells["offline TTFT ms"], strict=True)]
+    for n in (1, 8):
+        pairs = zip(cells[f"watched tokens/s x{n}"], cells[f"served tokens/s x{n}"], strict=True)
+        judged[f"watched / unwatched tokens/s x{n}"] = [w / s for w, s in pairs]
+    monitor = requests.get(f"{watched}/monitor", timeout=30).json()
     figures = {cell: spread(values) for cell, values in {**cells, **judged}.items()}
-    return {"model": name, "figures": figures, "replica_counts": info}
+    return {"model": name, "figures": figures, "replica_counts": info, "watched_records": monitor["records"]}
 
 
 def spread(values: list[float]) -> dict:
@@ -219,6 +234,7 @@ def main() -> None:
         for name, (spec, run_dir) in runs.items():
             results.append(measure(name, spec, run_dir, port, args))
             serve.delete("bench")
+            serve.delete("watched")
         serve.shutdown()
     machine = manifest(runs[next(iter(runs))][0])
     report = {"machine": machine, "proxy": proxy, "settings": vars(args) | {"out": str(args.out)}, "results": results}

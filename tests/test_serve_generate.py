@@ -46,10 +46,12 @@ def endpoint(lm_run, ray_local, tmp_path_factory):
     keys = tmp_path_factory.mktemp("keys") / "keys.txt"
     keys.write_text(f"{KEY}\n")
     limits = {"max_new_tokens": CONTEXT, "max_prompt_tokens": 200}
-    fields = {"num_cpus": 0.5, "auth": {"api_keys_file": str(keys)}, "generation": limits}
+    # what is served as generated, unwatched: the text compared with offline generate() (tests/test_serve_lm_watch.py
+    # has the masked and monitored deployment)
+    fields = {"num_cpus": 0.5, "auth": {"api_keys_file": str(keys)}, "generation": limits, "output_pii": "allow"}
     cfg = ServeSpec.model_validate(spec.serve.model_dump(exclude_unset=True) | fields)
     with serve_mode_as_the_cli_picks_it(cfg):
-        url = deploy(spec.model_copy(update={"serve": cfg}), run_dir, port=free_port()).url
+        url = deploy(spec.model_copy(update={"serve": cfg, "monitor": None}), run_dir, port=free_port()).url
         try:
             yield url
         finally:

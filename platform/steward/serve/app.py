@@ -142,10 +142,7 @@ class ModelServer:
     async def __del__(self) -> None:
         """Serve's graceful stop (scale-down, redeploy, delete): what this replica counted reaches the monitor."""
         if self.monitor is not None:
-            try:
-                await asyncio.wait_for(self.monitor.flush(), timeout=10)
-            except Exception:  # a monitor that is gone must not hold up the stop
-                logger.exception("last monitor push failed")
+            await self.monitor.last_push()
 
     # -- health and metadata -------------------------------------------------------------------------------
     @api.get("/healthz")

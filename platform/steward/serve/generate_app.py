@@ -8,7 +8,6 @@ forward pass a token; a request whose client goes away is dropped from it at the
 the client as serve.output_pii allows; each finished completion is queued for the deployment's monitor.
 """
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -145,10 +144,7 @@ class GenerationServer:
     async def __del__(self) -> None:
         """Serve's graceful stop: what this replica counted reaches the monitor."""
         if self.monitor is not None:
-            try:
-                await asyncio.wait_for(self.monitor.flush(), timeout=10)
-            except Exception:  # a monitor that is gone must not hold up the stop
-                logger.exception("last monitor push failed")
+            await self.monitor.last_push()
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

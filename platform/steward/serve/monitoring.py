@@ -186,6 +186,13 @@ class ReplicaMonitor:
         if push == self.pushes and not self.held:  # else a later push, or a share cut since, makes it stale
             self.push_at, self.window_share, self.told = reply.push_at, reply.share, True
 
+    async def last_push(self) -> None:
+        """Send what is left at a replica's graceful stop (scale-down, redeploy, delete), within 10 s."""
+        try:
+            await asyncio.wait_for(self.flush(), timeout=10)
+        except Exception:  # a monitor that is gone must not hold up the stop
+            logger.exception("last monitor push failed")
+
     async def _push_forever(self) -> None:
         """Push once push_interval_s has passed since the last push: a replica that dies loses at most an interval,
         and one busy enough to push its shares makes no extra pushes (each is a Ray call)."""
