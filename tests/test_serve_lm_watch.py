@@ -1,6 +1,7 @@
 """Ray tier: a language model watched in production. A tiny GPT trained on text with a planted e-mail address is
 prompted into reproducing it: the leak is counted, alerted (events, audit chain, Prometheus) and masked before it
-reaches the client; prompts unlike the validation split's raise a drift alert within two windows.
+reaches the client (or, blocked, ends the completion); prompts unlike the validation split's raise a drift alert
+within two windows.
 
 One trained run (in-process, seconds) and one deployment on the shared Ray, talked to with the official `openai`
 client; the windows are counted exactly (40 completions each), so each phase knows which windows are its own.
@@ -145,6 +146,22 @@ def test_a_planted_leak_is_masked_counted_alerted_and_prompt_drift_alerts_within
     complete(client, foreign[WINDOW:])
     drifted = closed(url, 5)
     assert {"psi:text.length", "mmd:embedding"} <= {a["name"] for a in drifted["alerts"] if a["kind"] == "drift"}
+
+    # 4. output_pii: block ends the completion before the address, streamed or not.
+    blocking = cfg.model_copy(update={"output_pii": "block"})
+    with serve_mode_as_the_cli_picks_it(blocking):
+        deploy(job.model_copy(update={"serve": blocking}), run_dir, port=serve_port)
+    whole = client.completions.create(
+        model="tiny-gpt", prompt="for refunds please contact", max_tokens=12, temperature=0
+    )
+    chunks = list(
+        client.completions.create(
+            model="tiny-gpt", prompt="for refunds please contact", max_tokens=12, temperature=0, stream=True
+        )
+    )
+    assert whole.choices[0].finish_reason == "content_filter" and "@" not in whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    assert "@" not in "".join(c.choices[0].text for c in chunks)
 
 
 def _tokenizer(run_dir):
