@@ -41,6 +41,7 @@ from steward.ray_env import prefer_high_throughput  # noqa: E402
 from steward.serve.deploy import deploy  # noqa: E402
 from steward.serve.lm import open_language_model  # noqa: E402
 from steward.serve.model import model_source  # noqa: E402
+from steward.spec.monitor import MonitorSpec  # noqa: E402
 from steward.spec.serve import ServeSpec  # noqa: E402
 
 POSITIONS = 256
@@ -87,7 +88,7 @@ def served_tokens_per_s(url: str, lm, streams: int, args) -> float:
 
     def one(prompt: str) -> int:
         body = {
-            "model": "bench",
+            "model": url.rsplit("/", 1)[-1],  # the application's name, which is its route prefix here
             "prompt": prompt,
             "max_tokens": args.tokens,
             "temperature": 0,
@@ -156,7 +157,7 @@ def offline_ttft_ms(lm, count: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def serve_as(name: str, spec, run_dir: Path, port: int, args, monitor: dict | None) -> str:
+def serve_as(name: str, spec, run_dir: Path, port: int, args, monitor: MonitorSpec | None) -> str:
     """Deploy the run as application `name` (one replica; watched with `monitor`); returns its URL."""
     cfg = ServeSpec.model_validate(
         {
@@ -172,15 +173,16 @@ def serve_as(name: str, spec, run_dir: Path, port: int, args, monitor: dict | No
 
 def measure(name: str, spec, run_dir: Path, port: int, args) -> dict:
     url = serve_as("bench", spec, run_dir, port, args, None)
-    watched = serve_as("watched", spec, run_dir, port, args, {"drift": {}, "leaks": {}, "window": {"size": 200}})
+    watching = MonitorSpec.model_validate({"drift": {}, "leaks": {}, "window": {"size": 200}})
+    watched = serve_as("watched", spec, run_dir, port, args, watching)
     lm = open_language_model(model_source(spec, run_dir))
     cells: dict[str, list[float]] = {}
     for _ in range(args.repeats):  # served and offline alternate: the machine's drift hits both alike
         for streams in (1, 8):
             cells.setdefault(f"served tokens/s x{streams}", []).append(served_tokens_per_s(url, lm, streams, args))
             cells.setdefault(f"offline tokens/s x{streams}", []).append(offline_tokens_per_s(lm, streams, args))
-            watching = served_tokens_per_s(watched, lm, streams, args)
-            cells.setdefault(f"watched tokens/s x{streams}", []).append(watching)
+            rate = served_tokens_per_s(watched, lm, streams, args)
+            cells.setdefault(f"watched tokens/s x{streams}", []).append(rate)
         cells.setdefault("served TTFT ms", []).append(served_ttft_ms(url, args.ttft))
         cells.setdefault("offline TTFT ms", []).append(offline_ttft_ms(lm, args.ttft))
     info = requests.get(f"{url}/info", timeout=30).json()["replica"]["counts"]

@@ -21,7 +21,7 @@ from steward.monitor.ngrams import load_ngrams
 from steward.monitor.reference import PREDICTED_CLASS
 from steward.monitor.signals import generation_signals
 from steward.monitor.window_state import WindowState
-from steward.serve.monitoring import Cut
+from steward.serve.monitoring import Cut, Queue
 from steward.spec.monitor import MonitorSpec
 from steward.spec.privacy import PrivacySpec
 
@@ -39,25 +39,18 @@ class Completion:
     t: float = field(default_factory=time.time)
 
 
-class CompletionQueue:
-    """Finished completions waiting to be counted (the `monitoring.Queue` of a language model's replica)."""
+class CompletionQueue(Queue):
+    """A language model's finished completions."""
 
     def __init__(self, bins: Bins, cfg: MonitorSpec, run_dir: Path, privacy: PrivacySpec, unk: int | None) -> None:
+        super().__init__()
         self.bins, self.privacy, self.unk = bins, privacy, unk
-        self.ngrams = load_ngrams(run_dir / "model") if cfg.leaks is not None else None
         self.leaks = cfg.leaks is not None
-        self.items: list[Completion] = []
-        self.queued = 0
-        self.invalid = 0
+        self.ngrams = load_ngrams(run_dir / "model") if self.leaks else None
 
-    def append(self, completion: Completion) -> None:
+    def append(self, completion: Completion) -> None:  # type: ignore[override]
         self.items.append(completion)
         self.queued += 1
-
-    def cut(self) -> Cut:
-        cut = Cut(self.items, self.queued, self.invalid)
-        self.items, self.queued, self.invalid = [], 0, 0
-        return cut
 
     def count_into(self, state: WindowState, cut: Cut | None = None) -> None:
         cut = self.cut() if cut is None else cut

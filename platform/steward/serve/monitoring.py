@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import ray
@@ -56,25 +56,11 @@ def monitor_target(cfg: MonitorSpec, serve: ServeSpec, deployment: str, run_dir:
     return MonitorTarget(deployment, str(run_dir), cfg, reference, serve.replica_range[0])
 
 
-class Queue(Protocol):
-    """What a replica queues answered records in until a push counts them (`RecordQueue`, a language model's
-    `CompletionQueue`)."""
-
-    queued: int  # records queued
-    invalid: int  # records refused as invalid since the last cut
-
-    def append(self, *item: Any) -> None: ...
-
-    def cut(self) -> "Cut": ...
-
-    def count_into(self, state: WindowState, cut: "Cut | None" = None) -> None: ...
-
-
 class ReplicaMonitor:
     """Window state of the records this replica answered since its last push; `queue_for(bins)` makes the queue
     that holds them until a push counts them on the reference's bins."""
 
-    def __init__(self, target: MonitorTarget, queue_for: Callable[[Bins], Queue]) -> None:
+    def __init__(self, target: MonitorTarget, queue_for: Callable[[Bins], "Queue"]) -> None:
         self.cfg = target.monitor
         if problem := reference_problem(self.cfg, Path(target.run_dir)):
             raise MonitorUnavailable(problem)
@@ -219,25 +205,17 @@ class Cut:
     invalid: int
 
 
-class RecordQueue:
-    """Answered requests' outputs waiting to be counted; counted into a window state in one vectorised pass over a
-    share's worth of requests, far cheaper than counting each request in Python as it is answered."""
+class Queue:
+    """What a replica keeps answered records in until a push counts them into a window state, in one vectorised
+    pass over a share's worth of records: far cheaper than counting each request in Python as it is answered."""
 
-    def __init__(self, served: ServedModel, bins: Bins, bias: BiasSpec | None) -> None:
-        self.served, self.bins = served, bins
-        self.group: str | None = bias.group if bias else None
-        self.max_groups = bias.max_groups if bias else 0
-        self.groups_kept: set[str] = {bias.privileged} if bias and bias.privileged else set()
-        self.unk = unknown_token_id(served.info)
-        self.items: list[Item] = []
-        self.queued = 0
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.queued = 0  # records queued
         self.invalid = 0  # records refused as invalid since the last cut
 
-    def append(self, output: Output, attributes: dict[str, list[Any]], request_ids: list[str]) -> None:
-        assert output.inputs is not None, "the replica runs the model with embed=True when monitored"
-        groups = attributes.get(self.group) if self.group else None  # without a bias section nothing is grouped
-        self.items.append((output, groups, request_ids, time.time()))
-        self.queued += len(request_ids)
+    def append(self, *item: Any) -> None:
+        raise NotImplementedError
 
     def cut(self) -> Cut:
         """Take everything queued (and refused) so far; the queue starts empty."""
@@ -247,6 +225,27 @@ class RecordQueue:
 
     def count_into(self, state: WindowState, cut: Cut | None = None) -> None:
         """Count the records of `cut` (default: everything queued, which empties the queue) into `state`."""
+        raise NotImplementedError
+
+
+class RecordQueue(Queue):
+    """A classifier's answered requests: their outputs, groups and request ids."""
+
+    def __init__(self, served: ServedModel, bins: Bins, bias: BiasSpec | None) -> None:
+        super().__init__()
+        self.served, self.bins = served, bins
+        self.group: str | None = bias.group if bias else None
+        self.max_groups = bias.max_groups if bias else 0
+        self.groups_kept: set[str] = {bias.privileged} if bias and bias.privileged else set()
+        self.unk = unknown_token_id(served.info)
+
+    def append(self, output: Output, attributes: dict[str, list[Any]], request_ids: list[str]) -> None:
+        assert output.inputs is not None, "the replica runs the model with embed=True when monitored"
+        groups = attributes.get(self.group) if self.group else None  # without a bias section nothing is grouped
+        self.items.append((output, groups, request_ids, time.time()))
+        self.queued += len(request_ids)
+
+    def count_into(self, state: WindowState, cut: Cut | None = None) -> None:
         cut = self.cut() if cut is None else cut
         state.invalid += cut.invalid
         queue = cut.items
