@@ -193,6 +193,7 @@ def test_digits_clean_traffic_is_quiet_noise_raises_drift_and_skew_raises_bias(t
     statuses = {c["name"]: c["status"] for c in first["recent"][-1]["checks"]}
     assert {
         "psi:prediction.class",
+        "chi2:prediction.class",
         "psi:prediction.confidence",
         "mmd:embedding",
         "statistical_parity_difference",
@@ -242,8 +243,9 @@ def test_digits_clean_traffic_is_quiet_noise_raises_drift_and_skew_raises_bias(t
     used = set()
     for shipped in ("prometheus-alerts.yaml", "grafana-monitor.json"):
         used |= set(re.findall(r"ray_steward_monitor_\w+", (ROOT / "serve" / shipped).read_text()))
-    assert len(used) == 7, used
+    assert len(used) == 8, used
     used.remove("ray_steward_monitor_invalid_rate")  # set once a window has refused records: the poisoned test's
+    used.remove("ray_steward_monitor_performance")  # set once late labels arrive: the late-labels test's
 
     def exported():
         text = urllib.request.urlopen(metrics_url).read().decode()
@@ -269,6 +271,70 @@ def test_digits_clean_traffic_is_quiet_noise_raises_drift_and_skew_raises_bias(t
         return open_before <= open_now and open_now
 
     wait_for(alert_gauges, 60, f"alert_open = 1 for {sorted(open_before)} after the restart")
+
+
+def test_late_labels_give_accuracy_recall_f1_and_equalized_odds_per_group_over_windows(tmp_path, ports):
+    """Predictions for two groups, then their labels through POST /feedback, some wrong for group b only: the
+    window the labels arrive in reports each group's accuracy, macro recall and macro F1 and the equalized odds
+    difference computed from the labels sent, judges them, and exports them to Prometheus."""
+    from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+    from steward.monitor.bias import equalized_odds_difference
+
+    bias = {"group": "group", "favourable": "0", "metrics": ["equalized_odds_difference"], "min_records_per_group": 20}
+    performance = {"min_accuracy": 0.8, "min_labels": 20}
+    monitor = {"bias": bias, "performance": performance, "window": {"size": 120}, "push_interval_s": 0.3}
+    spec, _, url = monitored(tmp_path, ports, "quickstart.yaml", {**monitor, "feedback_rate": 1000}, prefix="/labelled")
+    images, labels = digits(spec)
+    rng = np.random.default_rng(2)  # its own: the other tests' draws stay as they were
+    rows = rng.choice(len(images), 120, replace=False)
+    groups = ["a", "b"] * 60
+    predicted, ids = [], []
+    for i in range(0, 120, 20):
+        body = {
+            "instances": [images[r].tolist() for r in rows[i : i + 20]],
+            "attributes": {"group": groups[i : i + 20]},
+        }
+        reply = requests.post(f"{url}/predict", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        predicted += [p["label"] for p in reply.json()["predictions"]]
+        ids += [p["request_id"] for p in reply.json()["predictions"]]
+    windows_closed(url, 1)  # the predictions' window: the labels count in the next one
+    # group b's label is wrong for every other record of it (k % 4 == 1): its true class moved on by one
+    sent = [str((int(labels[r]) + (k % 4 == 1)) % 10) for k, r in enumerate(rows)]
+    for request_id, label in zip(ids, sent, strict=True):
+        reply = requests.post(f"{url}/feedback", json={"request_id": request_id, "label": label}, timeout=30)
+        assert reply.status_code == 200 and reply.json()["matched"], reply.text
+    send(url, [images[r].tolist() for r in rows], groups)  # fills, and closes, the labels' window
+    window = windows_closed(url, 2)["recent"][1]
+
+    def expected(group):
+        chosen = [k for k, g in enumerate(groups) if group in (None, g)]
+        y, p = [sent[k] for k in chosen], [predicted[k] for k in chosen]
+        scores = (accuracy_score(y, p), recall_score(y, p, average="macro", zero_division=0))
+        return {"labelled": 60 * (1 + (group is None)), "accuracy": scores[0], "recall": scores[1]} | {
+            "f1_macro": f1_score(y, p, average="macro", zero_division=0)
+        }
+
+    got = window["performance"]
+    assert got["overall"] == pytest.approx(expected(None)) and got["groups"]["b"] == pytest.approx(expected("b"))
+    assert (
+        got["groups"]["a"] == pytest.approx(expected("a"))
+        and expected("a")["accuracy"] > 0.8 > expected("b")["accuracy"]
+    )
+    checks = {c["name"]: c for c in window["checks"]}
+    assert checks["accuracy:a"]["status"] == "ok" and checks["accuracy:b"]["status"] == "fail"
+    odds = equalized_odds_difference(sent, predicted, groups, positive="0")
+    assert checks["equalized_odds_difference"]["value"] == pytest.approx(odds)
+    metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
+    series = re.compile(r"^ray_steward_monitor_performance\{([^}]*)\} (\S+)$", re.M)
+
+    def exported():
+        text = urllib.request.urlopen(metrics_url).read().decode()
+        found = {tags: float(v) for tags, v in series.findall(text) if 'deployment="labelled"' in tags}
+        return [v for tags, v in found.items() if 'group="b"' in tags and 'metric="accuracy"' in tags]
+
+    assert wait_for(exported, 60, "the performance gauge") == [pytest.approx(expected("b")["accuracy"])]
 
 
 def texts(spec):

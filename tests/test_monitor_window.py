@@ -12,6 +12,7 @@ from steward.monitor import bias
 from steward.monitor.bins import Bins
 from steward.monitor.checks import MMD_POINTS, live_state
 from steward.monitor.drift import bin_counts, quantile_edges
+from steward.monitor.performance import window_performance
 from steward.monitor.reservoir import Reservoir, SampleSpec
 from steward.monitor.window_state import WindowState
 from steward.monitor.windowing import Windows
@@ -92,6 +93,31 @@ def test_merge_is_exact_and_order_free(seed):
         assert left.histograms[i, bins.missing_column] == np.isnan(col).sum()
     assert left.histogram("colour").tolist() == [sum(data["colour"] == c) for c in ("red", "green", "blue")]
     assert left.pending_labels == {} and len(left.pending_predictions) == (~lab).sum()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_performance_of_merged_replicas_equals_sklearn_on_the_labelled_records(seed):
+    """Labels reach other replicas than their predictions; merged, each group's accuracy, macro recall and macro F1
+    are scikit-learn's (evaluate's metrics) on that group's labelled records, and so are the overall ones."""
+    from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+    data = random_stream(seed)
+    s1, s2, s3 = feed_replicas(data, 3, seed, make_bins())
+    got, lab = window_performance(s1.merge(s2).merge(s3)), data["labelled"]
+
+    def oracle(rows):
+        y, p = data["y_true"][rows], data["y_pred"][rows]
+        return {
+            "labelled": int(rows.sum()),
+            "accuracy": accuracy_score(y, p),
+            "recall": recall_score(y, p, average="macro", zero_division=0),
+            "f1_macro": f1_score(y, p, average="macro", zero_division=0),
+        }
+
+    assert got["overall"] == pytest.approx(oracle(lab), abs=1e-12)
+    assert sorted(got["groups"]) == ["a", "b", "c"]
+    for group, scores in got["groups"].items():
+        assert scores == pytest.approx(oracle(lab & (data["groups"] == group)), abs=1e-12), group
 
 
 @pytest.mark.parametrize("seed", range(3))

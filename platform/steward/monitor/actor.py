@@ -42,6 +42,7 @@ NAMESPACE = "steward"
 # it when numpy loads.
 ACTOR_ENV = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 logger = logging.getLogger("steward.monitor")
+ALL_GROUPS = "(all)"  # the `group` label of metrics over every group together
 
 
 def actor_name(deployment: str, run_dir: str | Path) -> str:
@@ -130,6 +131,12 @@ class Exporter:
             "training text (check regurgitation) in the last window.",
             ("deployment", "check"),
         )
+        self.performance = Gauge(
+            "steward_monitor_performance",
+            "Accuracy, recall (macro), f1_macro or labelled records (label `metric`) from the late labels of the last "
+            f"window that had any, per group (label `group`; {ALL_GROUPS} for all of the window's labels).",
+            ("deployment", "metric", "group"),
+        )
         self.records = Counter("steward_monitor_records", "Records monitored.", ("deployment",))
         self.alerts = Counter("steward_monitor_alerts", "Alerts raised.", ("deployment", "check"))
         for metric in (
@@ -139,6 +146,7 @@ class Exporter:
             self.failing,
             self.invalid,
             self.leak,
+            self.performance,
             self.records,
             self.alerts,
         ):
@@ -154,12 +162,20 @@ class Exporter:
                 self.invalid.set(check["value"])
             elif check["kind"] == "leak":
                 self.leak.set(check["value"], {"check": check["name"]})
+            elif check["kind"] == "performance":
+                continue  # exported from the report's performance section, judged or not
             else:
                 test, _, signal = check["name"].partition(":")
                 self.drift.set(check["value"], {"test": test, "signal": signal})
         for group, rate in report["selection_rates"].items():
             if rate is not None:
                 self.rate.set(rate, {"group": group})
+        performance = report.get("performance")  # absent from windows judged before it was reported
+        if performance:
+            for group, scores in [(ALL_GROUPS, performance["overall"]), *performance["groups"].items()]:
+                for metric, value in scores.items():
+                    if scores["labelled"] and value is not None:  # a window without labels leaves the last values
+                        self.performance.set(float(value), {"metric": metric, "group": group})
         for event in events:
             self.failing.set(1.0 if event["event"] == "alert" else 0.0, {"check": event["name"]})
             if event["event"] == "alert":

@@ -14,11 +14,19 @@ import numpy as np
 
 from steward.monitor import bias
 from steward.monitor.bins import Bins
-from steward.monitor.drift import correct_pvalues, ks_test, mmd_test, psi
-from steward.monitor.reference import CONFIDENCE, PREDICTED_CLASS, TEXT_LENGTH, TEXT_UNK_RATE, ReferenceProfile
+from steward.monitor.drift import chi2_test, correct_pvalues, ks_test, mmd_test, psi
+from steward.monitor.performance import window_performance
+from steward.monitor.reference import (
+    CONFIDENCE,
+    PREDICTED_CLASS,
+    TEXT_LENGTH,
+    TEXT_UNK_RATE,
+    FeatureProfile,
+    ReferenceProfile,
+)
 from steward.monitor.reservoir import SampleSpec
 from steward.monitor.window_state import WindowState
-from steward.spec.monitor import BiasSpec, DriftSpec, LeakSpec, MonitorSpec
+from steward.spec.monitor import BiasSpec, DriftSpec, LeakSpec, MonitorSpec, PerformanceSpec
 
 # Points per side of the MMD test: about the size of a reference sample (the validation split), beyond which live
 # points add little power and each test costs more (its kernel matrix grows with the square of the points).
@@ -35,14 +43,17 @@ BIAS_FUNCTIONS = {
     "equalized_odds_difference": bias.equalized_odds_difference_from_counts,
     "equal_opportunity_difference": bias.equal_opportunity_difference_from_counts,
 }
+LABEL_METRICS = ("equalized_odds_difference", "equal_opportunity_difference")  # judged on late labels
 
 
 @dataclass
 class Check:
     """One metric of one window: its value, the allowed [low, high], and ok | fail | insufficient."""
 
-    name: str  # e.g. "psi:prediction.class", "ks:feature_3", "mmd:embedding", "statistical_parity_difference"
-    kind: str  # drift | bias | input | leak
+    # e.g. "psi:prediction.class", "chi2:prediction.class", "ks:feature_3", "mmd:embedding",
+    # "statistical_parity_difference", "accuracy", "f1_macro:<group>"
+    name: str
+    kind: str  # drift | bias | performance | input | leak
     value: float | None
     low: float
     high: float
@@ -76,16 +87,13 @@ def drift_signals(cfg: DriftSpec, ref: ReferenceProfile) -> list[str]:
 
 
 def drift_checks(window: WindowState, ref: ReferenceProfile, cfg: DriftSpec, seed: int = 0) -> list[Check]:
-    """PSI per histogrammed signal, KS per input feature (corrected), MMD on the embeddings."""
+    """PSI per histogrammed signal, chi-square per categorical one and KS per input feature (each family corrected),
+    MMD on the embeddings."""
     if window.n < cfg.min_records:
         return []
-    checks = []
-    for name in drift_signals(cfg, ref):
-        profile = ref.signals()[name]
-        reference = np.append(profile.counts, 0) if profile.kind == "categorical" else np.asarray(profile.counts)
-        current = window.histogram(name)[: len(reference)]
-        value = psi(reference, current, kind="counts") if current.sum() else None
-        checks.append(Check.judge(f"psi:{name}", "drift", value, 0.0, cfg.psi_threshold))
+    names = drift_signals(cfg, ref)
+    checks = [_psi_check(window, ref.signals()[name], cfg) for name in names]
+    checks += chi2_checks(window, ref, cfg, names)
     live = window.reservoirs.get("features")
     if "features" in cfg.signals and live is not None and "features" in ref.samples:
         sample = live.sample
@@ -104,17 +112,51 @@ def drift_checks(window: WindowState, ref: ReferenceProfile, cfg: DriftSpec, see
     return checks
 
 
+def _reference_cells(profile: FeatureProfile) -> np.ndarray:
+    """The reference's counts on a live histogram's cells: a categorical one has a last cell for unseen values."""
+    return np.append(profile.counts, 0) if profile.kind == "categorical" else np.asarray(profile.counts)
+
+
+def _psi_check(window: WindowState, profile: FeatureProfile, cfg: DriftSpec) -> Check:
+    reference = _reference_cells(profile)
+    current = window.histogram(profile.name)[: len(reference)]
+    value = psi(reference, current, kind="counts") if current.sum() else None
+    return Check.judge(f"psi:{profile.name}", "drift", value, 0.0, cfg.psi_threshold)
+
+
+def chi2_checks(
+    window: WindowState, ref: ReferenceProfile, cfg: DriftSpec, names: list[str] | None = None
+) -> list[Check]:
+    """A chi-square test of each watched categorical signal (predicted classes, finish reasons, categorical inputs)
+    against the reference's counts, unseen categories in a cell of their own; the p-values are corrected over these
+    signals as the KS ones are over features. A signal with fewer than `min_records` live values in the window (an
+    input most records lack) is insufficient: the test's approximation needs counts."""
+    signals = ref.signals()
+    watched = names if names is not None else drift_signals(cfg, ref)
+    categorical = [name for name in watched if signals[name].kind == "categorical"]
+    tested, pvalues = [], []
+    for name in categorical:
+        current = window.histogram(name)
+        if current.sum() >= cfg.min_records:
+            tested.append(name)
+            pvalues.append(chi2_test(_reference_cells(signals[name]), current)[1])
+    corrected = dict(zip(tested, correct_pvalues(pvalues, cfg.correction) if pvalues else [], strict=True))
+    return [Check.judge(f"chi2:{name}", "drift", corrected.get(name), cfg.chi2_pvalue, 1.0) for name in categorical]
+
+
 def _subsample(rows: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     return rows if len(rows) <= size else rows[rng.choice(len(rows), size, replace=False)]
 
 
 def bias_checks(window: WindowState, cfg: BiasSpec) -> list[Check]:
-    """Each configured group-fairness metric over the groups with enough records in this window."""
+    """Each configured group-fairness metric over the groups with enough records in this window: predictions for
+    the rate metrics, late labels for the label-based ones (equalized odds, equal opportunity)."""
     counts = {g: c for g, c in window.group_counts(cfg.favourable).items() if g is not None}
-    judged = {g: c for g, c in counts.items() if c.n >= cfg.min_records_per_group}
     checks = []
     for metric in cfg.metrics:
         low, high = cfg.bounds(metric)
+        labelled = metric in LABEL_METRICS
+        judged = {g: c for g, c in counts.items() if (c.labelled if labelled else c.n) >= cfg.min_records_per_group}
         value = None
         enough = len(judged) >= 2 and (cfg.privileged is None or cfg.privileged in judged)
         if enough:
@@ -122,6 +164,19 @@ def bias_checks(window: WindowState, cfg: BiasSpec) -> list[Check]:
             signed = metric in ("statistical_parity_difference", "disparate_impact_ratio")
             value = fn(judged, cfg.privileged) if signed else fn(judged)  # type: ignore[operator]
         checks.append(Check.judge(metric, "bias", value, low, high))
+    return checks
+
+
+def performance_checks(performance: dict[str, Any], cfg: PerformanceSpec) -> list[Check]:
+    """Each metric the spec sets a minimum for, over all the window's labels ("accuracy") and in each group
+    ("accuracy:<group>"); insufficient with fewer than `min_labels` labels there. `performance` is
+    `window_performance`'s."""
+    sets = [("", performance["overall"]), *((f":{g}", got) for g, got in performance["groups"].items())]
+    checks = []
+    for suffix, got in sets:
+        for metric, floor in cfg.minimums().items():
+            value = got[metric] if got["labelled"] >= cfg.min_labels else None
+            checks.append(Check.judge(metric + suffix, "performance", value, floor, 1.0))
     return checks
 
 
@@ -151,12 +206,16 @@ def invalid_check(window: WindowState, cfg: MonitorSpec) -> Check:
 
 
 def window_report(window: WindowState, ref: ReferenceProfile | None, cfg: MonitorSpec, seed: int = 0) -> dict:
-    """Everything judged about one window, JSON-ready: its span, checks and per-group selection rates."""
+    """Everything judged about one window, JSON-ready: its span, checks, per-group selection rates, and accuracy,
+    recall and F1 from the labels that arrived in it (`performance.window_performance`)."""
     checks = []
+    performance = window_performance(window)
     if cfg.drift is not None and ref is not None:
         checks += drift_checks(window, ref, cfg.drift, seed)
     if cfg.bias is not None:
         checks += bias_checks(window, cfg.bias)
+    if cfg.performance is not None:
+        checks += performance_checks(performance, cfg.performance)
     if cfg.leaks is not None and window.n:
         checks += leak_checks(window, cfg.leaks)
     if window.invalid:
@@ -170,6 +229,7 @@ def window_report(window: WindowState, ref: ReferenceProfile | None, cfg: Monito
         "end": window.end,
         "checks": [c.to_dict() for c in checks],
         "selection_rates": {g: (r if math.isfinite(r) else None) for g, r in rates.items()},
+        "performance": performance,
     }
 
 

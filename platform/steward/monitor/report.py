@@ -1,7 +1,8 @@
 """`steward monitor report`: one HTML page with PNG plots, from what a deployment's monitor persisted.
 
-Drift statistics over time against their thresholds, per-group favourable rates over time, and reference-versus-live
-histograms of the most drifted signals in the latest window.
+Drift statistics over time against their thresholds, per-group favourable rates over time, accuracy, recall and F1
+over time from late labels (all groups and each), and reference-versus-live histograms of the most drifted signals in
+the latest window.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from steward.errors import StewardError  # noqa: E402
+from steward.monitor.performance import METRICS  # noqa: E402
 from steward.monitor.reference import ReferenceProfile, load_reference  # noqa: E402
 from steward.monitor.window_state import WindowState  # noqa: E402
 from steward.monitor.windowing import Windows  # noqa: E402
@@ -85,6 +87,52 @@ def plot_rates(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _labelled(history: list[dict]) -> list[dict]:
+    """The windows that had late labels (windows judged before performance was reported have none)."""
+    return [w for w in history if w.get("performance") and w["performance"]["overall"]["labelled"]]
+
+
+def plot_performance(history: list[dict], path: Path) -> None:
+    """Accuracy, macro recall and macro F1 of each window with late labels: over all its labels and per group."""
+    windows = _labelled(history)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4), sharey=True)
+    start = min((w["end"] for w in history if w["end"]), default=0)
+    groups = sorted({g for w in windows for g in w["performance"]["groups"]})
+    for axis, metric in zip(axes, METRICS, strict=True):
+        for group in [None, *groups]:
+            sets = [(w["end"], _scores(w, group)) for w in windows]
+            points = [(end - start, got[metric]) for end, got in sets if got and got[metric] is not None]
+            if points:
+                axis.plot(*zip(*points, strict=True), marker=".", label="all" if group is None else f"group {group}")
+        axis.set(title=f"{metric} from late labels", xlabel="seconds", ylim=(0, 1.05))
+        if axis.lines:
+            axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _scores(window: dict, group: str | None) -> dict | None:
+    performance = window["performance"]
+    return performance["overall"] if group is None else performance["groups"].get(group)
+
+
+def _performance_rows(history: list[dict]) -> str:
+    """A table row per group (and all together) of the latest window with late labels."""
+    windows = _labelled(history)
+    if not windows:
+        return ""
+    latest = windows[-1]["performance"]
+    sets = [("all", latest["overall"]), *sorted(latest["groups"].items())]
+    cell = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    return "".join(
+        f"<tr><td>{html.escape(str(name))}</td><td>{got['labelled']}</td>"
+        + "".join(f"<td>{cell(got[m])}</td>" for m in METRICS)
+        + "</tr>"
+        for name, got in sets
+    )
+
+
 def plot_histograms(window: WindowState, ref: ReferenceProfile, names: list[str], path: Path) -> None:
     """Reference versus live shares on the reference's bins, one panel per signal."""
     fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4 * max(len(names), 1), 3.5), squeeze=False)
@@ -118,6 +166,9 @@ def write_report(folder: Path, out: Path | None = None) -> Path:
     run_dir = folder.parent.parent
     ref_dir = run_dir / (state.get("reference") or "model")  # the one the monitor judged against (int8's own)
     images = ["drift.png", "selection_rates.png"]
+    if _labelled(history):
+        plot_performance(history, out / "performance.png")
+        images.append("performance.png")
     if drifted and (ref_dir / "reference.json").exists():
         current = Windows.current_of(state["windows"])
         plot_histograms(current, load_reference(ref_dir), [c["name"][4:] for c in drifted], out / "hist.png")
@@ -127,6 +178,14 @@ def write_report(folder: Path, out: Path | None = None) -> Path:
         f"<td class={c['status']}>{c['status']}</td></tr>"
         for c in latest
     )
+    performance = _performance_rows(history)
+    heads = "".join(f"<th>{m}</th>" for m in METRICS)
+    labelled = (
+        f"<h2>Latest window with late labels</h2><table><tr><th>group</th><th>labelled</th>{heads}</tr>"
+        f"{performance}</table>"
+        if performance
+        else ""
+    )
     alerts = "".join(f"<li>{html.escape(a['name'])} = {a['value']}</li>" for a in state["alerts"]["open"].values())
     page = f"""<!doctype html><meta charset="utf-8"><title>steward monitor: {html.escape(folder.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 10px}} .fail{{color:#c00}} .ok{{color:#080}}</style>
@@ -134,6 +193,7 @@ def write_report(folder: Path, out: Path | None = None) -> Path:
 <p>{state["records"]} records, {len(history)} windows closed. Run: {html.escape(str(run_dir))}</p>
 <h2>Open alerts</h2><ul>{alerts or "<li>none</li>"}</ul>
 <h2>Latest window</h2><table><tr><th>check</th><th>value</th><th>allowed</th><th>status</th></tr>{rows}</table>
+{labelled}
 {"".join(f'<p><img src="{name}"></p>' for name in images)}
 """
     (out / "report.html").write_text(page)

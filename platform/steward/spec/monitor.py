@@ -1,6 +1,6 @@
 """The `monitor` section: bias and drift watched on every endpoint deployed from the spec."""
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -24,6 +24,7 @@ DEFAULT_BIAS_THRESHOLDS: dict[str, tuple[float, float]] = {
     "equal_opportunity_difference": (0.0, 0.1),
 }
 SIGNED = ("statistical_parity_difference", "disparate_impact_ratio")
+Share = Annotated[float, Field(ge=0, le=1)]
 MAX_RECORDS = 10_000_000  # records (or seconds) in one window: more than a monitor holds in memory
 
 
@@ -43,7 +44,11 @@ class BiasSpec(Section):
         description="Allowed [low, high] per metric (defaults: |SPD| <= 0.1, DIR in [0.8, 1.25], gaps <= 0.1).",
     )
     min_records_per_group: int = Field(
-        30, ge=1, le=MAX_RECORDS, description="Records a group needs in a window before it is judged."
+        30,
+        ge=1,
+        le=MAX_RECORDS,
+        description="Records a group needs in a window before it is judged (labelled records, for the label-based "
+        "metrics: equalized odds and equal opportunity).",
     )
     max_groups: int = Field(
         50,
@@ -91,9 +96,43 @@ class DriftSpec(Section):
     psi_threshold: float = Field(0.2, gt=0, le=1000, description="Alert when a histogram's PSI is above this.")
     ks_pvalue: float = Field(0.01, gt=0, lt=1, description="Alert when a feature's KS p-value (corrected) is below.")
     mmd_pvalue: float = Field(0.01, gt=0, lt=1, description="Alert when the embeddings' MMD p-value is below this.")
+    chi2_pvalue: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Alert when a categorical signal's chi-square p-value (predicted classes, categorical inputs; "
+        "corrected over those signals) is below this.",
+    )
     mmd_permutations: int = Field(100, ge=10, le=10_000, description="Permutations of the MMD test.")
-    correction: Literal["bonferroni", "fdr"] = Field("bonferroni", description="Correction over the per-feature tests.")
+    correction: Literal["bonferroni", "fdr"] = Field(
+        "bonferroni", description="Correction over the per-feature KS tests, and over the chi-square tests."
+    )
     min_records: int = Field(50, ge=2, le=MAX_RECORDS, description="Records a window needs before drift is judged.")
+
+
+class PerformanceSpec(Section):
+    min_accuracy: Share | None = Field(None, description="Lowest accuracy allowed on a window's late labels.")
+    min_recall: Share | None = Field(
+        None, description="Lowest recall (macro over classes, as evaluate's `recall`) allowed on a window's labels."
+    )
+    min_f1_macro: Share | None = Field(None, description="Lowest macro F1 allowed on a window's late labels.")
+    min_labels: int = Field(
+        30,
+        ge=1,
+        le=MAX_RECORDS,
+        description="Labels (POST /feedback) a window, or a group in it, needs before its performance is judged.",
+    )
+
+    @model_validator(mode="after")
+    def _some_minimum(self) -> "PerformanceSpec":
+        if not self.minimums():
+            raise_problems(self, {"min_accuracy": "set at least one of min_accuracy, min_recall, min_f1_macro"})
+        return self
+
+    def minimums(self) -> dict[str, float]:
+        """The lowest allowed value of each judged metric, by its name in window reports."""
+        floors = {"accuracy": self.min_accuracy, "recall": self.min_recall, "f1_macro": self.min_f1_macro}
+        return {name: floor for name, floor in floors.items() if floor is not None}
 
 
 class LeakSpec(Section):
@@ -122,6 +161,11 @@ class AlertSpec(Section):
 class MonitorSpec(Section):
     bias: BiasSpec | None = Field(None, description="Group fairness of the live predictions.")
     drift: DriftSpec | None = Field(None, description="Drift of live inputs and outputs from the training reference.")
+    performance: PerformanceSpec | None = Field(
+        None,
+        description="Accuracy, recall and F1 from late labels (POST /feedback), over each window and per group: the "
+        "window report always has them; this section judges them and alerts.",
+    )
     leaks: LeakSpec | None = Field(
         None, description="causal_lm only: personal data and training text in what the model generates."
     )
