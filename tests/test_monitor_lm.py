@@ -155,6 +155,8 @@ def test_the_spec_refuses_what_a_language_model_cannot_be_watched_with(tmp_path)
         load_job(
             JOBS / "tiny-gpt.yaml", ["monitor.bias={group: g, favourable: x, metrics: [demographic_parity_difference]}"]
         )
+    with pytest.raises(StewardError, match=r"monitor\.performance \[--set\]: judges late labels"):
+        load_job(JOBS / "tiny-gpt.yaml", ["monitor.performance={min_accuracy: 0.9}"])
     with pytest.raises(StewardError, match=r"monitor\.leaks \[--set\]: judges generated text"):
         load_job(JOBS / "quickstart.yaml", ["monitor={leaks: {}}"])
     with pytest.raises(StewardError, match=r"serve\.output_pii \[--set\]: applies to generated text"):

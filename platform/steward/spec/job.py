@@ -72,6 +72,8 @@ class JobSpec(Section):
             problems["monitor.bias"] = (
                 "live bias needs predicted classes; a causal_lm's groups are judged in evaluation"
             )
+        if self.monitor is not None and self.monitor.performance is not None and lm:
+            problems["monitor.performance"] = "judges late labels of predicted classes; remove it for causal_lm"
         if self.monitor is not None and self.monitor.leaks is not None and not lm:
             problems["monitor.leaks"] = "judges generated text, which needs task: causal_lm; remove monitor.leaks"
         if self.serve is not None and self.serve.generation is not None and not lm:
