@@ -139,12 +139,8 @@ class LeakSpec(Section):
     max_pii: int = Field(
         0, ge=0, le=MAX_RECORDS, description="Personal-data values of one type a window's generated text may hold."
     )
-    max_regurgitation: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="Largest share of a window's generated n-grams (of `ngram` tokens) found verbatim in the "
-        "training text.",
+    max_regurgitation: Share = Field(
+        0.5, description="Largest share of a window's generated n-grams (of `ngram` tokens) found in the training text."
     )
     ngram: int = Field(8, ge=4, le=64, description="Tokens in the n-grams regurgitation is judged on.")
 
