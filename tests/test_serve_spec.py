@@ -1,5 +1,7 @@
 """Fast tier for serving: the serve section, API keys, request parsing and OIP tensors; no Ray."""
 
+import asyncio
+
 import numpy as np
 import pytest
 import yaml
@@ -14,6 +16,7 @@ from steward.serve.protocol import (
     check_attributes,
     oip_instances,
     parse_body,
+    read_body,
     validated,
 )
 from steward.spec import SpecError, load_job
@@ -109,6 +112,20 @@ def test_parse_body_refusals(raw, status, fragment):
     with pytest.raises(BadRequest) as err:
         parse_body(raw, 1024 if status == 413 else 1_000_000)
     assert err.value.status == status and fragment in err.value.message and err.value.field == "body"
+
+
+def test_a_client_gone_before_its_whole_body_is_a_400_not_a_traceback():
+    from starlette.requests import Request
+
+    messages = [{"type": "http.request", "body": b'{"instances": ', "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive():
+        return messages.pop(0)
+
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": [(b"content-length", b"100")]}
+    with pytest.raises(BadRequest) as err:
+        asyncio.run(read_body(Request(scope, receive), 1_000_000))
+    assert (err.value.status, err.value.field) == (400, "body") and "closed before the whole body" in err.value.message
 
 
 def test_validation_errors_name_nested_fields():

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 from fastapi import Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from starlette.requests import ClientDisconnect
 
 from steward.data.encode import as_numbers
 
@@ -141,16 +142,20 @@ def json_response(reply: BaseModel) -> Response:
 
 
 async def read_body(request: Request, limit: int, what: str = "serve.max_body_bytes") -> bytes:
-    """The body, refused (413 naming `what`, the limit's setting) once it passes `limit`, before it is all read."""
+    """The body, refused (413 naming `what`, the limit's setting) once it passes `limit`, before it is all read; a
+    client that goes away before sending it all gets a 400 (answered to nobody, logged as one line)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise BadRequest(413, "body", f"{declared} bytes is over the {limit}-byte limit ({what})")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BadRequest(413, "body", f"over the {limit}-byte limit ({what})")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(413, "body", f"over the {limit}-byte limit ({what})")
+            chunks.append(chunk)
+    except ClientDisconnect:  # e.g. a Content-Length that promised more than came: one log line, not a traceback
+        raise BadRequest(400, "body", "the connection closed before the whole body came; send all of it") from None
     return b"".join(chunks)
 
 
