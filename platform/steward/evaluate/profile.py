@@ -157,9 +157,8 @@ def capture_generation_reference(
     tokenizer = load_tokenizer(str(info.tokenizer_dir))
     eos, context = end_tokens(hf, tokenizer), usable_positions(hf.config) or spec.data.max_length
     most = (spec.serve.generation if spec.serve and spec.serve.generation else GenerationSpec()).max_new_tokens
-    prompts = [ids[: max(1, len(ids) // 2)] for ids in split if ids]
-    if prompts and prompts[0][-1] in eos:  # a one-token text: its first half is its end token
-        prompts = [p for p in prompts if p[-1] not in eos] or prompts
+    halves = [ids[: max(1, len(ids) // 2)] for ids in split if ids]
+    prompts = [p for p in halves if p[-1] not in eos] or halves  # a one-token text's half is its end token
     generator = torch.Generator().manual_seed(spec.seed)
     rows: dict[str, list[Any]] = {k: [] for k in ("prompt", "unknown", "length", "logprob", "finish", "embedding")}
     by_length: dict[int, list[list[int]]] = {}
