@@ -17,6 +17,7 @@ from steward.cli.cluster import jobs_app, k8s, submit
 from steward.cli.common import PolicyOption, Sets, Spec, console, errors, user_errors
 from steward.cli.govern import audit_app, card, policy_app
 from steward.cli.models import models_app
+from steward.cli.rollout import rollout_app
 from steward.cli.run import estimate, evaluate, explain, monitor_app, privacy_app, run, train, tune
 from steward.cli.serve import serve_app
 from steward.govern.policy import PolicyViolation, admit
@@ -35,6 +36,7 @@ GROUPS = {
     "privacy": privacy_app,
     "monitor": monitor_app,
     "models": models_app,
+    "rollout": rollout_app,
 }
 for name, group in GROUPS.items():
     app.add_typer(group, name=name)

@@ -69,6 +69,7 @@ class MonitorTarget:
     monitor: MonitorSpec
     reference: str | None = None  # the folder of the reference profile to judge against; None: training saved none
     min_replicas: int = 1  # the replicas the deployment starts with: at least this many share each window
+    arm: str = "champion"  # during a rollout, which arm's model this is (the `arm` label of its metrics)
 
 
 @dataclass(frozen=True)
@@ -112,33 +113,49 @@ def stop_monitors(deployment: str) -> None:
 class Exporter:
     """Prometheus metrics through Ray's metrics export: they appear on every node's metrics endpoint."""
 
-    def __init__(self, deployment: str) -> None:
+    def __init__(self, deployment: str, arm: str) -> None:
         from ray.util.metrics import Counter, Gauge
 
-        tags = {"deployment": deployment}
-        self.bias = Gauge("steward_monitor_bias", "Bias metric of the last window.", ("deployment", "metric"))
-        self.rate = Gauge("steward_monitor_selection_rate", "Favourable rate per group.", ("deployment", "group"))
-        self.drift = Gauge(
-            "steward_monitor_drift", "Drift statistic (PSI) or p-value.", ("deployment", "test", "signal")
+        tags = {"deployment": deployment, "arm": arm}
+        self.bias = Gauge("steward_monitor_bias", "Bias metric of the last window.", ("deployment", "arm", "metric"))
+        self.rate = Gauge(
+            "steward_monitor_selection_rate", "Favourable rate per group.", ("deployment", "arm", "group")
         )
-        self.failing = Gauge("steward_monitor_alert_open", "1 while a check is alerting.", ("deployment", "check"))
+        self.drift = Gauge(
+            "steward_monitor_drift", "Drift statistic (PSI) or p-value.", ("deployment", "arm", "test", "signal")
+        )
+        self.failing = Gauge(
+            "steward_monitor_alert_open", "1 while a check is alerting.", ("deployment", "arm", "check")
+        )
         self.invalid = Gauge(
-            "steward_monitor_invalid_rate", "Share of the last window's records refused as invalid.", ("deployment",)
+            "steward_monitor_invalid_rate",
+            "Share of the last window's records refused as invalid.",
+            (
+                "deployment",
+                "arm",
+            ),
         )
         self.leak = Gauge(
             "steward_monitor_leak",
             "Generated text's personal-data values of a type (check pii:<type>) or share of n-grams found in the "
             "training text (check regurgitation) in the last window.",
-            ("deployment", "check"),
+            ("deployment", "arm", "check"),
         )
         self.performance = Gauge(
             "steward_monitor_performance",
             "Accuracy, recall (macro), f1_macro or labelled records (label `metric`) from the late labels of the last "
             f"window that had any, per group (label `group`; {ALL_GROUPS} for all of the window's labels).",
-            ("deployment", "metric", "group"),
+            ("deployment", "arm", "metric", "group"),
         )
-        self.records = Counter("steward_monitor_records", "Records monitored.", ("deployment",))
-        self.alerts = Counter("steward_monitor_alerts", "Alerts raised.", ("deployment", "check"))
+        self.records = Counter(
+            "steward_monitor_records",
+            "Records monitored.",
+            (
+                "deployment",
+                "arm",
+            ),
+        )
+        self.alerts = Counter("steward_monitor_alerts", "Alerts raised.", ("deployment", "arm", "check"))
         for metric in (
             self.bias,
             self.rate,
@@ -208,7 +225,7 @@ class Monitor:
         self.min_pushers = max(1, target.min_replicas)
         self.in_pane: dict[str, int] = {}  # replica -> records it pushed into the open pane
         self.ledger = PushLedger()  # which pushes of each replica are merged and saved
-        self.exporter = Exporter(target.deployment)
+        self.exporter = Exporter(target.deployment, target.arm)
         self.id_key = id_key(self.folder)
         # request ids that have had their label, oldest first: one label per prediction
         self.labelled: dict[str, None] = {}

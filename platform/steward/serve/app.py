@@ -14,6 +14,7 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steward import __version__
+from steward.serve.arms import Arm, open_arms
 from steward.serve.auth import key_is_valid, load_keys, presented_key
 from steward.serve.generate_app import build_generation_app
 from steward.serve.model import (
@@ -58,6 +60,7 @@ from steward.serve.protocol import (
 )
 from steward.serve.quantize import GateResult
 from steward.serve.registry import served_version
+from steward.serve.rollout import Challenger, RolloutTarget
 from steward.serve.source import find_run
 from steward.serve.timing import Timing
 from steward.spec import JobSpec
@@ -81,13 +84,18 @@ class ReplicaConfig:
     model: ModelSource
     explain: ExplainSpec | None = None
     monitor: MonitorSpec | None = None
+    challenger: ModelSource | None = None  # during a rollout: the model beside the champion
+    rollout: RolloutTarget | None = None
 
 
-def replica_config(spec: JobSpec, run_dir: str, gate: GateResult | None = None) -> ReplicaConfig:
+def replica_config(
+    spec: JobSpec, run_dir: str, gate: GateResult | None = None, challenger: Challenger | None = None
+) -> ReplicaConfig:
     """The replicas' part of `spec` for serving `run_dir` (with int8, the accuracy gate runs here unless `gate` holds
-    its result: QuantizationRefused before any replica starts)."""
+    its result: QuantizationRefused before any replica starts), and a rollout's challenger beside it."""
     model = model_source(spec, run_dir, gate)
-    return ReplicaConfig(app_name(spec), spec.serve or ServeSpec(), model, spec.explain, spec.monitor)
+    second, target = (challenger.model, challenger.target) if challenger else (None, None)
+    return ReplicaConfig(app_name(spec), spec.serve or ServeSpec(), model, spec.explain, spec.monitor, second, target)
 
 
 @api.exception_handler(BadRequest)
@@ -110,6 +118,15 @@ async def _failed(request: Request, err: Exception) -> JSONResponse:
     return JSONResponse({"error": f"internal error ({type(err).__name__})", "field": None}, status_code=500)
 
 
+def _arm_monitor(replica: ReplicaConfig, served: ServedModel, arm: str) -> ReplicaMonitor | None:
+    """An arm's monitor on this replica: its own actor, judging it against its own reference."""
+    if replica.monitor is None:
+        return None
+    target = monitor_target(replica.monitor, replica.serve, replica.name, served.run_dir, served.gate is not None, arm)
+    bias = replica.monitor.bias
+    return ReplicaMonitor(target, lambda bins: RecordQueue(served, bins, bias))
+
+
 # Helpers the replica calls are defined above the class: Serve serializes the class when it is decorated.
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress(api)
@@ -119,7 +136,7 @@ class ModelServer:
     def __init__(self, replica: ReplicaConfig) -> None:
         self.cfg, self.name, self.explain_cfg = replica.serve, replica.name, replica.explain
         torch.set_num_threads(self.cfg.torch_threads)
-        self.served: ServedModel = open_served_model(replica.model)
+        self.served: ServedModel = open_served_model(replica.model)  # the champion: the endpoint's metadata
         self.keys = load_keys(self.cfg.auth)
         self.batch_sizes: Counter[int] = Counter()
         # An autoscaled replica runs forward passes off the event loop, one at a time, so that requests waiting for
@@ -127,13 +144,9 @@ class ModelServer:
         # sees (HAProxy's own queue is not), and a pass on the loop would keep every other request outside.
         self.forward_thread = ThreadPoolExecutor(1) if self.cfg.autoscaling is not None else None
         self.started = time.time()
-        self.monitor: ReplicaMonitor | None = None
-        if replica.monitor is not None:
-            target = monitor_target(
-                replica.monitor, self.cfg, self.name, self.served.run_dir, self.served.gate is not None
-            )
-            bias = replica.monitor.bias
-            self.monitor = ReplicaMonitor(target, lambda bins: RecordQueue(self.served, bins, bias))
+        challenger = open_served_model(replica.challenger) if replica.challenger else None
+        self.arms = open_arms(self.served, challenger, partial(_arm_monitor, replica), replica.rollout)
+        self.monitor = self.arms.champion.monitor
         if self.cfg.batching is not None:
             self._run_batch.set_max_batch_size(self.cfg.batching.max_batch_size)  # type: ignore[attr-defined]
             wait_s = self.cfg.batching.batch_wait_timeout_ms / 1000
@@ -141,8 +154,9 @@ class ModelServer:
 
     async def __del__(self) -> None:
         """Serve's graceful stop (scale-down, redeploy, delete): what this replica counted reaches the monitor."""
-        if self.monitor is not None:
-            await self.monitor.last_push()
+        for arm in self.arms.all if hasattr(self, "arms") else []:  # not if __init__ failed
+            if arm.monitor is not None:
+                await arm.monitor.last_push()
 
     # -- health and metadata -------------------------------------------------------------------------------
     @api.get("/healthz")
@@ -184,6 +198,7 @@ class ModelServer:
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                 "labels_refused": dict(self.monitor.refused_labels) if self.monitor else {},
             },
+            "rollout": self._rollout_info(),
         }
 
     @api.get("/openapi.json", include_in_schema=False)
@@ -229,13 +244,14 @@ class ModelServer:
         self._check_count(len(body.instances), "instances")
         check_attributes(body.attributes)
         timing.mark("parse")
-        output = await self._probabilities(body.instances, "instances", timing)
+        arm = self.arms.pick(request.headers)
+        output = await self._probabilities(arm, body.instances, "instances", timing)
         # Per-group decision thresholds (train.mitigation), if the run has them: the reply and the monitor see them.
-        output = replace(output, probabilities=self.served.decide(output.probabilities, body.attributes))
-        request_ids = self._request_ids(len(body.instances))
-        response = json_response(predict_response(self.served, self.name, output.probabilities, request_ids))
+        output = replace(output, probabilities=arm.served.decide(output.probabilities, body.attributes))
+        request_ids = arm.request_ids(len(body.instances))
+        response = json_response(predict_response(arm.served, self.name, output.probabilities, request_ids))
         timing.mark("reply")
-        self._monitor(output, body.attributes, request_ids, timing)
+        self._monitor(arm, output, body.instances, "instances", body.attributes, request_ids, timing)
         response.headers["Server-Timing"] = timing.header()
         return response
 
@@ -256,20 +272,21 @@ class ModelServer:
         instances = oip_instances(body, info.modality, info.input_shape, data[0])
         self._check_count(len(instances), "inputs[0].shape")
         timing.mark("parse")
-        output = await self._probabilities(instances, "inputs[0].data", timing)
+        arm = self.arms.pick(request.headers)
+        output = await self._probabilities(arm, instances, "inputs[0].data", timing)
         # Late labels name a prediction by an id this server issued (parameters.request_ids, one per instance),
         # never by the client's `id`, which another client may also use.
-        request_ids = self._request_ids(len(instances))
+        request_ids = arm.request_ids(len(instances))
         reply = InferResponse(
             model_name=self.name,
-            model_version=self.served.version,
+            model_version=arm.served.version,
             id=body.id or uuid.uuid4().hex,
             parameters={"request_ids": request_ids},
             outputs=oip_outputs(output.probabilities, info.label_names, names),
         )
         response = oip_reply(reply, binary)
         timing.mark("reply")
-        self._monitor(output, {}, request_ids, timing)
+        self._monitor(arm, output, instances, "inputs[0].data", {}, request_ids, timing)
         response.headers["Server-Timing"] = timing.header()
         return response
 
@@ -288,7 +305,12 @@ class ModelServer:
     async def monitor_report(self, request: Request) -> dict:
         """The deployment's monitor: current and recent windows, every check with its threshold, open alerts."""
         self._authorize(request)
-        return await self._monitoring().report()
+        report = await self._monitoring().report()
+        if self.arms.challenger is not None and self.arms.challenger.monitor is not None:
+            report["arm"] = "champion"  # the challenger's beside it, judged against its own reference
+            report["arms"] = {"challenger": await self.arms.challenger.monitor.report()}
+            report["rollout"] = await self.arms.actor.status.remote()  # type: ignore[union-attr]
+        return report
 
     @api.post("/feedback")
     async def feedback(self, request: Request) -> dict:
@@ -304,7 +326,7 @@ class ModelServer:
         if body.label not in self.served.info.label_names:
             problem = f"unknown class {body.label!r}; one of {self.served.info.label_names}"
             raise monitor.refuse("label", BadRequest(422, "label", problem))
-        status = await monitor.feedback(body.request_id, body.label)
+        status = await self.arms.feedback(body.request_id, body.label)
         return {"request_id": body.request_id, "status": status, "matched": status == "matched"}
 
     def _monitoring(self) -> ReplicaMonitor:
@@ -312,45 +334,59 @@ class ModelServer:
             raise BadRequest(404, "monitor", "this deployment is not monitored; add a monitor section to its spec")
         return self.monitor
 
-    def _request_ids(self, count: int) -> list[str]:
-        """Ids of `count` predictions: signed where /feedback takes them, so a made-up id is refused at once."""
-        return self.monitor.ids.issue(count) if self.monitor else [uuid.uuid4().hex for _ in range(count)]
+    def _rollout_info(self) -> dict | None:
+        if self.arms.challenger is None:
+            return None
+        routing = self.arms.routing
+        version = self.arms.challenger.served.version
+        return {"mode": routing.mode, "state": routing.state, "share": routing.share, "challenger": version}
 
-    def _monitor(self, output: Output, attributes: dict, request_ids: list[str], timing: Timing) -> None:
-        if self.monitor is not None:  # only queued here (cheaper than scheduling a callback): counted at push
-            self.monitor.record(output, attributes, request_ids)
+    def _monitor(
+        self, arm: Arm, output: Output, instances: Any, field: str, attributes: dict, ids: list[str], timing: Timing
+    ) -> None:
+        if arm.monitor is not None:  # only queued here (cheaper than scheduling a callback): counted at push
+            arm.monitor.record(output, attributes, ids)
             timing.mark("monitor")
+        if arm is self.arms.champion:
+            self.arms.shadow(instances, field, attributes, ids, output)
 
-    async def _probabilities(self, instances: Any, field: str, timing: Timing) -> Output:
-        prepared = self.served.prepare(instances, field)  # bad input fails here, alone, before any batch
+    async def _probabilities(self, arm: Arm, instances: Any, field: str, timing: Timing) -> Output:
+        prepared = arm.served.prepare(instances, field)  # bad input fails here, alone, before any batch
         timing.mark("prepare")
-        monitored = self.monitor is not None
-        if self.cfg.batching is None:
-            self.batch_sizes[1] += 1
-            if self.forward_thread is None:  # on the event loop: the lowest latency for one small forward pass
-                output = self.served.run([prepared], monitored)[0]
-            else:
-                loop = asyncio.get_running_loop()
-                output = (await loop.run_in_executor(self.forward_thread, self.served.run, [prepared], monitored))[0]
-        else:
-            output = await self._run_batch(prepared)
+        started = time.perf_counter()
+        try:
+            output = await self._forward(arm, prepared)
+        except Exception:  # the model's failure, not the client's: counted against its arm
+            arm.failed()
+            raise
         timing.mark("wait")
         timing.split("wait", encode=output.encode_s, forward=output.forward_s)
         if (row := non_finite_row(output)) is not None:  # neither the client nor the monitor gets NaN
-            if self.monitor is not None:
-                self.monitor.refused(len(output.probabilities))
+            if arm.monitor is not None:
+                arm.monitor.refused(len(output.probabilities))
             raise BadRequest(422, f"{field}[{row}]", NON_FINITE)
+        arm.answered(started)
         return output
 
+    async def _forward(self, arm: Arm, prepared: Any) -> Output:
+        monitored = arm.monitor is not None
+        if self.cfg.batching is not None:
+            return await self._run_batch((arm, prepared))
+        self.batch_sizes[1] += 1
+        if self.forward_thread is None:  # on the event loop: the lowest latency for one small forward pass
+            return arm.served.run([prepared], monitored)[0]
+        loop = asyncio.get_running_loop()
+        return (await loop.run_in_executor(self.forward_thread, arm.served.run, [prepared], monitored))[0]
+
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _run_batch(self, requests: list[Any]) -> list[Any]:
-        """One forward pass over every request Serve grouped; each gets its own rows back.
+    async def _run_batch(self, requests: list[tuple[Arm, Any]]) -> list[Output]:
+        """One forward pass per arm over every request Serve grouped; each gets its own rows back.
 
         The pass runs in a worker thread (torch releases the GIL) so the event loop keeps reading and parsing
         the next requests meanwhile: in Serve's throughput mode user code shares the loop with HTTP.
         """
         self.batch_sizes[len(requests)] += 1
-        return await asyncio.to_thread(self.served.run, requests, self.monitor is not None)
+        return await asyncio.to_thread(self.arms.run, requests)
 
     # -- request checks ------------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -374,12 +410,14 @@ class ModelServer:
         return await read_body(request, limit or self.cfg.max_body_bytes, what)
 
 
-def build_app(spec: JobSpec, run_dir: str, gate: GateResult | None = None) -> Application:
-    """The Serve application for `spec` serving the model in `run_dir` (`gate`: an int8 check already made); a causal
-    LM's is the generation application (steward.serve.generate_app)."""
+def build_app(
+    spec: JobSpec, run_dir: str, gate: GateResult | None = None, challenger: Challenger | None = None
+) -> Application:
+    """The Serve application for `spec` serving the model in `run_dir` (`gate`: an int8 check already made;
+    `challenger`: a rollout's, beside it); a causal LM's is the generation application (steward.serve.generate_app)."""
     if spec.model.task == "causal_lm":
         return build_generation_app(spec, run_dir, gate)
-    replica = replica_config(spec, run_dir, gate)
+    replica = replica_config(spec, run_dir, gate, challenger)
     deployment = ModelServer.options(**deployment_options(replica.serve))  # type: ignore[attr-defined]
     return deployment.bind(replica)
 

@@ -19,9 +19,11 @@ from steward.monitor.actor import stop_monitors
 from steward.ray_env import connect, is_local, worker_env
 from steward.serve.app import build_app
 from steward.serve.auth import load_keys
+from steward.serve.model import contract_problem, model_source
 from steward.serve.monitoring import MonitorUnavailable, reference_problem
 from steward.serve.options import APP_BUILDER, DEPLOYMENT, app_name, deployment_options
 from steward.serve.quantize import check_int8
+from steward.serve.rollout import Challenger, RolloutTarget, replace_rollout, rollout_id, stop_rollout
 from steward.serve.source import serving_spec
 from steward.spec import JobSpec
 from steward.spec.serve import ServeSpec
@@ -90,6 +92,55 @@ def deploy(
     return Deployed(app_name(job), f"http://{host}:{port}{cfg.prefix}", run_dir, gate.to_dict() if gate else None)
 
 
+def start_rollout(
+    spec: JobSpec,
+    champion: Path,
+    challenger: Path,
+    address: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    override_fairness_gate: str | None = None,
+    policy: str | None = None,
+) -> Deployed:
+    """Deploy `champion` with `challenger` beside it as serve.rollout says, and start the rollout that moves traffic
+    to it (`policy`: the policy file promotion is checked against). Refused before Ray starts: no rollout section,
+    a challenger that is the champion or answers another contract, its failed fairness gate, monitoring either run
+    cannot provide, a rollout of this deployment still running."""
+    job, rival = serving_spec(spec, champion), serving_spec(spec, challenger)
+    cfg = job.serve or ServeSpec()
+    if cfg.rollout is None:
+        raise StewardError("serve.rollout: a rollout needs this section (mode, steps, gates) in the spec; add it")
+    if champion.resolve() == challenger.resolve():
+        raise StewardError(f"--challenger {challenger} is the champion's run; pass another run")
+    check_fairness_gate(rival, challenger, override_fairness_gate, action="rollout")
+    for run in (champion, challenger):
+        if problem := reference_problem(job.monitor, run):
+            raise MonitorUnavailable(problem)
+    if problem := contract_problem(champion, challenger):
+        raise StewardError(f"--challenger {challenger}: {problem}; both arms must answer the same requests alike")
+    if is_local(address):
+        load_keys(cfg.auth)
+    gates = check_int8(job, champion), check_int8(rival, challenger)
+    connect(address, job)
+    name = app_name(job)
+    target = RolloutTarget(
+        name,
+        str(champion),
+        str(challenger),
+        cfg.rollout,
+        job.output_dir,
+        rollout_id(),
+        policy,
+        job.monitor.alerts.webhook if job.monitor else None,
+    )
+    replace_rollout(target)
+    serve.start(http_options={"host": host, "port": port})
+    arm = Challenger(model_source(rival, challenger, gates[1]), target)
+    serve.run(build_app(job, str(champion), gates[0], arm), name=name, route_prefix=cfg.route_prefix)
+    _record_deployment("deployment.updated", job, champion, address)
+    return Deployed(name, f"http://{host}:{port}{cfg.prefix}", champion, gates[0].to_dict() if gates[0] else None)
+
+
 def _record_deployment(event: str, job: JobSpec, run_dir: Path, address: str | None) -> None:
     fields = audit.run_fields(run_dir) | {"deployment": app_name(job), "address": address or "local"}
     model_sha256 = audit.file_hash(Path(run_dir) / "model" / "model.safetensors")
@@ -116,6 +167,7 @@ def stop(name: str, address: str | None = "auto", output_dir: str | Path = "runs
         raise StewardError(f"no Serve application named {name!r}; `steward serve status` lists them")
     serve.delete(name)
     stop_monitors(name)
+    stop_rollout(name)
     audit.record("deployment.stopped", log=audit.log_path(output_dir), deployment=name, address=address or "local")
 
 

@@ -218,6 +218,16 @@ def load_served_model(spec: JobSpec, run_dir: str | Path, gate: GateResult | Non
     return open_served_model(model_source(spec, run_dir, gate))
 
 
+def contract_problem(champion: Path, challenger: Path) -> str | None:
+    """How `challenger`'s model answers requests differently from `champion`'s (input kind and shape, classes)."""
+    infos = [json.loads((Path(run) / "model" / "model.json").read_text())["data"] for run in (champion, challenger)]
+    fields = ["modality", "label_names"] + (["input_shape"] if infos[0]["modality"] != "text" else [])
+    for name in fields:
+        if infos[0].get(name) != infos[1].get(name):
+            return f"its model's {name} is {infos[1].get(name)}, the champion's {infos[0].get(name)}"
+    return None
+
+
 def run_metadata(run_dir: Path, spec_hash: str) -> dict[str, Any]:
     """What the model info route shows about the run: ids, hashes, training metrics, model card."""
     status_file, metrics_file = run_dir / "status.json", run_dir / "metrics.json"

@@ -48,12 +48,14 @@ class MonitorUnavailable(StewardError):
     """The spec asks for monitoring this run cannot provide."""
 
 
-def monitor_target(cfg: MonitorSpec, serve: ServeSpec, deployment: str, run_dir: Path, int8: bool) -> MonitorTarget:
+def monitor_target(
+    cfg: MonitorSpec, serve: ServeSpec, deployment: str, run_dir: Path, int8: bool, arm: str = "champion"
+) -> MonitorTarget:
     """What the deployment's monitor actor is told: `cfg`, and the run and reference of the model served (`int8`:
-    the run's int8 model)."""
+    the run's int8 model) in `arm`."""
     ref_dir = reference_dir(run_dir, int8=int8)
     reference = str(ref_dir) if ref_dir else None
-    return MonitorTarget(deployment, str(run_dir), cfg, reference, serve.replica_range[0])
+    return MonitorTarget(deployment, str(run_dir), cfg, reference, serve.replica_range[0], arm)
 
 
 class ReplicaMonitor:

@@ -17,6 +17,7 @@ from steward.spec.governance import GovernanceSpec
 from steward.spec.model import ModelSpec, TransformerParams
 from steward.spec.monitor import MonitorSpec
 from steward.spec.privacy import PrivacySpec, privacy_problems
+from steward.spec.rollout import rollout_problems
 from steward.spec.serve import ServeSpec
 from steward.spec.tracking import TrackingSpec
 from steward.spec.train import TrainSpec, train_problems
@@ -81,6 +82,7 @@ class JobSpec(Section):
         if self.serve is not None and self.serve.output_pii != "allow" and not lm:
             problems["serve.output_pii"] = "applies to generated text, which needs task: causal_lm; remove it"
         problems |= fairness_problems(self) | privacy_problems(self)
+        problems |= rollout_problems(self.serve.rollout if self.serve else None, self.monitor, lm)
         if self.explain is not None:
             problems |= self._explain_problems()
         found: dict[str | tuple, str] = {key: value for key, value in problems.items()}

@@ -5,6 +5,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from steward.spec.base import Section, raise_problems
+from steward.spec.rollout import RolloutSpec
 
 DAY = 86_400.0
 
@@ -130,6 +131,12 @@ class ServeSpec(Section):
         "privacy section's entity types, else every rule-based one): allow sends it as generated, mask replaces "
         "each value with its type tag (<EMAIL>), block ends the completion before it (finish_reason "
         "content_filter). mask and block hold a stream's last characters back until they cannot be part of one.",
+    )
+
+    rollout: RolloutSpec | None = Field(
+        None,
+        description="How `steward rollout start` brings a challenger beside the deployed champion: shadow or canary "
+        "steps, and the gates judged on both arms' windows.",
     )
 
     @model_validator(mode="after")

@@ -1,0 +1,210 @@
+"""Two arms of one deployment compared on the same traffic: the rollout's gates, judged over a step's window reports
+(`checks.window_report`) and the replicas' per-arm request counts.
+
+A gate is "fail" (the challenger is shown worse: roll back), "insufficient" (too little evidence yet: it decides
+nothing) or "ok". A step goes on once the challenger has min_records records in it and no gate fails.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from steward.spec.rollout import GatesSpec
+
+ARMS = ("champion", "challenger")
+LATENCY_SAMPLE = 5000  # latencies an arm keeps per step: a p50 needs no more
+
+
+@dataclass
+class ArmStats:
+    """One arm's requests since a point in time: answered or failed, latency, and (shadow) agreement."""
+
+    requests: int = 0
+    errors: int = 0  # requests the arm's model failed (a client's bad input is not its failure)
+    latency_ms: list[float] = field(default_factory=list)  # a sample of the answered requests' latencies
+    mirrored: int = 0  # shadow: records both arms classified
+    agreed: int = 0  # of those, classified alike
+
+    def add(self, other: ArmStats) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.mirrored += other.mirrored
+        self.agreed += other.agreed
+        self.latency_ms += other.latency_ms
+        if len(self.latency_ms) > LATENCY_SAMPLE:
+            self.latency_ms = random.sample(self.latency_ms, LATENCY_SAMPLE)
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.requests if self.requests else None
+
+    @property
+    def p50_ms(self) -> float | None:
+        ordered = sorted(self.latency_ms)
+        return ordered[len(ordered) // 2] if ordered else None
+
+    @property
+    def agreement(self) -> float | None:
+        return self.agreed / self.mirrored if self.mirrored else None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": self.error_rate,
+            "p50_ms": self.p50_ms,
+            "mirrored": self.mirrored,
+            "agreement": self.agreement,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One gate's verdict: the value compared with its limit, for which arm and groups."""
+
+    gate: str
+    status: str  # ok | fail | insufficient
+    value: float | None = None
+    limit: float | None = None
+    arm: str = "challenger"
+    detail: dict[str, Any] = field(default_factory=dict)  # the metric, groups and each arm's values
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Judgement:
+    decision: str  # rollback | hold | advance
+    gates: list[Gate]
+    records: int  # the challenger's records in the step's windows
+
+    @property
+    def failed(self) -> list[Gate]:
+        return [g for g in self.gates if g.status == "fail"]
+
+
+def judge_step(
+    windows: dict[str, list[dict]],
+    new: list[dict],
+    stats: dict[str, ArmStats],
+    gates: GatesSpec,
+    min_records: int,
+) -> Judgement:
+    """The gates over a step: `windows` are each arm's window reports closed in it, `new` the challenger's not
+    judged before (bias and drift fail on any of them), `stats` each arm's requests in it."""
+    champion, challenger = stats["champion"], stats["challenger"]
+    latest = windows["champion"][-1] if windows["champion"] else None
+    verdicts: list[Gate] = []
+    for window in new:
+        if gates.bias:
+            verdicts += _bias(window)
+        if gates.drift:
+            verdicts += _drift(window, latest)
+        if gates.max_selection_rate_gap is not None:
+            verdicts.append(_selection_gap(window, latest, gates.max_selection_rate_gap))
+    verdicts.append(_compare("error_rate", challenger.error_rate, champion.error_rate, gates.max_error_rate_increase))
+    verdicts.append(_ratio("latency_p50", challenger.p50_ms, champion.p50_ms, gates.max_latency_ratio))
+    if challenger.mirrored:
+        agreement, limit = challenger.agreement, gates.min_agreement
+        status = "ok" if limit is None or (agreement or 0.0) >= limit else "fail"
+        verdicts.append(Gate("agreement", status, agreement, limit, "both"))
+    if gates.max_accuracy_drop is not None:
+        verdicts += _accuracy(windows, gates.max_accuracy_drop, gates.min_labels)
+    records = sum(w["records"] for w in windows["challenger"])
+    if any(v.status == "fail" for v in verdicts):
+        decision = "rollback"
+    else:
+        decision = "advance" if records >= min_records else "hold"
+    return Judgement(decision, verdicts, records)
+
+
+def _bias(window: dict) -> list[Gate]:
+    rates = window.get("selection_rates", {})
+    return [
+        Gate(
+            f"bias:{check['name']}",
+            check["status"],
+            check["value"],
+            check["high"] if check["value"] is not None and check["value"] > check["high"] else check["low"],
+            detail={"metric": check["name"], "bounds": [check["low"], check["high"]], "selection_rates": rates},
+        )
+        for check in window["checks"]
+        if check["kind"] == "bias"
+    ]
+
+
+def _drift(window: dict, champion: dict | None) -> list[Gate]:
+    """The challenger's failing drift checks that the champion's latest window passes (or does not have)."""
+    champion_failing = {c["name"] for c in (champion or {}).get("checks", []) if c["status"] == "fail"}
+    return [
+        Gate(
+            f"drift:{check['name']}",
+            "ok" if check["name"] in champion_failing else "fail",
+            check["value"],
+            check["high"],
+            detail={"bounds": [check["low"], check["high"]], "champion_fails_too": check["name"] in champion_failing},
+        )
+        for check in window["checks"]
+        if check["kind"] == "drift" and check["status"] == "fail"
+    ]
+
+
+def _selection_gap(window: dict, champion: dict | None, limit: float) -> Gate:
+    mine = {g: r for g, r in window.get("selection_rates", {}).items() if r is not None}
+    theirs = {g: r for g, r in (champion or {}).get("selection_rates", {}).items() if r is not None}
+    gaps = {g: mine[g] - theirs[g] for g in mine.keys() & theirs.keys()}
+    if not gaps:
+        return Gate("selection_rate_gap", "insufficient", None, limit)
+    group = max(gaps, key=lambda g: abs(gaps[g]))
+    detail = {"group": group, "champion": theirs, "challenger": mine}
+    return Gate("selection_rate_gap", "ok" if abs(gaps[group]) <= limit else "fail", gaps[group], limit, detail=detail)
+
+
+def _compare(name: str, mine: float | None, theirs: float | None, limit: float) -> Gate:
+    if mine is None or theirs is None:
+        return Gate(name, "insufficient", mine, limit)
+    status = "ok" if mine - theirs <= limit else "fail"
+    return Gate(name, status, mine - theirs, limit, detail={"challenger": mine, "champion": theirs})
+
+
+def _ratio(name: str, mine: float | None, theirs: float | None, limit: float | None) -> Gate:
+    if mine is None or theirs is None or theirs <= 0:
+        return Gate(name, "insufficient", None, limit)
+    ratio = mine / theirs
+    status = "ok" if limit is None or ratio <= limit else "fail"
+    return Gate(name, status, ratio, limit, detail={"challenger_ms": mine, "champion_ms": theirs})
+
+
+def pooled_accuracy(windows: list[dict]) -> dict[str, tuple[float, int]]:
+    """Accuracy over the labels of `windows`, overall ("(all)") and per group: {group: (accuracy, labelled)}."""
+    totals: dict[str, list[float]] = {}
+    for window in windows:
+        performance = window.get("performance") or {"overall": {}, "groups": {}}
+        for group, scores in [("(all)", performance["overall"]), *performance["groups"].items()]:
+            labelled, accuracy = scores.get("labelled", 0), scores.get("accuracy")
+            if labelled and accuracy is not None:
+                total = totals.setdefault(group, [0.0, 0])
+                total[0] += accuracy * labelled
+                total[1] += labelled
+    return {group: (right / n, int(n)) for group, (right, n) in totals.items()}
+
+
+def _accuracy(windows: dict[str, list[dict]], limit: float, min_labels: int) -> list[Gate]:
+    champion, challenger = pooled_accuracy(windows["champion"]), pooled_accuracy(windows["challenger"])
+    verdicts = []
+    for group in sorted(champion.keys() & challenger.keys()):
+        (mine, n_mine), (theirs, n_theirs) = challenger[group], champion[group]
+        name = "accuracy" if group == "(all)" else f"accuracy:{group}"
+        if min(n_mine, n_theirs) < min_labels:
+            verdicts.append(Gate(name, "insufficient", None, limit))
+            continue
+        drop = theirs - mine
+        detail = {"group": group, "challenger": mine, "champion": theirs, "labels": [n_theirs, n_mine]}
+        verdicts.append(Gate(name, "ok" if drop <= limit else "fail", drop, limit, detail=detail))
+    return verdicts

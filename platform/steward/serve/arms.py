@@ -1,0 +1,168 @@
+"""A replica's arms: the champion's model and, during a rollout, the challenger's beside it, each with its own monitor
+(judged against its own reference). Which arm answers a request, and whether it is mirrored, is the rollout actor's
+routing, asked for every rollout.interval_s together with sending each arm's request counts."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import ray
+
+from steward.monitor.compare import ArmStats
+from steward.serve.model import Output, ServedModel, non_finite_row
+from steward.serve.monitoring import ReplicaMonitor
+from steward.serve.protocol import BadRequest
+from steward.serve.rollout import RolloutTarget, Routing, rollout_actor
+
+logger = logging.getLogger("steward.serve")
+MAX_SHADOWS = 8  # mirrored requests in flight at once: past that a request is not mirrored, so the champion's
+# replica never queues work for the challenger faster than it can do it
+
+
+@dataclass
+class Arm:
+    name: str  # champion | challenger
+    served: ServedModel
+    monitor: ReplicaMonitor | None
+    stats: ArmStats = field(default_factory=ArmStats)  # since the last sync
+
+    def answered(self, started: float) -> None:
+        self.stats.requests += 1
+        self.stats.latency_ms.append((time.perf_counter() - started) * 1000)
+
+    def failed(self) -> None:
+        self.stats.requests += 1
+        self.stats.errors += 1
+
+    def request_ids(self, count: int) -> list[str]:
+        """Ids of `count` predictions: signed by the arm's monitor where /feedback takes them."""
+        return self.monitor.ids.issue(count) if self.monitor else [uuid.uuid4().hex for _ in range(count)]
+
+
+class Arms:
+    """The champion, and the challenger with the rollout's routing when a rollout is on."""
+
+    def __init__(self, champion: Arm, challenger: Arm | None = None, target: RolloutTarget | None = None) -> None:
+        self.champion, self.challenger, self.target = champion, challenger, target
+        mode = target.rollout.mode if target else "canary"
+        self.routing = Routing(mode, "running", 0.0)  # until the first sync: the champion answers everything
+        self.actor = rollout_actor(target) if target else None
+        self.syncer: asyncio.Task | None = None
+        self.shadows: set[asyncio.Task] = set()
+
+    @property
+    def all(self) -> list[Arm]:
+        return [self.champion, *([self.challenger] if self.challenger else [])]
+
+    def pick(self, headers: Mapping[str, str]) -> Arm:
+        """The arm that answers a request with these headers."""
+        if self.challenger is None:
+            return self.champion
+        self._start_syncing()
+        return self.challenger if self.routing.answers(self._draw(headers)) == "challenger" else self.champion
+
+    def shadow(self, instances: Any, field: str, attributes: dict, request_ids: list[str], answer: Output) -> None:
+        """Mirror a request the champion answered to the challenger, off the request path (shadow mode)."""
+        if self.challenger is None or len(self.shadows) >= MAX_SHADOWS or not self.routing.mirrors(random.random()):
+            return
+        task = asyncio.get_running_loop().create_task(self._mirror(instances, field, attributes, request_ids, answer))
+        self.shadows.add(task)
+        task.add_done_callback(self.shadows.discard)
+
+    async def _mirror(
+        self, instances: Any, field: str, attributes: dict, request_ids: list[str], answer: Output
+    ) -> None:
+        arm = self.challenger
+        assert arm is not None
+        started = time.perf_counter()
+        try:
+            output = await asyncio.to_thread(
+                lambda: arm.served.run([arm.served.prepare(instances, field)], arm.monitor is not None)[0]
+            )
+        except BadRequest:  # input the champion took and the challenger refuses: the challenger's failure
+            arm.failed()
+            return
+        except Exception:
+            logger.exception("shadow request failed")
+            arm.failed()
+            return
+        if non_finite_row(output) is not None:
+            arm.failed()
+            return
+        output = replace(output, probabilities=arm.served.decide(output.probabilities, attributes))
+        arm.answered(started)
+        arm.stats.mirrored += len(request_ids)
+        arm.stats.agreed += int((output.probabilities.argmax(-1) == answer.probabilities.argmax(-1)).sum())
+        if arm.monitor is not None:
+            arm.monitor.record(output, attributes, request_ids)
+
+    def run(self, requests: list[tuple[Arm, Any]]) -> list[Output]:
+        """Each arm's requests in one forward pass of its model; the outputs in the requests' order."""
+        outputs: list[Any] = [None] * len(requests)
+        for arm in self.all:
+            mine = [i for i, (a, _) in enumerate(requests) if a is arm]
+            if mine:
+                answers = arm.served.run([requests[i][1] for i in mine], arm.monitor is not None)
+                for i, output in zip(mine, answers, strict=True):
+                    outputs[i] = output
+        return outputs
+
+    async def feedback(self, request_id: str, label: str) -> str:
+        """A late label, to the monitor of the arm that issued its id; in shadow mode the challenger's monitor gets
+        it too, for the same record it classified."""
+        arm = next((a for a in self.all if a.monitor and a.monitor.ids.issued(request_id)), self.champion)
+        assert arm.monitor is not None, "/feedback is refused before this when the deployment is not monitored"
+        status = await arm.monitor.feedback(request_id, label)
+        shadow = self.challenger if self.routing.mode == "shadow" and arm is self.champion else None
+        if shadow is not None and shadow.monitor is not None:
+            await shadow.monitor.actor.feedback.remote(request_id, label)
+        return status
+
+    def _draw(self, headers: Mapping[str, str]) -> float:
+        """Where a request falls in [0, 1): a client's sticky header value always falls in the same place."""
+        header = self.target.rollout.sticky_header if self.target else None
+        value = headers.get(header) if header else None
+        if not value:
+            return random.random()
+        digest = hashlib.blake2b(f"{self.target.deployment}\0{value}".encode(), digest_size=8).digest()  # type: ignore[union-attr]
+        return int.from_bytes(digest, "big") / 2**64
+
+    def _start_syncing(self) -> None:
+        if self.syncer is None and self.actor is not None:
+            self.syncer = asyncio.get_running_loop().create_task(self._sync_forever())
+
+    async def _sync_forever(self) -> None:
+        assert self.target is not None
+        while True:
+            try:
+                await self.sync()
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                logger.warning("rollout actor unavailable; keeping the last routing")
+            await asyncio.sleep(self.target.rollout.interval_s)
+
+    async def sync(self) -> Routing:
+        """Send each arm's counts since the last sync; follow the routing the rollout answers."""
+        counts = {}
+        for arm in self.all:
+            counts[arm.name], arm.stats = arm.stats.to_dict(), ArmStats()
+        self.routing = await self.actor.sync.remote(counts)  # type: ignore[union-attr]
+        return self.routing
+
+
+def open_arms(
+    champion: ServedModel,
+    challenger: ServedModel | None,
+    monitor_for: Callable[[ServedModel, str], ReplicaMonitor | None],
+    target: RolloutTarget | None,
+) -> Arms:
+    """The replica's arms; `monitor_for(served, arm)` starts an arm's monitor (None: not monitored)."""
+    second = Arm("challenger", challenger, monitor_for(challenger, "challenger")) if challenger else None
+    return Arms(Arm("champion", champion, monitor_for(champion, "champion")), second, target)
