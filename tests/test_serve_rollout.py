@@ -9,13 +9,10 @@ their groups, sent in requests of 10 by one client, each request with its own st
 
 import json
 import re
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import ray
 import requests
@@ -26,7 +23,7 @@ from steward.serve.deploy import start_rollout, stop
 from steward.serve.rollout import find_rollout
 from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec
-from tests.serving import offline_probabilities, trained_run, wait_for
+from tests.serving import trained_run, wait_for
 
 pytestmark = pytest.mark.slow
 

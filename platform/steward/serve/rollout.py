@@ -283,7 +283,9 @@ class Rollout:
 
     def _save(self) -> None:
         partial = self.folder / "state.partial"
-        partial.write_text(json.dumps({"state": self.s.__dict__, "target": self.target.deployment}))
+        target = {"deployment": self.target.deployment, "champion": self.target.champion}
+        target |= {"challenger": self.target.challenger, "rollout": self.target.rollout.model_dump(mode="json")}
+        partial.write_text(json.dumps({"state": self.s.__dict__, "target": target}))
         partial.replace(self.folder / "state.json")
 
     def _export(self) -> None:
