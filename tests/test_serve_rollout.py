@@ -9,10 +9,13 @@ their groups, sent in requests of 10 by one client, each request with its own st
 
 import json
 import re
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import requests
@@ -23,7 +26,7 @@ from steward.serve.deploy import start_rollout, stop
 from steward.serve.rollout import find_rollout
 from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec
-from tests.serving import trained_run, wait_for
+from tests.serving import offline_probabilities, trained_run, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -136,3 +139,125 @@ def test_a_challenger_biased_against_a_group_is_rolled_back_during_a_canary(runs
 def find_folder(spec, name):
     (folder,) = (Path(spec.output_dir) / "rollouts" / name).iterdir()
     return folder
+
+
+def send_until(url, traffic, condition, what, rounds=20):
+    """Rounds of traffic until `condition()` holds; returns the replies."""
+    replies = []
+    for r in range(rounds):
+        replies += send(url, traffic, start=r * 1000)
+        if condition():
+            return replies
+    raise AssertionError(f"{what} after {rounds} rounds of traffic: {status_of_any()}")
+
+
+def status_of_any():
+    return {name: status(name)["decisions"] for name in ("canary-fair", "shadow") if find_rollout(name)}
+
+
+def test_a_fair_challenger_steps_up_survives_a_rollout_actor_crash_and_is_promoted(
+    runs, traffic, ray_local, serve_port
+):
+    spec, champion = runs["champion"]
+    _, fair = runs["fair"]
+    job = rollout_spec(spec, "canary-fair", serve_port, mode="canary", steps=[0.25, 0.5])
+    url = start_rollout(job, champion, fair, port=serve_port).url
+    try:
+        send_until(url, traffic, lambda: status("canary-fair")["step"] == 1, "the second step")
+        # The rollout actor dies mid-rollout: Ray restarts it and it resumes from its saved state, in the same step.
+        actor = find_rollout("canary-fair")
+        pid = ray.get(actor.__ray_call__.remote(lambda self: __import__("os").getpid()))
+        ray.kill(actor, no_restart=False)
+        back = wait_for(lambda: _alive_with_new_pid("canary-fair", pid), 60, "the rollout actor restarted")
+        assert back["state"] == "running" and back["step"] == 1 and back["share"] == 0.5
+        assert [d["decision"] for d in back["decisions"]] == ["started", "step"]
+        replies = send_until(url, traffic, lambda: status("canary-fair")["state"] != "running", "a decision")
+        done = status("canary-fair")
+        assert done["state"] == "promoted", done["decisions"]
+        assert [d["decision"] for d in done["decisions"]] == ["started", "step", "promoted"]
+        assert {version for _, version, _ in replies} == {champion.name, fair.name}  # both arms answered
+        audited = audit.history(audit.log_path(spec.output_dir), deployment="canary-fair")
+        assert [e["event"] for e in audited if e["event"].startswith("rollout.")] == [
+            "rollout.started",
+            "rollout.step",
+            "rollout.promoted",
+        ]
+        # promoted: every request is the challenger's once replicas have heard
+        time.sleep(1.0)
+        assert {version for _, version, _ in send(url, traffic, start=50_000)} == {fair.name}
+    finally:
+        stop("canary-fair", "auto", spec.output_dir)
+
+
+def _alive_with_new_pid(name, old_pid):
+    try:
+        actor = find_rollout(name)
+        pid = ray.get(actor.__ray_call__.remote(lambda self: __import__("os").getpid()), timeout=5)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError, AttributeError):
+        return None
+    return pid != old_pid and status(name)
+
+
+def steward_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "steward", *args], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_in_shadow_mode_the_champion_answers_unchanged_and_promotion_waits_for_the_policy(
+    runs, traffic, ray_local, serve_port, tmp_path
+):
+    spec, champion = runs["champion"]
+    _, fair = runs["fair"]
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("name: only-acme-data\nrules: {allowed_sources: ['hf:acme/']}\n")
+    job = rollout_spec(spec, "shadow", serve_port, mode="shadow", steps=[1.0], auto_promote=False)
+    url = start_rollout(job, champion, fair, port=serve_port, policy=str(policy)).url
+    try:
+        texts, groups = traffic
+        replies = send_until(url, traffic, lambda: status("shadow")["decisions"][-1]["decision"] != "started", "gates")
+        held = status("shadow")
+        assert held["state"] == "running" and held["arms"]["challenger"]["mirrored"] > 0, held
+        # every answer is the champion's, as it answers alone
+        assert {version for _, version, _ in replies} == {champion.name}
+        expected = offline_probabilities(champion, spec, texts)
+        for k, (_, _, probabilities) in enumerate(replies[: len(texts) // 10]):
+            np.testing.assert_allclose(probabilities, expected[10 * k : 10 * k + 10], atol=1e-5)
+        monitor = requests.get(f"{url}/monitor", timeout=30).json()
+        assert monitor["arm"] == "champion" and monitor["arms"]["challenger"]["records"] > 0
+        assert monitor["rollout"]["mode"] == "shadow" and monitor["rollout"]["arms"]["challenger"]["agreement"] > 0.5
+        # the last step passed and auto_promote is off: promotion is the user's, and the policy refuses this run
+        refused = steward_cli("rollout", "promote", "shadow", "--reason", "gates passed", "--address", "auto")
+        assert refused.returncode == 2 and "allowed_sources" in refused.stderr, refused.stderr
+        assert status("shadow")["state"] == "running"
+        policy.write_text("name: any-data\nrules: {}\n")
+        promoted = steward_cli("rollout", "promote", "shadow", "--reason", "gates passed", "--address", "auto")
+        assert promoted.returncode == 0 and "promoted" in promoted.stdout, promoted.stderr
+        shown = steward_cli("rollout", "status", "shadow", "--address", "auto", "--json")
+        assert json.loads(shown.stdout)["state"] == "promoted"
+        aborted = steward_cli("rollout", "abort", "shadow", "--reason", "back to the champion", "--address", "auto")
+        assert aborted.returncode == 0 and status("shadow")["state"] == "aborted"
+        time.sleep(1.0)
+        assert {version for _, version, _ in send(url, traffic, start=70_000)} == {champion.name}
+    finally:
+        stop("shadow", "auto", spec.output_dir)
+
+
+def test_bad_rollouts_are_refused_before_anything_is_deployed(runs, tmp_path):
+    spec, champion = runs["champion"]
+    _, fair = runs["fair"]
+    spec_file = tmp_path / "spec.yaml"
+    job = rollout_spec(spec, "refused", 8000, mode="canary")
+    spec_file.write_text(json.dumps(job.model_dump(mode="json")))
+    same = steward_cli("rollout", "start", str(spec_file), "--run", str(champion), "--challenger", str(champion))
+    assert same.returncode == 2 and "is the champion's run" in same.stderr, same.stderr
+    missing = steward_cli("rollout", "start", str(spec_file), "--run", str(champion), "--challenger", "/nowhere")
+    assert missing.returncode == 2 and "--challenger /nowhere: not a finished run folder" in missing.stderr
+    assert "Traceback" not in same.stderr + missing.stderr
+    no_section = json.loads(spec_file.read_text())
+    no_section["serve"]["rollout"] = None
+    spec_file.write_text(json.dumps(no_section))
+    plain = steward_cli("rollout", "start", str(spec_file), "--run", str(champion), "--challenger", str(fair))
+    assert plain.returncode == 2 and "serve.rollout" in plain.stderr, plain.stderr
+    nobody = steward_cli("rollout", "status", "no-such-deployment", "--address", "auto")
+    assert nobody.returncode == 2 and "no rollout" in nobody.stderr

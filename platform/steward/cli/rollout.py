@@ -51,7 +51,7 @@ def rollout_start(
 
         rival = served_version(job, challenger)
     else:
-        rival = find_run(job, Path(challenger))
+        rival = find_run(job, Path(challenger), "--challenger")
     in_force = policy_file(policy)
     deployed = start_rollout(
         job, champion, rival, address, host, port, override_fairness_gate, str(in_force) if in_force else None
@@ -89,8 +89,9 @@ def _decision_line(decision: dict[str, Any]) -> str:
         line += f": challenger share {decision['share']:g}"
     for gate in decision.get("failed", []):
         line += f"; {gate['gate']} = {gate['value']} (limit {gate['limit']}) {gate['detail']}"
-    if decision.get("reason"):
-        line += f"; {decision['reason']}"
+    for key in ("reason", "refused"):
+        if decision.get(key):
+            line += f"; {key}: {decision[key]}"
     return line
 
 

@@ -221,7 +221,8 @@ def window_report(window: WindowState, ref: ReferenceProfile | None, cfg: Monito
     if window.invalid:
         checks.append(invalid_check(window, cfg))
     favourable = cfg.bias.favourable if cfg.bias else None
-    rates = {str(g): c.selection_rate for g, c in window.group_counts(favourable).items() if g is not None}
+    counts = {str(g): c for g, c in window.group_counts(favourable).items() if g is not None}
+    rates = {g: c.selection_rate for g, c in counts.items()}
     return {
         "records": window.n,
         "invalid_records": window.invalid,
@@ -229,6 +230,7 @@ def window_report(window: WindowState, ref: ReferenceProfile | None, cfg: Monito
         "end": window.end,
         "checks": [c.to_dict() for c in checks],
         "selection_rates": {g: (r if math.isfinite(r) else None) for g, r in rates.items()},
+        "group_records": {g: c.n for g, c in counts.items()},  # what each rate is out of
         "performance": performance,
     }
 

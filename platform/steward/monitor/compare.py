@@ -7,6 +7,7 @@ nothing) or "ok". A step goes on once the challenger has min_records records in 
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from steward.spec.rollout import GatesSpec
 
 ARMS = ("champion", "challenger")
 LATENCY_SAMPLE = 5000  # latencies an arm keeps per step: a p50 needs no more
+Z_95 = 1.645  # one-sided 95%: a gap fails only when it is over its limit beyond chance
 
 
 @dataclass
@@ -107,7 +109,7 @@ def judge_step(
         if gates.drift:
             verdicts += _drift(window, latest)
         if gates.max_selection_rate_gap is not None:
-            verdicts.append(_selection_gap(window, latest, gates.max_selection_rate_gap))
+            verdicts.append(_selection_gap(window, windows["champion"], gates.max_selection_rate_gap))
     verdicts.append(_compare("error_rate", challenger.error_rate, champion.error_rate, gates.max_error_rate_increase))
     verdicts.append(_ratio("latency_p50", challenger.p50_ms, champion.p50_ms, gates.max_latency_ratio))
     if challenger.mirrored:
@@ -131,12 +133,18 @@ def _bias(window: dict) -> list[Gate]:
             f"bias:{check['name']}",
             check["status"],
             check["value"],
-            check["high"] if check["value"] is not None and check["value"] > check["high"] else check["low"],
+            _violated(check),
             detail={"metric": check["name"], "bounds": [check["low"], check["high"]], "selection_rates": rates},
         )
         for check in window["checks"]
         if check["kind"] == "bias"
     ]
+
+
+def _violated(check: dict) -> float:
+    """The bound a check's value is past (or nearest to): high for a statistic, low for a p-value."""
+    value = check["value"]
+    return check["high"] if value is not None and value > check["high"] else check["low"]
 
 
 def _drift(window: dict, champion: dict | None) -> list[Gate]:
@@ -147,7 +155,7 @@ def _drift(window: dict, champion: dict | None) -> list[Gate]:
             f"drift:{check['name']}",
             "ok" if check["name"] in champion_failing else "fail",
             check["value"],
-            check["high"],
+            _violated(check),
             detail={"bounds": [check["low"], check["high"]], "champion_fails_too": check["name"] in champion_failing},
         )
         for check in window["checks"]
@@ -155,15 +163,39 @@ def _drift(window: dict, champion: dict | None) -> list[Gate]:
     ]
 
 
-def _selection_gap(window: dict, champion: dict | None, limit: float) -> Gate:
-    mine = {g: r for g, r in window.get("selection_rates", {}).items() if r is not None}
-    theirs = {g: r for g, r in (champion or {}).get("selection_rates", {}).items() if r is not None}
-    gaps = {g: mine[g] - theirs[g] for g in mine.keys() & theirs.keys()}
+def _selection_gap(window: dict, champion: list[dict], limit: float) -> Gate:
+    """The group whose favourable rate differs most between the challenger's `window` and the champion's windows of
+    the step (pooled): failing only when the gap is over `limit` with 95% confidence, since in a canary the arms
+    answer different requests and a window's rate moves by chance."""
+    mine, theirs = _pooled_rates([window]), _pooled_rates(champion)
+    gaps = {g: mine[g][0] - theirs[g][0] for g in mine.keys() & theirs.keys()}
     if not gaps:
         return Gate("selection_rate_gap", "insufficient", None, limit)
     group = max(gaps, key=lambda g: abs(gaps[g]))
-    detail = {"group": group, "champion": theirs, "challenger": mine}
-    return Gate("selection_rate_gap", "ok" if abs(gaps[group]) <= limit else "fail", gaps[group], limit, detail=detail)
+    (p1, n1), (p2, n2) = mine[group], theirs[group]
+    margin = Z_95 * math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
+    detail = {
+        "group": group,
+        "challenger": {g: r for g, (r, _) in mine.items()},
+        "champion": {g: r for g, (r, _) in theirs.items()},
+        "margin": margin,
+    }
+    status = "fail" if abs(gaps[group]) - margin > limit else "ok"
+    return Gate("selection_rate_gap", status, gaps[group], limit, detail=detail)
+
+
+def _pooled_rates(windows: list[dict]) -> dict[str, tuple[float, int]]:
+    """Each group's favourable rate over `windows` and the records it is out of (windows from before reports
+    counted records per group are left out)."""
+    totals: dict[str, list[float]] = {}
+    for window in windows:
+        for group, n in window.get("group_records", {}).items():
+            rate = window["selection_rates"].get(group)
+            if n and rate is not None:
+                total = totals.setdefault(group, [0.0, 0])
+                total[0] += rate * n
+                total[1] += n
+    return {group: (selected / n, int(n)) for group, (selected, n) in totals.items()}
 
 
 def _compare(name: str, mine: float | None, theirs: float | None, limit: float) -> Gate:

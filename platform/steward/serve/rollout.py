@@ -241,6 +241,8 @@ class Rollout:
                 self._next_step(judgement)
             elif self.cfg.auto_promote:
                 self._promote({"by": "gates", **_judgement(judgement)})
+            elif self.s.decisions[-1]["decision"] != "ready":  # said once: promotion is the user's
+                self._decide("ready", _judgement(judgement))
         self._save()
 
     def _next_step(self, judgement: Judgement) -> None:
@@ -254,7 +256,7 @@ class Rollout:
         try:
             admit(read_spec(challenger), self.target.policy, "promote", str(challenger))
         except PolicyViolation as err:
-            self._decide("promotion_refused", {"reason": str(err), **fields})
+            self._decide("promotion_refused", {**fields, "refused": str(err)})
             return
         self._decide("promoted", fields, state="promoted")
 
@@ -264,12 +266,12 @@ class Rollout:
             self.s.state = state
         entry = {"decision": decision, "time": time.time(), "step": self.s.step, **fields}
         self.s.decisions = [*self.s.decisions[-(KEPT - 1) :], entry]  # events.jsonl keeps them all
+        self._save()  # first: the state is what a restarted actor resumes from
         with (self.folder / "events.jsonl").open("a") as log:
             log.write(json.dumps(entry) + "\n")
-        audit.record(f"rollout.{decision}", log=audit.log_path(self.target.output_dir), **self._fields(), **fields)
+        audit.record(f"rollout.{decision}", log=audit.log_path(self.target.output_dir), **(self._fields() | fields))
         logger.warning("rollout %s: %s", self.target.deployment, decision)
         self.metrics.decisions.inc(1.0, {"decision": decision})
-        self._save()
         self._export()
 
     def _fields(self) -> dict[str, Any]:
@@ -283,9 +285,12 @@ class Rollout:
 
     def _save(self) -> None:
         partial = self.folder / "state.partial"
-        target = {"deployment": self.target.deployment, "champion": self.target.champion}
+        target: dict[str, Any] = {"deployment": self.target.deployment, "champion": self.target.champion}
         target |= {"challenger": self.target.challenger, "rollout": self.target.rollout.model_dump(mode="json")}
-        partial.write_text(json.dumps({"state": self.s.__dict__, "target": target}))
+        arms = {arm: stats.summary() for arm, stats in self.stats.items()}  # the step's, as status shows them
+        partial.write_text(
+            json.dumps({"state": self.s.__dict__, "share": self.routing().share, "arms": arms, "target": target})
+        )
         partial.replace(self.folder / "state.json")
 
     def _export(self) -> None:

@@ -10,7 +10,7 @@ from steward.storage import fetch_run, is_uri, join
 NO_SERVE_SECTION = "serve: the spec has no serve section; add one (e.g. `serve: {route_prefix: /digits}`)"
 
 
-def find_run(spec: JobSpec, run: Path | None = None) -> Path:
+def find_run(spec: JobSpec, run: Path | None = None, option: str = "--run") -> Path:
     """`run` when given (checked), else the newest succeeded run of this spec's name under its output_dir.
 
     With a URI output_dir (cluster storage) the newest succeeded run there is downloaded to its local staging
@@ -20,7 +20,9 @@ def find_run(spec: JobSpec, run: Path | None = None) -> Path:
         raise StewardError(NO_SERVE_SECTION)
     if run is not None:
         if not (Path(run) / "model" / "model.json").exists():
-            raise StewardError(f"--run {run}: not a finished run folder (no model/model.json); pass runs/<name>/<id>")
+            raise StewardError(
+                f"{option} {run}: not a finished run folder (no model/model.json); pass runs/<name>/<id>"
+            )
         return Path(run).resolve()
     uri = is_uri(spec.output_dir)
     for summary in list_runs(spec.output_dir if uri else Path(spec.output_dir)):
