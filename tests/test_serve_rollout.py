@@ -77,7 +77,7 @@ def rollout_spec(spec, name, port, **rollout):
 
 def send(url, traffic, rounds=1, start=0):
     """Every text of `traffic` `rounds` times, 10 a request, each request its own client id; returns per request
-    (sent time, model_version, probabilities)."""
+    (sent time, model_version, probabilities, request ids)."""
     texts, groups = traffic
     replies = []
     for r in range(rounds):
@@ -89,7 +89,8 @@ def send(url, traffic, rounds=1, start=0):
             assert reply.status_code == 200, reply.text
             answer = reply.json()
             probabilities = [p["probabilities"] for p in answer["predictions"]]
-            replies.append((sent, answer["model_version"], probabilities))
+            ids = [p["request_id"] for p in answer["predictions"]]
+            replies.append((sent, answer["model_version"], probabilities, ids))
     return replies
 
 
@@ -130,8 +131,12 @@ def test_a_challenger_biased_against_a_group_is_rolled_back_during_a_canary(runs
         assert failing == 1.0
         # every request sent once the replicas have heard (one interval) is the champion's
         after = send(url, traffic, start=10_000)
-        assert {version for _, version, _ in after} == {champion.name}
+        assert {version for _, version, *_ in after} == {champion.name}
         assert done["share"] == 0.0
+        report = steward_cli("rollout", "report", "canary-biased", "--output-dir", spec.output_dir)
+        assert report.returncode == 0, report.stderr
+        page = (find_folder(spec, "canary-biased") / "report.html").read_text()
+        assert "rolled_back" in page and "statistical_parity_difference" in page
     finally:
         stop("canary-biased", "auto", spec.output_dir)
 
@@ -175,7 +180,14 @@ def test_a_fair_challenger_steps_up_survives_a_rollout_actor_crash_and_is_promot
         done = status("canary-fair")
         assert done["state"] == "promoted", done["decisions"]
         assert [d["decision"] for d in done["decisions"]] == ["started", "step", "promoted"]
-        assert {version for _, version, _ in replies} == {champion.name, fair.name}  # both arms answered
+        assert {version for _, version, *_ in replies} == {champion.name, fair.name}  # both arms answered
+        # a late label reaches the monitor of the arm that answered; an id neither issued is refused
+        for arm in (champion, fair):
+            request_id = next(ids[0] for _, version, _, ids in replies if version == arm.name)
+            label = requests.post(f"{url}/feedback", json={"request_id": request_id, "label": "1"}, timeout=30)
+            assert label.status_code == 200 and label.json()["status"] in ("matched", "waiting"), label.text
+        made_up = requests.post(f"{url}/feedback", json={"request_id": "0" * 48, "label": "1"}, timeout=30)
+        assert made_up.status_code == 404 and made_up.json()["field"] == "request_id"
         audited = audit.history(audit.log_path(spec.output_dir), deployment="canary-fair")
         assert [e["event"] for e in audited if e["event"].startswith("rollout.")] == [
             "rollout.started",
@@ -184,7 +196,7 @@ def test_a_fair_challenger_steps_up_survives_a_rollout_actor_crash_and_is_promot
         ]
         # promoted: every request is the challenger's once replicas have heard
         time.sleep(1.0)
-        assert {version for _, version, _ in send(url, traffic, start=50_000)} == {fair.name}
+        assert {version for _, version, *_ in send(url, traffic, start=50_000)} == {fair.name}
     finally:
         stop("canary-fair", "auto", spec.output_dir)
 
@@ -219,9 +231,9 @@ def test_in_shadow_mode_the_champion_answers_unchanged_and_promotion_waits_for_t
         held = status("shadow")
         assert held["state"] == "running" and held["arms"]["challenger"]["mirrored"] > 0, held
         # every answer is the champion's, as it answers alone
-        assert {version for _, version, _ in replies} == {champion.name}
+        assert {version for _, version, *_ in replies} == {champion.name}
         expected = offline_probabilities(champion, spec, texts)
-        for k, (_, _, probabilities) in enumerate(replies[: len(texts) // 10]):
+        for k, (_, _, probabilities, _) in enumerate(replies[: len(texts) // 10]):
             np.testing.assert_allclose(probabilities, expected[10 * k : 10 * k + 10], atol=1e-5)
         monitor = requests.get(f"{url}/monitor", timeout=30).json()
         assert monitor["arm"] == "champion" and monitor["arms"]["challenger"]["records"] > 0
@@ -238,7 +250,7 @@ def test_in_shadow_mode_the_champion_answers_unchanged_and_promotion_waits_for_t
         aborted = steward_cli("rollout", "abort", "shadow", "--reason", "back to the champion", "--address", "auto")
         assert aborted.returncode == 0 and status("shadow")["state"] == "aborted"
         time.sleep(1.0)
-        assert {version for _, version, _ in send(url, traffic, start=70_000)} == {champion.name}
+        assert {version for _, version, *_ in send(url, traffic, start=70_000)} == {champion.name}
     finally:
         stop("shadow", "auto", spec.output_dir)
 

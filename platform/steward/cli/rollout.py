@@ -151,3 +151,22 @@ def rollout_abort(name: Name, reason: Reason, address: ClusterAddress = "auto") 
 
     status = ray.get(_rollout(name, address).abort.remote(reason))
     console.print(f"{status['state']}: the champion {status['champion']} answers every request of {name}", markup=False)
+
+
+@rollout_app.command("report")
+@user_errors
+def rollout_report(
+    target: Annotated[Path, typer.Argument(help="A rollout folder, or a deployment name (its newest rollout).")],
+    output_dir: Annotated[Path, typer.Option(help="Folder of run folders, to find a deployment by name.")] = Path(
+        "runs"
+    ),
+    out: Annotated[Path | None, typer.Option(help="Folder for report.html (default: the rollout folder).")] = None,
+) -> None:
+    """Write an HTML page with the rollout's decisions and both arms' windows side by side."""
+    from steward.monitor.rollout_report import write_rollout_report
+
+    folder = target
+    if not (target / "state.json").exists():
+        found = sorted((output_dir / "rollouts" / target.name).glob("*/state.json"))
+        folder = found[-1].parent if found else target  # rollout ids sort by their start time
+    console.print(f"wrote [bold]{write_rollout_report(folder, out)}[/]")
