@@ -38,7 +38,12 @@ def find_monitor(target: Path, runs: Path) -> Path:
     return max(candidates, key=lambda p: p.stat().st_mtime).parent
 
 
-def _series(history: list[dict], kind: str) -> dict[str, list[tuple[float, float]]]:
+def plain(text: str) -> str:
+    """A client's value as plot text: matplotlib reads `$...$` as maths (and raises on `$$`)."""
+    return text.replace("$", r"\$")
+
+
+def series(history: list[dict], kind: str) -> dict[str, list[tuple[float, float]]]:
     out: dict[str, list[tuple[float, float]]] = {}
     for window in history:
         for check in window["checks"]:
@@ -49,11 +54,11 @@ def _series(history: list[dict], kind: str) -> dict[str, list[tuple[float, float
 
 def plot_drift(history: list[dict], path: Path) -> None:
     """PSI (left) and p-values (right, log scale) per window, each with its threshold."""
-    series = _series(history, "drift")
+    found = series(history, "drift")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     start = min((w["end"] for w in history if w["end"]), default=0)
     thresholds = {c["name"]: c for w in history for c in w["checks"]}
-    for name, points in series.items():
+    for name, points in found.items():
         axis = left if name.startswith("psi:") else right
         t, v = zip(*points, strict=True)
         axis.plot(np.subtract(t, start), v, marker=".", label=name)
@@ -78,7 +83,7 @@ def plot_rates(history: list[dict], path: Path) -> None:
         rates = [(w["end"], w["selection_rates"].get(group)) for w in history]
         points = [(end - start, rate) for end, rate in rates if rate is not None]
         if points:
-            axis.plot(*zip(*points, strict=True), marker=".", label=f"group {group}")
+            axis.plot(*zip(*points, strict=True), marker=".", label=f"group {plain(group)}")
     axis.set(title="favourable rate per group", xlabel="seconds", ylabel="selection rate", ylim=(0, 1))
     if groups:
         axis.legend(fontsize=8)
@@ -103,7 +108,9 @@ def plot_performance(history: list[dict], path: Path) -> None:
             sets = [(w["end"], _scores(w, group)) for w in windows]
             points = [(end - start, got[metric]) for end, got in sets if got and got[metric] is not None]
             if points:
-                axis.plot(*zip(*points, strict=True), marker=".", label="all" if group is None else f"group {group}")
+                axis.plot(
+                    *zip(*points, strict=True), marker=".", label="all" if group is None else f"group {plain(group)}"
+                )
         axis.set(title=f"{metric} from late labels", xlabel="seconds", ylim=(0, 1.05))
         if axis.lines:
             axis.legend(fontsize=7)

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from steward.errors import StewardError  # noqa: E402
 from steward.monitor.compare import ARMS  # noqa: E402
-from steward.monitor.report import _series, plot_drift, plot_rates  # noqa: E402
+from steward.monitor.report import plot_drift, plot_rates, series  # noqa: E402
 
 ENDED = ("promoted", "rolled_back", "aborted")  # the decisions that end the arms' comparison
 
@@ -85,7 +85,7 @@ def plot_bias(history: list[dict], path: Path) -> None:
     fig, axis = plt.subplots(figsize=(7, 4))
     start = min((w["end"] for w in history if w["end"]), default=0)
     bounds = {c["name"]: (c["low"], c["high"]) for w in history for c in w["checks"] if c["kind"] == "bias"}
-    for name, points in sorted(_series(history, "bias").items()):
+    for name, points in sorted(series(history, "bias").items()):
         t, v = zip(*points, strict=True)
         (line,) = axis.plot(np.subtract(t, start), v, marker=".", label=name)
         for bound in bounds[name]:
@@ -96,14 +96,6 @@ def plot_bias(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _plain_groups(history: list[dict]) -> list[dict]:
-    """The windows with `$` escaped in group names: matplotlib reads `$...$` in a legend as maths, and a client's
-    group named `$$` would fail the plot."""
-    return [
-        {**w, "selection_rates": {g.replace("$", r"\$"): r for g, r in w["selection_rates"].items()}} for w in history
-    ]
 
 
 def _groups(detail: dict) -> str:
@@ -192,7 +184,7 @@ def _arm_column(arm: str, run: str, folder: Path, history: list[dict] | None, st
         return f"<div>{title}<p>No window of this arm closed while the rollout compared the arms.</p></div>"
     images = {"selection_rates": plot_rates, "bias": plot_bias, "drift": plot_drift}
     for name, plot in images.items():
-        plot(_plain_groups(history) if name == "selection_rates" else history, out / f"{arm}-{name}.png")
+        plot(history, out / f"{arm}-{name}.png")
     checks = "".join(
         f"<tr><td>{_e(c['name'])}</td><td>{_num(c['value'])}</td><td>[{_num(c['low'])}, {_num(c['high'])}]</td>"
         f"<td class='{_e(c['status'])}'>{_e(c['status'])}</td></tr>"
