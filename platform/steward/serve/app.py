@@ -353,7 +353,6 @@ class ModelServer:
     async def _probabilities(self, arm: Arm, instances: Any, field: str, timing: Timing) -> Output:
         prepared = arm.served.prepare(instances, field)  # bad input fails here, alone, before any batch
         timing.mark("prepare")
-        started = time.perf_counter()
         try:
             output = await self._forward(arm, prepared)
         except Exception:  # the model's failure, not the client's: counted against its arm
@@ -365,7 +364,7 @@ class ModelServer:
             if arm.monitor is not None:
                 arm.monitor.refused(len(output.probabilities))
             raise BadRequest(422, f"{field}[{row}]", NON_FINITE)
-        arm.answered(started)
+        arm.answered(output)
         return output
 
     async def _forward(self, arm: Arm, prepared: Any) -> Output:

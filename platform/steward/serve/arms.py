@@ -8,7 +8,6 @@ import asyncio
 import hashlib
 import logging
 import random
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -23,8 +22,9 @@ from steward.serve.protocol import BadRequest
 from steward.serve.rollout import RolloutTarget, Routing, rollout_actor
 
 logger = logging.getLogger("steward.serve")
-MAX_SHADOWS = 8  # mirrored requests in flight at once: past that a request is not mirrored, so the champion's
-# replica never queues work for the challenger faster than it can do it
+MAX_MIRRORED = 256  # requests queued for the challenger: past that a request is not mirrored, so the champion's
+# replica never gathers work for the challenger faster than it can do it
+SHADOW_WAIT_S = 0.05  # how long mirrored requests gather before the challenger classifies them in one pass
 
 
 @dataclass
@@ -34,9 +34,12 @@ class Arm:
     monitor: ReplicaMonitor | None
     stats: ArmStats = field(default_factory=ArmStats)  # since the last sync
 
-    def answered(self, started: float) -> None:
+    def answered(self, output: Output) -> None:
+        """Count a request answered; its latency is its share of the model pass that answered it, the part an arm's
+        model decides (the route to it is the same for both arms, and a mirrored request's wait for its pass is
+        the shadow's choice)."""
         self.stats.requests += 1
-        self.stats.latency_ms.append((time.perf_counter() - started) * 1000)
+        self.stats.latency_ms.append(output.model_s * 1000)
 
     def failed(self) -> None:
         self.stats.requests += 1
@@ -56,7 +59,8 @@ class Arms:
         self.routing = Routing(mode, "running", 0.0)  # until the first sync: the champion answers everything
         self.actor = rollout_actor(target) if target else None
         self.syncer: asyncio.Task | None = None
-        self.shadows: set[asyncio.Task] = set()
+        self.mirrors: list[Mirrored] = []  # champion-answered requests waiting for the challenger's pass
+        self.mirroring: asyncio.Task | None = None
 
     @property
     def all(self) -> list[Arm]:
@@ -70,39 +74,39 @@ class Arms:
         return self.challenger if self.routing.answers(self._draw(headers)) == "challenger" else self.champion
 
     def shadow(self, instances: Any, field: str, attributes: dict, request_ids: list[str], answer: Output) -> None:
-        """Mirror a request the champion answered to the challenger, off the request path (shadow mode)."""
-        if self.challenger is None or len(self.shadows) >= MAX_SHADOWS or not self.routing.mirrors(random.random()):
+        """Queue a request the champion answered for the challenger (shadow mode): the queue is classified in one
+        forward pass off the request path, at most every SHADOW_WAIT_S (a pass a request would cost the champion's
+        replica ~5x the CPU)."""
+        if self.challenger is None or len(self.mirrors) >= MAX_MIRRORED or not self.routing.mirrors(random.random()):
             return
-        task = asyncio.get_running_loop().create_task(self._mirror(instances, field, attributes, request_ids, answer))
-        self.shadows.add(task)
-        task.add_done_callback(self.shadows.discard)
+        self.mirrors.append(Mirrored(instances, field, attributes, request_ids, answer))
+        if self.mirroring is None:
+            self.mirroring = asyncio.get_running_loop().create_task(self._mirror_queued())
 
-    async def _mirror(
-        self, instances: Any, field: str, attributes: dict, request_ids: list[str], answer: Output
-    ) -> None:
+    async def _mirror_queued(self) -> None:
         arm = self.challenger
         assert arm is not None
-        started = time.perf_counter()
         try:
-            output = await asyncio.to_thread(
-                lambda: arm.served.run([arm.served.prepare(instances, field)], arm.monitor is not None)[0]
-            )
-        except BadRequest:  # input the champion took and the challenger refuses: the challenger's failure
-            arm.failed()
-            return
-        except Exception:
-            logger.exception("shadow request failed")
-            arm.failed()
-            return
-        if non_finite_row(output) is not None:
-            arm.failed()
-            return
-        output = replace(output, probabilities=arm.served.decide(output.probabilities, attributes))
-        arm.answered(started)
-        arm.stats.mirrored += len(request_ids)
-        arm.stats.agreed += int((output.probabilities.argmax(-1) == answer.probabilities.argmax(-1)).sum())
-        if arm.monitor is not None:
-            arm.monitor.record(output, attributes, request_ids)
+            while self.mirrors:
+                await asyncio.sleep(SHADOW_WAIT_S)  # requests that come meanwhile join this pass
+                batch, self.mirrors = self.mirrors, []
+                try:
+                    outputs = await asyncio.to_thread(_classify, arm.served, batch, arm.monitor is not None)
+                except Exception:
+                    logger.exception("shadow pass failed")
+                    outputs = [None] * len(batch)
+                for mirrored, output in zip(batch, outputs, strict=True):
+                    if output is None or non_finite_row(output) is not None:
+                        arm.failed()  # input the champion answered and the challenger could not
+                        continue
+                    arm.answered(output)
+                    arm.stats.mirrored += len(mirrored.request_ids)
+                    agreed = output.probabilities.argmax(-1) == mirrored.answer.probabilities.argmax(-1)
+                    arm.stats.agreed += int(agreed.sum())
+                    if arm.monitor is not None:
+                        arm.monitor.record(output, mirrored.attributes, mirrored.request_ids)
+        finally:
+            self.mirroring = None
 
     def run(self, requests: list[tuple[Arm, Any]]) -> list[Output]:
         """Each arm's requests in one forward pass of its model; the outputs in the requests' order."""
@@ -155,6 +159,40 @@ class Arms:
             counts[arm.name], arm.stats = arm.stats.to_dict(), ArmStats()
         self.routing = await self.actor.sync.remote(counts)  # type: ignore[union-attr]
         return self.routing
+
+
+@dataclass(frozen=True)
+class Mirrored:
+    """A request the champion answered, as the challenger gets it in shadow mode."""
+
+    instances: Any
+    field: str
+    attributes: dict
+    request_ids: list[str]
+    answer: Output
+
+
+def _classify(served: ServedModel, batch: list[Mirrored], embed: bool) -> list[Output | None]:
+    """The challenger's outputs for mirrored requests in one forward pass; None for a request it cannot answer."""
+    prepared: list[Any] = []
+    for mirrored in batch:
+        try:
+            prepared.append(served.prepare(mirrored.instances, mirrored.field))
+        except BadRequest:
+            prepared.append(None)
+    passed = iter(
+        served.run([p for p in prepared if p is not None], embed) if any(p is not None for p in prepared) else []
+    )
+    outputs: list[Output | None] = []
+    for mirrored, ready in zip(batch, prepared, strict=True):
+        output = None if ready is None else next(passed)
+        try:
+            outputs.append(
+                output and replace(output, probabilities=served.decide(output.probabilities, mirrored.attributes))
+            )
+        except BadRequest:
+            outputs.append(None)
+    return outputs
 
 
 def open_arms(

@@ -55,6 +55,12 @@ class Output:
     attention_mask: np.ndarray | None = None
     encode_s: float = 0.0  # the whole pass's tokenizing and forward times, which every request in it waited for
     forward_s: float = 0.0
+    pass_rows: int = 0  # instances in the whole pass
+
+    @property
+    def model_s(self) -> float:
+        """This request's share of its pass's time (tokenizing and forward), by its instances."""
+        return (self.encode_s + self.forward_s) * len(self.probabilities) / max(self.pass_rows, 1)
 
 
 NON_FINITE = "the model's output for this instance is not finite: its values are far outside the training data's"
@@ -157,6 +163,7 @@ class ServedModel:
                 None if m is None else m[s : s + n],
                 encoded - started,
                 forward_s,
+                len(out),
             )
             for s, n in zip(starts, sizes, strict=True)
         ]

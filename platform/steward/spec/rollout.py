@@ -34,7 +34,11 @@ class GatesSpec(Section):
         0.01, description="Largest share of the challenger's requests failing beyond the champion's share."
     )
     max_latency_ratio: float | None = Field(
-        None, ge=1.0, le=1000.0, description="Largest challenger p50 latency over the champion's; null: reported only."
+        None,
+        ge=1.0,
+        le=1000.0,
+        description="Largest challenger p50 model time per request (its share of the forward pass that answered "
+        "it; the route is the same for both arms) over the champion's; null: reported only.",
     )
     max_accuracy_drop: Share | None = Field(
         0.05,
