@@ -17,7 +17,7 @@ def window(rates=None, n=100, checks=(), labels=None, end=10.0):
     rates = rates or {"a": 0.5, "b": 0.5}
     performance = {"overall": {}, "groups": {}}
     if labels:
-        performance["overall"] = {"labelled": labels[1], "accuracy": labels[0]}
+        performance["overall"] = {"labelled": labels[1], "accuracy": labels[0], "f1_macro": labels[0] - 0.1}
     return {
         "records": n * len(rates),
         "end": end,
@@ -96,12 +96,17 @@ def test_error_rate_latency_and_agreement_compare_the_arms():
     assert agreement.status == "fail" and agreement.value == 0.75
 
 
-def test_late_label_accuracy_is_compared_once_both_arms_have_enough_labels():
+def test_late_label_accuracy_and_f1_are_compared_once_both_arms_have_enough_labels():
     few = judge([window(labels=(0.9, 10))], [window(labels=(0.5, 10))])
     assert gate(few, "accuracy").status == "insufficient" and few.decision == "advance"
     enough = judge([window(labels=(0.9, 50))], [window(labels=(0.7, 40)), window(labels=(0.8, 40))])
     accuracy = gate(enough, "accuracy")
     assert accuracy.status == "fail" and accuracy.value == pytest.approx(0.9 - 0.75)
+    assert not any(g.gate.startswith("f1_macro") for g in enough.gates)  # max_f1_drop off by default
+    f1 = gate(
+        judge([window(labels=(0.9, 50))], [window(labels=(0.86, 50))], gates=GatesSpec(max_f1_drop=0.02)), "f1_macro"
+    )
+    assert f1.status == "fail" and f1.value == pytest.approx(0.04)
 
 
 def test_arm_stats_merge_and_keep_a_bounded_latency_sample():

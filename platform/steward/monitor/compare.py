@@ -116,8 +116,10 @@ def judge_step(
         agreement, limit = challenger.agreement, gates.min_agreement
         status = "ok" if limit is None or (agreement or 0.0) >= limit else "fail"
         verdicts.append(Gate("agreement", status, agreement, limit, "both"))
-    if gates.max_accuracy_drop is not None:
-        verdicts += _accuracy(windows, gates.max_accuracy_drop, gates.min_labels)
+    drops = {"accuracy": gates.max_accuracy_drop, "recall": gates.max_recall_drop, "f1_macro": gates.max_f1_drop}
+    for metric, limit in drops.items():
+        if limit is not None:
+            verdicts += _label_metric(windows, metric, limit, gates.min_labels)
     records = sum(w["records"] for w in windows["challenger"])
     if any(v.status == "fail" for v in verdicts):
         decision = "rollback"
@@ -213,26 +215,28 @@ def _ratio(name: str, mine: float | None, theirs: float | None, limit: float | N
     return Gate(name, status, ratio, limit, detail={"challenger_ms": mine, "champion_ms": theirs})
 
 
-def pooled_accuracy(windows: list[dict]) -> dict[str, tuple[float, int]]:
-    """Accuracy over the labels of `windows`, overall ("(all)") and per group: {group: (accuracy, labelled)}."""
+def pooled_scores(windows: list[dict], metric: str) -> dict[str, tuple[float, int]]:
+    """`metric` (accuracy, recall, f1_macro) over the late labels of `windows`, each window weighted by its labels,
+    overall ("(all)") and per group: {group: (value, labelled)}."""
     totals: dict[str, list[float]] = {}
     for window in windows:
         performance = window.get("performance") or {"overall": {}, "groups": {}}
         for group, scores in [("(all)", performance["overall"]), *performance["groups"].items()]:
-            labelled, accuracy = scores.get("labelled", 0), scores.get("accuracy")
-            if labelled and accuracy is not None:
+            labelled, value = scores.get("labelled", 0), scores.get(metric)
+            if labelled and value is not None:
                 total = totals.setdefault(group, [0.0, 0])
-                total[0] += accuracy * labelled
+                total[0] += value * labelled
                 total[1] += labelled
-    return {group: (right / n, int(n)) for group, (right, n) in totals.items()}
+    return {group: (weighted / n, int(n)) for group, (weighted, n) in totals.items()}
 
 
-def _accuracy(windows: dict[str, list[dict]], limit: float, min_labels: int) -> list[Gate]:
-    champion, challenger = pooled_accuracy(windows["champion"]), pooled_accuracy(windows["challenger"])
+def _label_metric(windows: dict[str, list[dict]], metric: str, limit: float, min_labels: int) -> list[Gate]:
+    """The challenger's drop in `metric` below the champion's, overall and per group, once both have the labels."""
+    champion, challenger = pooled_scores(windows["champion"], metric), pooled_scores(windows["challenger"], metric)
     verdicts = []
     for group in sorted(champion.keys() & challenger.keys()):
         (mine, n_mine), (theirs, n_theirs) = challenger[group], champion[group]
-        name = "accuracy" if group == "(all)" else f"accuracy:{group}"
+        name = metric if group == "(all)" else f"{metric}:{group}"
         if min(n_mine, n_theirs) < min_labels:
             verdicts.append(Gate(name, "insufficient", None, limit))
             continue

@@ -45,6 +45,12 @@ class GatesSpec(Section):
         description="Late labels (/feedback): largest drop of the challenger's accuracy below the champion's, overall "
         "and in each group; judged once both arms have min_labels labels in the step.",
     )
+    max_recall_drop: Share | None = Field(
+        None, description="As max_accuracy_drop, for macro recall (each window weighted by its labels); null: off."
+    )
+    max_f1_drop: Share | None = Field(
+        None, description="As max_accuracy_drop, for macro F1 (each window weighted by its labels); null: off."
+    )
     min_labels: int = Field(30, ge=1, le=10_000_000, description="Labels an arm needs before accuracy is compared.")
 
 
