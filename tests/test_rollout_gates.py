@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from steward.monitor.compare import ArmStats, judge_step
-from steward.serve.rollout import Routing
+from steward.serve.rollout import Routing, load_state
 from steward.spec import JobSpec
 from steward.spec.load import SpecError, validate_job
 from steward.spec.rollout import GatesSpec, RolloutSpec
@@ -167,3 +167,23 @@ def test_a_language_model_rollout_is_refused_and_a_good_section_fills_its_defaul
     spec = JobSpec.model_validate(BASE)
     rollout = spec.serve.rollout
     assert isinstance(rollout, RolloutSpec) and rollout.mode == "canary" and rollout.steps == [0.1, 0.25, 0.5]
+
+
+def test_a_rollout_state_file_that_cannot_be_read_is_named_not_guessed(tmp_path):
+    path = tmp_path / "state.json"
+    state, problem = load_state(path)
+    assert problem is None and state.state == "running" and state.step == 0
+    path.write_text(
+        '{"state": {"state": "promoted", "step": 1, "step_started": 1.0, "judged_until": 0.0, "decisions": []}}'
+    )
+    state, problem = load_state(path)
+    assert problem is None and state.state == "promoted" and state.step == 1
+    for text in (
+        "{not json",
+        '{"state": {"step": 1, "hacked": true}}',
+        '{"state": {"state": "owned", "step": -1}}',
+        "[]",
+    ):
+        path.write_text(text)
+        state, problem = load_state(path)
+        assert problem is not None and str(path) in problem and state.step == 0, text

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
@@ -133,10 +134,14 @@ def start_rollout(
         policy,
         job.monitor.alerts.webhook if job.monitor else None,
     )
-    replace_rollout(target)
+    rollout = replace_rollout(target)
     serve.start(http_options={"host": host, "port": port})
     arm = Challenger(model_source(rival, challenger, gates[1]), target)
-    serve.run(build_app(job, str(champion), gates[0], arm), name=name, route_prefix=cfg.route_prefix)
+    try:
+        serve.run(build_app(job, str(champion), gates[0], arm), name=name, route_prefix=cfg.route_prefix)
+    except Exception as err:  # a rollout whose replicas never came up must not block the next start
+        ray.get(rollout.abort.remote(f"deploy failed: {type(err).__name__}: {err}", "steward"))
+        raise
     _record_deployment("deployment.updated", job, champion, address)
     return Deployed(name, f"http://{host}:{port}{cfg.prefix}", champion, gates[0].to_dict() if gates[0] else None)
 

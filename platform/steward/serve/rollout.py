@@ -146,6 +146,19 @@ class State:
     decisions: list[dict] = field(default_factory=list)
 
 
+def load_state(path: Path) -> tuple[State, str | None]:
+    """The state a rollout saved (a new one if none), and why it could not be read, if so."""
+    if not path.exists():
+        return State(), None
+    try:
+        state = State(**json.loads(path.read_text())["state"])
+    except (ValueError, TypeError, KeyError) as err:
+        return State(), f"{path} could not be read ({type(err).__name__}: {err}); start the rollout again"
+    if state.state not in STATES or not isinstance(state.step, int) or state.step < 0:
+        return State(), f"{path} holds no rollout state steward wrote (state {state.state!r}, step {state.step!r})"
+    return state, None
+
+
 @ray.remote
 class Rollout:
     def __init__(self, target: RolloutTarget) -> None:
@@ -153,12 +166,14 @@ class Rollout:
         self.folder = target.folder
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / "state.json"
-        self.s = State(**json.loads(path.read_text())["state"]) if path.exists() else State()
+        self.s, problem = load_state(path)
         self.stats = {arm: ArmStats() for arm in ARMS}
         self.last: Judgement | None = None
         self.metrics = _Metrics(target.deployment)
         self._ticker: asyncio.Task | None = None
-        if not path.exists():
+        if problem is not None:  # the step is unknown: nothing goes on until a person starts again
+            self._decide("aborted", {"reason": problem, "by": "steward"}, state="aborted")
+        elif not self.s.decisions:
             self._decide("started", {"mode": self.cfg.mode, "steps": self.cfg.steps})
         self._export()
 
