@@ -29,6 +29,7 @@ import ray
 from steward.govern import audit
 from steward.monitor.bins import Bins
 from steward.monitor.checks import AlertTracker, live_state, window_report
+from steward.monitor.exporter import Exporter
 from steward.monitor.process import id_key, lower_priority, post
 from steward.monitor.pushes import PushLedger
 from steward.monitor.reference import load_reference
@@ -42,7 +43,6 @@ NAMESPACE = "steward"
 # it when numpy loads.
 ACTOR_ENV = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 logger = logging.getLogger("steward.monitor")
-ALL_GROUPS = "(all)"  # the `group` label of metrics over every group together
 
 
 def actor_name(deployment: str, run_dir: str | Path) -> str:
@@ -84,18 +84,24 @@ class PushReply:
     resend_from: int | None = None
 
 
+def detached(name: str) -> dict[str, Any]:
+    """Options of a deployment's helper actor: one of a name, found or started, outliving whoever started it, on no
+    reserved CPU, restarted by Ray whenever it dies."""
+    return {
+        "name": name,
+        "namespace": NAMESPACE,
+        "lifetime": "detached",
+        "get_if_exists": True,
+        "num_cpus": 0,
+        "max_restarts": -1,
+        "max_task_retries": 3,
+    }
+
+
 def monitor_actor(target: MonitorTarget) -> Any:
-    """The deployment's monitor actor: found by name, or started (detached, restarted by Ray if it dies)."""
-    options = Monitor.options(  # type: ignore[attr-defined]
-        name=actor_name(target.deployment, target.run_dir),
-        namespace=NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        num_cpus=0,
-        max_restarts=-1,
-        max_task_retries=3,
-        runtime_env={"env_vars": ACTOR_ENV},
-    )
+    """The deployment's monitor actor: found by name, or started."""
+    name = actor_name(target.deployment, target.run_dir)
+    options = Monitor.options(**detached(name), runtime_env={"env_vars": ACTOR_ENV})  # type: ignore[attr-defined]
     return options.remote(target)
 
 
@@ -108,95 +114,6 @@ def stop_monitors(deployment: str) -> None:
             handle = ray.get_actor(actor["name"], namespace=NAMESPACE)
             ray.get(handle.persist.remote())
             ray.kill(handle, no_restart=True)
-
-
-class Exporter:
-    """Prometheus metrics through Ray's metrics export: they appear on every node's metrics endpoint."""
-
-    def __init__(self, deployment: str, arm: str) -> None:
-        from ray.util.metrics import Counter, Gauge
-
-        tags = {"deployment": deployment, "arm": arm}
-        self.bias = Gauge("steward_monitor_bias", "Bias metric of the last window.", ("deployment", "arm", "metric"))
-        self.rate = Gauge(
-            "steward_monitor_selection_rate", "Favourable rate per group.", ("deployment", "arm", "group")
-        )
-        self.drift = Gauge(
-            "steward_monitor_drift", "Drift statistic (PSI) or p-value.", ("deployment", "arm", "test", "signal")
-        )
-        self.failing = Gauge(
-            "steward_monitor_alert_open", "1 while a check is alerting.", ("deployment", "arm", "check")
-        )
-        self.invalid = Gauge(
-            "steward_monitor_invalid_rate",
-            "Share of the last window's records refused as invalid.",
-            (
-                "deployment",
-                "arm",
-            ),
-        )
-        self.leak = Gauge(
-            "steward_monitor_leak",
-            "Generated text's personal-data values of a type (check pii:<type>) or share of n-grams found in the "
-            "training text (check regurgitation) in the last window.",
-            ("deployment", "arm", "check"),
-        )
-        self.performance = Gauge(
-            "steward_monitor_performance",
-            "Accuracy, recall (macro), f1_macro or labelled records (label `metric`) from the late labels of the last "
-            f"window that had any, per group (label `group`; {ALL_GROUPS} for all of the window's labels).",
-            ("deployment", "arm", "metric", "group"),
-        )
-        self.records = Counter(
-            "steward_monitor_records",
-            "Records monitored.",
-            (
-                "deployment",
-                "arm",
-            ),
-        )
-        self.alerts = Counter("steward_monitor_alerts", "Alerts raised.", ("deployment", "arm", "check"))
-        for metric in (
-            self.bias,
-            self.rate,
-            self.drift,
-            self.failing,
-            self.invalid,
-            self.leak,
-            self.performance,
-            self.records,
-            self.alerts,
-        ):
-            metric.set_default_tags(tags)
-
-    def window(self, report: dict, events: list[dict]) -> None:
-        for check in report["checks"]:
-            if check["value"] is None:
-                continue
-            if check["kind"] == "bias":
-                self.bias.set(check["value"], {"metric": check["name"]})
-            elif check["kind"] == "input":
-                self.invalid.set(check["value"])
-            elif check["kind"] == "leak":
-                self.leak.set(check["value"], {"check": check["name"]})
-            elif check["kind"] == "performance":
-                continue  # exported from the report's performance section, judged or not
-            else:
-                test, _, signal = check["name"].partition(":")
-                self.drift.set(check["value"], {"test": test, "signal": signal})
-        for group, rate in report["selection_rates"].items():
-            if rate is not None:
-                self.rate.set(rate, {"group": group})
-        performance = report.get("performance")  # absent from windows judged before it was reported
-        if performance:
-            for group, scores in [(ALL_GROUPS, performance["overall"]), *performance["groups"].items()]:
-                for metric, value in scores.items():
-                    if scores["labelled"] and value is not None:  # a window without labels leaves the last values
-                        self.performance.set(float(value), {"metric": metric, "group": group})
-        for event in events:
-            self.failing.set(1.0 if event["event"] == "alert" else 0.0, {"check": event["name"]})
-            if event["event"] == "alert":
-                self.alerts.inc(1.0, {"check": event["name"]})
 
 
 @ray.remote

@@ -13,8 +13,7 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -25,22 +24,19 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steward import __version__
-from steward.serve.arms import Arm, open_arms
+from steward.serve.arms import Arm
 from steward.serve.auth import key_is_valid, load_keys, presented_key
 from steward.serve.generate_app import build_generation_app
 from steward.serve.model import (
     NON_FINITE,
-    ModelSource,
     Output,
     ServedModel,
-    model_source,
     non_finite_row,
-    open_served_model,
     predict_response,
 )
-from steward.serve.monitoring import RecordQueue, ReplicaMonitor, monitor_target
+from steward.serve.monitoring import ReplicaMonitor
 from steward.serve.oip_binary import EXTENSIONS, HEADER, binary_outputs, oip_reply, read_request
-from steward.serve.options import DEPLOYMENT, app_name, deployment_options
+from steward.serve.options import DEPLOYMENT, deployment_options
 from steward.serve.protocol import (
     BadRequest,
     FeedbackRequest,
@@ -60,42 +56,16 @@ from steward.serve.protocol import (
 )
 from steward.serve.quantize import GateResult
 from steward.serve.registry import served_version
-from steward.serve.rollout import Challenger, RolloutTarget
+from steward.serve.replica import ReplicaConfig, open_arms, replica_config
+from steward.serve.rollout import Challenger
 from steward.serve.source import find_run
 from steward.serve.timing import Timing
 from steward.spec import JobSpec
-from steward.spec.explain import ExplainSpec
-from steward.spec.monitor import MonitorSpec
-from steward.spec.serve import ServeSpec
 
 logger = logging.getLogger("steward.serve")
 FEEDBACK_BYTES = 4096  # a label's body: a request id and a class name
 # The schema is served by a route of the replica's own, behind the API key like everything but the health checks.
 api = FastAPI(title="steward model server", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-@dataclass(frozen=True)
-class ReplicaConfig:
-    """What a replica needs, as plain data validated once where the application is built: its deployment's name and
-    serve section, the model to load, and the explain and monitor sections."""
-
-    name: str
-    serve: ServeSpec
-    model: ModelSource
-    explain: ExplainSpec | None = None
-    monitor: MonitorSpec | None = None
-    challenger: ModelSource | None = None  # during a rollout: the model beside the champion
-    rollout: RolloutTarget | None = None
-
-
-def replica_config(
-    spec: JobSpec, run_dir: str, gate: GateResult | None = None, challenger: Challenger | None = None
-) -> ReplicaConfig:
-    """The replicas' part of `spec` for serving `run_dir` (with int8, the accuracy gate runs here unless `gate` holds
-    its result: QuantizationRefused before any replica starts), and a rollout's challenger beside it."""
-    model = model_source(spec, run_dir, gate)
-    second, target = (challenger.model, challenger.target) if challenger else (None, None)
-    return ReplicaConfig(app_name(spec), spec.serve or ServeSpec(), model, spec.explain, spec.monitor, second, target)
 
 
 @api.exception_handler(BadRequest)
@@ -118,15 +88,6 @@ async def _failed(request: Request, err: Exception) -> JSONResponse:
     return JSONResponse({"error": f"internal error ({type(err).__name__})", "field": None}, status_code=500)
 
 
-def _arm_monitor(replica: ReplicaConfig, served: ServedModel, arm: str) -> ReplicaMonitor | None:
-    """An arm's monitor on this replica: its own actor, judging it against its own reference."""
-    if replica.monitor is None:
-        return None
-    target = monitor_target(replica.monitor, replica.serve, replica.name, served.run_dir, served.gate is not None, arm)
-    bias = replica.monitor.bias
-    return ReplicaMonitor(target, lambda bins: RecordQueue(served, bins, bias))
-
-
 # Helpers the replica calls are defined above the class: Serve serializes the class when it is decorated.
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress(api)
@@ -136,7 +97,9 @@ class ModelServer:
     def __init__(self, replica: ReplicaConfig) -> None:
         self.cfg, self.name, self.explain_cfg = replica.serve, replica.name, replica.explain
         torch.set_num_threads(self.cfg.torch_threads)
-        self.served: ServedModel = open_served_model(replica.model)  # the champion: the endpoint's metadata
+        self.arms = open_arms(replica)
+        self.served: ServedModel = self.arms.champion.served  # the endpoint's metadata is the champion's
+        self.monitor = self.arms.champion.monitor
         self.keys = load_keys(self.cfg.auth)
         self.batch_sizes: Counter[int] = Counter()
         # An autoscaled replica runs forward passes off the event loop, one at a time, so that requests waiting for
@@ -144,9 +107,6 @@ class ModelServer:
         # sees (HAProxy's own queue is not), and a pass on the loop would keep every other request outside.
         self.forward_thread = ThreadPoolExecutor(1) if self.cfg.autoscaling is not None else None
         self.started = time.time()
-        challenger = open_served_model(replica.challenger) if replica.challenger else None
-        self.arms = open_arms(self.served, challenger, partial(_arm_monitor, replica), replica.rollout)
-        self.monitor = self.arms.champion.monitor
         if self.cfg.batching is not None:
             self._run_batch.set_max_batch_size(self.cfg.batching.max_batch_size)  # type: ignore[attr-defined]
             wait_s = self.cfg.batching.batch_wait_timeout_ms / 1000

@@ -9,7 +9,7 @@ import hashlib
 import logging
 import random
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -193,14 +193,3 @@ def _classify(served: ServedModel, batch: list[Mirrored], embed: bool) -> list[O
         except BadRequest:
             outputs.append(None)
     return outputs
-
-
-def open_arms(
-    champion: ServedModel,
-    challenger: ServedModel | None,
-    monitor_for: Callable[[ServedModel, str], ReplicaMonitor | None],
-    target: RolloutTarget | None,
-) -> Arms:
-    """The replica's arms; `monitor_for(served, arm)` starts an arm's monitor (None: not monitored)."""
-    second = Arm("challenger", challenger, monitor_for(challenger, "challenger")) if challenger else None
-    return Arms(Arm("champion", champion, monitor_for(champion, "champion")), second, target)

@@ -1,7 +1,7 @@
 """Driver side of serving: the fairness gate, deploy / status / stop on a Ray cluster, Serve config export.
 
 Which run is served, and with which spec, is `steward.serve.source`; the replicas' part of the spec is
-`steward.serve.app.replica_config`.
+`steward.serve.replica.replica_config`.
 """
 
 import json

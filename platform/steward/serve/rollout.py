@@ -25,7 +25,7 @@ from ray.util.metrics import Counter, Gauge
 from steward.errors import StewardError
 from steward.govern import audit
 from steward.govern.policy import PolicyViolation, admit
-from steward.monitor.actor import NAMESPACE, actor_name
+from steward.monitor.actor import NAMESPACE, actor_name, detached
 from steward.monitor.compare import ARMS, ArmStats, Judgement, judge_step
 from steward.monitor.process import post
 from steward.runs import read_spec
@@ -94,17 +94,8 @@ class Routing:
 
 
 def rollout_actor(target: RolloutTarget) -> Any:
-    """The deployment's rollout actor: found by name, or started (detached, restarted by Ray if it dies)."""
-    options = Rollout.options(  # type: ignore[attr-defined]
-        name=rollout_name(target.deployment),
-        namespace=NAMESPACE,
-        lifetime="detached",
-        get_if_exists=True,
-        num_cpus=0,
-        max_restarts=-1,
-        max_task_retries=3,
-    )
-    return options.remote(target)
+    """The deployment's rollout actor: found by name, or started."""
+    return Rollout.options(**detached(rollout_name(target.deployment))).remote(target)  # type: ignore[attr-defined]
 
 
 def find_rollout(deployment: str) -> Any:
