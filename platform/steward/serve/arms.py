@@ -131,12 +131,13 @@ class Arms:
         return status
 
     def _draw(self, headers: Mapping[str, str]) -> float:
-        """Where a request falls in [0, 1): a client's sticky header value always falls in the same place."""
+        """Where a request falls in [0, 1): a client's sticky header value always falls in the same place in this
+        rollout (salted by its id, so each rollout's canary starts with other clients)."""
         header = self.target.rollout.sticky_header if self.target else None
         value = headers.get(header) if header else None
-        if not value:
+        if not value or self.target is None:
             return random.random()
-        digest = hashlib.blake2b(f"{self.target.deployment}\0{value}".encode(), digest_size=8).digest()  # type: ignore[union-attr]
+        digest = hashlib.blake2b(f"{self.target.id}\0{value}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") / 2**64
 
     def _start_syncing(self) -> None:
