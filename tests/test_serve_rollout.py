@@ -129,9 +129,10 @@ def test_a_challenger_biased_against_a_group_is_rolled_back_during_a_canary(runs
         assert wait_for(lambda: scraped("steward_rollout_state", state="rolled_back"), 30, "the state in Prometheus")
         failing = scraped("steward_rollout_gate_failing", gate="bias:statistical_parity_difference")
         assert failing == 1.0
-        # every request sent once the replicas have heard (one interval) is the champion's
-        after = send(url, traffic, start=10_000)
-        assert {version for _, version, *_ in after} == {champion.name}
+        # traffic is back on the champion within one window of the decision: the replica hears within an interval
+        after = send(url, traffic, rounds=2, start=10_000)
+        late = sum(len(probabilities) for _, version, probabilities, _ in after if version == biased.name)
+        assert late < WINDOW and {version for _, version, *_ in after[-10:]} == {champion.name}, late
         assert done["share"] == 0.0
         report = steward_cli("rollout", "report", "canary-biased", "--output-dir", spec.output_dir)
         assert report.returncode == 0, report.stderr
@@ -194,11 +195,16 @@ def test_a_fair_challenger_steps_up_survives_a_rollout_actor_crash_and_is_promot
             "rollout.step",
             "rollout.promoted",
         ]
-        # promoted: every request is the challenger's once replicas have heard
-        time.sleep(1.0)
+        # promoted: every request is the challenger's once the replica has heard (within one sync interval)
+        heard(url, "promoted")
         assert {version for _, version, *_ in send(url, traffic, start=50_000)} == {fair.name}
     finally:
         stop("canary-fair", "auto", spec.output_dir)
+
+
+def heard(url, state):
+    """Wait until the replica follows the rollout's `state` (its /info shows the routing it has heard)."""
+    wait_for(lambda: requests.get(f"{url}/info", timeout=30).json()["rollout"]["state"] == state, 10, state)
 
 
 def _alive_with_new_pid(name, old_pid):
@@ -249,7 +255,7 @@ def test_in_shadow_mode_the_champion_answers_unchanged_and_promotion_waits_for_t
         assert json.loads(shown.stdout)["state"] == "promoted"
         aborted = steward_cli("rollout", "abort", "shadow", "--reason", "back to the champion", "--address", "auto")
         assert aborted.returncode == 0 and status("shadow")["state"] == "aborted"
-        time.sleep(1.0)
+        heard(url, "aborted")
         assert {version for _, version, *_ in send(url, traffic, start=70_000)} == {champion.name}
     finally:
         stop("shadow", "auto", spec.output_dir)
