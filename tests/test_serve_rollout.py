@@ -27,6 +27,7 @@ from steward.serve.rollout import find_rollout
 from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec
 from tests.serving import offline_probabilities, trained_run, wait_for
+from tests.test_registry import registered
 
 pytestmark = pytest.mark.slow
 
@@ -216,6 +217,11 @@ def _alive_with_new_pid(name, old_pid):
     return pid != old_pid and status(name)
 
 
+def own():
+    """This test's Ray cluster's address: `auto` could find another test worker's cluster on this machine."""
+    return ray.get_runtime_context().gcs_address
+
+
 def steward_cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "steward", *args], capture_output=True, text=True, timeout=120, check=False
@@ -245,15 +251,15 @@ def test_in_shadow_mode_the_champion_answers_unchanged_and_promotion_waits_for_t
         assert monitor["arm"] == "champion" and monitor["arms"]["challenger"]["records"] > 0
         assert monitor["rollout"]["mode"] == "shadow" and monitor["rollout"]["arms"]["challenger"]["agreement"] > 0.5
         # the last step passed and auto_promote is off: promotion is the user's, and the policy refuses this run
-        refused = steward_cli("rollout", "promote", "shadow", "--reason", "gates passed", "--address", "auto")
+        refused = steward_cli("rollout", "promote", "shadow", "--reason", "gates passed", "--address", own())
         assert refused.returncode == 2 and "allowed_sources" in refused.stderr, refused.stderr
         assert status("shadow")["state"] == "running"
         policy.write_text("name: any-data\nrules: {}\n")
-        promoted = steward_cli("rollout", "promote", "shadow", "--reason", "gates passed", "--address", "auto")
+        promoted = steward_cli("rollout", "promote", "shadow", "--reason", "gates passed", "--address", own())
         assert promoted.returncode == 0 and "promoted" in promoted.stdout, promoted.stderr
-        shown = steward_cli("rollout", "status", "shadow", "--address", "auto", "--json")
+        shown = steward_cli("rollout", "status", "shadow", "--address", own(), "--json")
         assert json.loads(shown.stdout)["state"] == "promoted"
-        aborted = steward_cli("rollout", "abort", "shadow", "--reason", "back to the champion", "--address", "auto")
+        aborted = steward_cli("rollout", "abort", "shadow", "--reason", "back to the champion", "--address", own())
         assert aborted.returncode == 0 and status("shadow")["state"] == "aborted"
         heard(url, "aborted")
         assert {version for _, version, *_ in send(url, traffic, start=70_000)} == {champion.name}
@@ -261,7 +267,7 @@ def test_in_shadow_mode_the_champion_answers_unchanged_and_promotion_waits_for_t
         stop("shadow", "auto", spec.output_dir)
 
 
-def test_bad_rollouts_are_refused_before_anything_is_deployed(runs, tmp_path):
+def test_bad_rollouts_are_refused_before_anything_is_deployed(runs, ray_local, tmp_path):
     spec, champion = runs["champion"]
     _, fair = runs["fair"]
     spec_file = tmp_path / "spec.yaml"
@@ -277,5 +283,13 @@ def test_bad_rollouts_are_refused_before_anything_is_deployed(runs, tmp_path):
     spec_file.write_text(json.dumps(no_section))
     plain = steward_cli("rollout", "start", str(spec_file), "--run", str(champion), "--challenger", str(fair))
     assert plain.returncode == 2 and "serve.rollout" in plain.stderr, plain.stderr
-    nobody = steward_cli("rollout", "status", "no-such-deployment", "--address", "auto")
+    nobody = steward_cli("rollout", "status", "no-such-deployment", "--address", own())
     assert nobody.returncode == 2 and "no rollout" in nobody.stderr
+    # a registered version as the challenger: fetched from the spec's registry before the spec's section is checked
+    version, _ = registered(spec, fair)
+    uri = f"models:/{spec.name}/{version.version}"
+    from_registry = steward_cli("rollout", "start", str(spec_file), "--run", str(champion), "--challenger", uri)
+    assert from_registry.returncode == 2 and "serve.rollout" in from_registry.stderr, from_registry.stderr
+    assert (Path(spec.output_dir) / "registry" / spec.name / str(version.version) / "model").is_dir()
+    unknown = steward_cli("rollout", "start", str(spec_file), "--run", str(champion), "--challenger", uri + "9")
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr and f"{version.version}9" in unknown.stderr
