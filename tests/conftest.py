@@ -74,7 +74,8 @@ LONGEST_FIRST = ["test_train", "test_cluster_multinode", "test_serve", "test_ben
                  "test_cluster_storage_tune", "test_monitor_serve", "test_cli", "test_train_resume",
                  "test_train_precision", "test_cluster_storage", "test_responsible_train", "test_serve_generate",
                  "test_registry", "test_data_stream", "test_serve_autoscale", "test_govern_run", "test_tracking",
-                 "test_cluster_jobs", "test_checkpoint_integrity", "test_serve_rollout", "test_serve_lm_watch", "test_adapters"]  # fmt: skip
+                 "test_cluster_jobs", "test_checkpoint_integrity", "test_serve_rollout",
+                 "test_serve_lm_watch", "test_adapters"]  # fmt: skip
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -163,12 +163,19 @@ def status_of_any():
 
 
 def test_a_fair_challenger_steps_up_survives_a_rollout_actor_crash_and_is_promoted(
-    runs, traffic, ray_local, serve_port
+    runs, traffic, ray_local, serve_port, tmp_path
 ):
     spec, champion = runs["champion"]
     _, fair = runs["fair"]
     job = rollout_spec(spec, "canary-fair", serve_port, mode="canary", steps=[0.25, 0.5])
-    url = start_rollout(job, champion, fair, port=serve_port).url
+    spec_file = tmp_path / "canary-fair.yaml"
+    spec_file.write_text(json.dumps(job.model_dump(mode="json")))
+    started = steward_cli(
+        *("rollout", "start", str(spec_file), "--run", str(champion), "--challenger", str(fair)),
+        *("--address", own(), "--port", str(serve_port)),
+    )
+    assert started.returncode == 0 and "steward rollout status canary-fair" in started.stdout, started.stderr
+    url = f"http://127.0.0.1:{serve_port}/canary-fair"
     try:
         send_until(url, traffic, lambda: status("canary-fair")["step"] == 1, "the second step")
         # The rollout actor dies mid-rollout: Ray restarts it and it resumes from its saved state, in the same step.

@@ -73,12 +73,12 @@ def _follow(name: str) -> None:
 
     from steward.serve.rollout import find_rollout
 
-    shown = 0
+    shown = 0.0  # the time of the last decision printed
     while True:
-        status = ray.get(find_rollout(name).status.remote())
-        for decision in status["decisions"][shown:]:
-            console.print(_decision_line(decision), markup=False)
-        shown = len(status["decisions"])
+        for decision in ray.get(find_rollout(name).status.remote())["decisions"]:
+            if decision["time"] > shown:
+                console.print(_decision_line(decision), markup=False)
+                shown = decision["time"]
         time.sleep(1.0)
 
 
