@@ -148,7 +148,8 @@ def test_tune_sweeps_r_and_alpha_of_the_adapter():
 
 @pytest.mark.slow
 def test_a_lora_run_under_zero3_changes_and_checkpoints_only_the_adapter_and_head(ray_local, tmp_path):
-    from steward.govern.card import read_card, render_markdown
+    from steward.govern.card import read_card
+    from steward.govern.card_markdown import render_markdown
     from steward.models.transformer import merged_transformer
     from steward.runs import create_run
     from steward.stages import train_model

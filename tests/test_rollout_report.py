@@ -67,13 +67,15 @@ def write(path: Path, doc) -> None:
     path.write_text(json.dumps(doc))
 
 
-def rollout_folder(out: Path, champion: Path, challenger: Path, decisions, state="rolled_back", step=0, steps=None):
+def rollout_folder(
+    out: Path, champion: Path, challenger: Path, decisions, state="rolled_back", step=0, steps=None, share=0.0
+):
     """A rollout folder as serve/rollout.py saves it: state.json (`_save`) and events.jsonl (`_decide`)."""
     folder = out / "rollouts" / "canary" / "20261207-170000-abcd"
     section = RolloutSpec.model_validate({"mode": "canary", "steps": steps or [0.5]}).model_dump(mode="json")
     saved = {"state": state, "step": step, "step_started": T0, "judged_until": T0 + 20, "decisions": decisions}
     target = {"deployment": "canary", "champion": str(champion), "challenger": str(challenger), "rollout": section}
-    write(folder / "state.json", {"state": saved, "target": target})
+    write(folder / "state.json", {"state": saved, "share": share, "target": target})
     (folder / "events.jsonl").write_text("".join(json.dumps(d) + "\n" for d in decisions))
     return folder
 
@@ -169,7 +171,7 @@ def test_a_running_rollout_moved_elsewhere_with_one_arm_not_monitored_yet(tmp_pa
     started = {"decision": "started", "time": T0, "step": 0, "mode": "canary", "steps": [0.1, 0.25, 0.5]}
     step = {"decision": "step", "time": T0 + 15, "step": 1, "share": 0.25, "records": 250, "failed": [], "gates": []}
     champion, challenger = elsewhere / "20261207-165000-aaaa", elsewhere / "20261207-165500-bbbb"
-    folder = rollout_folder(out, champion, challenger, [started, step], "running", 1, [0.1, 0.25, 0.5])
+    folder = rollout_folder(out, champion, challenger, [started, step], "running", 1, [0.1, 0.25, 0.5], 0.25)
     page = write_rollout_report(folder).read_text()
     assert (folder / "report.html").exists() and "<td>challenger share now</td><td>0.25</td>" in page
     assert "to now (running)" in page and "share: 0.25, records: 250" in page

@@ -26,7 +26,8 @@ def card(
     as_json: Annotated[bool, typer.Option("--json", help="Print model_card.json instead of the Markdown.")] = False,
 ) -> None:
     """Print a run's model card (written when training finished)."""
-    from steward.govern.card import read_card, render_markdown
+    from steward.govern.card import read_card
+    from steward.govern.card_markdown import render_markdown
 
     found = read_card(run)
     print(json.dumps(found, indent=2) if as_json else render_markdown(found))

@@ -228,6 +228,11 @@ class Monitor:
             "config": self.cfg.model_dump(mode="json"),
         }
 
+    async def closed_since(self, since: float) -> list[dict]:
+        """The closed windows' reports whose records end at or after `since` (a rollout's step), judging nothing
+        new: what a rollout reads every interval, without the open window's drift tests that `report` runs."""
+        return [w for w in self.history if (w["end"] or 0) >= since]
+
     async def persist(self, pending: bool = True) -> Path:
         """Save the statistics (never payloads) atomically, and with `pending` the predictions waiting for a label;
         runs every persist_interval_s (statistics) and pending_persist_interval_s (waiting predictions)."""

@@ -42,7 +42,8 @@ def _when(t: float | None) -> str:
 
 
 def read_rollout(folder: Path) -> tuple[dict, dict, list[dict]]:
-    """The rollout's state, target and every decision (events.jsonl keeps them all; state.json the latest)."""
+    """The rollout's state (with the challenger's share), target and every decision (events.jsonl keeps them all;
+    state.json the latest)."""
     path = folder / "state.json"
     if not path.exists():
         raise StewardError(
@@ -56,7 +57,7 @@ def read_rollout(folder: Path) -> tuple[dict, dict, list[dict]]:
         if events.exists()
         else doc["state"]["decisions"]
     )
-    return doc["state"], doc["target"], decisions
+    return {**doc["state"], "share": doc["share"]}, doc["target"], decisions
 
 
 def monitor_folder(run: str, deployment: str, folder: Path) -> Path:
@@ -201,11 +202,6 @@ def _arm_column(arm: str, run: str, folder: Path, history: list[dict] | None, st
     )
 
 
-def _share(state: dict, steps: list[float]) -> float:
-    """The challenger's share now: the step's while running, all once promoted, none once ended otherwise."""
-    return {"running": steps[min(state["step"], len(steps) - 1)], "promoted": 1.0}.get(state["state"], 0.0)
-
-
 def write_rollout_report(folder: Path, out: Path | None = None) -> Path:
     """Write report.html and its PNGs (into `out`, default the rollout folder); returns the HTML path."""
     state, target, decisions = read_rollout(folder)
@@ -232,7 +228,7 @@ def write_rollout_report(folder: Path, out: Path | None = None) -> Path:
 <table><tr><td>rollout</td><td>{_e(folder.name)}</td></tr><tr><td>mode</td><td>{_e(rollout["mode"])}</td></tr>
 <tr><td>state</td><td class="{_e(state["state"])}">{_e(state["state"])}</td></tr>
 <tr><td>step (from 0)</td><td>{state["step"]} of shares {", ".join(_num(s) for s in steps)}</td></tr>
-<tr><td>challenger share now</td><td>{_num(_share(state, steps))}</td></tr>
+<tr><td>challenger share now</td><td>{_num(state["share"])}</td></tr>
 <tr><td>compared</td><td>{_when(started)} to {_when(ended) if ended else "now (running)"}</td></tr>
 <tr><td>champion</td><td>{_e(target["champion"])}</td></tr><tr><td>challenger</td><td>{_e(target["challenger"])}</td></tr>
 </table>

@@ -231,8 +231,7 @@ class Rollout:
                 monitor = ray.get_actor(actor_name(self.target.deployment, run), namespace=NAMESPACE)
             except ValueError:
                 return  # its replicas have not started it yet
-            report = await monitor.report.remote(recent=100)
-            windows[arm] = [w for w in report["recent"] if (w["end"] or 0) >= self.s.step_started]
+            windows[arm] = await monitor.closed_since.remote(self.s.step_started)
         new = [w for w in windows["challenger"] if w["end"] > self.s.judged_until]
         if not new:
             return
