@@ -21,7 +21,6 @@ Writes benchmarks/results/generate_overhead.json and prints the table.
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import time
@@ -37,7 +36,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from steward.bench.machine import manifest  # noqa: E402
-from steward.ray_env import prefer_high_throughput  # noqa: E402
+from steward.ray_env import free_port, prefer_high_throughput  # noqa: E402
 from steward.serve.deploy import deploy  # noqa: E402
 from steward.serve.lm import open_language_model  # noqa: E402
 from steward.serve.model import model_source  # noqa: E402
@@ -64,12 +63,6 @@ PROMPTS = [
     "a day",
     "they then",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(root: Path, extra: list[str]):

@@ -43,7 +43,6 @@ import json
 import math
 import os
 import pickle
-import socket
 import statistics
 import sys
 import tempfile
@@ -60,6 +59,7 @@ from scipy.spatial.distance import pdist
 from steward.monitor.bins import Bins
 from steward.monitor.drift import mmd_test, quantile_edges
 from steward.monitor.window_state import WindowState
+from steward.ray_env import free_port
 from steward.serve.monitoring import SHARES_A_PUSH
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -393,7 +393,7 @@ def bench_serving(repeats: int, console: Console, seconds: float = 2.5) -> dict[
     # the proxy `steward serve` picks for fixed replicas (HAProxy when installed): the smallest per-request base
     proxy = "haproxy" if prefer_high_throughput(ServeSpec(num_replicas=1)) else "default"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": (port := _free_port())})
+    serve.start(http_options={"host": "127.0.0.1", "port": (port := free_port())})
     runs: dict[str, list[list[dict]]] = {f"{cell}, c={c}": [] for cell in CELLS.values() for c in (1, 32)}
     pushes: list[float] = []  # the monitor's pushes per record at c=32, each repeat
     deltas_per_push: list[float] = []  # window shares a push carried at c=32, each repeat
@@ -639,12 +639,6 @@ def accounted_cost(serving: dict[str, Any], replica: dict[str, Any]) -> dict[str
         "monitor_us": _mean_ci(totals),
         "share": _mean_ci(shares),
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serving_table(res: dict[str, Any], console: Console) -> None:

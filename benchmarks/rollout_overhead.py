@@ -40,12 +40,13 @@ sys.path.insert(0, str(ROOT))  # tests.serving's fast trained runs, serve_overhe
 
 import requests  # noqa: E402
 from benchmarks.monitor_overhead import _process  # noqa: E402
-from benchmarks.serve_overhead import breakdown, breakdown_table, free_port  # noqa: E402
+from benchmarks.serve_overhead import breakdown, breakdown_table  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from steward.bench.load import generate  # noqa: E402
 from steward.bench.machine import manifest  # noqa: E402
+from steward.ray_env import free_port  # noqa: E402
 from steward.spec.bench import LoadSpec  # noqa: E402
 from steward.spec.serve import ServeSpec  # noqa: E402
 

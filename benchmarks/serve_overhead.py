@@ -39,6 +39,7 @@ from rich.table import Table  # noqa: E402
 from steward.bench.load import generate  # noqa: E402
 from steward.bench.machine import manifest  # noqa: E402
 from steward.data import raw_inputs  # noqa: E402
+from steward.ray_env import free_port  # noqa: E402
 from steward.serve.model import load_served_model  # noqa: E402
 from steward.serve.quantize import quantize_int8  # noqa: E402
 from steward.serve.timing import parse_header  # noqa: E402
@@ -58,12 +59,6 @@ BERT = [
 
 
 AUTOSCALED = {"min_replicas": 1, "max_replicas": 1, "metrics_interval_s": 1.0, "look_back_period_s": 5.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure(url: str, bodies: list[dict], args: argparse.Namespace, latency: bool) -> dict:

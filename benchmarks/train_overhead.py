@@ -22,7 +22,6 @@ Writes benchmarks/results/train_overhead.json and prints the tables.
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from rich.table import Table
 
 from steward.bench.machine import manifest
 from steward.models import build_model, count_parameters
-from steward.ray_env import connect
+from steward.ray_env import connect, free_port
 from steward.runs import create_run, read_history
 from steward.spec import load_job
 from steward.train.estimate import zero_model_state_bytes
@@ -114,7 +113,7 @@ def torchrun_run(job: Path, overrides: list[str], out: Path) -> list[dict]:
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(ROOT / "benchmarks" / "torchrun_baseline.py"),
         str(job),
         str(result),
@@ -124,12 +123,6 @@ def torchrun_run(job: Path, overrides: list[str], out: Path) -> list[dict]:
     if done.returncode:
         raise RuntimeError(f"torchrun baseline failed:\n{done.stderr[-3000:]}")
     return json.loads(result.read_text())
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def throughput(run: dict, cells: list[str], tmp: Path, console: Console) -> dict[str, dict[str, list[float]]]:

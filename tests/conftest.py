@@ -2,13 +2,14 @@
 for it, and an S3 server."""
 
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from steward.ray_env import free_port  # noqa: F401  (the tests' port: claimed, never one the kernel hands out)
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -177,12 +178,6 @@ def own_processes(title: str) -> list[int]:
 STEWARD = [sys.executable, "-m", "steward"]
 BUCKET = "steward-runs"
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ and at a webhook, and how many records a killed replica or monitor loses."""
 import json
 import os
 import re
-import socket
 import threading
 import time
 import urllib.request
@@ -19,17 +18,11 @@ from steward.monitor.process import NICE
 from steward.serve.deploy import deploy
 from steward.spec.monitor import MonitorSpec
 from steward.spec.serve import ServeSpec
-from tests.conftest import JOBS, ROOT, own_processes
+from tests.conftest import JOBS, ROOT, free_port, own_processes
 from tests.serving import trained_run, wait_for
 
 pytestmark = pytest.mark.slow
 RNG = np.random.default_rng(0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

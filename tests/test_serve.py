@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from steward.ray_env import HAPROXY_PORTS, take_haproxy_ports
+from steward.ray_env import HAPROXY_PORTS, free_port, take_haproxy_ports
 from steward.serve.deploy import deploy
 from steward.serve.labels import REQUEST_ID_LENGTH
 from steward.serve.quantize import QuantizationRefused
@@ -80,6 +80,23 @@ def test_two_embedded_serves_starting_together_do_not_both_take_the_default_hapr
     finally:
         other.communicate("", timeout=30)
     assert claimed or "RAY_SERVE_HAPROXY_STATS_PORT" not in os.environ  # then this process holds the default
+
+
+def test_free_ports_are_claimed_outside_the_ranges_the_kernel_and_ray_hand_out():
+    """A server binds its port later than it is chosen (HAProxy: seconds): the port is one no bind(0), outgoing
+    connection or Ray worker takes meanwhile, and another process on the machine choosing at once gets another."""
+    import subprocess
+    import sys
+
+    draw = "from steward.ray_env import free_port; print([free_port() for _ in range(50)], flush=True); input()"
+    other = subprocess.Popen([sys.executable, "-c", draw], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        theirs = set(json.loads(other.stdout.readline()))
+        mine = {free_port() for _ in range(50)}
+    finally:
+        other.communicate("", timeout=30)
+    assert len(mine) == len(theirs) == 50 and not mine & theirs
+    assert all(20000 <= port < 30000 for port in mine | theirs)  # this machine's ephemeral range starts above
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import shlex
 import shutil
 import socket
@@ -55,6 +56,9 @@ if [ -n "$config" ] && ! grep -qF {marker} "$config"; then
 fi
 exec {real} "$@"
 """
+# Ports no Ray or Serve process takes by default: above Ray's worker ports (10002-19999), below Serve's direct-ingress
+# ports (30000-31000) and the kernel's ephemeral range (32768 up on Linux).
+_UNASSIGNED = range(20000, 30000)
 _CLAIMS: dict[int, int] = {}  # port -> the descriptor holding this process's claim on it
 # Passed on from the driver to every worker and replica when set.
 INHERITED = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS")
@@ -98,7 +102,7 @@ def take_haproxy_ports() -> None:
     machine holds them or is about to; ports the user set stay as set. Serve reads them when its processes start."""
     for name, default in HAPROXY_PORTS.items():
         if name not in os.environ and not (_bindable(default) and _claim(default)):
-            os.environ[name] = str(_free_port())
+            os.environ[name] = str(free_port())
 
 
 def _claim(port: int) -> bool:
@@ -190,10 +194,27 @@ def _bindable(port: int) -> bool:
         return True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
+def free_port() -> int:
+    """A port free on this machine and claimed for this process, each time another, for a server that binds it later.
+
+    It is drawn between Ray's worker ports and the kernel's ephemeral range: a port from bind(0) is one the kernel
+    may hand to any other socket (an outgoing connection, a Ray process) before the server binds it, and Serve's
+    HAProxy binds seconds after the port is chosen.
+    """
+    ports = _UNASSIGNED[: max(0, _ephemeral_start() - _UNASSIGNED.start)]
+    for port in random.sample(ports, min(200, len(ports))):
+        if port not in _CLAIMS and _bindable(port) and _claim(port):
+            return port
+    with socket.socket() as s:  # no such range on this machine: the kernel's choice, as a last resort
         s.bind(("0.0.0.0", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return _UNASSIGNED.stop
 
 
 def connect(address: str | None, spec: JobSpec | None = None) -> None:

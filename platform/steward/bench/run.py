@@ -1,7 +1,6 @@
 """`steward bench`: run every cell of the matrix, interleaved and repeated, and write what was measured."""
 
 import json
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from steward.bench.machine import manifest, matmul_ceiling
 from steward.bench.report import live_table, summarise, write_report
 from steward.bench.serve import run_serve_cell, training_key
 from steward.bench.train import run_train_cell
-from steward.ray_env import connect
+from steward.ray_env import connect, free_port
 from steward.runs import create_run, set_status
 from steward.spec import JobSpec
 from steward.stages import train_model
@@ -65,7 +64,7 @@ class CellRunner:
         assert spec.bench is not None
         self.spec, self.cells_dir = spec, str(run_dir / "cells")
         self.training, self.serving = spec.bench.training, spec.bench.serving
-        self.port = _free_port() if self.serving else 0
+        self.port = free_port() if self.serving else 0
         self.trained: dict[str, Path] = {}  # serving cells that differ only in serving share one trained model
         self.costs: dict[str, dict] = {}  # a cell's FLOPs per sample, counted on its first run
 
@@ -93,9 +92,3 @@ def _write_json(path: Path, result: dict) -> None:
     partial = path.with_suffix(".partial")
     partial.write_text(json.dumps(result, indent=2))
     partial.replace(path)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
