@@ -75,6 +75,14 @@ def test_each_zero_stage_keeps_what_deepspeed_keeps_per_rank():
     bf16 = {stage: estimate(bench_spec(f"distributed.zero_stage={stage}"), BIG) for stage in (0, 3)}
     assert bf16[3].model_states == (2 + 2 + 4 + 8 + 4) * n / 2 + 4 * n / 2 and bf16[3].formula == 8 * n
     assert bf16[0].model_states == (2 + 2 + 4 + 8 + 4) * n + 4 * n
+    # a compacting worker gives the built weights and zero.Init's partitions back (distributed.compact_memory)
+    compact = {
+        stage: estimate(bench_spec(f"distributed.zero_stage={stage}", "distributed.compact_memory=true"), BIG)
+        for stage in (0, 3)
+    }
+    assert compact[3].model_states == bf16[3].model_states - 4 * n / 2
+    assert compact[3].buckets == bf16[3].buckets - 2 * n / 2
+    assert compact[0].model_states == bf16[0].model_states - 4 * n and compact[0].buckets == bf16[0].buckets
 
 
 def test_a_spec_that_cannot_fit_is_refused_naming_the_stage_that_would():
@@ -105,7 +113,19 @@ def test_a_spec_that_cannot_fit_is_refused_naming_the_stage_that_would():
     # nothing fits a small node: the message says so and what else to change
     small = Node("10.0.0.2", cpus=2, memory=8 * GIB)
     message = refusal(spec, BIG, estimate(spec, BIG), [small])
-    assert message is not None and "no ZeRO stage or offload fits: add nodes" in message
+    assert message is not None and "no ZeRO stage, offload or compact_memory fits: add nodes" in message
+
+
+def test_compacting_is_named_when_no_sharding_or_offload_fits_without_it():
+    spec = bench_spec("distributed.zero_stage=3")
+    compact = replace_distributed(spec, {"compact_memory": True})
+    need, compact_need = estimate(spec, BIG).total, estimate(compact, BIG).total
+    node = Node("10.0.0.1", cpus=2, memory=(2 * compact_need + 3 * GIB) / 0.95 + 0.1 * GIB)
+    assert 2 * need > usable(node)  # neither stage 3 nor any offload fits as the heap pools what it frees
+    message = refusal(spec, BIG, estimate(spec, BIG), [node])
+    assert message is not None and message.startswith("distributed.compact_memory: each of the 2 workers")
+    assert "set distributed.zero_stage: 3, distributed.compact_memory: true (about" in message
+    assert refusal(compact, BIG, estimate(compact, BIG), [node]) is None
 
 
 def test_workers_are_placed_by_cpus_and_each_node_is_checked_for_its_own():
@@ -128,10 +148,10 @@ def test_train_refuses_a_spec_that_cannot_fit_with_exit_2_before_any_worker_star
     )
     assert done.returncode == 2, done.stderr[-3000:]
     assert "error: distributed.zero_stage: each of the 2 workers needs about" in done.stderr
-    assert "no ZeRO stage or offload fits" in done.stderr and "Traceback" not in done.stderr
+    assert "no ZeRO stage, offload or compact_memory fits" in done.stderr and "Traceback" not in done.stderr
     [run_dir] = out.glob("bench-memory/*")
     status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "failed" and "no ZeRO stage or offload fits" in status["error"]
+    assert status["state"] == "failed" and "no ZeRO stage, offload or compact_memory fits" in status["error"]
     assert not (run_dir / "history.jsonl").exists() and not (run_dir / "train").exists()  # no worker ever ran
     done = steward("estimate", str(JOBS / "bench-memory.yaml"), "--set", "model.params.num_layers=2")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -20,6 +20,12 @@ class DistributedSpec(Section):
         "none", description="ZeRO-Offload of optimizer states (stage >= 1)."
     )
     offload_params: Literal["none", "cpu"] = Field("none", description="ZeRO-Infinity parameter offload (stage 3).")
+    compact_memory: bool = Field(
+        False,
+        description="Each worker gives the memory it frees back to the system at once (allocations of 1 MiB and more "
+        "are mapped, not pooled in the C heap, where freed pieces stay in the process): a lower peak a worker, for "
+        "slower steps. For a model that fits only this way; `steward estimate` counts it. Linux (glibc) only.",
+    )
     deepspeed_overrides: dict[str, Any] = Field(
         default_factory=dict, description="Merged last into the DeepSpeed config; DeepSpeed validates it at start."
     )

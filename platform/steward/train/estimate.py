@@ -173,10 +173,12 @@ def _deepspeed_states(spec: JobSpec, size: ModelSize) -> float:
     # At stage 0 in half precision the optimizer's step copies the gradients to fp32.
     copies = 4.0 * t if stage == 0 and precision != "fp32" else 0.0
     # Models are built in fp32: DeepSpeed casts them to half precision, and the fp32 weights it frees stay in the
-    # allocator's heap (a partitioned build leaves only this rank's partitions there).
-    built = 0.0 if precision == "fp32" else 4.0 * n / (w if zero_init_builds(spec) else 1)
-    # ZeRO-3 steps its optimizer on fp32 copies of this rank's gradient partition.
-    copies += 4.0 * t / w if stage == 3 else 0.0
+    # allocator's heap (a partitioned build leaves only this rank's partitions there), unless the worker compacts.
+    residue = precision != "fp32" and not dist.compact_memory
+    built = 4.0 * n / (w if zero_init_builds(spec) else 1) if residue else 0.0
+    # ZeRO 1-3 step the optimizer on an fp32 copy of this rank's gradient partition; at stages 1-2 a worker that
+    # does not compact makes it in the heap its build left (counted in `built`).
+    copies += 4.0 * t / w if stage == 3 or (stage >= 1 and dist.compact_memory) else 0.0
     return params + grads + master + copies + built + moments * t / (w if stage >= 1 else 1)
 
 
@@ -194,7 +196,8 @@ def _deepspeed_buckets(spec: JobSpec, size: ModelSize) -> float:
     prefetch = zero.get("stage3_prefetch_bucket_size", 50_000_000)
     live = min(size.parameters, zero.get("stage3_max_live_parameters", 1_000_000_000), prefetch)
     # A partitioned build leaves the partitions zero.Init made, freed when DeepSpeed flattens them, in the heap.
-    flattened = pb * size.parameters / spec.distributed.num_workers if zero_init_builds(spec) else 0.0
+    residue = zero_init_builds(spec) and not spec.distributed.compact_memory
+    flattened = pb * size.parameters / spec.distributed.num_workers if residue else 0.0
     return reduce + pb * (live + 2 * size.largest_layer) + flattened
 
 
@@ -226,13 +229,15 @@ def shortfall(spec: JobSpec, need: float, nodes: list[Node]) -> str | None:
     return "; ".join(short) or None
 
 
-ALTERNATIVES: list[dict[str, Any]] = [
+SHARDING: list[dict[str, Any]] = [
     {"zero_stage": 1},
     {"zero_stage": 2},
     {"zero_stage": 3},
     {"zero_stage": 3, "offload_optimizer": "cpu"},
     {"zero_stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"},
 ]
+# Compacting workers step more slowly, so it is named only when no sharding or offload fits without it.
+ALTERNATIVES = SHARDING + [{**change, "compact_memory": True} for change in SHARDING]
 
 
 def alternative(spec: JobSpec, size: ModelSize, nodes: list[Node]) -> tuple[dict[str, Any], Estimate] | None:
@@ -265,14 +270,15 @@ def refusal(spec: JobSpec, size: ModelSize, found: Estimate, nodes: list[Node]) 
     better = alternative(spec, size, nodes)
     if better is not None:
         change, fits = better
-        field = next(k for k in ("offload_params", "offload_optimizer", "zero_stage") if k in change)
-        settings = ", ".join(f"distributed.{k}: {v}" for k, v in change.items())
+        order = ("offload_params", "offload_optimizer", "zero_stage", "compact_memory")
+        field = next(k for k in order if k in change and getattr(dist, k) != change[k])
+        settings = ", ".join(f"distributed.{k}: {str(v).lower()}" for k, v in change.items())
         fix = f"set {settings} (about {fits.total / 2**30:.1f} GiB a worker), which fits"
         return f"distributed.{field}: {need}, but {where}; {fix}"
     what = "distributed.zero_stage" if dist.strategy == "deepspeed" else "distributed.strategy"
     return (
-        f"{what}: {need}, but {where}; no ZeRO stage or offload fits: add nodes (ZeRO-3 splits the model states "
-        "over every worker), or lower data.batch_size, data.max_length or the model's size"
+        f"{what}: {need}, but {where}; no ZeRO stage, offload or compact_memory fits: add nodes (ZeRO-3 splits the "
+        "model states over every worker), or lower data.batch_size, data.max_length or the model's size"
     )
 
 

@@ -24,7 +24,7 @@ from steward.spec import JobSpec
 from steward.train.checkpoint import checkpoint_dir, restore
 from steward.train.probe import StepProbe, peak_memory_mb
 from steward.train.session import Session, train_session
-from steward.train.strategy import build_engine, build_model_for
+from steward.train.strategy import build_engine, build_model_for, compact_memory
 
 HISTORY = "history.jsonl"
 
@@ -59,6 +59,8 @@ def train_loop(config: dict, session: Session | None = None) -> None:
     total = min(spec.train.epochs * steps_per_epoch, spec.train.max_steps or math.inf)
     if spec.distributed.strategy == "deepspeed":
         import deepspeed  # noqa: F401  (its libraries are not model state: load them before the baseline)
+    if spec.distributed.compact_memory:
+        compact_memory()
     base_memory = peak_memory_mb()
     engine = build_engine(build_model_for(spec, info), spec, int(total), session.prepare_model)
     fresh: dict = {"epoch": 0, "best": None, "stale": 0}

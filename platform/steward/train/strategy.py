@@ -3,6 +3,8 @@
 Both wrappers expose the same small surface, so the training loop never branches on the strategy.
 """
 
+import contextlib
+import ctypes
 import functools
 import math
 import os
@@ -121,6 +123,22 @@ def lr_lambda(spec: JobSpec, total_steps: int):
         return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+# glibc's mallopt parameter for the size from which allocations are mapped on their own (and unmapped when freed).
+M_MMAP_THRESHOLD = -3
+
+
+def compact_memory() -> None:
+    """Map every allocation of 1 MiB or more on its own, for the rest of this process (glibc; nothing elsewhere).
+
+    glibc otherwise raises that size as large blocks are freed, up to 32 MiB, and serves smaller blocks from its heap:
+    the pieces a ZeRO engine's set-up and steps free (weights as built, zero.Init's partitions, gathered layers,
+    gradient copies) then stay in the process beside what it keeps. A fixed threshold returns them at once, at the
+    price of a fresh page for every large allocation.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 2**20)
 
 
 def zero_init_builds(spec: JobSpec) -> bool:
@@ -243,13 +261,22 @@ class DeepSpeedEngine:
         apply_optimizer_settings(self.engine.lr_scheduler, spec)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model in fp32 on every rank; under ZeRO-3 the shards are gathered (a collective)."""
-        if self.zero_stage == 3:
-            import deepspeed
+        """The whole model in fp32 (what export saves). Under ZeRO-3 a collective: every rank gathers one tensor at a
+        time and rank 0 keeps its copy, so no rank ever holds the whole model beside its shards (other ranks get {})."""
+        if self.zero_stage != 3:
+            return _fp32_copy(self.module.state_dict())
+        import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
-                return _fp32_copy(self.module.state_dict())
-        return _fp32_copy(self.module.state_dict())
+        keep = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        state: dict[str, torch.Tensor] = {}
+        copies: dict[int, torch.Tensor] = {}  # a tied weight is gathered and copied once
+        for name, tensor in self.module.state_dict(keep_vars=True).items():
+            if id(tensor) not in copies:
+                with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                    copies[id(tensor)] = _fp32_copy({name: tensor})[name] if keep else tensor
+            if keep:
+                state[name] = copies[id(tensor)]
+        return state
 
 
 class DDPEngine:
