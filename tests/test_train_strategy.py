@@ -45,8 +45,8 @@ def test_deepspeed_op_builders_get_the_cpu_from_one_py_cpuinfo_subprocess_a_proc
     assert cpuinfo.get_cpu_info() is cpuinfo.get_cpu_info() and asked == [1]
 
 
-# Frees 100 blocks of 2 MiB each but the last (which keeps them below the heap's top), then prints how much of the
-# 200 MiB the process still holds.
+# Frees 100 blocks of 2 MiB each but the last (which keeps them below the heap's top), then prints how many MiB went
+# back to the system.
 FREED_BUT_HELD = """
 import resource, sys, torch
 from steward.train.strategy import compact_memory
