@@ -49,7 +49,7 @@ def test_deepspeed_op_builders_get_the_cpu_from_one_py_cpuinfo_subprocess_a_proc
 # back to the system.
 FREED_BUT_HELD = """
 import resource, sys, torch
-from steward.train.strategy import compact_memory
+from steward.train.heap import compact_memory
 if sys.argv[1] == "compact":
     compact_memory()
 def rss():

@@ -22,9 +22,10 @@ from steward.models import save_model, task_loss
 from steward.runs import read_history
 from steward.spec import JobSpec
 from steward.train.checkpoint import checkpoint_dir, restore
+from steward.train.heap import compact_memory
 from steward.train.probe import StepProbe, peak_memory_mb
 from steward.train.session import Session, train_session
-from steward.train.strategy import build_engine, build_model_for, compact_memory
+from steward.train.strategy import build_engine, build_model_for
 
 HISTORY = "history.jsonl"
 

@@ -3,8 +3,6 @@
 Both wrappers expose the same small surface, so the training loop never branches on the strategy.
 """
 
-import contextlib
-import ctypes
 import functools
 import math
 import os
@@ -123,22 +121,6 @@ def lr_lambda(spec: JobSpec, total_steps: int):
         return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-# glibc's mallopt parameter for the size from which allocations are mapped on their own (and unmapped when freed).
-M_MMAP_THRESHOLD = -3
-
-
-def compact_memory() -> None:
-    """Map every allocation of 1 MiB or more on its own, for the rest of this process (glibc; nothing elsewhere).
-
-    glibc otherwise raises that size as large blocks are freed, up to 32 MiB, and serves smaller blocks from its heap:
-    the pieces a ZeRO engine's set-up and steps free (weights as built, zero.Init's partitions, gathered layers,
-    gradient copies) then stay in the process beside what it keeps. A fixed threshold returns them at once, at the
-    price of a fresh page for every large allocation.
-    """
-    with contextlib.suppress(OSError, AttributeError):  # AttributeError: not glibc
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 2**20)
 
 
 def zero_init_builds(spec: JobSpec) -> bool:
